@@ -1,0 +1,186 @@
+"""The one crypto facade: every key, signature, MAC and hash imprint uses goes through here.
+
+Verification functions return nothing and raise on failure; there is no flag to turn a check
+off. Only APIs present in cryptography 38 (Debian 12) are used, because the agent runs on the
+distribution's own python3-cryptography inside images.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import hashlib
+import hmac
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.x509.oid import NameOID
+
+SECRET_BYTES = 32
+NONCE_BYTES = 32
+DIGEST_BYTES = 32
+MAC_BYTES = 32
+SIGNATURE_BYTES = 64
+# Ed25519 SubjectPublicKeyInfo: 12 bytes of DER header + 32 bytes of key.
+SPKI_BYTES = 44
+
+
+class CryptoError(Exception):
+    """A key, certificate or signature is not acceptable."""
+
+
+def sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def fingerprint(spki_der: bytes) -> str:
+    """Human-facing fingerprint of a public key: safe to log, like OpenSSH's SHA256:... form."""
+    return "SHA256:" + base64.b64encode(sha256(spki_der)).decode().rstrip("=")
+
+
+def hkdf(secret: bytes, *, info: bytes, length: int = 32) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=b"imprint/1", info=info).derive(secret)
+
+
+def mac(key: bytes, data: bytes) -> bytes:
+    return hmac.new(key, data, hashlib.sha256).digest()
+
+
+def verify_mac(key: bytes, data: bytes, tag: bytes) -> None:
+    if not hmac.compare_digest(mac(key, data), tag):
+        raise CryptoError("MAC does not verify")
+
+
+def digests_equal(a: bytes, b: bytes) -> bool:
+    return hmac.compare_digest(a, b)
+
+
+@dataclass(frozen=True)
+class PublicKey:
+    """An Ed25519 public key, held as its canonical SubjectPublicKeyInfo DER."""
+
+    spki: bytes
+
+    @classmethod
+    def from_spki(cls, spki: bytes) -> PublicKey:
+        try:
+            key = serialization.load_der_public_key(spki)
+        except ValueError as exc:
+            raise CryptoError("public key is not valid SubjectPublicKeyInfo DER") from exc
+        if not isinstance(key, ed25519.Ed25519PublicKey):
+            raise CryptoError("public key is not Ed25519, the only key type of protocol version 1")
+        canonical = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        if canonical != spki:
+            raise CryptoError("public key DER is not in canonical form")
+        return cls(spki)
+
+    @property
+    def digest(self) -> bytes:
+        return sha256(self.spki)
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.spki)
+
+    def verify(self, signature: bytes, data: bytes) -> None:
+        key = serialization.load_der_public_key(self.spki)
+        assert isinstance(key, ed25519.Ed25519PublicKey)
+        try:
+            key.verify(signature, data)
+        except InvalidSignature as exc:
+            raise CryptoError("signature does not verify") from exc
+
+
+class PrivateKey:
+    """An Ed25519 private key. Its repr never shows key material."""
+
+    def __init__(self, key: ed25519.Ed25519PrivateKey) -> None:
+        self._key = key
+        self.public = PublicKey(
+            key.public_key().public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
+
+    @classmethod
+    def generate(cls) -> PrivateKey:
+        return cls(ed25519.Ed25519PrivateKey.generate())
+
+    @classmethod
+    def from_pem(cls, pem: bytes) -> PrivateKey:
+        try:
+            key = serialization.load_pem_private_key(pem, password=None)
+        except (ValueError, TypeError) as exc:
+            raise CryptoError("private key file is not an unencrypted PEM key") from exc
+        if not isinstance(key, ed25519.Ed25519PrivateKey):
+            raise CryptoError("private key is not Ed25519")
+        return cls(key)
+
+    def to_pem(self) -> bytes:
+        return self._key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+
+    def sign(self, data: bytes) -> bytes:
+        return self._key.sign(data)
+
+    def self_signed_certificate(self, common_name: str) -> bytes:
+        """A self-signed certificate (PEM) carrying this key, for TLS. Identity is the key, not
+        the name or dates: peers pin the key, so the certificate never expires in practice."""
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(self._key.public_key())
+            .serial_number(int.from_bytes(sha256(self.public.spki)[:16], "big") >> 1)
+            .not_valid_before(datetime.datetime(2020, 1, 1))
+            .not_valid_after(datetime.datetime(9999, 12, 31, 23, 59, 59))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .sign(self._key, None)
+        )
+        return cert.public_bytes(serialization.Encoding.PEM)
+
+    def __repr__(self) -> str:
+        return f"PrivateKey({self.public.fingerprint})"
+
+
+def certificate_spki(cert: bytes) -> bytes:
+    """SubjectPublicKeyInfo DER of a certificate given as DER or PEM."""
+    try:
+        loaded = x509.load_pem_x509_certificate(cert) if cert.lstrip().startswith(b"-----") \
+            else x509.load_der_x509_certificate(cert)
+    except ValueError as exc:
+        raise CryptoError("certificate is not valid X.509") from exc
+    return loaded.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def self_signed_certificate_spki(der: bytes) -> bytes:
+    """SPKI of a canonical DER certificate that is self-signed by its own Ed25519 key."""
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except ValueError as exc:
+        raise CryptoError("certificate is not valid DER X.509") from exc
+    if cert.public_bytes(serialization.Encoding.DER) != der:
+        raise CryptoError("certificate DER is not canonical")
+    key = cert.public_key()
+    if not isinstance(key, ed25519.Ed25519PublicKey):
+        raise CryptoError("certificate key is not Ed25519")
+    try:
+        key.verify(cert.signature, cert.tbs_certificate_bytes)
+    except InvalidSignature as exc:
+        raise CryptoError("certificate is not self-signed by its own key") from exc
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def certificate_der(pem: bytes) -> bytes:
+    try:
+        return x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
+    except ValueError as exc:
+        raise CryptoError("certificate is not valid PEM X.509") from exc

@@ -1,0 +1,1 @@
+"""The guest agent: finds the token, runs the exchange, serves the pinned control channel."""

@@ -1,0 +1,5 @@
+import sys
+
+from imprint.guest.cli import main
+
+sys.exit(main())

@@ -1,0 +1,197 @@
+"""imprint-agent: the guest side.
+
+    imprint-agent run [--root DIR] [--listen HOST:PORT] [--console PATH] [--channels LIST]
+
+Boot path order matters under slow emulation: find the token first (cheap imports only), then
+load or create the key, listen, and only then import the exchange and crypto code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+
+from imprint.guest.channels import ChannelBroken, channel_names, find_token
+from imprint.guest.notify import notify
+from imprint.guest.paths import GuestPaths
+from imprint.guest.state import AgentState, StateError
+from imprint.tokens import Mode, Token
+
+DEFAULT_PORT = 7443
+log = logging.getLogger("imprint.agent")
+
+
+class AgentFailure(Exception):
+    """A fatal, explained condition: the agent exits 1 with this message."""
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        host, port = value, str(DEFAULT_PORT)
+    host = host.strip("[]") or "0.0.0.0"
+    try:
+        number = int(port)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"port '{port}' is not a number") from None
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"port {number} is out of range")
+    return host, number
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imprint-agent", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="find the token, bind to the owner, serve the pinned channel")
+    run.add_argument("--root", type=Path, default=Path("/"), help="prefix for every guest path (default /)")
+    run.add_argument("--listen", type=parse_listen, default=("0.0.0.0", DEFAULT_PORT),
+                     help=f"HOST:PORT to listen on (default 0.0.0.0:{DEFAULT_PORT})")
+    run.add_argument("--console", type=Path, help="where to print the VM token (default <root>/dev/console)")
+    run.add_argument("--channels", help=f"comma-separated channels to search (default all: {','.join(channel_names())})")
+    run.add_argument("--token-wait", type=float, default=None,
+                     help="seconds to wait for a token before giving up (default: wait forever)")
+    run.add_argument("--announce-interval", type=float, default=15.0,
+                     help="seconds between repeats of the VM token line on the console until bound")
+    run.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def _wait_for_token(paths: GuestPaths, only: list[str] | None, wait: float | None) -> tuple[str, Token]:
+    stop = threading.Event()
+    waited = 0.0
+    next_report = 0.0
+    while True:
+        found = find_token(paths, only)
+        if found is not None:
+            return found.channel, found.token
+        if wait is not None and waited >= wait:
+            raise AgentFailure(f"no token on any boot channel after {wait:.0f} s "
+                               f"(searched: {', '.join(only or channel_names())})")
+        if waited >= next_report:
+            log.info("waiting for a token on: %s", ", ".join(only or channel_names()))
+            next_report = waited + 30.0
+        stop.wait(1.0)  # channels can appear late (hot-plugged disk, metadata service coming up)
+        waited += 1.0
+
+
+class _Announcer:
+    """Writes the VM token line to the console until bound, so a late reader still sees it."""
+
+    def __init__(self, console: Path, line: str, interval: float) -> None:
+        self._console = console
+        self._line = line
+        self._interval = interval
+        self.bound = threading.Event()
+
+    def start(self) -> None:
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                fd = os.open(self._console, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOCTTY, 0o644)
+                try:
+                    os.write(fd, (self._line + "\n").encode())
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                log.error("cannot write the VM token to %s: %s", self._console, exc.strerror)
+            if self.bound.wait(self._interval):
+                return
+
+
+def run(args: argparse.Namespace) -> int:
+    paths = GuestPaths(args.root)
+    state = AgentState(paths.state_dir)
+    try:
+        record = state.load_record()
+    except StateError as exc:
+        raise AgentFailure(str(exc)) from None
+    only = [c.strip() for c in args.channels.split(",")] if args.channels else None
+    if only:
+        unknown = sorted(set(only) - set(channel_names()))
+        if unknown:
+            raise AgentFailure(f"unknown channel(s): {', '.join(unknown)}; known: {', '.join(channel_names())}")
+
+    token: Token | None = None
+    if record.bound:
+        log.info("already bound to owner %s; not looking for a token", record.owner_fingerprint)
+    else:
+        try:
+            channel, token = _wait_for_token(paths, only, args.token_wait)
+        except ChannelBroken as exc:
+            raise AgentFailure(str(exc)) from None
+        log.info("found a %s-mode token (id %s) on channel %s", token.mode.value, token.token_id.hex(), channel)
+        if token.token_id.hex() in record.consumed_tokens:
+            raise AgentFailure(f"token {token.token_id.hex()} on {channel} was already consumed by a bind")
+
+    try:
+        state.ensure_identity()
+    except (StateError, OSError) as exc:
+        raise AgentFailure(f"cannot prepare the VM key: {exc}") from None
+
+    host, port = args.listen
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        listener = socket.create_server((host, port), family=family)
+    except OSError as exc:
+        raise AgentFailure(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    bound_port = listener.getsockname()[1]
+
+    announcer: _Announcer | None = None
+    if token is not None and token.mode is Mode.NOSECRET:
+        from imprint import crypto, tokens
+
+        vm_spki = crypto.certificate_spki(state.cert_file.read_bytes())
+        vm_token = tokens.Token(tokens.TokenKind.VM, crypto.sha256(vm_spki))
+        line = tokens.vm_token_line(vm_token)
+        log.info("VM key %s; VM token for the owner: %s", crypto.fingerprint(vm_spki), vm_token.encode())
+        announcer = _Announcer(args.console or paths.console, line, args.announce_interval)
+
+    from imprint.guest.server import AgentServer
+
+    try:
+        server = AgentServer(state, listener, token=token, record=record,
+                             on_bound=(announcer.bound.set if announcer else lambda: None))
+    except (OSError, ValueError) as exc:
+        raise AgentFailure(f"cannot load the VM key and certificate from {state.dir}: {exc}") from None
+
+    def _terminate(signum: int, frame: FrameType | None) -> None:
+        server.stop()
+
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _terminate)
+    if announcer is not None:
+        announcer.start()
+    phase = "bound, serving the pinned owner" if server.bound else "waiting for the owner to bind"
+    log.info("listening on %s:%d (%s)", host, bound_port, phase)
+    notify(f"READY=1\nSTATUS=listening on {host}:{bound_port} ({phase})")
+    server.serve_forever()
+    log.info("stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+        format="imprint-agent: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return run(args)
+    except AgentFailure as exc:
+        log.error("%s", exc)
+        notify(f"STATUS=failed: {exc}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""The agent's durable state under <root>/var/lib/imprint (0700; files 0600, written atomically).
+
+    vm.key       the VM's Ed25519 private key (born here, never leaves)
+    vm.crt       self-signed certificate of that key, presented in TLS
+    owner.crt    the pinned owner certificate (present once bound)
+    state.json   {"bound": ..., "mode": ..., "owner_fingerprint": ..., "bound_at": ...,
+                  "consumed_tokens": [token ids]}
+
+The pin and the consumed-token record are written together in state.json, after owner.crt, so
+a crash between the two leaves the VM unbound (it keeps listening for its genuine owner).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from imprint.fsatomic import ensure_private_dir, write_atomic
+
+
+class StateError(Exception):
+    """The state directory is unreadable or corrupt: the agent refuses to guess."""
+
+
+@dataclass
+class BindRecord:
+    bound: bool = False
+    mode: str | None = None
+    owner_fingerprint: str | None = None
+    owner_spki_sha256: str | None = None
+    bound_at: float | None = None
+    consumed_tokens: list[str] = field(default_factory=list)
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.__dict__, indent=2, sort_keys=True).encode() + b"\n"
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> BindRecord:
+        try:
+            data: Any = json.loads(raw)
+            record = cls(**data)
+        except (ValueError, TypeError) as exc:
+            raise StateError(f"state.json is corrupt: {exc}") from None
+        if not isinstance(record.consumed_tokens, list):
+            raise StateError("state.json is corrupt: consumed_tokens is not a list")
+        return record
+
+
+class AgentState:
+    def __init__(self, state_dir: Path) -> None:
+        self.dir = state_dir
+        self.key_file = state_dir / "vm.key"
+        self.cert_file = state_dir / "vm.crt"
+        self.owner_cert_file = state_dir / "owner.crt"
+        self.record_file = state_dir / "state.json"
+
+    def load_record(self) -> BindRecord:
+        try:
+            raw = self.record_file.read_bytes()
+        except FileNotFoundError:
+            return BindRecord()
+        except OSError as exc:
+            raise StateError(f"cannot read {self.record_file}: {exc.strerror}") from None
+        record = BindRecord.from_json(raw)
+        if record.bound and not self.owner_cert_file.exists():
+            raise StateError(f"state says bound but {self.owner_cert_file} is missing")
+        return record
+
+    def ensure_identity(self) -> None:
+        """Create the VM key and its certificate on first boot. When both exist nothing is
+        parsed here: the TLS layer loads them and reports a mismatch, keeping start-up cheap."""
+        ensure_private_dir(self.dir)
+        if self.key_file.exists() and self.cert_file.exists():
+            return
+        from imprint import crypto  # lazy: only the first boot pays for key generation
+
+        if self.key_file.exists():
+            try:
+                key = crypto.PrivateKey.from_pem(self.key_file.read_bytes())
+            except crypto.CryptoError as exc:
+                raise StateError(f"{self.key_file}: {exc}") from None
+        else:
+            key = crypto.PrivateKey.generate()
+            write_atomic(self.key_file, key.to_pem())
+        write_atomic(self.cert_file, key.self_signed_certificate("imprint-vm"), mode=0o644)
+
+    def record_bind(self, *, owner_cert_pem: bytes, mode: str, owner_fingerprint: str,
+                    owner_spki_sha256: str, token_id: str) -> BindRecord:
+        record = self.load_record()
+        write_atomic(self.owner_cert_file, owner_cert_pem)
+        record.bound = True
+        record.mode = mode
+        record.owner_fingerprint = owner_fingerprint
+        record.owner_spki_sha256 = owner_spki_sha256
+        record.bound_at = time.time()
+        if token_id not in record.consumed_tokens:
+            record.consumed_tokens.append(token_id)
+        write_atomic(self.record_file, record.to_json())
+        return record

@@ -1,0 +1,5 @@
+import sys
+
+from imprint.owner.cli import main
+
+sys.exit(main())

@@ -1,0 +1,217 @@
+"""The owner's bind driver: one TLS connection, the exchange, the pin, then a pinned status call."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from imprint import crypto, tls, tokens
+from imprint.owner.client import PinnedClient
+from imprint.owner.errors import AuthenticationFailed, OwnerError, Unreachable, UsageError
+from imprint.owner.home import OwnerHome
+from imprint.owner.store import Store
+from imprint.protocol import (
+    AlertCode,
+    ExchangeComplete,
+    OwnerExchange,
+    RemoteProtocolError,
+    VmAuthenticated,
+)
+
+CONNECT_TIMEOUT = 10.0
+EXCHANGE_DEADLINE = 20.0
+
+
+@dataclass
+class BindResult:
+    vm: str
+    address: str
+    mode: str
+    vm_fingerprint: str
+    owner_fingerprint: str
+    status: dict[str, Any]
+    proved: list[str] = field(default_factory=list)
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host:
+        raise UsageError(f"address '{address}' is not HOST:PORT")
+    try:
+        return host.strip("[]"), int(port)
+    except ValueError:
+        raise UsageError(f"address '{address}': port '{port}' is not a number") from None
+
+
+def bind(home: OwnerHome, store: Store, vm: str, address: str, vm_token_text: str | None) -> BindResult:
+    """Bind ``vm`` at ``address``; every attempt, good or bad, goes to the audit log."""
+    try:
+        result = _bind(home, store, vm, address, vm_token_text)
+    except OwnerError as exc:
+        if store.vm_exists(vm):
+            store.audit(vm, "bind", address, type(exc).__name__, str(exc))
+        raise
+    store.audit(vm, "bind", address, "bound", f"VM key {result.vm_fingerprint}, {result.mode} mode")
+    return result
+
+
+def _bind(home: OwnerHome, store: Store, vm: str, address: str, vm_token_text: str | None) -> BindResult:
+    owner_key = home.load_key()
+    if not store.vm_exists(vm):
+        raise UsageError(f"unknown VM '{vm}': make its token first with `imprint token new {vm} --mode ...`")
+    pin = store.pin(vm)
+    if pin is not None and pin.state == "bound":
+        raise UsageError(f"{vm} is already bound to VM key {pin.vm_fingerprint}; use `imprint status {vm}`")
+    row = store.current_token(vm)
+    if row is None or row.state != "issued" or row.token_text is None:
+        raise UsageError(f"{vm} has no unused token: make one with `imprint token new {vm} --mode ...`")
+    token = tokens.parse(row.token_text)
+    vm_token: tokens.Token | None = None
+    if token.mode is tokens.Mode.NOSECRET:
+        if not vm_token_text:
+            raise UsageError(f"{vm} uses no-secrets mode: pass the VM token the site relayed, --vm-token imprint1v-...")
+        try:
+            vm_token = tokens.parse(vm_token_text, expect=tokens.TokenKind.VM)
+        except tokens.TokenError as exc:
+            raise UsageError(f"--vm-token: {exc}") from None
+    elif vm_token_text:
+        raise UsageError(f"{vm} uses shared-secret mode: --vm-token does not apply")
+
+    host, port = split_address(address)
+    if pin is not None and pin.state == "pending":
+        # A previous attempt pinned the VM but lost its confirmation: the pinned channel tells.
+        recovered = _try_recover(home, store, vm, address, pin.vm_cert_pem)
+        if recovered is not None:
+            return _result(vm, address, token.mode.value, pin.vm_cert_pem, owner_key, recovered,
+                           ["recovered: the VM had confirmed an earlier bind; its pinned key answered over mTLS"])
+
+    proved: list[str] = []
+    vm_cert_der = _exchange(home, store, owner_key, token, vm_token, vm, host, port, address, proved)
+    vm_cert_pem = ssl.DER_cert_to_PEM_cert(vm_cert_der)
+    store.confirm_bind(vm)
+    status = _pinned_status(home, vm, address, vm_cert_pem)
+    proved.append("mutual TLS 1.3: the VM accepted only this owner's key and showed only the pinned VM key")
+    return _result(vm, address, token.mode.value, vm_cert_pem, owner_key, status, proved)
+
+
+def _exchange(home: OwnerHome, store: Store, owner_key: crypto.PrivateKey, token: tokens.Token,
+              vm_token: tokens.Token | None, vm: str, host: str, port: int, address: str,
+              proved: list[str]) -> bytes:
+    try:
+        raw = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
+    except OSError as exc:
+        raise Unreachable(f"cannot reach the agent at {address}: {exc.strerror or exc}; "
+                          "check the address, the port forward and that the VM has booted") from None
+    try:
+        try:
+            sock = tls.owner_bind_context().wrap_socket(raw)
+        except (ssl.SSLError, OSError) as exc:
+            raise Unreachable(f"TLS 1.3 handshake with {address} failed: {exc}; is an imprint agent listening?") from None
+        with sock:
+            seen = tls.peer_certificate(sock)
+            seen_spki = crypto.certificate_spki(seen)
+            if vm_token is not None and not crypto.digests_equal(crypto.sha256(seen_spki), vm_token.payload):
+                raise AuthenticationFailed(
+                    f"the TLS key at {address} ({crypto.fingerprint(seen_spki)}) does not match the VM token: "
+                    "a man in the middle, another VM at this address, or the wrong VM token; nothing was pinned"
+                )
+            session = OwnerExchange(owner_key=owner_key, owner_cert=home.cert_der(), token=token,
+                                    seen_server_cert=seen, vm_token=vm_token)
+            sock.sendall(session.initiate())
+            deadline = time.monotonic() + EXCHANGE_DEADLINE
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError
+                sock.settimeout(remaining)
+                data = sock.recv(4096)
+                try:
+                    events = session.receive_data(data)
+                except RemoteProtocolError:
+                    with contextlib.suppress(OSError):
+                        sock.sendall(session.data_to_send())  # tell the agent why
+                    raise
+                for event in events:
+                    if isinstance(event, VmAuthenticated):
+                        store.pin_pending(vm, ssl.DER_cert_to_PEM_cert(seen), event.vm_key.fingerprint,
+                                          token.mode.value, address)
+                        proved.append(_vm_proof_text(token.mode, event.vm_key))
+                    elif isinstance(event, ExchangeComplete):
+                        proved.append("the VM verified this owner's key and signature, pinned it, "
+                                      "and consumed the token")
+                        return seen
+                with contextlib.suppress(OSError):
+                    sock.sendall(session.data_to_send())
+    except RemoteProtocolError as exc:
+        raise AuthenticationFailed(_explain(exc, address)) from None
+    except ssl.SSLError as exc:
+        if "CERTIFICATE_REQUIRED" in str(exc):
+            raise AuthenticationFailed(
+                f"the agent at {address} is already bound to an owner and accepts only that owner's "
+                "certificate: this token is consumed (or this is not your VM). Nothing was pinned."
+            ) from None
+        raise AuthenticationFailed(f"TLS failed during the exchange with {address}: {exc}") from None
+    except (TimeoutError, socket.timeout):
+        raise Unreachable(f"the agent at {address} did not answer within {EXCHANGE_DEADLINE:.0f} s") from None
+    except OSError as exc:
+        raise Unreachable(f"connection to {address} failed during the exchange: {exc}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            raw.close()
+
+
+def _vm_proof_text(mode: tokens.Mode, key: crypto.PublicKey) -> str:
+    if mode is tokens.Mode.SHARED:
+        return (f"the VM knows K (its MAC over the transcript verifies) and holds key {key.fingerprint}, "
+                "the key of the TLS certificate this connection showed")
+    return (f"the VM key {key.fingerprint} hashes to the VM token relayed by the site, is the key of the TLS "
+            "certificate this connection showed, and signed the transcript")
+
+
+def _explain(exc: RemoteProtocolError, address: str) -> str:
+    if exc.from_peer:
+        head = f"the agent at {address} refused the exchange ({exc.code.name}): {exc.detail}"
+    else:
+        head = f"the peer at {address} failed authentication ({exc.code.name}): {exc.detail}"
+    if exc.code in (AlertCode.AUTHENTICATION_FAILED, AlertCode.CHANNEL_BINDING_MISMATCH, AlertCode.KEY_MISMATCH):
+        hint = "possible man in the middle, or the wrong token; nothing was pinned"
+    elif exc.code is AlertCode.WRONG_TOKEN:
+        hint = "the VM was booted with a different token; give the site the current one"
+    elif exc.code is AlertCode.TOKEN_CONSUMED:
+        hint = "the token is consumed; the VM is bound"
+    else:
+        hint = "the exchange did not complete; nothing was pinned"
+    return f"{head} — {hint}"
+
+
+def _pinned_status(home: OwnerHome, vm: str, address: str, vm_cert_pem: str) -> dict[str, Any]:
+    client = PinnedClient(home, vm, vm_cert_pem, address)
+    try:
+        return client.get("/v1/status")
+    finally:
+        client.close()
+
+
+def _try_recover(home: OwnerHome, store: Store, vm: str, address: str, vm_cert_pem: str) -> dict[str, Any] | None:
+    try:
+        status = _pinned_status(home, vm, address, vm_cert_pem)
+    except OwnerError:
+        return None
+    store.confirm_bind(vm)
+    return status
+
+
+def _result(vm: str, address: str, mode: str, vm_cert_pem: str, owner_key: crypto.PrivateKey,
+            status: dict[str, Any], proved: list[str]) -> BindResult:
+    vm_fp = crypto.fingerprint(crypto.certificate_spki(vm_cert_pem.encode()))
+    if status.get("vm_fingerprint") != vm_fp or status.get("owner_fingerprint") != owner_key.public.fingerprint:
+        raise AuthenticationFailed(
+            f"the pinned channel to {address} reports VM {status.get('vm_fingerprint')} / owner "
+            f"{status.get('owner_fingerprint')}, not the keys just exchanged"
+        )
+    return BindResult(vm=vm, address=address, mode=mode, vm_fingerprint=vm_fp,
+                      owner_fingerprint=owner_key.public.fingerprint, status=status, proved=proved)

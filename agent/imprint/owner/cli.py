@@ -1,0 +1,192 @@
+"""imprint: the owner's command line.
+
+Exit codes: 0 success; 2 bad usage or malformed input; 3 authentication failed (possible man in
+the middle, wrong or reused token); 4 agent unreachable or timed out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from imprint import tokens
+from imprint.owner.errors import OwnerError, UsageError
+from imprint.owner.home import OwnerHome, default_home
+
+Printer = Callable[[str], None]
+
+
+def _emit(args: argparse.Namespace, data: dict[str, Any], lines: list[str]) -> None:
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        for line in lines:
+            print(line)
+
+
+def _valid_name(name: str) -> str:
+    if not name or len(name) > 64 or not all(c.isalnum() or c in "-_." for c in name) or name[0] in "-.":
+        raise UsageError(f"VM name '{name}' must be 1-64 letters, digits, '-', '_' or '.', not starting with - or .")
+    return name
+
+
+def cmd_init(home: OwnerHome, args: argparse.Namespace) -> int:
+    key, created = home.init()
+    verb = "created" if created else "already exists"
+    _emit(args, {"home": str(home.dir), "owner_fingerprint": key.public.fingerprint, "created": created},
+          [f"owner identity {verb} in {home.dir}", f"owner key: {key.public.fingerprint}"])
+    return 0
+
+
+def cmd_token_new(home: OwnerHome, args: argparse.Namespace) -> int:
+    name = _valid_name(args.name)
+    key = home.load_key()
+    store = home.store()
+    pin = store.pin(name)
+    if pin is not None and pin.state == "bound":
+        raise UsageError(f"{name} is already bound to VM key {pin.vm_fingerprint}; a VM binds once")
+    if args.mode == "shared":
+        token = tokens.Token(tokens.TokenKind.SHARED, os.urandom(tokens.PAYLOAD_BYTES))
+        note = "secret: give it to the site only over a confidential channel; it is single-use"
+    else:
+        token = tokens.Token(tokens.TokenKind.NOSECRET, key.public.digest)
+        note = "not secret: it is the hash of your owner key; the site needs integrity only"
+    text = token.encode()
+    store.issue_token(name, args.mode, token.token_id.hex(), text)
+    store.audit(name, "token", None, "issued", f"{args.mode} token id {token.token_id.hex()}")
+    _emit(args, {"vm": name, "mode": args.mode, "token_id": token.token_id.hex(), "token": text},
+          [f"{args.mode} token for {name} (id {token.token_id.hex()}; {note})",
+           f"kernel command line: imprint.token={text}", text])
+    return 0
+
+
+def cmd_bind(home: OwnerHome, args: argparse.Namespace) -> int:
+    from imprint.owner.bind import bind
+
+    name = _valid_name(args.name)
+    store = home.store()
+    result = bind(home, store, name, args.address, args.vm_token)
+    lines = [f"bound {name} at {result.address} ({result.mode} mode)",
+             f"  VM key:    {result.vm_fingerprint}", f"  owner key: {result.owner_fingerprint}", "proved:"]
+    lines += [f"  - {item}" for item in result.proved]
+    _emit(args, {"vm": name, "address": result.address, "mode": result.mode,
+                 "vm_fingerprint": result.vm_fingerprint, "owner_fingerprint": result.owner_fingerprint,
+                 "proved": result.proved, "status": result.status}, lines)
+    return 0
+
+
+def cmd_status(home: OwnerHome, args: argparse.Namespace) -> int:
+    from imprint.owner.client import PinnedClient
+
+    name = _valid_name(args.name)
+    store = home.store()
+    if not store.vm_exists(name):
+        raise UsageError(f"unknown VM '{name}'")
+    pin = store.pin(name)
+    if pin is None or pin.state != "bound":
+        raise UsageError(f"{name} is not bound yet: run `imprint bind {name} --address HOST:PORT`")
+    address = args.address or pin.address
+    client = PinnedClient(home, name, pin.vm_cert_pem, address)
+    try:
+        status = client.get("/v1/status")
+    except OwnerError as exc:
+        store.audit(name, "status", address, type(exc).__name__, str(exc))
+        raise
+    finally:
+        client.close()
+    if status.get("vm_fingerprint") != pin.vm_fingerprint:
+        raise UsageError(f"agent reports VM key {status.get('vm_fingerprint')}, pinned {pin.vm_fingerprint}")
+    if args.address and args.address != pin.address:
+        store.update_address(name, args.address)
+    _emit(args, {"vm": name, "address": address, **status},
+          [f"{name} at {address}: {status.get('state')} ({status.get('mode')} mode), pinned mutual TLS verified",
+           f"  VM key:    {status.get('vm_fingerprint')}", f"  owner key: {status.get('owner_fingerprint')}",
+           f"  agent {status.get('agent_version')}, up {status.get('uptime_seconds')} s"])
+    return 0
+
+
+def cmd_list(home: OwnerHome, args: argparse.Namespace) -> int:
+    store = home.store()
+    rows: list[dict[str, Any]] = []
+    for name in store.vm_names():
+        pin, token = store.pin(name), store.current_token(name)
+        rows.append({
+            "vm": name,
+            "state": pin.state if pin else "unbound",
+            "mode": (pin.mode if pin else token.mode if token else None),
+            "token_state": token.state if token else None,
+            "address": pin.address if pin else None,
+            "vm_fingerprint": pin.vm_fingerprint if pin else None,
+        })
+    lines = [f"{'VM':<20} {'STATE':<9} {'MODE':<9} {'TOKEN':<10} {'ADDRESS':<22} VM KEY"]
+    lines += [f"{r['vm']:<20} {r['state']:<9} {r['mode'] or '-':<9} {r['token_state'] or '-':<10} "
+              f"{r['address'] or '-':<22} {r['vm_fingerprint'] or '-'}" for r in rows]
+    _emit(args, {"vms": rows}, lines)
+    return 0
+
+
+def cmd_audit(home: OwnerHome, args: argparse.Namespace) -> int:
+    store = home.store()
+    entries = store.audit_log(args.name)
+    lines = [f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(e.at))} {e.vm} {e.action} "
+             f"{e.address or '-'} {e.outcome}: {e.detail}" for e in entries]
+    _emit(args, {"audit": [e.__dict__ for e in entries]}, lines)
+    return 0
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print JSON instead of text")
+    parser = argparse.ArgumentParser(prog="imprint", description="Bind VMs to their owner without trusting the site.")
+    parser.add_argument("--home", type=Path, help="owner state directory (default $IMPRINT_HOME or "
+                                                    "$XDG_DATA_HOME/imprint)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("init", parents=[common], help="create the owner identity (once)")
+    p.set_defaults(func=cmd_init)
+    tok = sub.add_parser("token", help="make tokens").add_subparsers(dest="token_command", required=True)
+    p = tok.add_parser("new", parents=[common], help="make a token for a VM; printed alone on the last line")
+    p.add_argument("name")
+    p.add_argument("--mode", choices=["shared", "nosecret"], required=True)
+    p.set_defaults(func=cmd_token_new)
+    p = sub.add_parser("bind", parents=[common], help="run the key exchange with a booted VM and pin its key")
+    p.add_argument("name")
+    p.add_argument("--address", required=True, help="HOST:PORT of the agent")
+    p.add_argument("--vm-token", help="no-secrets mode: the VM token the site relayed back")
+    p.set_defaults(func=cmd_bind)
+    p = sub.add_parser("status", parents=[common], help="ask a bound VM over the pinned channel")
+    p.add_argument("name")
+    p.add_argument("--address", help="HOST:PORT if the VM moved (default: the address it was bound at)")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("list", parents=[common], help="list VMs and their state")
+    p.set_defaults(func=cmd_list)
+    p = sub.add_parser("audit", parents=[common], help="show the append-only log of bind attempts")
+    p.add_argument("name", nargs="?")
+    p.set_defaults(func=cmd_audit)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    home = OwnerHome(args.home or default_home())
+    os.umask(0o077)
+    try:
+        code: int = args.func(home, args)
+        return code
+    except OwnerError as exc:
+        if getattr(args, "json", False):
+            print(json.dumps({"error": str(exc), "exit_code": exc.exit_code, "kind": type(exc).__name__}))
+        print(f"imprint: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except tokens.TokenError as exc:
+        print(f"imprint: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""The owner's home directory: identity key and certificate, the database, pinned VM certificates."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from imprint import crypto
+from imprint.fsatomic import ensure_private_dir, write_atomic
+from imprint.owner.errors import UsageError
+from imprint.owner.store import Store
+
+
+def default_home() -> Path:
+    if env := os.environ.get("IMPRINT_HOME"):
+        return Path(env)
+    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data) / "imprint"
+
+
+@dataclass(frozen=True)
+class OwnerHome:
+    dir: Path
+
+    @property
+    def key_file(self) -> Path:
+        return self.dir / "owner.key"
+
+    @property
+    def cert_file(self) -> Path:
+        return self.dir / "owner.crt"
+
+    @property
+    def db_file(self) -> Path:
+        return self.dir / "imprint.db"
+
+    def pin_file(self, vm: str) -> Path:
+        return self.dir / "pins" / f"{vm}.crt"
+
+    def known_hosts_file(self, vm: str) -> Path:
+        return self.dir / "known_hosts" / vm
+
+    @property
+    def initialised(self) -> bool:
+        return self.key_file.exists() and self.cert_file.exists()
+
+    def init(self) -> tuple[crypto.PrivateKey, bool]:
+        """Create the owner identity once; later calls load it. Returns (key, created)."""
+        if self.initialised:
+            return self.load_key(), False
+        ensure_private_dir(self.dir)
+        key = crypto.PrivateKey.generate()
+        write_atomic(self.key_file, key.to_pem())
+        write_atomic(self.cert_file, key.self_signed_certificate("imprint-owner"), mode=0o644)
+        self.store().close()
+        return key, True
+
+    def load_key(self) -> crypto.PrivateKey:
+        if not self.initialised:
+            raise UsageError(f"no owner identity in {self.dir}: run `imprint init` first")
+        try:
+            key = crypto.PrivateKey.from_pem(self.key_file.read_bytes())
+        except crypto.CryptoError as exc:
+            raise UsageError(f"{self.key_file}: {exc}") from None
+        spki = crypto.certificate_spki(self.cert_file.read_bytes())
+        if not crypto.digests_equal(spki, key.public.spki):
+            raise UsageError(f"{self.cert_file} does not carry the key in {self.key_file}")
+        return key
+
+    def cert_der(self) -> bytes:
+        return crypto.certificate_der(self.cert_file.read_bytes())
+
+    def store(self) -> Store:
+        ensure_private_dir(self.dir)
+        return Store(self.db_file)
+
+    def write_pin_file(self, vm: str, cert_pem: str) -> Path:
+        path = self.pin_file(vm)
+        ensure_private_dir(path.parent)
+        write_atomic(path, cert_pem.encode())
+        return path

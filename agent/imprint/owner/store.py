@@ -1,0 +1,185 @@
+"""The owner's record: one SQLite database in the imprint home (0700; files 0600).
+
+Tables: vms, tokens (K lives here until its bind, then it is wiped), pins (the VM certificate the
+owner pins, pending until the VM confirms), and audit: an append-only log of every bind attempt
+and its outcome, enforced by triggers that refuse UPDATE and DELETE.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS vms (
+    name        TEXT PRIMARY KEY,
+    created_at  REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    vm          TEXT NOT NULL REFERENCES vms(name),
+    mode        TEXT NOT NULL CHECK (mode IN ('shared', 'nosecret')),
+    token_id    TEXT NOT NULL,
+    token_text  TEXT,              -- NULL once consumed or superseded when it carried K
+    state       TEXT NOT NULL CHECK (state IN ('issued', 'consumed', 'superseded')),
+    created_at  REAL NOT NULL,
+    closed_at   REAL
+);
+CREATE TABLE IF NOT EXISTS pins (
+    vm              TEXT PRIMARY KEY REFERENCES vms(name),
+    vm_cert_pem     TEXT NOT NULL,
+    vm_fingerprint  TEXT NOT NULL,
+    state           TEXT NOT NULL CHECK (state IN ('pending', 'bound')),
+    mode            TEXT NOT NULL,
+    address         TEXT NOT NULL,
+    pinned_at       REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id       INTEGER PRIMARY KEY AUTOINCREMENT,
+    at       REAL NOT NULL,
+    vm       TEXT NOT NULL,
+    action   TEXT NOT NULL,
+    address  TEXT,
+    outcome  TEXT NOT NULL,
+    detail   TEXT NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+"""
+
+
+@dataclass(frozen=True)
+class TokenRow:
+    id: int
+    vm: str
+    mode: str
+    token_id: str
+    token_text: str | None
+    state: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class PinRow:
+    vm: str
+    vm_cert_pem: str
+    vm_fingerprint: str
+    state: str
+    mode: str
+    address: str
+    pinned_at: float
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    id: int
+    at: float
+    vm: str
+    action: str
+    address: str | None
+    outcome: str
+    detail: str
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.close(fd)
+        self._db = sqlite3.connect(path, isolation_level=None, timeout=10)
+        self._db.execute("PRAGMA foreign_keys = ON")
+        self._db.execute("PRAGMA journal_mode = WAL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # -- VMs and tokens
+    def vm_exists(self, name: str) -> bool:
+        return self._db.execute("SELECT 1 FROM vms WHERE name = ?", (name,)).fetchone() is not None
+
+    def vm_names(self) -> list[str]:
+        return [row[0] for row in self._db.execute("SELECT name FROM vms ORDER BY name")]
+
+    def issue_token(self, vm: str, mode: str, token_id: str, token_text: str) -> None:
+        now = time.time()
+        with self.transaction() as db:
+            db.execute("INSERT OR IGNORE INTO vms (name, created_at) VALUES (?, ?)", (vm, now))
+            db.execute(
+                "UPDATE tokens SET state = 'superseded', token_text = NULL, closed_at = ? "
+                "WHERE vm = ? AND state = 'issued'",
+                (now, vm),
+            )
+            db.execute(
+                "INSERT INTO tokens (vm, mode, token_id, token_text, state, created_at) "
+                "VALUES (?, ?, ?, ?, 'issued', ?)",
+                (vm, mode, token_id, token_text, now),
+            )
+
+    def current_token(self, vm: str) -> TokenRow | None:
+        row = self._db.execute(
+            "SELECT id, vm, mode, token_id, token_text, state, created_at FROM tokens "
+            "WHERE vm = ? ORDER BY id DESC LIMIT 1",
+            (vm,),
+        ).fetchone()
+        return TokenRow(*row) if row else None
+
+    # -- pins
+    def pin(self, vm: str) -> PinRow | None:
+        row = self._db.execute(
+            "SELECT vm, vm_cert_pem, vm_fingerprint, state, mode, address, pinned_at FROM pins WHERE vm = ?",
+            (vm,),
+        ).fetchone()
+        return PinRow(*row) if row else None
+
+    def pin_pending(self, vm: str, cert_pem: str, fingerprint: str, mode: str, address: str) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO pins (vm, vm_cert_pem, vm_fingerprint, state, mode, address, pinned_at) "
+                "VALUES (?, ?, ?, 'pending', ?, ?, ?)",
+                (vm, cert_pem, fingerprint, mode, address, time.time()),
+            )
+
+    def confirm_bind(self, vm: str) -> None:
+        """The VM confirmed: the pin is final and the token (with K, if any) is consumed."""
+        now = time.time()
+        with self.transaction() as db:
+            db.execute("UPDATE pins SET state = 'bound', pinned_at = ? WHERE vm = ?", (now, vm))
+            db.execute(
+                "UPDATE tokens SET state = 'consumed', token_text = NULL, closed_at = ? "
+                "WHERE vm = ? AND state = 'issued'",
+                (now, vm),
+            )
+
+    def update_address(self, vm: str, address: str) -> None:
+        self._db.execute("UPDATE pins SET address = ? WHERE vm = ?", (address, vm))
+
+    # -- audit
+    def audit(self, vm: str, action: str, address: str | None, outcome: str, detail: str) -> None:
+        self._db.execute(
+            "INSERT INTO audit (at, vm, action, address, outcome, detail) VALUES (?, ?, ?, ?, ?, ?)",
+            (time.time(), vm, action, address, outcome, detail),
+        )
+
+    def audit_log(self, vm: str | None = None) -> list[AuditRow]:
+        query = "SELECT id, at, vm, action, address, outcome, detail FROM audit"
+        rows = (self._db.execute(query + " WHERE vm = ? ORDER BY id", (vm,)) if vm
+                else self._db.execute(query + " ORDER BY id"))
+        return [AuditRow(*row) for row in rows]

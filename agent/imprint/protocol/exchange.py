@@ -1,0 +1,387 @@
+"""The key-exchange state machines, sans-IO: bytes in, events and bytes out.
+
+No sockets, no clock; randomness is injected. Each side runs inside one TLS connection in which
+the VM (agent) is the TLS server and the owner the TLS client, and each is told the TLS
+certificate it presented (VM) or saw (owner), so the exchange is bound to that connection.
+
+    owner                                            VM
+    OwnerHello(mode, token_id, Na, owner_cert, H(cert seen))  ->
+                        <-  VmHello(mode, Nb, vm_spki), VmProof(sig_vm, mac_vm)
+    OwnerProof(sig_owner, mac_owner)                          ->
+                        <-  VmConfirm()            (after the VM pinned the owner key)
+
+Every message body is folded into a running transcript hash TH. Proofs cover TH up to and
+including the message before them, under role-specific labels, so a proof cannot be reflected
+or moved to another session. In shared mode the MACs use keys derived from K with one HKDF
+label per direction; in no-secrets mode each public key must hash to the token the other side
+holds. See docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+from imprint import crypto
+from imprint.protocol.errors import ALERT_TEXT, AlertCode, LocalProtocolError, RemoteProtocolError
+from imprint.protocol.messages import (
+    Alert,
+    FrameBuffer,
+    Message,
+    MessageType,
+    OwnerHello,
+    OwnerProof,
+    VmConfirm,
+    VmHello,
+    VmProof,
+    WireMode,
+    decode_body,
+    encode_body,
+)
+from imprint.tokens import Mode, Token, TokenKind
+
+Random = Callable[[int], bytes]
+
+_TRANSCRIPT_LABEL = b"imprint/1 transcript\0"
+_PROOF_LABEL = {"owner": b"imprint/1 proof owner\0", "vm": b"imprint/1 proof vm\0"}
+_MAC_INFO = {"owner": b"imprint/1 shared mac owner->vm", "vm": b"imprint/1 shared mac vm->owner"}
+_WIRE_MODE = {Mode.SHARED: WireMode.SHARED, Mode.NOSECRET: WireMode.NOSECRET}
+
+
+# ---- events --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VmAuthenticated:
+    """Owner side: the VM proved its key. The owner may record it as a pending pin."""
+
+    vm_key: crypto.PublicKey
+
+
+@dataclass(frozen=True)
+class OwnerAuthenticated:
+    """VM side: the owner proved its key. The driver pins it, then calls ``confirm()``."""
+
+    owner_key: crypto.PublicKey
+
+
+@dataclass(frozen=True)
+class ExchangeComplete:
+    """Both sides: the exchange finished; ``peer_key`` is the key to pin."""
+
+    peer_key: crypto.PublicKey
+
+
+Event = VmAuthenticated | OwnerAuthenticated | ExchangeComplete
+
+
+class State(Enum):
+    START = "start"
+    AWAIT_OWNER_HELLO = "await-owner-hello"
+    AWAIT_VM_HELLO = "await-vm-hello"
+    AWAIT_VM_PROOF = "await-vm-proof"
+    AWAIT_OWNER_PROOF = "await-owner-proof"
+    AWAIT_LOCAL_CONFIRM = "await-local-confirm"
+    AWAIT_VM_CONFIRM = "await-vm-confirm"
+    DONE = "done"
+    FAILED = "failed"
+
+
+# ---- shared machinery ----------------------------------------------------------------------
+
+
+class _Session:
+    """Framing, transcript, the transition table and error handling shared by both roles."""
+
+    role: str
+    # state -> {message type -> (handler name, next state)}; anything absent is out of order.
+    TRANSITIONS: dict[State, dict[MessageType, tuple[str, State]]]
+
+    def __init__(self, *, key: crypto.PrivateKey, token: Token, rng: Random) -> None:
+        self._key = key
+        self._token = token
+        self._mode = token.mode
+        self._rng = rng
+        self._frames = FrameBuffer()
+        self._out = bytearray()
+        self._th = crypto.sha256(_TRANSCRIPT_LABEL)
+        self.state = State.START
+        self.peer_key: crypto.PublicKey | None = None
+
+    # -- public API
+    def data_to_send(self) -> bytes:
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        """Feed bytes from the peer; ``b""`` means the peer closed the connection."""
+        if self.state is State.FAILED:
+            raise LocalProtocolError("the exchange already failed")
+        if not data:
+            if self.state is State.DONE:
+                return []
+            self._fail_silently()
+            raise RemoteProtocolError(AlertCode.CLOSED, "the peer closed the connection mid-exchange")
+        events: list[Event] = []
+        try:
+            self._frames.feed(data)
+            while (body := self._frames.next_body()) is not None:
+                events.extend(self._handle(decode_body(body), body))
+        except RemoteProtocolError as exc:
+            if not exc.from_peer:
+                self._send(Alert(int(exc.code), ALERT_TEXT[exc.code].encode()))
+            self.state = State.FAILED
+            raise
+        return events
+
+    def abort(self, code: AlertCode, detail: str) -> None:
+        """Stop the exchange for a local reason (e.g. storage failed); tells the peer why."""
+        if self.state in (State.DONE, State.FAILED):
+            return
+        self._send(Alert(int(code), detail.encode()[:200]))
+        self.state = State.FAILED
+
+    # -- internals
+    def _fail_silently(self) -> None:
+        self.state = State.FAILED
+
+    def _send(self, message: Message) -> None:
+        body = encode_body(message)
+        if not isinstance(message, Alert):
+            self._absorb(body)
+        self._out += len(body).to_bytes(2, "big") + body
+
+    def _absorb(self, body: bytes) -> None:
+        self._th = crypto.sha256(self._th + len(body).to_bytes(2, "big") + body)
+
+    def _handle(self, message: Message, body: bytes) -> list[Event]:
+        if isinstance(message, Alert):
+            try:
+                code = AlertCode(message.code)
+            except ValueError:
+                code = AlertCode.INTERNAL
+            text = message.detail.decode("utf-8", "replace")
+            raise RemoteProtocolError(code, f"peer refused: {text}", from_peer=True)
+        allowed = self.TRANSITIONS.get(self.state, {})
+        if message.TYPE not in allowed:
+            raise RemoteProtocolError(
+                AlertCode.UNEXPECTED_MESSAGE,
+                f"{type(message).__name__} is not expected in state {self.state.value}",
+            )
+        handler, next_state = allowed[message.TYPE]
+        events: list[Event] = getattr(self, handler)(message, body)
+        if self.state is not State.FAILED:
+            self.state = next_state
+        return events
+
+    def _check_mode(self, wire_mode: int) -> None:
+        if wire_mode != _WIRE_MODE[self._mode]:
+            raise RemoteProtocolError(
+                AlertCode.MODE_MISMATCH,
+                f"peer uses mode {wire_mode}, this side {self._mode.value}: the mode cannot be changed in flight",
+            )
+
+    def _parse_key(self, spki: bytes) -> crypto.PublicKey:
+        try:
+            return crypto.PublicKey.from_spki(spki)
+        except crypto.CryptoError as exc:
+            raise RemoteProtocolError(AlertCode.MALFORMED, f"peer public key: {exc}") from None
+
+    def _mac_key(self, direction: str) -> bytes:
+        return crypto.hkdf(self._token.payload, info=_MAC_INFO[direction])
+
+    def _prove(self) -> tuple[bytes, bytes]:
+        data = _PROOF_LABEL[self.role] + self._th
+        signature = self._key.sign(data)
+        tag = crypto.mac(self._mac_key(self.role), data) if self._mode is Mode.SHARED else b""
+        return signature, tag
+
+    def _verify_proof(self, peer_role: str, signature: bytes, tag: bytes) -> None:
+        assert self.peer_key is not None
+        data = _PROOF_LABEL[peer_role] + self._th
+        if self._mode is Mode.SHARED:
+            if len(tag) != crypto.MAC_BYTES:
+                raise RemoteProtocolError(AlertCode.MALFORMED, "shared-mode proof without a 32-byte MAC")
+            try:
+                crypto.verify_mac(self._mac_key(peer_role), data, tag)
+            except crypto.CryptoError:
+                raise RemoteProtocolError(
+                    AlertCode.AUTHENTICATION_FAILED,
+                    f"the {peer_role}'s MAC under K does not verify: wrong token, or a man in the middle",
+                ) from None
+        elif tag:
+            raise RemoteProtocolError(AlertCode.MALFORMED, "no-secrets proof carries a MAC")
+        try:
+            self.peer_key.verify(signature, data)
+        except crypto.CryptoError:
+            raise RemoteProtocolError(
+                AlertCode.AUTHENTICATION_FAILED,
+                f"the {peer_role}'s signature over the transcript does not verify",
+            ) from None
+
+
+# ---- owner ---------------------------------------------------------------------------------
+
+
+class OwnerExchange(_Session):
+    """The owner's side (TLS client).
+
+    ``owner_cert`` is the owner's self-signed DER certificate; the VM pins it as the single
+    trust anchor for the owner's later mutual-TLS connections.
+    ``token`` is the owner's token for this VM: K in shared mode, or the no-secrets owner token
+    (which must be the hash of ``owner_key``). ``vm_token`` is the VM token that came back
+    through the site, required in no-secrets mode. ``seen_server_cert`` is the DER certificate
+    the TLS handshake showed.
+    """
+
+    role = "owner"
+    TRANSITIONS = {
+        State.AWAIT_VM_HELLO: {MessageType.VM_HELLO: ("_on_vm_hello", State.AWAIT_VM_PROOF)},
+        State.AWAIT_VM_PROOF: {MessageType.VM_PROOF: ("_on_vm_proof", State.AWAIT_VM_CONFIRM)},
+        State.AWAIT_VM_CONFIRM: {MessageType.VM_CONFIRM: ("_on_vm_confirm", State.DONE)},
+    }
+
+    def __init__(
+        self,
+        *,
+        owner_key: crypto.PrivateKey,
+        owner_cert: bytes,
+        token: Token,
+        seen_server_cert: bytes,
+        vm_token: Token | None = None,
+        rng: Random = os.urandom,
+    ) -> None:
+        if token.kind is TokenKind.VM:
+            raise LocalProtocolError("the owner's token must be a shared or no-secrets token")
+        if token.mode is Mode.NOSECRET:
+            if not crypto.digests_equal(token.payload, owner_key.public.digest):
+                raise LocalProtocolError("the no-secrets token is not the hash of this owner's key")
+            if vm_token is None or vm_token.kind is not TokenKind.VM:
+                raise LocalProtocolError("no-secrets mode needs the VM token that came back through the site")
+        if not crypto.digests_equal(crypto.certificate_spki(owner_cert), owner_key.public.spki):
+            raise LocalProtocolError("the owner certificate does not carry the owner key")
+        super().__init__(key=owner_key, token=token, rng=rng)
+        self._owner_cert = owner_cert
+        self._vm_token = vm_token
+        self._seen_cert = seen_server_cert
+        try:
+            self._seen_spki = crypto.certificate_spki(seen_server_cert)
+        except crypto.CryptoError:
+            self._seen_spki = b""
+
+    def initiate(self) -> bytes:
+        if self.state is not State.START:
+            raise LocalProtocolError("initiate() called twice")
+        self._send(
+            OwnerHello(
+                mode=_WIRE_MODE[self._mode],
+                token_id=self._token.token_id,
+                owner_nonce=self._rng(crypto.NONCE_BYTES),
+                owner_cert=self._owner_cert,
+                seen_server_cert_sha256=crypto.sha256(self._seen_cert),
+            )
+        )
+        self.state = State.AWAIT_VM_HELLO
+        return self.data_to_send()
+
+    def _on_vm_hello(self, msg: VmHello, body: bytes) -> list[Event]:
+        self._check_mode(msg.mode)
+        vm_key = self._parse_key(msg.vm_spki)
+        if not crypto.digests_equal(vm_key.spki, self._seen_spki):
+            raise RemoteProtocolError(
+                AlertCode.KEY_MISMATCH,
+                "the VM key in the exchange is not the key of the TLS certificate this connection showed",
+            )
+        if self._vm_token is not None and not crypto.digests_equal(vm_key.digest, self._vm_token.payload):
+            raise RemoteProtocolError(
+                AlertCode.KEY_MISMATCH,
+                f"the VM key {vm_key.fingerprint} does not hash to the VM token that came through the site",
+            )
+        self.peer_key = vm_key
+        self._absorb(body)
+        return []
+
+    def _on_vm_proof(self, msg: VmProof, body: bytes) -> list[Event]:
+        self._verify_proof("vm", msg.signature, msg.mac)
+        self._absorb(body)
+        signature, tag = self._prove()
+        self._send(OwnerProof(signature=signature, mac=tag))
+        assert self.peer_key is not None
+        return [VmAuthenticated(self.peer_key)]
+
+    def _on_vm_confirm(self, msg: VmConfirm, body: bytes) -> list[Event]:
+        assert self.peer_key is not None
+        self._absorb(body)
+        return [ExchangeComplete(self.peer_key)]
+
+
+# ---- VM ------------------------------------------------------------------------------------
+
+
+class VmExchange(_Session):
+    """The VM's side (TLS server). ``own_cert`` is the DER certificate it presents in TLS."""
+
+    role = "vm"
+    TRANSITIONS = {
+        State.AWAIT_OWNER_HELLO: {MessageType.OWNER_HELLO: ("_on_owner_hello", State.AWAIT_OWNER_PROOF)},
+        State.AWAIT_OWNER_PROOF: {MessageType.OWNER_PROOF: ("_on_owner_proof", State.AWAIT_LOCAL_CONFIRM)},
+    }
+
+    def __init__(
+        self, *, vm_key: crypto.PrivateKey, token: Token, own_cert: bytes, rng: Random = os.urandom
+    ) -> None:
+        if token.kind is TokenKind.VM:
+            raise LocalProtocolError("the VM must be given the owner's token, not its own")
+        if not crypto.digests_equal(crypto.certificate_spki(own_cert), vm_key.public.spki):
+            raise LocalProtocolError("the TLS certificate does not carry the VM key")
+        super().__init__(key=vm_key, token=token, rng=rng)
+        self._own_cert_digest = crypto.sha256(own_cert)
+        self.peer_cert: bytes | None = None
+        self.state = State.AWAIT_OWNER_HELLO
+
+    def _on_owner_hello(self, msg: OwnerHello, body: bytes) -> list[Event]:
+        self._check_mode(msg.mode)
+        if not crypto.digests_equal(msg.token_id, self._token.token_id):
+            raise RemoteProtocolError(
+                AlertCode.WRONG_TOKEN,
+                f"owner uses token {msg.token_id.hex()}, this VM holds token {self._token.token_id.hex()}",
+            )
+        try:
+            owner_key = crypto.PublicKey.from_spki(crypto.self_signed_certificate_spki(msg.owner_cert))
+        except crypto.CryptoError as exc:
+            raise RemoteProtocolError(AlertCode.MALFORMED, f"owner certificate: {exc}") from None
+        if self._mode is Mode.NOSECRET and not crypto.digests_equal(owner_key.digest, self._token.payload):
+            raise RemoteProtocolError(
+                AlertCode.KEY_MISMATCH,
+                f"owner key {owner_key.fingerprint} does not hash to the owner token this VM holds",
+            )
+        if not crypto.digests_equal(msg.seen_server_cert_sha256, self._own_cert_digest):
+            raise RemoteProtocolError(
+                AlertCode.CHANNEL_BINDING_MISMATCH,
+                "the owner saw a different TLS certificate than this VM's: the connection is relayed",
+            )
+        self.peer_key = owner_key
+        self.peer_cert = msg.owner_cert
+        self._absorb(body)
+        self._send(VmHello(mode=_WIRE_MODE[self._mode], vm_nonce=self._rng(crypto.NONCE_BYTES),
+                           vm_spki=self._key.public.spki))
+        signature, tag = self._prove()
+        self._send(VmProof(signature=signature, mac=tag))
+        return []
+
+    def _on_owner_proof(self, msg: OwnerProof, body: bytes) -> list[Event]:
+        self._verify_proof("owner", msg.signature, msg.mac)
+        self._absorb(body)
+        assert self.peer_key is not None
+        return [OwnerAuthenticated(self.peer_key)]
+
+    def confirm(self) -> ExchangeComplete:
+        """Call once the owner key is pinned and the token recorded as consumed."""
+        if self.state is not State.AWAIT_LOCAL_CONFIRM or self.peer_key is None:
+            raise LocalProtocolError(f"confirm() in state {self.state.value}")
+        self._send(VmConfirm())
+        self.state = State.DONE
+        return ExchangeComplete(self.peer_key)

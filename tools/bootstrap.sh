@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs everything imprint's demo and tests need on a Debian 12 machine, then
+# prepares .venv on Debian's own python3 (with its system packages visible), so the
+# agent is exercised on the same python3-cryptography/-requests it meets in images.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+cd "$here"
+
+debs=(python3 python3-venv python3-pip python3-cryptography python3-requests
+      python3-pyroute2 python3-pycdlib openssl ca-certificates iproute2)
+
+missing=()
+for p in "${debs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "bootstrap: installing Debian packages: ${missing[*]}"
+  sudo_cmd=""
+  [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+  $sudo_cmd apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+venv="$here/.venv"
+stamp="$venv/.imprint-stamp"
+want="$(sha256sum pyproject.toml tools/requirements-dev.txt | sha256sum | cut -c1-16)"
+if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "bootstrap: preparing $venv on /usr/bin/python3"
+  rm -rf "$venv"
+  /usr/bin/python3 -m venv --system-site-packages "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check -r tools/requirements-dev.txt
+  "$venv/bin/pip" install -q --disable-pip-version-check --no-build-isolation -e . 2>/dev/null \
+    || "$venv/bin/pip" install -q --disable-pip-version-check -e .
+  echo "$want" > "$stamp"
+fi

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The test command: installs what the tests need, then lint, type check and the suite.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+cd "$here"
+bash tools/bootstrap.sh
+py="$here/.venv/bin/python"
+echo "== ruff"; "$py" -m ruff check agent tests benchmarks
+echo "== mypy"; "$py" -m mypy
+echo "== pytest"; "$py" -m pytest "$@"
