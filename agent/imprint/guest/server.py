@@ -90,16 +90,19 @@ class AgentServer:
 
     def _serve_connection(self, conn: socket.socket, addr: tuple[str, int]) -> None:
         peer = f"{addr[0]}:{addr[1]}"
+        tls_sock: ssl.SSLSocket | None = None
         try:
             conn.settimeout(HANDSHAKE_TIMEOUT)
             context = self._context
+            tls_sock = context.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
             try:
-                tls_sock = context.wrap_socket(conn, server_side=True)
+                tls_sock.do_handshake()
             except (ssl.SSLError, OSError) as exc:
                 if context.verify_mode == ssl.CERT_REQUIRED:
                     log.info("TLS from %s refused (bound; only the pinned owner may connect): %s", peer, exc)
                 else:
                     log.info("TLS handshake with %s failed: %s", peer, exc)
+                _lingering_close(tls_sock)
                 return
             with tls_sock:
                 if context.verify_mode == ssl.CERT_REQUIRED:
@@ -109,8 +112,10 @@ class AgentServer:
         except Exception:
             log.exception("connection from %s ended by an internal error", peer)
         finally:
-            with contextlib.suppress(OSError):
-                conn.close()
+            for sock in (tls_sock, conn):
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        sock.close()
             self._slots.release()
 
     # -- before binding: the exchange
@@ -210,6 +215,21 @@ class AgentServer:
             "agent_version": __version__,
             "uptime_seconds": round(time.monotonic() - self._started, 3),
         }
+
+
+def _lingering_close(conn: socket.socket | ssl.SSLSocket) -> None:
+    """Close without a TCP reset, so the peer reads our TLS alert (in TLS 1.3 a refused client
+    certificate is reported after the client already sent data; closing with that data unread
+    would reset the connection and lose the alert)."""
+    with contextlib.suppress(OSError):
+        conn.shutdown(socket.SHUT_WR)
+        conn.settimeout(2.0)
+        drained = 0
+        while drained < 65536:
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            drained += len(chunk)
 
 
 def _der_to_pem(der: bytes) -> str:
