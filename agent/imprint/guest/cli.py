@@ -91,20 +91,23 @@ class _Announcer:
         self.bound = threading.Event()
 
     def start(self) -> None:
-        threading.Thread(target=self._loop, daemon=True).start()
+        """The first line is written before returning, so READY implies the token is published."""
+        self._write()
+        threading.Thread(target=self._repeat, daemon=True).start()
 
-    def _loop(self) -> None:
-        while True:
+    def _repeat(self) -> None:
+        while not self.bound.wait(self._interval):
+            self._write()
+
+    def _write(self) -> None:
+        try:
+            fd = os.open(self._console, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOCTTY, 0o644)
             try:
-                fd = os.open(self._console, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOCTTY, 0o644)
-                try:
-                    os.write(fd, (self._line + "\n").encode())
-                finally:
-                    os.close(fd)
-            except OSError as exc:
-                log.error("cannot write the VM token to %s: %s", self._console, exc.strerror)
-            if self.bound.wait(self._interval):
-                return
+                os.write(fd, (self._line + "\n").encode())
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log.error("cannot write the VM token to %s: %s", self._console, exc.strerror)
 
 
 def run(args: argparse.Namespace) -> int:
