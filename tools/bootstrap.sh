@@ -28,8 +28,8 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
   echo "bootstrap: preparing $venv on /usr/bin/python3"
   rm -rf "$venv"
   /usr/bin/python3 -m venv --system-site-packages "$venv"
-  "$venv/bin/pip" install -q --disable-pip-version-check -r tools/requirements-dev.txt
-  "$venv/bin/pip" install -q --disable-pip-version-check --no-build-isolation -e . 2>/dev/null \
-    || "$venv/bin/pip" install -q --disable-pip-version-check -e .
+  quiet() { "$@" 2>&1 | { grep -v '^WARNING: Location' || true; }; }
+  quiet "$venv/bin/pip" install -q --disable-pip-version-check -r tools/requirements-dev.txt
+  quiet "$venv/bin/pip" install -q --disable-pip-version-check --no-build-isolation -e .
   echo "$want" > "$stamp"
 fi

@@ -67,8 +67,9 @@ def peer_certificate(sock: ssl.SSLSocket) -> bytes:
     return der
 
 
-def require_peer_key(sock: ssl.SSLSocket, pinned_spki: bytes) -> None:
-    """Fail closed unless the peer's certificate carries exactly the pinned key."""
+def require_peer_key(sock: ssl.SSLSocket, pinned_spki_sha256: bytes) -> bytes:
+    """Fail closed unless the peer's certificate carries exactly the pinned key; returns its SPKI."""
     spki = crypto.certificate_spki(peer_certificate(sock))
-    if not crypto.digests_equal(spki, pinned_spki):
-        raise PinMismatch(f"peer key {crypto.fingerprint(spki)} is not the pinned key {crypto.fingerprint(pinned_spki)}")
+    if not crypto.digests_equal(crypto.sha256(spki), pinned_spki_sha256):
+        raise PinMismatch(f"peer key {crypto.fingerprint(spki)} is not the pinned key")
+    return spki

@@ -28,7 +28,7 @@ from enum import Enum
 VERSION = 1
 PAYLOAD_BYTES = 32
 CHECK_BYTES = 4
-VM_TOKEN_LINE_PREFIX = "IMPRINT-VM-TOKEN"
+VM_TOKEN_LINE_PREFIX = "IMPRINT-VM-TOKEN"  # noqa: S105 (a label, not a secret)
 _MAX_TOKEN_CHARS = 128
 _SHAPE = re.compile(r"imprint(\d+)([a-z])-([a-z2-7]+)")
 

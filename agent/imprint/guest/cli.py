@@ -54,7 +54,8 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--listen", type=parse_listen, default=("0.0.0.0", DEFAULT_PORT),
                      help=f"HOST:PORT to listen on (default 0.0.0.0:{DEFAULT_PORT})")
     run.add_argument("--console", type=Path, help="where to print the VM token (default <root>/dev/console)")
-    run.add_argument("--channels", help=f"comma-separated channels to search (default all: {','.join(channel_names())})")
+    run.add_argument("--channels",
+                     help=f"comma-separated channels to search (default all: {','.join(channel_names())})")
     run.add_argument("--token-wait", type=float, default=None,
                      help="seconds to wait for a token before giving up (default: wait forever)")
     run.add_argument("--announce-interval", type=float, default=15.0,

@@ -23,7 +23,7 @@ class _Handler(BaseHTTPRequestHandler):
     backend: ControlBackend
     peer: str
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_GET(self) -> None:
         if self.path == "/v1/status":
             self._reply(HTTPStatus.OK, self.backend.status())
         else:
@@ -37,7 +37,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (signature is http.server's)
+    def log_message(self, format: str, *args: Any) -> None:
         log.info("control %s: " + format, self.peer, *args)
 
 

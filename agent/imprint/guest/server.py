@@ -143,7 +143,7 @@ class AgentServer:
                 sock.settimeout(remaining)
                 try:
                     data = sock.recv(4096)
-                except (TimeoutError, socket.timeout):
+                except TimeoutError:
                     log.info("bind attempt from %s timed out after %.0f s", peer, EXCHANGE_DEADLINE)
                     return
                 for event in session.receive_data(data):
@@ -189,15 +189,14 @@ class AgentServer:
 
     # -- after binding: the pinned control channel
     def _serve_control(self, sock: ssl.SSLSocket, peer: str) -> None:
-        from imprint import crypto
         from imprint.guest.control import serve_control
 
         pinned = self._record.owner_spki_sha256
         assert pinned is not None
-        spki = crypto.certificate_spki(tls.peer_certificate(sock))
-        if not crypto.digests_equal(crypto.sha256(spki), bytes.fromhex(pinned)):
-            log.warning("control connection from %s refused: key %s is not the pinned owner",
-                        peer, crypto.fingerprint(spki))
+        try:
+            tls.require_peer_key(sock, bytes.fromhex(pinned))
+        except tls.PinMismatch as exc:
+            log.warning("control connection from %s refused: %s", peer, exc)
             return
         sock.settimeout(CONTROL_IDLE_TIMEOUT)
         serve_control(sock, peer, self)

@@ -110,7 +110,9 @@ def _exchange(home: OwnerHome, store: Store, owner_key: crypto.PrivateKey, token
         try:
             sock = tls.owner_bind_context().wrap_socket(raw)
         except (ssl.SSLError, OSError) as exc:
-            raise Unreachable(f"TLS 1.3 handshake with {address} failed: {exc}; is an imprint agent listening?") from None
+            raise Unreachable(
+                f"TLS 1.3 handshake with {address} failed: {exc}; is an imprint agent listening?"
+            ) from None
         with sock:
             seen = tls.peer_certificate(sock)
             seen_spki = crypto.certificate_spki(seen)
@@ -155,7 +157,7 @@ def _exchange(home: OwnerHome, store: Store, owner_key: crypto.PrivateKey, token
                 "certificate: this token is consumed (or this is not your VM). Nothing was pinned."
             ) from None
         raise AuthenticationFailed(f"TLS failed during the exchange with {address}: {exc}") from None
-    except (TimeoutError, socket.timeout):
+    except TimeoutError:
         raise Unreachable(f"the agent at {address} did not answer within {EXCHANGE_DEADLINE:.0f} s") from None
     except OSError as exc:
         raise Unreachable(f"connection to {address} failed during the exchange: {exc}") from None

@@ -27,7 +27,7 @@ class _PinnedAdapter(HTTPAdapter):
 
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         kwargs.update(ssl_context=self._context, assert_hostname=False, assert_fingerprint=self._fingerprint)
-        super().init_poolmanager(*args, **kwargs)
+        super().init_poolmanager(*args, **kwargs)  # type: ignore[no-untyped-call]
 
 
 class PinnedClient:
