@@ -73,7 +73,8 @@ class AgentFactory:
         return root
 
     def start(self, root: Path, *extra: str, port: int = 0, expect_ready: bool = True) -> Agent:
-        sock_path = tempfile.mktemp(prefix="imprint-notify-", dir="/tmp")
+        sock_dir = tempfile.mkdtemp(prefix="imprint-notify-")  # short path: AF_UNIX limits it to 107 bytes
+        sock_path = os.path.join(sock_dir, "n")
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(sock_path)
         notify.settimeout(READY_TIMEOUT)
@@ -88,6 +89,7 @@ class AgentFactory:
         if expect_ready:
             agent.port = self._await_ready(agent)
         os.unlink(sock_path)
+        os.rmdir(sock_dir)
         return agent
 
     def _await_ready(self, agent: Agent) -> int:

@@ -8,11 +8,11 @@ import stat
 from pathlib import Path
 
 import pytest
-
 from imprint.fsatomic import write_atomic
 from imprint.guest.paths import GuestPaths
 from imprint.guest.state import AgentState, StateError
 from imprint.owner.store import Store
+
 from tests.conftest import AgentFactory, Owner
 
 
