@@ -7,7 +7,8 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 
 debs=(python3 python3-venv python3-pip python3-cryptography python3-requests
-      python3-pyroute2 python3-pycdlib openssl ca-certificates iproute2)
+      python3-pyroute2 python3-pycdlib openssl ca-certificates iproute2
+      mtools dosfstools genisoimage xorriso cloud-init)
 
 missing=()
 for p in "${debs[@]}"; do
@@ -26,8 +27,9 @@ stamp="$venv/.imprint-stamp"
 want="$(sha256sum pyproject.toml tools/requirements-dev.txt | sha256sum | cut -c1-16)"
 if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "bootstrap: preparing $venv on /usr/bin/python3"
-  rm -rf "$venv"
-  /usr/bin/python3 -m venv --system-site-packages "$venv"
+  # Updated in place (never deleted) so a change of pyproject.toml does not pull the venv from
+  # under a running test.
+  [ -x "$venv/bin/python" ] || /usr/bin/python3 -m venv --system-site-packages "$venv"
   quiet() { "$@" 2>&1 | { grep -v '^WARNING: Location' || true; }; }
   quiet "$venv/bin/pip" install -q --disable-pip-version-check -r tools/requirements-dev.txt
   quiet "$venv/bin/pip" install -q --disable-pip-version-check --no-build-isolation -e .

@@ -18,7 +18,14 @@ import threading
 from pathlib import Path
 from types import FrameType
 
-from imprint.guest.channels import ChannelBroken, channel_names, find_token
+from imprint.guest.channels import (
+    ChannelBroken,
+    Found,
+    channel_names,
+    consume_token,
+    find_token,
+    publish_vm_token,
+)
 from imprint.guest.notify import notify
 from imprint.guest.paths import GuestPaths
 from imprint.guest.state import AgentState, StateError
@@ -64,14 +71,14 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _wait_for_token(paths: GuestPaths, only: list[str] | None, wait: float | None) -> tuple[str, Token]:
+def _wait_for_token(paths: GuestPaths, only: list[str] | None, wait: float | None) -> Found:
     stop = threading.Event()
     waited = 0.0
     next_report = 0.0
     while True:
         found = find_token(paths, only)
         if found is not None:
-            return found.channel, found.token
+            return found
         if wait is not None and waited >= wait:
             raise AgentFailure(f"no token on any boot channel after {wait:.0f} s "
                                f"(searched: {', '.join(only or channel_names())})")
@@ -85,8 +92,8 @@ def _wait_for_token(paths: GuestPaths, only: list[str] | None, wait: float | Non
 class _Announcer:
     """Writes the VM token line to the console until bound, so a late reader still sees it."""
 
-    def __init__(self, console: Path, line: str, interval: float) -> None:
-        self._console = console
+    def __init__(self, consoles: list[Path], line: str, interval: float) -> None:
+        self._consoles = consoles
         self._line = line
         self._interval = interval
         self.bound = threading.Event()
@@ -101,14 +108,17 @@ class _Announcer:
             self._write()
 
     def _write(self) -> None:
-        try:
-            fd = os.open(self._console, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOCTTY, 0o644)
+        for console in self._consoles:
             try:
-                os.write(fd, (self._line + "\n").encode())
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            log.error("cannot write the VM token to %s: %s", self._console, exc.strerror)
+                # O_NONBLOCK: a serial port nobody drains must not stall the agent.
+                flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOCTTY | os.O_NONBLOCK
+                fd = os.open(console, flags, 0o644)
+                try:
+                    os.write(fd, (self._line + "\n").encode())
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                log.error("cannot write the VM token to %s: %s", console, exc.strerror)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -124,17 +134,20 @@ def run(args: argparse.Namespace) -> int:
         if unknown:
             raise AgentFailure(f"unknown channel(s): {', '.join(unknown)}; known: {', '.join(channel_names())}")
 
+    found: Found | None = None
     token: Token | None = None
     if record.bound:
         log.info("already bound to owner %s; not looking for a token", record.owner_fingerprint)
     else:
         try:
-            channel, token = _wait_for_token(paths, only, args.token_wait)
+            found = _wait_for_token(paths, only, args.token_wait)
         except ChannelBroken as exc:
             raise AgentFailure(str(exc)) from None
-        log.info("found a %s-mode token (id %s) on channel %s", token.mode.value, token.token_id.hex(), channel)
+        token = found.token
+        log.info("found a %s-mode token (id %s) on %s", token.mode.value, token.token_id.hex(),
+                 " and ".join(found.channels))
         if token.token_id.hex() in record.consumed_tokens:
-            raise AgentFailure(f"token {token.token_id.hex()} on {channel} was already consumed by a bind")
+            raise AgentFailure(f"token {token.token_id.hex()} on {found.channel} was already consumed by a bind")
 
     try:
         state.ensure_identity()
@@ -150,20 +163,39 @@ def run(args: argparse.Namespace) -> int:
     bound_port = listener.getsockname()[1]
 
     announcer: _Announcer | None = None
-    if token is not None and token.mode is Mode.NOSECRET:
+    if found is not None and found.token.mode is Mode.NOSECRET:
         from imprint import crypto, tokens
 
         vm_spki = crypto.certificate_spki(state.cert_file.read_bytes())
         vm_token = tokens.Token(tokens.TokenKind.VM, crypto.sha256(vm_spki))
         line = tokens.vm_token_line(vm_token)
         log.info("VM key %s; VM token for the owner: %s", crypto.fingerprint(vm_spki), vm_token.encode())
-        announcer = _Announcer(args.console or paths.console, line, args.announce_interval)
+        try:
+            written = publish_vm_token(paths, found, line)
+        except (OSError, ValueError) as exc:
+            raise AgentFailure(f"cannot write the VM token to a reverse channel: {exc}") from None
+        if written:
+            log.info("VM token written to: %s", ", ".join(written))
+        consoles = [args.console or paths.console]
+        consoles += [port for port in paths.serial_ports if port.exists() and port.resolve() != consoles[0].resolve()]
+        announcer = _Announcer(consoles, line, args.announce_interval)
+
+    def _on_bound() -> None:
+        if announcer is not None:
+            announcer.bound.set()
+        if found is not None and found.token.mode is Mode.SHARED:
+            try:
+                wiped = consume_token(paths, found)
+            except (OSError, ValueError) as exc:
+                log.error("bound, but could not wipe K from the boot channel: %s", exc)
+                return
+            if wiped:
+                log.info("K wiped from: %s", ", ".join(wiped))
 
     from imprint.guest.server import AgentServer
 
     try:
-        server = AgentServer(state, listener, token=token, record=record,
-                             on_bound=(announcer.bound.set if announcer else lambda: None))
+        server = AgentServer(state, listener, token=token, record=record, on_bound=_on_bound)
     except (OSError, ValueError) as exc:
         raise AgentFailure(f"cannot load the VM key and certificate from {state.dir}: {exc}") from None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,10 @@ class GuestPaths:
         return self.root / absolute.lstrip("/")
 
     @property
+    def is_real_root(self) -> bool:
+        return self.root.resolve() == Path("/")
+
+    @property
     def cmdline(self) -> Path:
         return self.under("/proc/cmdline")
 
@@ -25,3 +30,30 @@ class GuestPaths:
     @property
     def console(self) -> Path:
         return self.under("/dev/console")
+
+    @property
+    def serial_ports(self) -> list[Path]:
+        return [self.under("/dev/ttyS0")]
+
+    def by_label(self, label: str) -> Path:
+        return self.under(f"/dev/disk/by-label/{label}")
+
+    def by_id(self, ident: str) -> Path:
+        return self.under(f"/dev/disk/by-id/{ident}")
+
+    @property
+    def fw_cfg(self) -> Path:
+        return self.under("/sys/firmware/qemu_fw_cfg")
+
+    @property
+    def credential_dirs(self) -> list[Path]:
+        """$CREDENTIALS_DIRECTORY (set by systemd for the unit) first, then the system's."""
+        dirs = []
+        if env := os.environ.get("CREDENTIALS_DIRECTORY"):
+            dirs.append(self.under(env))
+        dirs.append(self.under("/run/credentials/@system"))
+        return dirs
+
+    @property
+    def cloud_init_instance_data(self) -> Path:
+        return self.under("/run/cloud-init/instance-data-sensitive.json")

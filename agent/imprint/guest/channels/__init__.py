@@ -1,14 +1,20 @@
-"""Boot channels the agent reads its token from, tried in one explicit order.
+"""Boot channels the agent reads its token from, registered in one explicit ordered list.
 
-A channel reports one of three outcomes: the token it found, ``None`` when it is absent (try the
-next channel), or it raises ChannelBroken (present but corrupt). Broken fails closed: the agent
-never falls through from a broken channel to the next one.
+A channel's ``read(paths)`` has three outcomes: the token it found; ``None`` when the channel is
+absent (try the next); or it raises ChannelBroken when the channel is present but corrupt.
+Broken fails closed: the agent never falls through from a broken channel to the next one.
+
+All local channels are read (they are cheap), so two channels carrying different tokens are
+caught and refused. Network channels are asked only when no local channel carries a token,
+because an absent metadata service costs timeouts.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 from imprint.guest.paths import GuestPaths
 from imprint.tokens import Token, TokenKind
@@ -22,33 +28,99 @@ class ChannelBroken(Exception):
 
 
 @dataclass(frozen=True)
+class ChannelSpec:
+    name: str
+    module: str
+    network: bool = False
+
+
+# The order is the search order and the precedence shown in logs and docs.
+CHANNELS: tuple[ChannelSpec, ...] = (
+    ChannelSpec("cmdline", "imprint.guest.channels.cmdline"),
+    ChannelSpec("credentials", "imprint.guest.channels.credentials"),
+    ChannelSpec("fw_cfg", "imprint.guest.channels.fwcfg"),
+    ChannelSpec("metadata-disk", "imprint.guest.channels.metadisk"),
+)
+
+
+@dataclass(frozen=True)
 class Found:
     channel: str
     token: Token
+    also_on: tuple[str, ...] = ()
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        return (self.channel, *self.also_on)
 
 
 Reader = Callable[[GuestPaths], Token | None]
 
 
-def _registry() -> list[tuple[str, Reader]]:
-    from imprint.guest.channels import cmdline
-
-    return [("cmdline", cmdline.read)]
-
-
 def channel_names() -> list[str]:
-    return [name for name, _ in _registry()]
+    return [spec.name for spec in CHANNELS]
+
+
+def _reader(spec: ChannelSpec) -> Reader:
+    return cast(Reader, importlib.import_module(spec.module).read)
+
+
+def _optional(spec: ChannelSpec, hook: str) -> Callable[[GuestPaths, str], bool] | None:
+    return cast("Callable[[GuestPaths, str], bool] | None", getattr(importlib.import_module(spec.module), hook, None))
+
+
+def publish_vm_token(paths: GuestPaths, found: Found, line: str) -> list[str]:
+    """Write the VM token line to every reverse channel the site offers: each local channel with
+    a reply area that is present, and a network channel only if the token came from it."""
+    written = []
+    for spec in CHANNELS:
+        if spec.network and spec.name not in found.channels:
+            continue
+        reply = _optional(spec, "reply")
+        if reply is not None and reply(paths, line):
+            written.append(spec.name)
+    return written
+
+
+def consume_token(paths: GuestPaths, found: Found) -> list[str]:
+    """After a shared-mode bind: wipe K from every channel that carried it and can be written."""
+    wiped = []
+    for spec in CHANNELS:
+        if spec.name not in found.channels:
+            continue
+        consume = cast("Callable[[GuestPaths], bool] | None",
+                       getattr(importlib.import_module(spec.module), "consume", None))
+        if consume is not None and consume(paths):
+            wiped.append(spec.name)
+    return wiped
+
+
+def _read(spec: ChannelSpec, paths: GuestPaths) -> Token | None:
+    token = _reader(spec)(paths)
+    if token is not None and token.kind is TokenKind.VM:
+        raise ChannelBroken(spec.name, "it carries a VM token where the owner's token belongs")
+    return token
 
 
 def find_token(paths: GuestPaths, only: list[str] | None = None) -> Found | None:
-    """The token from the first present channel; None when every channel is absent."""
-    for name, read in _registry():
-        if only is not None and name not in only:
-            continue
-        token = read(paths)
-        if token is None:
-            continue
-        if token.kind is TokenKind.VM:
-            raise ChannelBroken(name, "it carries a VM token where the owner's token belongs")
-        return Found(name, token)
+    """The token on the boot channels; None when every channel searched is absent."""
+    selected = [spec for spec in CHANNELS if only is None or spec.name in only]
+    for network in (False, True):
+        found: list[tuple[str, Token]] = []
+        for spec in selected:
+            if spec.network != network:
+                continue
+            token = _read(spec, paths)
+            if token is not None:
+                found.append((spec.name, token))
+        if found:
+            first_name, first = found[0]
+            for name, token in found[1:]:
+                if token != first:
+                    raise ChannelBroken(
+                        f"{first_name}+{name}",
+                        f"the channels disagree: {first_name} carries token {first.token_id.hex()}, "
+                        f"{name} carries token {token.token_id.hex()}",
+                    )
+            return Found(first_name, first, tuple(name for name, _ in found[1:]))
     return None

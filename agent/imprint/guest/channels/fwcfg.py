@@ -1,0 +1,31 @@
+"""QEMU fw_cfg: ``-fw_cfg name=opt/org.imprint/token,string=<token>`` appears at
+/sys/firmware/qemu_fw_cfg/by_name/opt/org.imprint/token/raw."""
+
+from __future__ import annotations
+
+import subprocess
+
+from imprint import tokens
+from imprint.guest.channels._common import read_token_file
+from imprint.guest.paths import GuestPaths
+
+NAME = "fw_cfg"
+ENTRY = "opt/org.imprint/token"
+
+
+_tried_modprobe = False
+
+
+def _load_module(paths: GuestPaths) -> None:
+    # The Debian cloud kernel builds qemu_fw_cfg as a module; on -M pc it usually autoloads.
+    # Tried once per process: the agent polls channels while it waits for a late token.
+    global _tried_modprobe
+    if _tried_modprobe or paths.fw_cfg.exists() or not paths.is_real_root:
+        return
+    _tried_modprobe = True
+    subprocess.run(["modprobe", "-q", "qemu_fw_cfg"], check=False, capture_output=True, timeout=10)
+
+
+def read(paths: GuestPaths) -> tokens.Token | None:
+    _load_module(paths)
+    return read_token_file(NAME, paths.fw_cfg / "by_name" / ENTRY / "raw")

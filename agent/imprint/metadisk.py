@@ -1,0 +1,126 @@
+"""The raw metadata disk: a block device (by-id serial ``imprint``) with a fixed header, the
+token, and a reply area the VM writes its VM token into. Shared by the site (which builds and
+reads back the disk) and the agent (which reads the token, writes the reply, wipes K).
+
+Header, at offset 0 (all integers big-endian)::
+
+    0   8  magic      b"IMPRMETA"
+    8   2  version    1
+    10  2  flags      bit 0: the token was consumed and wiped
+    12  2  length     token length in bytes, 0..256 (0 once wiped)
+    14  2  reserved   0
+    16  4  reply_off  offset of the reply area (4096)
+    20  4  reply_len  size of the reply area (4096)
+    24  32 checksum   SHA-256 over bytes 0..23 and the token bytes
+    56  .. token      ASCII
+
+Reply area, at reply_off::
+
+    0   8  magic      b"IMPRREPL"
+    8   2  version    1
+    10  2  length     payload length
+    12  4  reserved   0
+    16  32 checksum   SHA-256 over bytes 0..15 and the payload
+    48  .. payload    "IMPRINT-VM-TOKEN <token>\\n"
+
+An all-zero reply area means "no reply yet".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass
+
+MAGIC = b"IMPRMETA"
+REPLY_MAGIC = b"IMPRREPL"
+VERSION = 1
+FLAG_CONSUMED = 1
+MAX_TOKEN = 256
+REPLY_OFFSET = 4096
+REPLY_SIZE = 4096
+DISK_SIZE = REPLY_OFFSET + REPLY_SIZE
+_HEADER = struct.Struct(">8sHHHHII")
+_REPLY = struct.Struct(">8sHHI")
+
+
+class MetadiskError(ValueError):
+    """The disk is present but not a valid imprint metadata disk (names the fault)."""
+
+
+@dataclass(frozen=True)
+class Header:
+    flags: int
+    token: str
+    reply_offset: int
+    reply_size: int
+
+    @property
+    def consumed(self) -> bool:
+        return bool(self.flags & FLAG_CONSUMED)
+
+
+def build(token: str, *, flags: int = 0) -> bytes:
+    """A whole disk image carrying ``token`` and an empty reply area."""
+    return encode_header(token, flags=flags) + bytes(DISK_SIZE - REPLY_OFFSET)
+
+
+def encode_header(token: str, *, flags: int = 0) -> bytes:
+    raw = token.encode("ascii")
+    if len(raw) > MAX_TOKEN:
+        raise MetadiskError(f"token of {len(raw)} bytes exceeds {MAX_TOKEN}")
+    fixed = _HEADER.pack(MAGIC, VERSION, flags, len(raw), 0, REPLY_OFFSET, REPLY_SIZE)
+    header = fixed + hashlib.sha256(fixed + raw).digest() + raw
+    return header + bytes(REPLY_OFFSET - len(header))
+
+
+def decode_header(data: bytes) -> Header:
+    if len(data) < _HEADER.size + 32:
+        raise MetadiskError(f"disk is {len(data)} bytes, too small for the header")
+    magic, version, flags, length, _reserved, reply_off, reply_len = _HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise MetadiskError("bad magic: not an imprint metadata disk")
+    if version != VERSION:
+        raise MetadiskError(f"header version {version} is not supported (this imprint reads {VERSION})")
+    if length > MAX_TOKEN:
+        raise MetadiskError(f"token length {length} exceeds {MAX_TOKEN}")
+    start = _HEADER.size + 32
+    if len(data) < start + length:
+        raise MetadiskError("disk truncated inside the token")
+    raw = data[start : start + length]
+    if hashlib.sha256(data[: _HEADER.size] + raw).digest() != data[_HEADER.size : start]:
+        raise MetadiskError("header checksum mismatch: the disk is corrupt")
+    if reply_off < start + length or reply_len < _REPLY.size + 32 + 64:
+        raise MetadiskError("reply area overlaps the header or is too small")
+    try:
+        token = raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise MetadiskError("token is not ASCII") from None
+    return Header(flags=flags, token=token, reply_offset=reply_off, reply_size=reply_len)
+
+
+def encode_reply(payload: str, size: int = REPLY_SIZE) -> bytes:
+    raw = payload.encode("ascii")
+    fixed = _REPLY.pack(REPLY_MAGIC, VERSION, len(raw), 0)
+    block = fixed + hashlib.sha256(fixed + raw).digest() + raw
+    if len(block) > size:
+        raise MetadiskError("reply does not fit the reply area")
+    return block + bytes(size - len(block))
+
+
+def decode_reply(area: bytes) -> str | None:
+    """The reply payload, None when nothing was written yet; raises on a corrupt reply."""
+    if not any(area[: _REPLY.size + 32]):
+        return None
+    if len(area) < _REPLY.size + 32:
+        raise MetadiskError("reply area truncated")
+    magic, version, length, _reserved = _REPLY.unpack_from(area)
+    if magic != REPLY_MAGIC:
+        raise MetadiskError("reply area has a bad magic")
+    if version != VERSION:
+        raise MetadiskError(f"reply version {version} is not supported")
+    start = _REPLY.size + 32
+    raw = area[start : start + length]
+    if len(raw) != length or hashlib.sha256(area[: _REPLY.size] + raw).digest() != area[_REPLY.size : start]:
+        raise MetadiskError("reply checksum mismatch: the reply is corrupt or half-written")
+    return raw.decode("ascii", "replace")

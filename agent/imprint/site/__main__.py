@@ -1,0 +1,5 @@
+import sys
+
+from imprint.site.cli import main
+
+sys.exit(main())

@@ -1,0 +1,94 @@
+"""Channel artefacts (``imprint-site seed``): one builder per boot channel, in one registry.
+
+Each builder writes what the site attaches to the VM at ``out`` and returns how to attach it
+(QEMU arguments and a short note). Files that carry a token are written 0600; where QEMU can
+take the token from a file, it does, so a shared-mode K never appears in a process's argv.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from imprint import metadisk
+from imprint.fsatomic import write_atomic
+
+FW_CFG_ENTRY = "opt/org.imprint/token"
+CREDENTIAL_FW_CFG_ENTRY = "opt/io.systemd.credentials/imprint.token"
+METADISK_SERIAL = "imprint"
+
+
+@dataclass
+class Artefact:
+    channel: str
+    path: Path
+    qemu_args: list[str] = field(default_factory=list)
+    kernel_cmdline: str | None = None
+    note: str = ""
+
+
+Builder = Callable[[str, Path], Artefact]
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, data, mode=0o600)
+
+
+def build_cmdline(token: str, out: Path) -> Artefact:
+    fragment = f"imprint.token={token}"
+    _write_private(out, (fragment + "\n").encode())
+    return Artefact("cmdline", out, kernel_cmdline=fragment,
+                    note="append the fragment to the kernel command line (it is world-readable in the guest)")
+
+
+def build_fw_cfg(token: str, out: Path) -> Artefact:
+    _write_private(out, token.encode())
+    return Artefact("fw_cfg", out, qemu_args=["-fw_cfg", f"name={FW_CFG_ENTRY},file={out}"],
+                    note="the guest reads /sys/firmware/qemu_fw_cfg/by_name/opt/org.imprint/token/raw (root only)")
+
+
+def build_credentials(token: str, out: Path) -> Artefact:
+    _write_private(out, token.encode())
+    return Artefact(
+        "credentials", out, qemu_args=["-fw_cfg", f"name={CREDENTIAL_FW_CFG_ENTRY},file={out}"],
+        note=("systemd imports it as the system credential imprint.token; SMBIOS works too: "
+              "-smbios type=11,value=io.systemd.credential:imprint.token=<token> (but that puts it in argv)"),
+    )
+
+
+def build_metadisk(token: str, out: Path) -> Artefact:
+    _write_private(out, metadisk.build(token))
+    return Artefact(
+        "metadata-disk", out,
+        qemu_args=["-drive", f"file={out},if=none,id=imprint-meta,format=raw",
+                   "-device", f"virtio-blk-pci,drive=imprint-meta,serial={METADISK_SERIAL}"],
+        note="the guest sees /dev/disk/by-id/virtio-imprint and writes its VM token into the reply area",
+    )
+
+
+def _registry() -> dict[str, Builder]:
+    builders: dict[str, Builder] = {
+        "cmdline": build_cmdline,
+        "fw_cfg": build_fw_cfg,
+        "credentials": build_credentials,
+        "metadata-disk": build_metadisk,
+    }
+    return builders
+
+
+BUILDERS = _registry()
+
+
+def build(channel: str, token: str, out: Path) -> Artefact:
+    try:
+        builder = BUILDERS[channel]
+    except KeyError:
+        raise ValueError(f"no seed builder for channel '{channel}'; known: {', '.join(sorted(BUILDERS))}") from None
+    old_umask = os.umask(0o077)
+    try:
+        return builder(token, out)
+    finally:
+        os.umask(old_umask)
