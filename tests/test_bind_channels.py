@@ -1,0 +1,88 @@
+"""The full agent + owner bind once per boot channel, both modes; the reverse token is taken from
+the console file or the metadata disk's reply area by `imprint-site reverse`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from imprint.site import seeds
+from tests.conftest import AgentFactory, Owner
+
+# channel -> how a test root exposes the artefact `imprint-site seed` built
+Attach = Callable[[Path, Path], None]
+
+
+def _symlink(link: Path, target: Path) -> None:
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(target)
+
+
+def _attach_cmdline(root: Path, artefact: Path) -> None:
+    (root / "proc/cmdline").write_text(f"console=ttyS0 ro {artefact.read_text().strip()}\n")
+
+
+def _attach_fw_cfg(root: Path, artefact: Path) -> None:
+    raw = root / "sys/firmware/qemu_fw_cfg/by_name" / seeds.FW_CFG_ENTRY / "raw"
+    raw.parent.mkdir(parents=True)
+    raw.write_bytes(artefact.read_bytes())
+
+
+def _attach_credentials(root: Path, artefact: Path) -> None:
+    directory = root / "run/credentials/@system"
+    directory.mkdir(parents=True)
+    (directory / "imprint.token").write_bytes(artefact.read_bytes())
+
+
+def _attach_metadisk(root: Path, artefact: Path) -> None:
+    _symlink(root / "dev/disk/by-id/virtio-imprint", artefact)
+
+
+CHANNELS: dict[str, Attach] = {
+    "cmdline": _attach_cmdline,
+    "credentials": _attach_credentials,
+    "fw_cfg": _attach_fw_cfg,
+    "metadata-disk": _attach_metadisk,
+}
+
+
+def _reverse(source: Path) -> str:
+    result = subprocess.run([sys.executable, "-m", "imprint.site", "reverse", "--from", str(source)],
+                            capture_output=True, text=True, check=True)
+    return result.stdout.strip()
+
+
+@pytest.mark.parametrize("mode", ["shared", "nosecret"])
+@pytest.mark.parametrize("channel", list(CHANNELS))
+def test_bind_over_channel(agents: AgentFactory, owner: Owner, tmp_path: Path, channel: str, mode: str,
+                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    token = owner.token("web1", mode)
+    artefact = tmp_path / f"artefact-{channel}"
+    subprocess.run([sys.executable, "-m", "imprint.site", "seed", "--channel", channel, "--token", token,
+                    "--out", str(artefact)], check=True, capture_output=True)
+    root = agents.make_root(None)
+    CHANNELS[channel](root, artefact)
+    agent = agents.start(root)
+    assert f"on {channel}" in agent.log()
+
+    args = ["bind", "web1", "--address", agent.address]
+    if mode == "nosecret":
+        source = artefact if channel == "metadata-disk" else agent.console
+        vm_token = _reverse(source)
+        assert vm_token == agent.vm_token()
+        args += ["--vm-token", vm_token]
+    owner.run(*args)
+    assert agent.state()["bound"] is True
+
+    secret = token.split("-", 1)[1].encode()
+    if channel == "metadata-disk" and mode == "shared":
+        # K is wiped from the one channel the agent can write.
+        assert secret not in artefact.read_bytes()
+        assert "K wiped from: metadata-disk" in agent.log()
+    assert os.path.exists(root / "var/lib/imprint/owner.crt")
