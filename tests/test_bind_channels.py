@@ -10,8 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
 from imprint.site import seeds
+
 from tests.conftest import AgentFactory, Owner
 
 # channel -> how a test root exposes the artefact `imprint-site seed` built
