@@ -154,28 +154,33 @@ def certificate_spki(cert: bytes) -> bytes:
     try:
         loaded = x509.load_pem_x509_certificate(cert) if cert.lstrip().startswith(b"-----") \
             else x509.load_der_x509_certificate(cert)
-    except ValueError as exc:
-        raise CryptoError("certificate is not valid X.509") from exc
-    return loaded.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+        return loaded.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    except Exception as exc:  # see self_signed_certificate_spki
+        raise CryptoError(f"certificate is not valid X.509 ({type(exc).__name__})") from None
 
 
 def self_signed_certificate_spki(der: bytes) -> bytes:
-    """SPKI of a canonical DER certificate that is self-signed by its own Ed25519 key."""
+    """SPKI of a canonical DER certificate that is self-signed by its own Ed25519 key.
+
+    Any failure inside the parser (cryptography raises ValueError, InvalidVersion and others
+    for hostile input) is a CryptoError: the caller turns it into a remote protocol error."""
     try:
         cert = x509.load_der_x509_certificate(der)
-    except ValueError as exc:
-        raise CryptoError("certificate is not valid DER X.509") from exc
-    if cert.public_bytes(serialization.Encoding.DER) != der:
+        canonical = cert.public_bytes(serialization.Encoding.DER)
+        key = cert.public_key()
+        signature, tbs = cert.signature, cert.tbs_certificate_bytes
+    except Exception as exc:  # hostile bytes: every parser failure means "not a certificate"
+        raise CryptoError(f"certificate is not valid DER X.509 ({type(exc).__name__})") from None
+    if canonical != der:
         raise CryptoError("certificate DER is not canonical")
-    key = cert.public_key()
     if not isinstance(key, ed25519.Ed25519PublicKey):
         raise CryptoError("certificate key is not Ed25519")
     try:
-        key.verify(cert.signature, cert.tbs_certificate_bytes)
-    except InvalidSignature as exc:
-        raise CryptoError("certificate is not self-signed by its own key") from exc
+        key.verify(signature, tbs)
+    except InvalidSignature:
+        raise CryptoError("certificate is not self-signed by its own key") from None
     return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 

@@ -30,7 +30,7 @@ PAYLOAD_BYTES = 32
 CHECK_BYTES = 4
 VM_TOKEN_LINE_PREFIX = "IMPRINT-VM-TOKEN"  # noqa: S105 (a label, not a secret)
 _MAX_TOKEN_CHARS = 128
-_SHAPE = re.compile(r"imprint(\d+)([a-z])-([a-z2-7]+)")
+_SHAPE = re.compile(r"imprint(0|[1-9][0-9]{0,5})([a-z])-([a-z2-7]+)", re.ASCII)
 
 
 class TokenError(ValueError):
@@ -119,6 +119,9 @@ def parse(text: str, *, expect: TokenKind | None = None) -> Token:
         body = base64.b32decode(b32.upper() + "=" * (-len(b32) % 8))
     except binascii.Error:
         raise TokenError("token is corrupt: not valid base32") from None
+    if base64.b32encode(body).decode().rstrip("=").lower() != b32:
+        # The last character carries 2 spare bits; accepting them non-zero would let a typo pass.
+        raise TokenError("token is corrupt: its last character is not a valid ending (mistyped)")
     payload, check = body[:PAYLOAD_BYTES], body[PAYLOAD_BYTES:]
     if not hmac.compare_digest(check, _check(f"imprint{version}{kind_letter}", payload)):
         raise TokenError("token is corrupt: its check digits do not match (mistyped or truncated)")

@@ -8,7 +8,7 @@ certificate it presented (VM) or saw (owner), so the exchange is bound to that c
     OwnerHello(mode, token_id, Na, owner_cert, H(cert seen))  ->
                         <-  VmHello(mode, Nb, vm_spki), VmProof(sig_vm, mac_vm)
     OwnerProof(sig_owner, mac_owner)                          ->
-                        <-  VmConfirm()            (after the VM pinned the owner key)
+                        <-  VmConfirm(sig_vm', mac_vm')   (after the VM pinned the owner key)
 
 Every message body is folded into a running transcript hash TH. Proofs cover TH up to and
 including the message before them, under role-specific labels, so a proof cannot be reflected
@@ -45,7 +45,11 @@ from imprint.tokens import Mode, Token, TokenKind
 Random = Callable[[int], bytes]
 
 _TRANSCRIPT_LABEL = b"imprint/1 transcript\0"
-_PROOF_LABEL = {"owner": b"imprint/1 proof owner\0", "vm": b"imprint/1 proof vm\0"}
+_PROOF_LABEL = {
+    "owner": b"imprint/1 proof owner\0",
+    "vm": b"imprint/1 proof vm\0",
+    "vm-confirm": b"imprint/1 confirm vm\0",
+}
 _MAC_INFO = {"owner": b"imprint/1 shared mac owner->vm", "vm": b"imprint/1 shared mac vm->owner"}
 _WIRE_MODE = {Mode.SHARED: WireMode.SHARED, Mode.NOSECRET: WireMode.NOSECRET}
 
@@ -131,6 +135,9 @@ class _Session:
             while (body := self._frames.next_body()) is not None:
                 events.extend(self._handle(decode_body(body), body))
         except RemoteProtocolError as exc:
+            # Whatever a failed read queued (e.g. OwnerProof before a bad duplicate frame) must
+            # not leave: the caller flushes only the Alert.
+            self._out.clear()
             if not exc.from_peer:
                 self._send(Alert(int(exc.code), ALERT_TEXT[exc.code].encode()))
             self.state = State.FAILED
@@ -193,15 +200,15 @@ class _Session:
     def _mac_key(self, direction: str) -> bytes:
         return crypto.hkdf(self._token.payload, info=_MAC_INFO[direction])
 
-    def _prove(self) -> tuple[bytes, bytes]:
-        data = _PROOF_LABEL[self.role] + self._th
+    def _prove(self, label: str) -> tuple[bytes, bytes]:
+        data = _PROOF_LABEL[label] + self._th
         signature = self._key.sign(data)
         tag = crypto.mac(self._mac_key(self.role), data) if self._mode is Mode.SHARED else b""
         return signature, tag
 
-    def _verify_proof(self, peer_role: str, signature: bytes, tag: bytes) -> None:
+    def _verify_proof(self, peer_role: str, signature: bytes, tag: bytes, label: str | None = None) -> None:
         assert self.peer_key is not None
-        data = _PROOF_LABEL[peer_role] + self._th
+        data = _PROOF_LABEL[label or peer_role] + self._th
         if self._mode is Mode.SHARED:
             if len(tag) != crypto.MAC_BYTES:
                 raise RemoteProtocolError(AlertCode.MALFORMED, "shared-mode proof without a 32-byte MAC")
@@ -307,13 +314,14 @@ class OwnerExchange(_Session):
     def _on_vm_proof(self, msg: VmProof, body: bytes) -> list[Event]:
         self._verify_proof("vm", msg.signature, msg.mac)
         self._absorb(body)
-        signature, tag = self._prove()
+        signature, tag = self._prove("owner")
         self._send(OwnerProof(signature=signature, mac=tag))
         assert self.peer_key is not None
         return [VmAuthenticated(self.peer_key)]
 
     def _on_vm_confirm(self, msg: VmConfirm, body: bytes) -> list[Event]:
         assert self.peer_key is not None
+        self._verify_proof("vm", msg.signature, msg.mac, label="vm-confirm")
         self._absorb(body)
         return [ExchangeComplete(self.peer_key)]
 
@@ -368,7 +376,7 @@ class VmExchange(_Session):
         self._absorb(body)
         self._send(VmHello(mode=_WIRE_MODE[self._mode], vm_nonce=self._rng(crypto.NONCE_BYTES),
                            vm_spki=self._key.public.spki))
-        signature, tag = self._prove()
+        signature, tag = self._prove("vm")
         self._send(VmProof(signature=signature, mac=tag))
         return []
 
@@ -382,6 +390,7 @@ class VmExchange(_Session):
         """Call once the owner key is pinned and the token recorded as consumed."""
         if self.state is not State.AWAIT_LOCAL_CONFIRM or self.peer_key is None:
             raise LocalProtocolError(f"confirm() in state {self.state.value}")
-        self._send(VmConfirm())
+        signature, tag = self._prove("vm-confirm")
+        self._send(VmConfirm(signature=signature, mac=tag))
         self.state = State.DONE
         return ExchangeComplete(self.peer_key)

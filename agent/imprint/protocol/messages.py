@@ -109,10 +109,13 @@ class OwnerProof(Message):
 
 @dataclass(frozen=True)
 class VmConfirm(Message):
-    """VM -> owner. The VM has pinned the owner's key and consumed the token."""
+    """VM -> owner. The VM has pinned the owner's key and consumed the token. Signed (and in
+    shared mode MACed) over the transcript including OwnerProof, so it cannot be replayed."""
 
     TYPE = MessageType.VM_CONFIRM
-    SCHEMA = ()
+    SCHEMA = (_Var(1, 256), _Var(0, 64))
+    signature: bytes
+    mac: bytes
 
 
 @dataclass(frozen=True)
