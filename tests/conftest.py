@@ -6,6 +6,7 @@ the test listens on, and "READY=1" with the listening port arrives there. No sle
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -61,6 +62,7 @@ class Agent:
 class AgentFactory:
     base: Path
     started: list[Agent] = field(default_factory=list)
+    sockets: list[str] = field(default_factory=list)
 
     def make_root(self, token: str | None, name: str = "vm") -> Path:
         root = self.base / name
@@ -77,6 +79,7 @@ class AgentFactory:
         sock_path = os.path.join(sock_dir, "n")
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(sock_path)
+        self.sockets.append(sock_path)
         notify.settimeout(READY_TIMEOUT)
         log_path = root.parent / f"{root.name}-agent-{len(self.started)}.log"
         env = dict(os.environ, NOTIFY_SOCKET=sock_path, PYTHONUNBUFFERED="1")
@@ -87,12 +90,10 @@ class AgentFactory:
         agent = Agent(root=root, proc=proc, port=0, log_path=log_path, notify=notify)
         self.started.append(agent)
         if expect_ready:
-            agent.port = self._await_ready(agent)
-        os.unlink(sock_path)
-        os.rmdir(sock_dir)
+            agent.port = self.await_ready(agent)
         return agent
 
-    def _await_ready(self, agent: Agent) -> int:
+    def await_ready(self, agent: Agent) -> int:
         while True:
             try:
                 message = agent.notify.recv(4096).decode()
@@ -109,6 +110,10 @@ class AgentFactory:
         for agent in self.started:
             agent.kill()
             agent.notify.close()
+        for path in self.sockets:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+                os.rmdir(os.path.dirname(path))
 
 
 @pytest.fixture

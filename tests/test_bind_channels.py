@@ -86,3 +86,46 @@ def test_bind_over_channel(agents: AgentFactory, owner: Owner, tmp_path: Path, c
         assert secret not in artefact.read_bytes()
         assert "K wiped from: metadata-disk" in agent.log()
     assert os.path.exists(root / "var/lib/imprint/owner.crt")
+
+
+def test_token_arriving_late_is_waited_for(agents: AgentFactory, owner: Owner, tmp_path: Path) -> None:
+    """No token at boot: the agent says what it waits for, then binds once the site hot-plugs
+    the metadata disk."""
+    token = owner.token("web1", "shared")
+    root = agents.make_root(None)
+    agent = agents.start(root, expect_ready=False)
+    assert "STATUS=waiting for a token on: cmdline" in agent.notify.recv(4096).decode()
+    image = tmp_path / "meta.img"
+    subprocess.run([sys.executable, "-m", "imprint.site", "seed", "--channel", "metadata-disk", "--token", token,
+                    "--out", str(image)], check=True, capture_output=True)
+    _attach_metadisk(root, image)
+    agent.port = agents.await_ready(agent)
+    assert "waiting for a token on: cmdline" in agent.log()
+    owner.run("bind", "web1", "--address", agent.address)
+
+
+def test_channels_option_narrows_the_search(agents: AgentFactory, owner: Owner, tmp_path: Path) -> None:
+    token = owner.token("web1", "shared")
+    root = agents.make_root(None)
+    (root / "proc/cmdline").write_text("imprint.token=imprint1s-corrupt\n")
+    _attach_fw_cfg(root, _seeded("fw_cfg", token, tmp_path))
+    # Without --channels the corrupt cmdline token fails closed ...
+    broken = agents.start(root, expect_ready=False)
+    assert broken.proc.wait(timeout=30) == 1
+    assert "boot channel cmdline is broken" in broken.log()
+    # ... a site that knows its channel narrows the search.
+    agent = agents.start(root, "--channels", "fw_cfg")
+    owner.run("bind", "web1", "--address", agent.address)
+
+
+def test_unknown_channel_name_is_refused(agents: AgentFactory) -> None:
+    agent = agents.start(agents.make_root(None), "--channels", "cmdline,carrier-pigeon", expect_ready=False)
+    assert agent.proc.wait(timeout=30) == 1
+    assert "unknown channel(s): carrier-pigeon" in agent.log()
+
+
+def _seeded(channel: str, token: str, tmp_path: Path) -> Path:
+    out = tmp_path / f"seed-{channel}"
+    subprocess.run([sys.executable, "-m", "imprint.site", "seed", "--channel", channel, "--token", token,
+                    "--out", str(out)], check=True, capture_output=True)
+    return out

@@ -83,7 +83,9 @@ def _wait_for_token(paths: GuestPaths, only: list[str] | None, wait: float | Non
             raise AgentFailure(f"no token on any boot channel after {wait:.0f} s "
                                f"(searched: {', '.join(only or channel_names())})")
         if waited >= next_report:
-            log.info("waiting for a token on: %s", ", ".join(only or channel_names()))
+            searched = ", ".join(only or channel_names())
+            log.info("waiting for a token on: %s", searched)
+            notify(f"STATUS=waiting for a token on: {searched}")
             next_report = waited + 30.0
         stop.wait(1.0)  # channels can appear late (hot-plugged disk, metadata service coming up)
         waited += 1.0

@@ -1,0 +1,279 @@
+"""HTTP metadata service (a network channel): EC2 style first, then OpenStack.
+
+Where the token is looked for, in order:
+
+- EC2 style, an instance tag ``imprint-token`` (AWS needs "allow tags in instance metadata")::
+
+      PUT http://169.254.169.254/latest/api/token             X-aws-ec2-metadata-token-ttl-seconds: 60
+      GET http://169.254.169.254/latest/meta-data/tags/instance/imprint-token
+                                                              X-aws-ec2-metadata-token: <session>
+
+  The IMDSv2 session PUT comes first; when it is refused with 403, 404 or 405 (an IMDSv1-only
+  service, or one that does not know the PUT) the GET is sent without a session token.
+- OpenStack: ``GET http://169.254.169.254/openstack/latest/meta_data.json``, key ``meta`` ->
+  ``imprint-token`` (``openstack server create --property imprint-token=...``).
+
+The reverse channel (no-secrets mode) is a guest-attributes-style PUT of the VM token line::
+
+      PUT http://169.254.169.254/latest/guest-attributes/imprint/vm-token   (text/plain, one line)
+
+A site that runs its own metadata service stores it there; AWS and OpenStack have no such path
+and refuse it, which is logged and otherwise harmless (the console still carries the line).
+
+``IMPRINT_METADATA_URL`` (``http://HOST[:PORT][/PREFIX]``) replaces the base
+``http://169.254.169.254``: for a site whose service lives elsewhere, and for tests. Without it
+the link-local default is asked only when ``--root`` is ``/``: a test root is not the machine
+the agent runs on, so it must never pick up that machine's own metadata (a developer's cloud VM).
+
+Outcomes: nothing listening, no route, or no answer within the timeouts, and a 404 on both
+paths, mean *absent* (the agent polls again, so a service that comes up late is still found). A
+service that answers with a token that does not parse, invalid JSON, a body that is not text or
+too large, an unexpected status, or 5xx after the retries, is *broken*: the error names the URL
+and the fault.
+"""
+
+from __future__ import annotations
+
+# http.client (stdlib) rather than requests: requests pulls in urllib3, idna, charset
+# detection and certifi, which costs start-up time and memory under slow emulation for two or
+# three plain-HTTP requests on a link-local address. http.client rather than urllib.request:
+# it gives a connect timeout separate from the read timeout, and it never routes through an
+# http_proxy from the environment (a proxy cannot reach the VM's own link-local service, and
+# must not see the token).
+import http.client
+import json
+import logging
+import os
+import time
+import urllib.parse
+from dataclasses import dataclass
+
+from imprint import tokens
+from imprint.guest.channels import ChannelBroken
+from imprint.guest.paths import GuestPaths
+
+NAME = "http-metadata"
+KEY = "imprint-token"
+
+DEFAULT_BASE_URL = "http://169.254.169.254"
+BASE_URL_ENV = "IMPRINT_METADATA_URL"
+
+SESSION_PATH = "/latest/api/token"
+SESSION_TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
+SESSION_HEADER = "X-aws-ec2-metadata-token"
+# Long enough for one read or one reply; a leaked session token soon stops working.
+SESSION_TTL_SECONDS = 60
+TAG_PATH = f"/latest/meta-data/tags/instance/{KEY}"
+OPENSTACK_PATH = "/openstack/latest/meta_data.json"
+REPLY_PATH = "/latest/guest-attributes/imprint/vm-token"
+
+# A link-local service answers in milliseconds. Where there is none, packets to
+# 169.254.169.254 are often silently dropped, and every poll of the agent pays the connect
+# timeout, so it is short. Timeouts are not retried for the same reason; the agent polls again.
+CONNECT_TIMEOUT = 1.0
+READ_TIMEOUT = 2.0
+# 5xx and a connection dropped mid-answer are retried: a service that is starting up.
+ATTEMPTS = 2
+RETRY_PAUSE = 0.2
+
+MAX_TOKEN_BODY = 4096
+# meta_data.json carries SSH keys, a random seed and all user metadata, so it is bigger than
+# a token; this bound only stops a runaway answer.
+MAX_JSON_BODY = 256 * 1024
+
+log = logging.getLogger(__name__)
+
+
+class _Absent(Exception):
+    """Nothing answered: the channel is absent for this poll (the reason goes to the debug log)."""
+
+
+@dataclass(frozen=True)
+class _Service:
+    host: str
+    port: int
+    prefix: str
+    base: str
+
+    def url(self, path: str) -> str:
+        return self.base + path
+
+
+@dataclass(frozen=True)
+class _Answer:
+    status: int
+    body: bytes
+    url: str
+
+
+def _service(paths: GuestPaths) -> _Service | None:
+    configured = os.environ.get(BASE_URL_ENV, "").strip()
+    if not configured:
+        if not paths.is_real_root:
+            return None
+        configured = DEFAULT_BASE_URL
+    base = configured.rstrip("/")
+    parts = urllib.parse.urlsplit(base)
+    try:
+        port = parts.port or 80
+    except ValueError:
+        port = -1
+    if parts.scheme != "http" or not parts.hostname or parts.query or parts.fragment or port < 0:
+        raise ChannelBroken(NAME, f"{BASE_URL_ENV}={configured!r} is not an http://HOST[:PORT][/PREFIX] URL")
+    return _Service(parts.hostname, port, parts.path, base)
+
+
+def _exchange(service: _Service, method: str, path: str, headers: dict[str, str],
+              limit: int, body: bytes | None = None) -> _Answer:
+    """One request with the bounded retries; raises _Absent when nothing answers."""
+    url = service.url(path)
+    dropped = ""
+    for attempt in range(ATTEMPTS):
+        if attempt:
+            time.sleep(RETRY_PAUSE)
+        conn = http.client.HTTPConnection(service.host, service.port, timeout=CONNECT_TIMEOUT)
+        try:
+            try:
+                conn.connect()
+            except TimeoutError:
+                raise _Absent(f"{url}: no connection within {CONNECT_TIMEOUT} s") from None
+            except OSError as exc:
+                raise _Absent(f"{url}: {exc.strerror or exc}") from None
+            conn.sock.settimeout(READ_TIMEOUT)
+            conn.request(method, service.prefix + path, body=body, headers=headers)
+            response = conn.getresponse()
+            length = response.getheader("Content-Length")
+            if length is not None and length.isdigit() and int(length) > limit:
+                raise ChannelBroken(NAME, f"{url}: the answer is {length} bytes (at most {limit} expected)")
+            data = response.read(limit + 1)
+        except TimeoutError:
+            raise _Absent(f"{url}: no answer within {READ_TIMEOUT} s") from None
+        except ConnectionError as exc:  # includes RemoteDisconnected: dropped mid-answer
+            dropped = str(exc) or type(exc).__name__
+            continue
+        except http.client.HTTPException as exc:
+            raise ChannelBroken(NAME, f"{url}: not an HTTP answer ({type(exc).__name__})") from None
+        finally:
+            conn.close()
+        if len(data) > limit:
+            raise ChannelBroken(NAME, f"{url}: the answer is larger than {limit} bytes")
+        if response.status >= 500 and attempt + 1 < ATTEMPTS:
+            continue
+        return _Answer(response.status, data, url)
+    raise _Absent(f"{url}: connection dropped {ATTEMPTS} times ({dropped})")
+
+
+def _broken_status(answer: _Answer) -> ChannelBroken:
+    if answer.status >= 500:
+        return ChannelBroken(NAME, f"{answer.url}: HTTP {answer.status} after {ATTEMPTS} attempts")
+    return ChannelBroken(NAME, f"{answer.url}: unexpected HTTP {answer.status}")
+
+
+def _session(service: _Service) -> str | None:
+    """An IMDSv2 session token, or None for a service without sessions (IMDSv1, OpenStack)."""
+    answer = _exchange(service, "PUT", SESSION_PATH, {SESSION_TTL_HEADER: str(SESSION_TTL_SECONDS)},
+                       MAX_TOKEN_BODY)
+    if answer.status in (403, 404, 405):
+        log.debug("%s: HTTP %d, no IMDSv2 session; asking without one", answer.url, answer.status)
+        return None
+    if answer.status != 200:
+        raise _broken_status(answer)
+    try:
+        session = answer.body.decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise ChannelBroken(NAME, f"{answer.url}: the IMDSv2 session token is not ASCII text") from None
+    # It goes back in a header: no line breaks (header injection), not empty.
+    if not session or not session.isprintable():
+        raise ChannelBroken(NAME, f"{answer.url}: the IMDSv2 session token is empty or not printable")
+    return session
+
+
+def _headers(session: str | None) -> dict[str, str]:
+    return {SESSION_HEADER: session} if session is not None else {}
+
+
+def _parse(url: str, text: str) -> tokens.Token:
+    try:
+        return tokens.parse(text)
+    except tokens.TokenError as exc:
+        raise ChannelBroken(NAME, f"{url}: {exc}") from None
+
+
+def _ec2_tag(service: _Service, session: str | None) -> tokens.Token | None:
+    answer = _exchange(service, "GET", TAG_PATH, _headers(session), MAX_TOKEN_BODY)
+    if answer.status in (403, 404):  # no such tag; or tags (or the whole service) turned off
+        return None
+    if answer.status == 401:
+        why = "refused the IMDSv2 session token" if session else "requires an IMDSv2 session but refused to open one"
+        raise ChannelBroken(NAME, f"{answer.url}: HTTP 401, the service {why}")
+    if answer.status != 200:
+        raise _broken_status(answer)
+    try:
+        text = answer.body.decode("ascii")
+    except UnicodeDecodeError:
+        raise ChannelBroken(NAME, f"{answer.url}: the answer is not ASCII text") from None
+    return _parse(answer.url, text)
+
+
+def _openstack(service: _Service, session: str | None) -> tokens.Token | None:
+    answer = _exchange(service, "GET", OPENSTACK_PATH, _headers(session), MAX_JSON_BODY)
+    if answer.status in (403, 404):
+        return None
+    if answer.status != 200:
+        raise _broken_status(answer)
+    try:
+        data = json.loads(answer.body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ChannelBroken(NAME, f"{answer.url}: invalid JSON ({type(exc).__name__})") from None
+    if not isinstance(data, dict):
+        raise ChannelBroken(NAME, f"{answer.url}: the JSON is not an object")
+    meta = data.get("meta")
+    if meta is None:
+        return None
+    if not isinstance(meta, dict):
+        raise ChannelBroken(NAME, f"{answer.url}: 'meta' is not an object")
+    value = meta.get(KEY)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ChannelBroken(NAME, f"{answer.url}: meta '{KEY}' is not a string")
+    return _parse(f"{answer.url} meta '{KEY}'", value)
+
+
+def read(paths: GuestPaths) -> tokens.Token | None:
+    service = _service(paths)
+    if service is None:
+        return None
+    try:
+        session = _session(service)
+        token = _ec2_tag(service, session)
+        if token is None:
+            token = _openstack(service, session)
+    except _Absent as exc:
+        log.debug("metadata service absent: %s", exc)
+        return None
+    return token
+
+
+def reply(paths: GuestPaths, line: str) -> bool:
+    """PUT the VM token line to the guest-attributes path; False when it did not land there.
+
+    Never fatal: the console carries the same line, and most services do not offer the path.
+    """
+    try:
+        service = _service(paths)
+        if service is None:
+            return False
+        session = _session(service)
+        headers = {**_headers(session), "Content-Type": "text/plain; charset=us-ascii"}
+        answer = _exchange(service, "PUT", REPLY_PATH, headers, MAX_TOKEN_BODY, body=(line + "\n").encode())
+    except _Absent as exc:
+        log.warning("cannot write the VM token to the metadata service: %s", exc)
+        return False
+    except ChannelBroken as exc:
+        log.warning("cannot write the VM token to the metadata service: %s", exc.fault)
+        return False
+    if not 200 <= answer.status < 300:
+        log.warning("the metadata service did not take the VM token: %s: HTTP %d", answer.url, answer.status)
+        return False
+    return True
