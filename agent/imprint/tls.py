@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import ssl
 
-from imprint import crypto
-
 
 class PinMismatch(ssl.SSLError):
     """The peer completed TLS with a key other than the pinned one."""
@@ -22,7 +20,11 @@ def _base(purpose: int) -> ssl.SSLContext:
     ctx = ssl.SSLContext(purpose)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
-    ctx.options |= ssl.OP_NO_TICKET  # no resumption: every connection proves the pinned key afresh
+    # No resumption: every connection proves the pinned key afresh. OP_NO_TICKET alone does not
+    # stop TLS 1.3 servers from sending tickets, so the count is zeroed too.
+    ctx.options |= ssl.OP_NO_TICKET
+    if purpose == ssl.PROTOCOL_TLS_SERVER:
+        ctx.num_tickets = 0  # type: ignore[attr-defined]  # missing from typeshed; Python >= 3.8 has it
     return ctx
 
 
@@ -69,6 +71,8 @@ def peer_certificate(sock: ssl.SSLSocket) -> bytes:
 
 def require_peer_key(sock: ssl.SSLSocket, pinned_spki_sha256: bytes) -> bytes:
     """Fail closed unless the peer's certificate carries exactly the pinned key; returns its SPKI."""
+    from imprint import crypto  # lazy: a bound agent reaches READY without loading x509
+
     spki = crypto.certificate_spki(peer_certificate(sock))
     if not crypto.digests_equal(crypto.sha256(spki), pinned_spki_sha256):
         raise PinMismatch(f"peer key {crypto.fingerprint(spki)} is not the pinned key")

@@ -123,6 +123,15 @@ class _Announcer:
                 log.error("cannot write the VM token to %s: %s", console, exc.strerror)
 
 
+def _preload(bound: bool) -> None:
+    """After READY: import what the first connection needs, so the owner does not wait for it."""
+    import imprint.crypto
+    import imprint.guest.control
+
+    if not bound:
+        import imprint.protocol  # noqa: F401
+
+
 def run(args: argparse.Namespace) -> int:
     paths = GuestPaths(args.root)
     state = AgentState(paths.state_dir)
@@ -211,6 +220,7 @@ def run(args: argparse.Namespace) -> int:
     phase = "bound, serving the pinned owner" if server.bound else "waiting for the owner to bind"
     log.info("listening on %s:%d (%s)", host, bound_port, phase)
     notify(f"READY=1\nSTATUS=listening on {host}:{bound_port} ({phase})")
+    threading.Thread(target=_preload, args=(server.bound,), daemon=True).start()
     server.serve_forever()
     log.info("stopped")
     return 0

@@ -77,6 +77,8 @@ class AgentServer:
                 if self._stopping.is_set():
                     return
                 raise
+            # Small request/response messages: without NODELAY, Nagle and delayed ACKs add 40 ms.
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if not self._slots.acquire(blocking=False):
                 log.warning("connection from %s refused: %d connections already open", addr[0], MAX_CONNECTIONS)
                 conn.close()

@@ -103,6 +103,7 @@ def _exchange(home: OwnerHome, store: Store, owner_key: crypto.PrivateKey, token
               proved: list[str]) -> bytes:
     try:
         raw = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except OSError as exc:
         raise Unreachable(f"cannot reach the agent at {address}: {exc.strerror or exc}; "
                           "check the address, the port forward and that the VM has booted") from None
