@@ -24,6 +24,7 @@ from imprint.tokens import Token
 
 if TYPE_CHECKING:
     from imprint import crypto
+    from imprint.protocol import VmExchange
 
 log = logging.getLogger("imprint.agent")
 
@@ -132,9 +133,16 @@ class AgentServer:
     def _serve_exchange(self, sock: ssl.SSLSocket, peer: str) -> None:
         from imprint.protocol import AlertCode, OwnerAuthenticated, RemoteProtocolError, State, VmExchange
 
-        assert self._token is not None
+        token = self._token
+        if token is None:
+            # Accepted before another connection bound; the token is consumed since.
+            from imprint.protocol.messages import Alert, encode_frame
+
+            with contextlib.suppress(OSError):
+                sock.sendall(encode_frame(Alert(int(AlertCode.TOKEN_CONSUMED), b"this VM was bound meanwhile")))
+            return
         vm_key, vm_cert = self._identity()
-        session = VmExchange(vm_key=vm_key, token=self._token, own_cert=vm_cert)
+        session = VmExchange(vm_key=vm_key, token=token, own_cert=vm_cert)
         deadline = time.monotonic() + EXCHANGE_DEADLINE
         try:
             while True:
@@ -150,10 +158,16 @@ class AgentServer:
                     return
                 for event in session.receive_data(data):
                     if isinstance(event, OwnerAuthenticated):
-                        if not self._pin_owner(session, event.owner_key, peer):
-                            session.abort(AlertCode.TOKEN_CONSUMED, "this VM was bound meanwhile")
+                        try:
+                            pinned = self._pin_owner(session, token, event.owner_key, peer)
+                        except OSError as exc:
+                            log.error("bind from %s: the owner key could not be stored: %s", peer, exc)
+                            session.abort(AlertCode.INTERNAL, "the VM could not store the pin; retry")
                         else:
-                            session.confirm()
+                            if pinned:
+                                session.confirm()
+                            else:
+                                session.abort(AlertCode.TOKEN_CONSUMED, "this VM was bound meanwhile")
                 sock.sendall(session.data_to_send())
                 if session.state in (State.DONE, State.FAILED):
                     return
@@ -165,22 +179,20 @@ class AgentServer:
         except (ssl.SSLError, OSError) as exc:
             log.info("bind attempt from %s: connection error: %s", peer, exc)
 
-    def _pin_owner(self, session: object, owner_key: crypto.PublicKey, peer: str) -> bool:
+    def _pin_owner(self, session: VmExchange, token: Token, owner_key: crypto.PublicKey, peer: str) -> bool:
         from imprint import crypto
-        from imprint.protocol import VmExchange
 
-        assert isinstance(session, VmExchange) and session.peer_cert is not None
-        assert self._token is not None
+        assert session.peer_cert is not None
         with self._bind_lock:
             if self._record.bound:
                 return False
             owner_pem = _der_to_pem(session.peer_cert)
             self._record = self._state.record_bind(
                 owner_cert_pem=owner_pem.encode(),
-                mode=self._token.mode.value,
+                mode=token.mode.value,
                 owner_fingerprint=owner_key.fingerprint,
                 owner_spki_sha256=crypto.sha256(owner_key.spki).hex(),
-                token_id=self._token.token_id.hex(),
+                token_id=token.token_id.hex(),
             )
             self._context = self._make_context()
             self._token = None  # K is consumed: forget it

@@ -63,9 +63,20 @@ def _bind(home: OwnerHome, store: Store, vm: str, address: str, vm_token_text: s
     owner_key = home.load_key()
     if not store.vm_exists(vm):
         raise UsageError(f"unknown VM '{vm}': make its token first with `imprint token new {vm} --mode ...`")
+    split_address(address)
     pin = store.pin(vm)
     if pin is not None and pin.state == "bound":
         raise UsageError(f"{vm} is already bound to VM key {pin.vm_fingerprint}; use `imprint status {vm}`")
+    if pin is not None and pin.state == "pending":
+        # An earlier attempt saw the VM prove itself but never verified the pinned channel
+        # (a lost confirmation, or the pinned channel failed): the pinned channel decides.
+        status = _try_pinned(home, vm, address, pin.vm_cert_pem)
+        if status is not None:
+            result = _result(vm, address, pin.mode, pin.vm_cert_pem, owner_key, status,
+                             ["recovered: the key pinned by an earlier exchange answered over mutual TLS"])
+            store.confirm_pin(vm)
+            return result
+
     row = store.current_token(vm)
     if row is None or row.state != "issued" or row.token_text is None:
         raise UsageError(f"{vm} has no unused token: make one with `imprint token new {vm} --mode ...`")
@@ -82,20 +93,16 @@ def _bind(home: OwnerHome, store: Store, vm: str, address: str, vm_token_text: s
         raise UsageError(f"{vm} uses shared-secret mode: --vm-token does not apply")
 
     host, port = split_address(address)
-    if pin is not None and pin.state == "pending":
-        # A previous attempt pinned the VM but lost its confirmation: the pinned channel tells.
-        recovered = _try_recover(home, store, vm, address, pin.vm_cert_pem)
-        if recovered is not None:
-            return _result(vm, address, token.mode.value, pin.vm_cert_pem, owner_key, recovered,
-                           ["recovered: the VM had confirmed an earlier bind; its pinned key answered over mTLS"])
-
     proved: list[str] = []
     vm_cert_der = _exchange(home, store, owner_key, token, vm_token, vm, host, port, address, proved)
+    # The VM consumed the token: K is worthless now and leaves the owner's record too.
+    store.consume_token(vm)
     vm_cert_pem = ssl.DER_cert_to_PEM_cert(vm_cert_der)
-    store.confirm_bind(vm)
     status = _pinned_status(home, vm, address, vm_cert_pem)
     proved.append("mutual TLS 1.3: the VM accepted only this owner's key and showed only the pinned VM key")
-    return _result(vm, address, token.mode.value, vm_cert_pem, owner_key, status, proved)
+    result = _result(vm, address, token.mode.value, vm_cert_pem, owner_key, status, proved)
+    store.confirm_pin(vm)
+    return result
 
 
 def _exchange(home: OwnerHome, store: Store, owner_key: crypto.PrivateKey, token: tokens.Token,
@@ -116,7 +123,10 @@ def _exchange(home: OwnerHome, store: Store, owner_key: crypto.PrivateKey, token
             ) from None
         with sock:
             seen = tls.peer_certificate(sock)
-            seen_spki = crypto.certificate_spki(seen)
+            try:
+                seen_spki = crypto.certificate_spki(seen)
+            except crypto.CryptoError as exc:
+                raise AuthenticationFailed(f"the TLS certificate at {address} is unusable: {exc}") from None
             if vm_token is not None and not crypto.digests_equal(crypto.sha256(seen_spki), vm_token.payload):
                 raise AuthenticationFailed(
                     f"the TLS key at {address} ({crypto.fingerprint(seen_spki)}) does not match the VM token: "
@@ -150,6 +160,9 @@ def _exchange(home: OwnerHome, store: Store, owner_key: crypto.PrivateKey, token
                 with contextlib.suppress(OSError):
                     sock.sendall(session.data_to_send())
     except RemoteProtocolError as exc:
+        if exc.code is AlertCode.CLOSED and not exc.from_peer:
+            raise Unreachable(f"the connection to {address} closed mid-exchange without a reason; "
+                              "nothing was pinned by this side — retry") from None
         raise AuthenticationFailed(_explain(exc, address)) from None
     except ssl.SSLError as exc:
         if "CERTIFICATE_REQUIRED" in str(exc):
@@ -199,13 +212,11 @@ def _pinned_status(home: OwnerHome, vm: str, address: str, vm_cert_pem: str) -> 
         client.close()
 
 
-def _try_recover(home: OwnerHome, store: Store, vm: str, address: str, vm_cert_pem: str) -> dict[str, Any] | None:
+def _try_pinned(home: OwnerHome, vm: str, address: str, vm_cert_pem: str) -> dict[str, Any] | None:
     try:
-        status = _pinned_status(home, vm, address, vm_cert_pem)
+        return _pinned_status(home, vm, address, vm_cert_pem)
     except OwnerError:
         return None
-    store.confirm_bind(vm)
-    return status
 
 
 def _result(vm: str, address: str, mode: str, vm_cert_pem: str, owner_key: crypto.PrivateKey,

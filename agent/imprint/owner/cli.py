@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from imprint import tokens
-from imprint.owner.errors import OwnerError, UsageError
+from imprint.owner.errors import AuthenticationFailed, OwnerError, UsageError
 from imprint.owner.home import OwnerHome, default_home
 
 Printer = Callable[[str], None]
@@ -53,7 +53,8 @@ def cmd_token_new(home: OwnerHome, args: argparse.Namespace) -> int:
         raise UsageError(f"{name} is already bound to VM key {pin.vm_fingerprint}; a VM binds once")
     if args.mode == "shared":
         token = tokens.Token(tokens.TokenKind.SHARED, os.urandom(tokens.PAYLOAD_BYTES))
-        note = "secret: give it to the site only over a confidential channel; it is single-use"
+        note = ("secret and single-use: give it to the site over a confidential channel, for a boot channel "
+                "only root can read in the VM (fw_cfg, credentials, metadata disk, seed), not the kernel command line")
     else:
         token = tokens.Token(tokens.TokenKind.NOSECRET, key.public.digest)
         note = "not secret: it is the hash of your owner key; the site needs integrity only"
@@ -62,7 +63,8 @@ def cmd_token_new(home: OwnerHome, args: argparse.Namespace) -> int:
     store.audit(name, "token", None, "issued", f"{args.mode} token id {token.token_id.hex()}")
     _emit(args, {"vm": name, "mode": args.mode, "token_id": token.token_id.hex(), "token": text},
           [f"{args.mode} token for {name} (id {token.token_id.hex()}; {note})",
-           f"kernel command line: imprint.token={text}", text])
+           "the site builds the boot-channel artefact with: imprint-site seed --channel NAME --token-file FILE",
+           text])
     return 0
 
 
@@ -100,8 +102,13 @@ def cmd_status(home: OwnerHome, args: argparse.Namespace) -> int:
         raise
     finally:
         client.close()
-    if status.get("vm_fingerprint") != pin.vm_fingerprint:
-        raise UsageError(f"agent reports VM key {status.get('vm_fingerprint')}, pinned {pin.vm_fingerprint}")
+    owner_fp = home.load_key().public.fingerprint
+    if status.get("vm_fingerprint") != pin.vm_fingerprint or status.get("owner_fingerprint") != owner_fp:
+        store.audit(name, "status", address, "AuthenticationFailed", "the agent reports other keys than pinned")
+        raise AuthenticationFailed(
+            f"the agent at {address} reports VM key {status.get('vm_fingerprint')} and owner key "
+            f"{status.get('owner_fingerprint')}; pinned are {pin.vm_fingerprint} and {owner_fp}"
+        )
     if args.address and args.address != pin.address:
         store.update_address(name, args.address)
     _emit(args, {"vm": name, "address": address, **status},

@@ -95,6 +95,8 @@ class Store:
         os.close(fd)
         self._db = sqlite3.connect(path, isolation_level=None, timeout=10)
         self._db.execute("PRAGMA foreign_keys = ON")
+        # K is wiped by overwriting its row; secure_delete zeroes the freed bytes in the file too.
+        self._db.execute("PRAGMA secure_delete = ON")
         self._db.execute("PRAGMA journal_mode = WAL")
         self._db.executescript(SCHEMA)
 
@@ -157,16 +159,16 @@ class Store:
                 (vm, cert_pem, fingerprint, mode, address, time.time()),
             )
 
-    def confirm_bind(self, vm: str) -> None:
-        """The VM confirmed: the pin is final and the token (with K, if any) is consumed."""
-        now = time.time()
-        with self.transaction() as db:
-            db.execute("UPDATE pins SET state = 'bound', pinned_at = ? WHERE vm = ?", (now, vm))
-            db.execute(
-                "UPDATE tokens SET state = 'consumed', token_text = NULL, closed_at = ? "
-                "WHERE vm = ? AND state = 'issued'",
-                (now, vm),
-            )
+    def consume_token(self, vm: str) -> None:
+        """The VM confirmed the exchange: its token (with K, if any) is used up."""
+        self._db.execute(
+            "UPDATE tokens SET state = 'consumed', token_text = NULL, closed_at = ? WHERE vm = ? AND state = 'issued'",
+            (time.time(), vm),
+        )
+
+    def confirm_pin(self, vm: str) -> None:
+        """The pinned mutual-TLS channel answered with the exchanged keys: the pin is final."""
+        self._db.execute("UPDATE pins SET state = 'bound', pinned_at = ? WHERE vm = ?", (time.time(), vm))
 
     def update_address(self, vm: str, address: str) -> None:
         self._db.execute("UPDATE pins SET address = ? WHERE vm = ?", (address, vm))

@@ -170,7 +170,9 @@ class _Session:
                 code = AlertCode(message.code)
             except ValueError:
                 code = AlertCode.INTERNAL
-            text = message.detail.decode("utf-8", "replace")
+            # The peer's words reach terminals and logs: printable ASCII only.
+            raw = message.detail.decode("ascii", "replace")
+            text = "".join(c if c.isascii() and c.isprintable() else "?" for c in raw)
             raise RemoteProtocolError(code, f"peer refused: {text}", from_peer=True)
         allowed = self.TRANSITIONS.get(self.state, {})
         if message.TYPE not in allowed:
