@@ -72,23 +72,25 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _wait_for_token(paths: GuestPaths, only: list[str] | None, wait: float | None) -> Found:
-    stop = threading.Event()
-    waited = 0.0
-    next_report = 0.0
+    import time
+
+    pause = threading.Event()
+    started = time.monotonic()
+    next_report = started
     while True:
         found = find_token(paths, only)
         if found is not None:
             return found
-        if wait is not None and waited >= wait:
+        now = time.monotonic()
+        if wait is not None and now - started >= wait:
             raise AgentFailure(f"no token on any boot channel after {wait:.0f} s "
                                f"(searched: {', '.join(only or channel_names())})")
-        if waited >= next_report:
+        if now >= next_report:
             searched = ", ".join(only or channel_names())
             log.info("waiting for a token on: %s", searched)
             notify(f"STATUS=waiting for a token on: {searched}")
-            next_report = waited + 30.0
-        stop.wait(1.0)  # channels can appear late (hot-plugged disk, metadata service coming up)
-        waited += 1.0
+            next_report = now + 30.0
+        pause.wait(1.0)  # channels can appear late (hot-plugged disk, metadata service coming up)
 
 
 class _Announcer:

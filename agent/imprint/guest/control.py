@@ -1,49 +1,140 @@
-"""The pinned control channel: HTTP/1.1 over mutual TLS, only ever reached by the pinned owner."""
+"""The pinned control channel: HTTP/1.1 over mutual TLS, only ever reached by the pinned owner.
+
+A small bounded HTTP/1.1 reader instead of http.server: http.server pulls in the email package
+(about 13 ms of import inside the first request and 1.3 MiB of resident memory in the agent)
+and writes headers and body separately, which costs a delayed-ACK round on every reply.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import ssl
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any, BinaryIO, Protocol
 
 log = logging.getLogger("imprint.agent")
+
+MAX_LINE = 4096
+MAX_HEADERS = 64
+MAX_BODY = 1 << 20
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+            413: "Payload Too Large", 500: "Internal Server Error"}
 
 
 class ControlBackend(Protocol):
     def status(self) -> dict[str, object]: ...
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "imprint-agent"
-    sys_version = ""
-    backend: ControlBackend
-    peer: str
+class BadRequest(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
-    def do_GET(self) -> None:
-        if self.path == "/v1/status":
-            self._reply(HTTPStatus.OK, self.backend.status())
-        else:
-            self._reply(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint: {self.path}"})
 
-    def _reply(self, status: HTTPStatus, body: dict[str, Any]) -> None:
-        data = json.dumps(body, sort_keys=True).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+Route = Callable[[ControlBackend, dict[str, Any] | None], dict[str, Any]]
 
-    def log_message(self, format: str, *args: Any) -> None:
-        log.info("control %s: " + format, self.peer, *args)
+
+def _status(backend: ControlBackend, body: dict[str, Any] | None) -> dict[str, Any]:
+    return dict(backend.status())
+
+
+# (method, path) -> handler; the one place endpoints are registered.
+ROUTES: dict[tuple[str, str], Route] = {
+    ("GET", "/v1/status"): _status,
+}
+
+
+def _readline(rfile: BinaryIO) -> bytes:
+    line = rfile.readline(MAX_LINE + 1)
+    if len(line) > MAX_LINE:
+        raise BadRequest(400, "header line too long")
+    return line
+
+
+def _read_request(rfile: BinaryIO) -> tuple[str, str, dict[str, str], bytes] | None:
+    line = _readline(rfile)
+    if not line:
+        return None
+    parts = line.decode("latin-1").split()
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        raise BadRequest(400, "malformed request line")
+    method, path, _version = parts
+    headers: dict[str, str] = {}
+    for _ in range(MAX_HEADERS + 1):
+        raw = _readline(rfile)
+        if raw in (b"\r\n", b"\n", b""):
+            break
+        name, sep, value = raw.decode("latin-1").partition(":")
+        if not sep:
+            raise BadRequest(400, "malformed header")
+        headers[name.strip().lower()] = value.strip()
+    else:
+        raise BadRequest(400, "too many headers")
+    if "transfer-encoding" in headers:
+        raise BadRequest(400, "chunked bodies are not accepted; send Content-Length")
+    try:
+        length = int(headers.get("content-length", "0"))
+    except ValueError:
+        raise BadRequest(400, "Content-Length is not a number") from None
+    if length < 0 or length > MAX_BODY:
+        raise BadRequest(413, f"body over {MAX_BODY} bytes")
+    body = rfile.read(length) if length else b""
+    if len(body) != length:
+        raise BadRequest(400, "body truncated")
+    return method, path, headers, body
+
+
+def _response(status: int, payload: dict[str, Any], *, close: bool) -> bytes:
+    data = json.dumps(payload, sort_keys=True).encode()
+    head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nServer: imprint-agent\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+            f"Connection: {'close' if close else 'keep-alive'}\r\n\r\n")
+    return head.encode() + data  # one write: no delayed-ACK stall between headers and body
+
+
+def _dispatch(backend: ControlBackend, method: str, path: str, body: bytes) -> tuple[int, dict[str, Any]]:
+    route = ROUTES.get((method, path))
+    if route is None:
+        if any(p == path for _, p in ROUTES):
+            return 405, {"error": f"{method} is not allowed on {path}"}
+        return 404, {"error": f"no such endpoint: {path}"}
+    document: dict[str, Any] | None = None
+    if body:
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            return 400, {"error": "the body is not JSON"}
+        if not isinstance(parsed, dict):
+            return 400, {"error": "the body must be a JSON object"}
+        document = parsed
+    return 200, route(backend, document)
 
 
 def serve_control(sock: ssl.SSLSocket, peer: str, backend: ControlBackend) -> None:
-    handler = type("Handler", (_Handler,), {"backend": backend, "peer": peer})
+    rfile = sock.makefile("rb")
     try:
-        handler(sock, (peer, 0), None)
+        while True:
+            try:
+                request = _read_request(rfile)
+            except BadRequest as exc:
+                sock.sendall(_response(exc.status, {"error": str(exc)}, close=True))
+                log.info("control %s: refused: %s", peer, exc)
+                return
+            if request is None:
+                return
+            method, path, headers, body = request
+            try:
+                status, payload = _dispatch(backend, method, path, body)
+            except Exception:
+                log.exception("control %s: %s %s failed", peer, method, path)
+                status, payload = 500, {"error": "internal error in the agent; see its log"}
+            close = headers.get("connection", "").lower() == "close"
+            sock.sendall(_response(status, payload, close=close))
+            log.info("control %s: %s %s -> %d", peer, method, path, status)
+            if close:
+                return
     except (ssl.SSLError, OSError, TimeoutError) as exc:
         log.info("control connection from %s ended: %s", peer, exc)
+    finally:
+        rfile.close()

@@ -57,3 +57,8 @@ class GuestPaths:
     @property
     def cloud_init_instance_data(self) -> Path:
         return self.under("/run/cloud-init/instance-data-sensitive.json")
+
+    def cloud_init_user_data(self, instance_id: str) -> Path:
+        """The raw user-data cloud-init stored for one instance (it names the directory after the
+        instance id with '/' replaced by '_', as cloudinit.helpers.Paths does)."""
+        return self.under(f"/var/lib/cloud/instances/{instance_id.replace('/', '_')}/user-data.txt")

@@ -148,9 +148,11 @@ def _exchange(service: _Service, method: str, path: str, headers: dict[str, str]
             data = response.read(limit + 1)
         except TimeoutError:
             raise _Absent(f"{url}: no answer within {READ_TIMEOUT} s") from None
-        except ConnectionError as exc:  # includes RemoteDisconnected: dropped mid-answer
-            dropped = str(exc) or type(exc).__name__
+        except (ConnectionError, http.client.IncompleteRead) as exc:  # dropped mid-answer
+            dropped = type(exc).__name__
             continue
+        except OSError as exc:
+            raise _Absent(f"{url}: {exc.strerror or exc}") from None
         except http.client.HTTPException as exc:
             raise ChannelBroken(NAME, f"{url}: not an HTTP answer ({type(exc).__name__})") from None
         finally:

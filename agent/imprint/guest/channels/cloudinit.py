@@ -1,0 +1,216 @@
+"""cloud-init instance data: whatever datasource cloud-init found becomes a channel.
+
+cloud-init (22.4, Debian 12) writes ``/run/cloud-init/instance-data-sensitive.json`` on every
+boot (``DataSource.persist_instance_data``): ``ds`` holds the datasource's metadata, ``v1`` a
+fixed set of standard keys, ``merged_cfg`` the system config. The key ``imprint-token`` is
+looked for in these places (key paths written the way cloud-init writes them in
+``base64_encoded_keys``):
+
+- ``ds/meta_data/imprint-token``: NoCloud ``meta-data`` (``imprint-token: ...``), and the
+  metadata of the datasources that keep it flat;
+- ``ds/meta_data/meta/imprint-token``: OpenStack and ConfigDrive user metadata
+  (``openstack server create --property imprint-token=...``);
+- ``ds/meta-data/tags/instance/imprint-token``: EC2, whose crawled metadata tree is kept as is
+  (an instance tag, with tags allowed in instance metadata);
+- the top-level ``imprint-token:`` of ``#cloud-config`` user-data, which every datasource
+  carries. cloud-init leaves user-data out of the instance data and stores it raw in
+  ``/var/lib/cloud/instances/<instance id>/user-data.txt``; the instance id comes from this
+  boot's instance data, so user-data left over from an earlier instance (an image made from a
+  booted VM) is never read. Gzipped, MIME multi-part and Jinja-templated user-data are not
+  searched: that needs cloud-init's own parser; put the token in metadata instead.
+
+``v1`` is not searched (a fixed set of standard keys, never user keys), nor ``merged_cfg``
+(/etc/cloud configuration, the same on every VM made from an image: no place for a token).
+
+The file missing, or present without the key, is *absent*; invalid JSON or a corrupt token is
+*broken*. cloud-init writes the file in place (truncate, then write), so an empty file, or
+invalid JSON that changes when read again a moment later, is a file being written: absent for
+this poll. Two places carrying different tokens are broken.
+
+``cloud-init query`` is not used as a fallback: it reads this same file (and fails without
+it), and starting cloud-init's Python costs seconds at boot under emulation.
+
+Note that cloud-init also writes the world-readable ``instance-data.json``, redacting only
+``merged_cfg`` and ``security-credentials``: a token in metadata is readable by every user of
+the VM, like one on the kernel command line.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from imprint import tokens
+from imprint.guest.channels import ChannelBroken
+from imprint.guest.paths import GuestPaths
+
+NAME = "cloud-init"
+KEY = "imprint-token"
+
+# Where the key may sit in the instance data, in order (see the module docstring).
+LOCATIONS: tuple[tuple[str, ...], ...] = (
+    ("ds", "meta_data"),
+    ("ds", "meta_data", "meta"),
+    ("ds", "meta-data", "tags", "instance"),
+)
+
+# Instance data is a few KiB to a few hundred (EC2's crawled tree, network config); this bound
+# only stops a runaway file.
+MAX_INSTANCE_DATA = 4 * 1024 * 1024
+# A user-data line longer than this is skipped (it is not the token's line).
+MAX_LINE = 64 * 1024
+# How long to wait before reading an invalid file again, to tell "being written" from corrupt.
+REREAD_PAUSE = 0.2
+
+_BLOCK_SCALARS = {"|", "|-", "|+", ">", ">-", ">+"}
+
+
+def _read_bytes(path: Path) -> bytes | None:
+    try:
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_INSTANCE_DATA + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ChannelBroken(NAME, f"cannot read {path}: {exc.strerror}") from None
+    if len(raw) > MAX_INSTANCE_DATA:
+        raise ChannelBroken(NAME, f"{path} is larger than {MAX_INSTANCE_DATA} bytes")
+    return raw
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    raw = _read_bytes(path)
+    if raw is None or not raw.strip():
+        return None
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        time.sleep(REREAD_PAUSE)
+        if _read_bytes(path) != raw:
+            return None  # cloud-init is writing it; the next poll reads the whole file
+        detail = f"{exc.msg} at line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
+        raise ChannelBroken(NAME, f"{path}: invalid JSON ({detail})") from None
+    if not isinstance(data, dict):
+        raise ChannelBroken(NAME, f"{path}: the JSON is not an object")
+    return data
+
+
+def _parse(where: str, text: str) -> tokens.Token:
+    try:
+        return tokens.parse(text)
+    except tokens.TokenError as exc:
+        raise ChannelBroken(NAME, f"{where}: {exc}") from None
+
+
+def _metadata_tokens(path: Path, data: dict[str, Any]) -> list[tuple[str, tokens.Token]]:
+    encoded = data.get("base64_encoded_keys")
+    encoded_keys = set(encoded) if isinstance(encoded, list) else set()
+    found = []
+    for location in LOCATIONS:
+        node: Any = data
+        for step in location:
+            node = node.get(step) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or KEY not in node:
+            continue
+        key_path = "/".join((*location, KEY))
+        where = f"{path} {key_path}"
+        value = node[KEY]
+        if not isinstance(value, str):
+            raise ChannelBroken(NAME, f"{where} is {type(value).__name__}, not a token string")
+        if key_path in encoded_keys:
+            # cloud-init stored a binary value base64-encoded (its "ci-b64:" convention).
+            try:
+                value = base64.b64decode(value, validate=True).decode("ascii")
+            except (binascii.Error, UnicodeDecodeError):
+                raise ChannelBroken(NAME, f"{where}: base64-encoded value is not an ASCII token") from None
+        found.append((where, _parse(where, value)))
+    return found
+
+
+def _scalar(rest: str) -> str:
+    """The value after ``key:`` on one line: plain (maybe with a comment) or quoted."""
+    value = rest.strip()
+    if value[:1] in ("'", '"'):
+        end = value.find(value[0], 1)
+        return value[1:end] if end > 0 else value[1:]
+    return value.split(" #", 1)[0].strip()
+
+
+def _user_data_values(path: Path) -> list[str]:
+    """Every top-level ``imprint-token:`` value in a ``#cloud-config`` file (a tiny line reader:
+    PyYAML is not loaded at agent start, and the token is one plain scalar)."""
+    values: list[str] = []
+    try:
+        handle = path.open("rb")
+    except FileNotFoundError:
+        return values
+    except OSError as exc:
+        raise ChannelBroken(NAME, f"cannot read {path}: {exc.strerror}") from None
+    with handle:
+        header = handle.readline(MAX_LINE)
+        # "#cloud-config-archive" and "#cloud-config-jsonp" are other formats.
+        if not header.startswith(b"#cloud-config") or header.startswith(b"#cloud-config-"):
+            return values
+        block = False  # the key's value is a block scalar: it is on the next indented line
+        whole = header.endswith(b"\n")  # the previous read ended its line
+        for raw in iter(lambda: handle.readline(MAX_LINE), b""):
+            starts_line, whole = whole, raw.endswith(b"\n")
+            if not starts_line or (not whole and len(raw) >= MAX_LINE):
+                continue  # part of an overlong line
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError:
+                if block or raw.startswith(KEY.encode()):
+                    raise ChannelBroken(NAME, f"{path}: the {KEY} line is not UTF-8 text") from None
+                continue
+            if block and line.strip() and not line.startswith("#"):
+                block = False
+                if line[0] in " \t":
+                    values.append(line.strip())
+                    continue
+                values.append("")  # an empty block: this line is the next key
+            if not line or line[0] in " \t#":
+                continue  # nested, a comment, or blank: not a top-level key
+            key, sep, rest = line.partition(":")
+            if not sep or key.strip().strip("'\"") != KEY or (rest and rest[0] not in " \t"):
+                continue
+            if rest.strip() in _BLOCK_SCALARS:
+                block = True
+                continue
+            values.append(_scalar(rest))
+        if block:
+            values.append("")
+    return values
+
+
+def _user_data_tokens(paths: GuestPaths, data: dict[str, Any]) -> list[tuple[str, tokens.Token]]:
+    v1 = data.get("v1")
+    instance_id = v1.get("instance_id") if isinstance(v1, dict) else None
+    if not isinstance(instance_id, str) or instance_id in ("", ".", ".."):
+        return []
+    path = paths.cloud_init_user_data(instance_id)
+    values = _user_data_values(path)
+    where = f"{path} (#cloud-config {KEY})"
+    if len(set(values)) > 1:
+        raise ChannelBroken(NAME, f"{where} is given {len(values)} times with different values")
+    return [(where, _parse(where, values[0]))] if values else []
+
+
+def read(paths: GuestPaths) -> tokens.Token | None:
+    path = paths.cloud_init_instance_data
+    data = _load(path)
+    if data is None:
+        return None
+    found = _metadata_tokens(path, data) + _user_data_tokens(paths, data)
+    if not found:
+        return None
+    first_where, first = found[0]
+    for where, token in found[1:]:
+        if token != first:
+            raise ChannelBroken(NAME, f"{first_where} and {where} carry different tokens "
+                                      f"({first.token_id.hex()}, {token.token_id.hex()})")
+    return first
