@@ -12,8 +12,11 @@ def ensure_private_dir(path: Path) -> None:
     os.chmod(path, 0o700)
 
 
-def write_atomic(path: Path, data: bytes, *, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``data``; readers see the old file or the new one, never a mix."""
+def write_atomic(path: Path, data: bytes, *, mode: int = 0o600, sync_dir: bool = True) -> None:
+    """Replace ``path`` with ``data``; readers see the old file or the new one, never a mix.
+
+    ``sync_dir=False`` leaves the directory fsync to a later write in the same directory (one
+    directory fsync makes every earlier rename in it durable)."""
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
     try:
@@ -29,6 +32,8 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o600) -> None:
         raise
     os.close(fd)
     os.replace(tmp, path)
+    if not sync_dir:
+        return
     dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dir_fd)

@@ -125,13 +125,10 @@ class _Announcer:
                 log.error("cannot write the VM token to %s: %s", console, exc.strerror)
 
 
-def _preload(bound: bool) -> None:
-    """After READY: import what the first connection needs, so the owner does not wait for it."""
+def _preload() -> None:
+    """After READY: import what the pinned channel needs, so the owner does not wait for it."""
     import imprint.crypto
-    import imprint.guest.control
-
-    if not bound:
-        import imprint.protocol  # noqa: F401
+    import imprint.guest.control  # noqa: F401
 
 
 def run(args: argparse.Namespace) -> int:
@@ -221,8 +218,11 @@ def run(args: argparse.Namespace) -> int:
         announcer.start()
     phase = "bound, serving the pinned owner" if server.bound else "waiting for the owner to bind"
     log.info("listening on %s:%d (%s)", host, bound_port, phase)
+    if not server.bound:
+        # READY promises an exchange without delay: its code is loaded before, not during, the bind.
+        import imprint.protocol  # noqa: F401
     notify(f"READY=1\nSTATUS=listening on {host}:{bound_port} ({phase})")
-    threading.Thread(target=_preload, args=(server.bound,), daemon=True).start()
+    threading.Thread(target=_preload, daemon=True).start()
     server.serve_forever()
     log.info("stopped")
     return 0

@@ -90,7 +90,7 @@ class AgentState:
     def record_bind(self, *, owner_cert_pem: bytes, mode: str, owner_fingerprint: str,
                     owner_spki_sha256: str, token_id: str) -> BindRecord:
         record = self.load_record()
-        write_atomic(self.owner_cert_file, owner_cert_pem)
+        write_atomic(self.owner_cert_file, owner_cert_pem, sync_dir=False)  # state.json's write syncs the dir
         record.bound = True
         record.mode = mode
         record.owner_fingerprint = owner_fingerprint

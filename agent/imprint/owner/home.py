@@ -77,6 +77,9 @@ class OwnerHome:
 
     def write_pin_file(self, vm: str, cert_pem: str) -> Path:
         path = self.pin_file(vm)
+        data = cert_pem.encode()
+        if path.exists() and path.read_bytes() == data:
+            return path  # derived from the database; rewritten only when it differs
         ensure_private_dir(path.parent)
-        write_atomic(path, cert_pem.encode())
+        write_atomic(path, data)
         return path
