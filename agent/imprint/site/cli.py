@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -44,7 +45,11 @@ def _seed(args: argparse.Namespace) -> int:
         print("imprint-site: error: --token: a VM token goes to the owner, not onto the VM's boot channel",
               file=sys.stderr)
         return 2
-    artefact = seeds.build(args.channel, token.encode(), args.out)
+    try:
+        artefact = seeds.build(args.channel, token.encode(), args.out)
+    except (OSError, ValueError, subprocess.SubprocessError) as exc:
+        print(f"imprint-site: error: cannot build the {args.channel} artefact at {args.out}: {exc}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps({"channel": artefact.channel, "path": str(artefact.path), "qemu_args": artefact.qemu_args,
                           "kernel_cmdline": artefact.kernel_cmdline, "note": artefact.note}, indent=2))

@@ -70,11 +70,15 @@ def build_metadisk(token: str, out: Path) -> Artefact:
 
 
 def _registry() -> dict[str, Builder]:
+    # Imported here: isoseeds builds on Artefact and Builder above.
+    from imprint.site import isoseeds
+
     builders: dict[str, Builder] = {
         "cmdline": build_cmdline,
         "fw_cfg": build_fw_cfg,
         "credentials": build_credentials,
         "metadata-disk": build_metadisk,
+        **isoseeds.BUILDERS,
     }
     return builders
 

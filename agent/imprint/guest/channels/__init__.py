@@ -39,7 +39,12 @@ CHANNELS: tuple[ChannelSpec, ...] = (
     ChannelSpec("cmdline", "imprint.guest.channels.cmdline"),
     ChannelSpec("credentials", "imprint.guest.channels.credentials"),
     ChannelSpec("fw_cfg", "imprint.guest.channels.fwcfg"),
+    ChannelSpec("imprint-seed", "imprint.guest.channels.seed"),
+    ChannelSpec("nocloud", "imprint.guest.channels.nocloud"),
+    ChannelSpec("config-2", "imprint.guest.channels.configdrive"),
     ChannelSpec("metadata-disk", "imprint.guest.channels.metadisk"),
+    ChannelSpec("cloud-init", "imprint.guest.channels.cloudinit"),
+    ChannelSpec("http-metadata", "imprint.guest.channels.imds", network=True),
 )
 
 

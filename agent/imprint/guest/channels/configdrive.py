@@ -1,0 +1,56 @@
+"""OpenStack config drive: an ISO9660 or vfat filesystem labelled ``config-2`` or ``CONFIG-2``.
+
+The token is the ``imprint-token`` key of the instance's ``meta`` (``openstack server create
+--config-drive true --property imprint-token=<token>``), in
+``openstack/latest/meta_data.json``::
+
+    {"uuid": "...", "hostname": "...", "meta": {"imprint-token": "imprint1s-..."}}
+
+A config drive without the file, without ``meta`` or without the key is someone else's:
+absent. Invalid JSON, a ``meta`` that is not an object, or a key that is not a valid token
+string make the channel broken.
+"""
+
+from __future__ import annotations
+
+import json
+
+from imprint import tokens
+from imprint.guest import volumes
+from imprint.guest.channels._volume import SeedFault, parse, read_labelled
+from imprint.guest.paths import GuestPaths
+
+NAME = "config-2"
+LABELS = ("config-2", "CONFIG-2")
+KEY = "imprint-token"
+META_DATA = "/openstack/latest/meta_data.json"
+_WHAT = META_DATA.lstrip("/")
+
+
+def _read_volume(volume: volumes.Volume) -> tokens.Token | None:
+    raw = volume.read(META_DATA)
+    if raw is None:
+        return None
+    try:
+        document = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers undecodable bytes too; RecursionError is what deeply nested
+        # brackets raise. The message gives a position, never the content.
+        raise SeedFault(f"{_WHAT} is not valid JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise SeedFault(f"{_WHAT} is not a JSON object")
+    if "meta" not in document:
+        return None
+    meta = document["meta"]
+    if not isinstance(meta, dict):
+        raise SeedFault(f"{_WHAT}: meta is not an object")
+    if KEY not in meta:
+        return None
+    value = meta[KEY]
+    if not isinstance(value, str):
+        raise SeedFault(f"{_WHAT}: meta.{KEY} is not a string")
+    return parse(value, f"{_WHAT}: meta.{KEY}")
+
+
+def read(paths: GuestPaths) -> tokens.Token | None:
+    return read_labelled(NAME, paths, LABELS, _read_volume)

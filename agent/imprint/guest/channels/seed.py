@@ -1,0 +1,57 @@
+"""imprint's own seed: a small ISO9660 or vfat filesystem labelled ``IMPRINT`` whose file
+``token`` holds the token on one line (``imprint-site seed --channel imprint-seed-iso`` or
+``imprint-seed-vfat`` builds one).
+
+A volume labelled IMPRINT is imprint's by definition, so a missing or unreadable ``token`` file
+is a broken channel, not an absent one.
+
+Consuming (shared mode, after a bind): on a writable vfat seed the file's clusters are zeroed
+in place and ``token`` is replaced by the marker line ``imprint-consumed``; a later read reports
+the seed as consumed. An ISO9660 seed is read-only and keeps K: the site should detach it.
+"""
+
+from __future__ import annotations
+
+from imprint import tokens
+from imprint.guest import volumes
+from imprint.guest.channels._volume import SeedFault, parse_file, read_labelled
+from imprint.guest.paths import GuestPaths
+
+NAME = "imprint-seed"
+LABEL = "IMPRINT"
+TOKEN_FILE = "/token"  # noqa: S105 (a file name, not a secret)
+CONSUMED_MARKER = b"imprint-consumed\n"
+
+
+def _read_volume(volume: volumes.Volume) -> tokens.Token:
+    data = volume.read(TOKEN_FILE)
+    if data is None:
+        raise SeedFault("the seed has no token file")
+    if data.strip() == CONSUMED_MARKER.strip():
+        raise SeedFault("its token was consumed by an earlier bind (the seed says so)")
+    if data and not data.strip(b"\0"):
+        # What a wipe interrupted between zeroing and rewriting leaves behind.
+        raise SeedFault("its token file holds only zero bytes (a wipe was interrupted)")
+    return parse_file(data, "token file")
+
+
+def read(paths: GuestPaths) -> tokens.Token | None:
+    return read_labelled(NAME, paths, (LABEL,), _read_volume)
+
+
+def consume(paths: GuestPaths) -> bool:
+    """Wipe K from a writable vfat seed; False when there is none (absent, ISO, read-only).
+
+    Errors are raised as OSError, which the caller logs: the bind has already happened.
+    """
+    link = paths.by_label(LABEL)
+    if not link.exists():
+        return False
+    device = link.resolve()
+    try:
+        if volumes.detect(device) is not volumes.Kind.VFAT or not volumes.writable(device):
+            return False
+        volumes.wipe_file(device, TOKEN_FILE, CONSUMED_MARKER)
+    except volumes.VolumeError as exc:
+        raise OSError(f"cannot wipe K from the {LABEL} seed on {device}: {exc}") from None
+    return True
