@@ -43,12 +43,27 @@ def _attach_metadisk(root: Path, artefact: Path) -> None:
     _symlink(root / "dev/disk/by-id/virtio-imprint", artefact)
 
 
+def _attach_label(label: str) -> Attach:
+    def attach(root: Path, artefact: Path) -> None:
+        _symlink(root / "dev/disk/by-label" / label, artefact)
+    return attach
+
+
+# seed artefact name (imprint-site seed --channel) -> how the test root exposes it
 CHANNELS: dict[str, Attach] = {
     "cmdline": _attach_cmdline,
     "credentials": _attach_credentials,
     "fw_cfg": _attach_fw_cfg,
     "metadata-disk": _attach_metadisk,
+    "imprint-seed-iso": _attach_label("IMPRINT"),
+    "imprint-seed-vfat": _attach_label("IMPRINT"),
+    "nocloud-iso": _attach_label("cidata"),
+    "nocloud-vfat": _attach_label("CIDATA"),
+    "config-2-iso": _attach_label("config-2"),
+    "config-2-vfat": _attach_label("CONFIG-2"),
 }
+# the channel name the agent reports for each artefact
+CHANNEL_OF = {name: name.removesuffix("-iso").removesuffix("-vfat") for name in CHANNELS}
 
 
 def _reverse(source: Path) -> str:
@@ -69,7 +84,7 @@ def test_bind_over_channel(agents: AgentFactory, owner: Owner, tmp_path: Path, c
     root = agents.make_root(None)
     CHANNELS[channel](root, artefact)
     agent = agents.start(root)
-    assert f"on {channel}" in agent.log()
+    assert f"on {CHANNEL_OF[channel]}" in agent.log()
 
     args = ["bind", "web1", "--address", agent.address]
     if mode == "nosecret":
@@ -81,10 +96,10 @@ def test_bind_over_channel(agents: AgentFactory, owner: Owner, tmp_path: Path, c
     assert agent.state()["bound"] is True
 
     secret = token.split("-", 1)[1].encode()
-    if channel == "metadata-disk" and mode == "shared":
-        # K is wiped from the one channel the agent can write.
+    if channel in ("metadata-disk", "imprint-seed-vfat") and mode == "shared":
+        # K is wiped from the channels the agent can write.
         assert secret not in artefact.read_bytes()
-        assert "K wiped from: metadata-disk" in agent.log()
+        assert f"K wiped from: {CHANNEL_OF[channel]}" in agent.log()
     assert os.path.exists(root / "var/lib/imprint/owner.crt")
 
 
