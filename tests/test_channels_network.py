@@ -289,16 +289,22 @@ def test_find_token_falls_back_to_the_network_channel(server: FakeIMDS, paths: G
     assert found.channel == "http-metadata" and found.token.encode() == token
 
 
+@pytest.mark.parametrize("mode", ["shared", "nosecret"])
 def test_agent_binds_with_token_and_reply_over_http(agents: AgentFactory, owner: Owner,
-                                                    server: FakeIMDS) -> None:
-    server.site.tag = owner.token("web1", "nosecret")
+                                                    server: FakeIMDS, mode: str) -> None:
+    server.site.tag = owner.token("web1", mode)
     agent = agents.start(agents.make_root(None))  # IMPRINT_METADATA_URL is in its environment
-    [(path, body, _)] = server.site.replies
-    vm_token = body.decode().split()[1]
-    assert vm_token == agent.vm_token()  # the reply and the console carry the same line
-    assert "found a nosecret-mode token" in agent.log() and "http-metadata" in agent.log()
-    bound = owner.json("bind", "web1", "--address", agent.address, "--vm-token", vm_token)
-    assert bound["mode"] == "nosecret"
+    assert f"found a {mode}-mode token" in agent.log() and "http-metadata" in agent.log()
+    args = ["bind", "web1", "--address", agent.address]
+    if mode == "nosecret":
+        [(path, body, _)] = server.site.replies
+        vm_token = body.decode().split()[1]
+        assert vm_token == agent.vm_token()  # the reply and the console carry the same line
+        args += ["--vm-token", vm_token]
+    else:
+        assert server.site.replies == []  # nothing to send back in shared mode
+    bound = owner.json(*args)
+    assert bound["mode"] == mode
     assert agent.state()["bound"] is True
 
 
@@ -639,15 +645,19 @@ def test_real_cloudinit_ec2_crawls_the_fake_service(tmp_path: Path) -> None:
     assert found is not None and found.encode() == token
 
 
+@pytest.mark.parametrize("mode", ["shared", "nosecret"])
 def test_agent_binds_with_token_from_real_cloudinit(agents: AgentFactory, owner: Owner,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+                                                    monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
     monkeypatch.delenv(imds.BASE_URL_ENV, raising=False)
     root = agents.make_root(None)
     seed = root / "var/lib/cloud/seed/nocloud"
     seed.mkdir(parents=True)
     (seed / "meta-data").write_text("instance-id: iid-web1\n")
-    (seed / "user-data").write_text(f"#cloud-config\nimprint-token: {owner.token('web1', 'shared')}\n")
+    (seed / "user-data").write_text(f"#cloud-config\nimprint-token: {owner.token('web1', mode)}\n")
     run_cloudinit(root, "NoCloud")
     agent = agents.start(root)
     assert "on cloud-init" in agent.log()
-    assert owner.json("bind", "web1", "--address", agent.address)["mode"] == "shared"
+    args = ["bind", "web1", "--address", agent.address]
+    if mode == "nosecret":
+        args += ["--vm-token", agent.vm_token()]
+    assert owner.json(*args)["mode"] == mode
