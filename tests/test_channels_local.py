@@ -5,7 +5,9 @@ Each channel: present with a good token, present but corrupt (the fault is named
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -271,3 +273,29 @@ def test_unreadable_channel_is_broken_not_absent(paths: GuestPaths) -> None:
         paths.cmdline.chmod(0)
     with pytest.raises(ChannelBroken, match="cannot read"):
         find_token(paths)
+
+
+def test_smbios_credential_artefact_is_accepted_by_qemu(tmp_path: Path) -> None:
+    """The SMBIOS type 11 artefact: the token in a 0600 file QEMU reads, never in argv."""
+    out = tmp_path / "smbios-cred"
+    result = subprocess.run([sys.executable, "-m", "imprint.site", "seed", "--channel", "credentials-smbios",
+                             "--token", GOOD.encode(), "--out", str(out), "--json"],
+                            capture_output=True, text=True, check=True)
+    artefact = json.loads(result.stdout)
+    assert artefact["qemu_args"] == ["-smbios", f"type=11,path={out}"]
+    assert out.read_text() == f"io.systemd.credential:imprint.token={GOOD.encode()}"
+    assert oct(out.stat().st_mode & 0o777) == "0o600"
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu is None:
+        pytest.skip("qemu-system-x86_64 is not installed (tools/bootstrap.sh installs it)")
+    # QEMU parses and loads the SMBIOS file at start-up; -S stops before the guest runs.
+    proc = subprocess.Popen([qemu, "-M", "pc", "-accel", "tcg", "-nodefaults", "-display", "none",
+                             "-S", "-qmp", "stdio", *artefact["qemu_args"]],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        greeting = proc.stdout.readline()
+        assert '"QMP"' in greeting, proc.stderr.read() if proc.stderr else greeting
+    finally:
+        proc.kill()
+        proc.communicate(timeout=10)

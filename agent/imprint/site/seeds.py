@@ -54,9 +54,16 @@ def build_credentials(token: str, out: Path) -> Artefact:
     _write_private(out, token.encode())
     return Artefact(
         "credentials", out, qemu_args=["-fw_cfg", f"name={CREDENTIAL_FW_CFG_ENTRY},file={out}"],
-        note=("systemd imports it as the system credential imprint.token; SMBIOS works too: "
-              "-smbios type=11,value=io.systemd.credential:imprint.token=<token> (but that puts it in argv)"),
+        note="systemd imports it as the system credential imprint.token (or use --channel credentials-smbios)",
     )
+
+
+def build_credentials_smbios(token: str, out: Path) -> Artefact:
+    # QEMU (7.2 here) reads an SMBIOS type 11 string from a file with path=, so the token stays
+    # out of argv; systemd (>= 252) imports io.systemd.credential:NAME=VALUE strings as credentials.
+    _write_private(out, f"io.systemd.credential:imprint.token={token}".encode())
+    return Artefact("credentials", out, qemu_args=["-smbios", f"type=11,path={out}"],
+                    note="SMBIOS type 11 (OEM strings): any root process in the guest can read the DMI tables")
 
 
 def build_metadisk(token: str, out: Path) -> Artefact:
@@ -77,6 +84,7 @@ def _registry() -> dict[str, Builder]:
         "cmdline": build_cmdline,
         "fw_cfg": build_fw_cfg,
         "credentials": build_credentials,
+        "credentials-smbios": build_credentials_smbios,
         "metadata-disk": build_metadisk,
         **isoseeds.BUILDERS,
     }
