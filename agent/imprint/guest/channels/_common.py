@@ -18,17 +18,25 @@ def parse_token(channel: str, text: str, where: str) -> tokens.Token:
         raise ChannelBroken(channel, f"{where}: {exc}") from None
 
 
-def read_token_file(channel: str, path: Path) -> tokens.Token | None:
-    """The token in a small text file; None when the file does not exist."""
+def read_bounded(channel: str, path: Path, limit: int, what: str = "") -> bytes | None:
+    """At most ``limit`` bytes of ``path``; None when it does not exist; broken when larger."""
     try:
         with path.open("rb") as handle:
-            raw = handle.read(MAX_TOKEN_FILE + 1)
+            raw = handle.read(limit + 1)
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise ChannelBroken(channel, f"cannot read {path}: {exc.strerror}") from None
-    if len(raw) > MAX_TOKEN_FILE:
-        raise ChannelBroken(channel, f"{path} is larger than {MAX_TOKEN_FILE} bytes: not a token file")
+    if len(raw) > limit:
+        raise ChannelBroken(channel, f"{path} is larger than {limit} bytes{what}")
+    return raw
+
+
+def read_token_file(channel: str, path: Path) -> tokens.Token | None:
+    """The token in a small text file; None when the file does not exist."""
+    raw = read_bounded(channel, path, MAX_TOKEN_FILE, ": not a token file")
+    if raw is None:
+        return None
     try:
         text = raw.decode("ascii")
     except UnicodeDecodeError:

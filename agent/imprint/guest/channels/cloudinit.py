@@ -46,6 +46,7 @@ from typing import Any
 
 from imprint import tokens
 from imprint.guest.channels import ChannelBroken
+from imprint.guest.channels._common import read_bounded
 from imprint.guest.paths import GuestPaths
 
 NAME = "cloud-init"
@@ -70,16 +71,7 @@ _BLOCK_SCALARS = {"|", "|-", "|+", ">", ">-", ">+"}
 
 
 def _read_bytes(path: Path) -> bytes | None:
-    try:
-        with path.open("rb") as handle:
-            raw = handle.read(MAX_INSTANCE_DATA + 1)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise ChannelBroken(NAME, f"cannot read {path}: {exc.strerror}") from None
-    if len(raw) > MAX_INSTANCE_DATA:
-        raise ChannelBroken(NAME, f"{path} is larger than {MAX_INSTANCE_DATA} bytes")
-    return raw
+    return read_bounded(NAME, path, MAX_INSTANCE_DATA)
 
 
 def _load(path: Path) -> dict[str, Any] | None:
