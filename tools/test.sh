@@ -4,6 +4,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 bash tools/bootstrap.sh
+bash image-build/bootstrap.sh   # mmdebstrap, QEMU, packer: the VM and Packer tests build and boot images
 py="$here/.venv/bin/python"
 echo "== ruff"; "$py" -m ruff check agent tests benchmarks
 echo "== mypy"; "$py" -m mypy

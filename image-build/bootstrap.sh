@@ -1,0 +1,17 @@
+#!/bin/bash
+# Installs what building and booting images needs on Debian 12 (apt-get; as root or with sudo):
+# mmdebstrap, QEMU (system emulator and qemu-img), e2fsprogs (mkfs.ext4 -d, debugfs), Packer 1.6.6,
+# and Debian's python3 with pip/wheel/setuptools for the agent wheel.
+set -euo pipefail
+debs=(mmdebstrap qemu-system-x86 qemu-utils e2fsprogs packer python3 python3-pip python3-wheel python3-setuptools)
+missing=()
+for p in "${debs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "image-build/bootstrap: installing Debian packages: ${missing[*]}"
+  sudo_cmd=""
+  [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+  $sudo_cmd apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
