@@ -1,0 +1,452 @@
+"""``imprint-site boot|stop|attach``: a site in one command, for trying imprint and for tests.
+
+``boot`` copies the image as a qcow2 overlay (the base image is never written), builds the token
+artefact for the chosen channel with :mod:`imprint.site.seeds`, starts QEMU daemonized with user
+networking (the agent port 7443 and SSH 22 forwarded to free loopback ports), direct kernel boot
+and the serial console in a file, then follows the console until the agent is ready, waiting or
+failed, and relays the VM token (no-secrets mode) from the console or the metadata disk's reply
+area. Everything about a run lives in its run directory; ``boot.json`` there records it.
+
+KVM: ``--accel auto`` does a bounded test boot under KVM (the kernel must print its banner within
+a few seconds) and falls back to TCG, saying why. Nested KVM devices exist on which a guest hangs
+right after the kernel's real-mode setup; a working /dev/kvm alone proves nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from imprint import tokens
+from imprint.site import reverse, seeds
+
+QEMU = "qemu-system-x86_64"
+AGENT_PORT = 7443
+BASE_APPEND = "root=LABEL=root rw console=ttyS0"
+KVM_PROBE_SECONDS = 10.0
+ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_AGENT_LINE = re.compile(r"imprint-agent: (.*)")
+
+
+class SiteError(Exception):
+    """A boot, stop or attach that cannot be done; the message says why."""
+
+
+@dataclass
+class BootRecord:
+    run_dir: str
+    pid: int
+    accel: str
+    accel_note: str
+    agent_address: str
+    ssh_address: str
+    agent_port: int
+    ssh_port: int
+    console: str
+    qmp: str
+    disk: str
+    image: str | None
+    channel: str | None
+    artefact: str | None
+    mode: str | None
+    token_id: str | None
+    qemu_args: list[str] = field(default_factory=list)
+    started_at: float = 0.0
+    status: str = "started"
+    detail: str = ""
+    vm_token: str | None = None
+    vm_token_source: str | None = None
+    seconds_to_status: float | None = None
+
+    def save(self) -> None:
+        path = Path(self.run_dir) / "boot.json"
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, run_dir: Path) -> BootRecord:
+        try:
+            data: dict[str, Any] = json.loads((run_dir / "boot.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise SiteError(f"{run_dir} is not an imprint-site run directory: {exc}") from None
+        return cls(**data)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def qemu_binary() -> str:
+    path = shutil.which(QEMU)
+    if path is None:
+        raise SiteError(f"{QEMU} is not installed (Debian: apt-get install qemu-system-x86 qemu-utils)")
+    return path
+
+
+def console_text(path: Path) -> str:
+    """The console log without colour codes and carriage returns."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return ""
+    return ANSI_RE.sub("", raw.decode("utf-8", "replace")).replace("\r", "")
+
+
+# -- accelerator ---------------------------------------------------------------------------------
+
+def _probe_cache_file() -> Path:
+    base = os.environ.get("IMPRINT_IMAGE_CACHE") or str(Path.home() / ".cache" / "imprint-image")
+    return Path(base) / "kvm-probe.json"
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+def probe_kvm(kernel: Path, initrd: Path, timeout: float = KVM_PROBE_SECONDS) -> tuple[bool, str]:
+    """A bounded test boot under KVM: works if the kernel prints its banner within ``timeout``."""
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False, "/dev/kvm is absent or not accessible"
+    with tempfile.TemporaryDirectory(prefix="imprint-kvm-probe-") as tmp:
+        log = Path(tmp) / "console.log"
+        cmd = [qemu_binary(), "-accel", "kvm", "-m", "256", "-smp", "1", "-display", "none", "-no-reboot",
+               "-monitor", "none", "-serial", f"file:{log}", "-kernel", str(kernel), "-initrd", str(initrd),
+               "-append", "console=ttyS0 panic=-1 rdinit=/imprint-kvm-probe-none"]
+        started = time.monotonic()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            while time.monotonic() - started < timeout:
+                if "Linux version" in console_text(log):
+                    return True, f"KVM test boot printed the kernel banner in {time.monotonic() - started:.1f} s"
+                if proc.poll() is not None:
+                    out = (proc.stdout.read() if proc.stdout else b"").decode("utf-8", "replace").strip()
+                    return False, f"QEMU under KVM exited at once: {out.splitlines()[-1] if out else proc.returncode}"
+                time.sleep(0.2)
+            return False, f"a KVM test boot printed nothing in {timeout:.0f} s (the guest hangs under this KVM)"
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            if proc.stdout:
+                proc.stdout.close()
+
+
+def choose_accel(accel: str, kernel: Path, initrd: Path) -> tuple[str, str]:
+    if accel in ("kvm", "tcg"):
+        return accel, f"{accel} as requested"
+    if accel != "auto":
+        raise SiteError(f"--accel {accel}: use auto, kvm or tcg")
+    key = f"{_boot_id()} {kernel.resolve()} {kernel.stat().st_size} {shutil.which(QEMU)}"
+    cache = _probe_cache_file()
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        cached = json.loads(cache.read_text())
+        if cached["key"] == key:
+            works, why = bool(cached["works"]), str(cached["why"])
+            return ("kvm", f"KVM works ({why}; probed this boot)") if works else \
+                ("tcg", f"KVM unusable, using TCG: {why} (probed this boot)")
+    works, why = probe_kvm(kernel, initrd)
+    with contextlib.suppress(OSError):
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({"key": key, "works": works, "why": why}) + "\n")
+    return ("kvm", f"KVM works ({why})") if works else ("tcg", f"KVM unusable, using TCG: {why}")
+
+
+# -- QMP -----------------------------------------------------------------------------------------
+
+class Qmp:
+    """A minimal QMP client: one command per call, events skipped."""
+
+    def __init__(self, path: str, timeout: float = 30.0) -> None:
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(timeout)
+        self._sock.connect(path)
+        self._buf = b""
+        self._read()  # greeting
+        self.command("qmp_capabilities")
+
+    def _read(self) -> dict[str, Any]:
+        while b"\n" not in self._buf:
+            chunk = self._sock.recv(65536)
+            if not chunk:
+                raise SiteError("QEMU closed the QMP connection")
+            self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        message: dict[str, Any] = json.loads(line)
+        return message
+
+    def command(self, name: str, **arguments: Any) -> Any:
+        request: dict[str, Any] = {"execute": name}
+        if arguments:
+            request["arguments"] = arguments
+        self._sock.sendall(json.dumps(request).encode() + b"\n")
+        while True:
+            reply = self._read()
+            if "event" in reply:
+                continue
+            if "error" in reply:
+                raise SiteError(f"QMP {name}: {reply['error'].get('desc', reply['error'])}")
+            return reply.get("return")
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def _qmp_path(run_dir: Path) -> Path:
+    path = run_dir / "qmp.sock"
+    if len(str(path)) < 100:
+        return path
+    # AF_UNIX paths are limited to 107 bytes: a long run directory gets a short socket directory.
+    return Path(tempfile.mkdtemp(prefix="imprint-qmp-")) / "qmp.sock"
+
+
+# -- boot ----------------------------------------------------------------------------------------
+
+def _token_mode(token: str | None) -> tuple[str | None, str | None]:
+    if token is None:
+        return None, None
+    parsed = tokens.parse(token)
+    if parsed.kind is tokens.TokenKind.VM:
+        raise SiteError("a VM token goes to the owner, not onto the VM's boot channel")
+    return parsed.mode.value, parsed.token_id.hex()
+
+
+def boot(*, image: Path | None, kernel: Path, initrd: Path, run_dir: Path, channel: str | None,
+         token: str | None, accel: str = "auto", memory_mib: int = 1024, append: str = "",
+         reuse_disk: Path | None = None, extra_qemu: list[str] | None = None) -> BootRecord:
+    """Start the VM and return its record (status "started"); :func:`follow` then watches it."""
+    qemu = qemu_binary()
+    mode, token_id = _token_mode(token)
+    if (channel is None) != (token is None):
+        raise SiteError("--channel and --token go together (or neither, for a VM with no token)")
+    for path in (kernel, initrd):
+        if not path.is_file():
+            raise SiteError(f"{path} does not exist (build the image with image-build/build.sh)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.chmod(0o700)
+    if reuse_disk is not None:
+        disk = reuse_disk.resolve()
+    else:
+        if image is None or not image.is_file():
+            raise SiteError(f"--image {image}: no such image")
+        disk = run_dir / "disk.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image.resolve()), "-F", "qcow2",
+                        str(disk)], check=True, capture_output=True, timeout=60)
+    chosen, note = choose_accel(accel, kernel, initrd)
+
+    artefact: seeds.Artefact | None = None
+    cmdline = f"{BASE_APPEND} {append}".strip()
+    qemu_args: list[str] = []
+    if channel is not None and token is not None:
+        try:
+            artefact = seeds.build(channel, token, run_dir / f"token-{channel}")
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            raise SiteError(f"cannot build the {channel} artefact: {exc}") from None
+        qemu_args += artefact.qemu_args
+        if artefact.kernel_cmdline:
+            cmdline += " " + artefact.kernel_cmdline
+
+    agent_port, ssh_port = free_port(), free_port()
+    console = run_dir / "console.log"
+    console.unlink(missing_ok=True)
+    qmp = _qmp_path(run_dir)
+    pidfile = run_dir / "qemu.pid"
+    pidfile.unlink(missing_ok=True)
+    drive = str(disk).replace(",", ",,")
+    cmd = [
+        qemu, "-name", f"imprint-{run_dir.name}", "-accel", chosen, "-m", str(memory_mib), "-smp", "1",
+        "-display", "none", "-vga", "none", "-monitor", "none",
+        "-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline,
+        "-drive", f"file={drive},if=virtio,format=qcow2",
+        "-netdev", (f"user,id=n0,hostfwd=tcp:127.0.0.1:{agent_port}-:{AGENT_PORT},"
+                    f"hostfwd=tcp:127.0.0.1:{ssh_port}-:22"),
+        "-device", "virtio-net-pci,netdev=n0", "-device", "virtio-rng-pci",
+        "-serial", f"file:{console}", "-qmp", f"unix:{qmp},server=on,wait=off",
+        *qemu_args, *(extra_qemu or []),
+        "-daemonize", "-pidfile", str(pidfile),
+    ]
+    started = time.time()
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        raise SiteError(f"QEMU did not start: {result.stderr.strip() or result.returncode}")
+    pid = int(pidfile.read_text().strip())
+    record = BootRecord(
+        run_dir=str(run_dir), pid=pid, accel=chosen, accel_note=note,
+        agent_address=f"127.0.0.1:{agent_port}", ssh_address=f"127.0.0.1:{ssh_port}",
+        agent_port=agent_port, ssh_port=ssh_port, console=str(console), qmp=str(qmp), disk=str(disk),
+        image=str(image.resolve()) if image else None, channel=channel,
+        artefact=str(artefact.path) if artefact else None, mode=mode, token_id=token_id,
+        qemu_args=cmd, started_at=started,
+    )
+    # K never goes into boot.json: it is in the artefact (0600) only; argv carries file names.
+    record.save()
+    return record
+
+
+def _agent_lines(text: str) -> list[str]:
+    return [m.group(1).strip() for m in _AGENT_LINE.finditer(text)]
+
+
+_FAILED = re.compile(r"Failed to start imprint-ag")  # systemd may cut the line at 80 columns
+
+
+def _failure(text: str) -> str | None:
+    match = _FAILED.search(text)
+    if match is None:
+        return None
+    before = text[: match.start()]
+    lines = _agent_lines(before) or _agent_lines(text)
+    return lines[-1] if lines else "imprint-agent.service failed (no agent message on the console)"
+
+
+def is_running(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _vm_token(record: BootRecord) -> tuple[str, str] | None:
+    sources = [Path(record.console)]
+    if record.channel == "metadata-disk" and record.artefact:
+        sources.insert(0, Path(record.artefact))
+    for source in sources:
+        with contextlib.suppress(reverse.ReverseError):
+            found = reverse.extract(source)
+            return found.encode(), ("metadata disk reply area" if source != sources[-1] else "serial console")
+    return None
+
+
+def follow(record: BootRecord, timeout: float = 600.0, until: tuple[str, ...] = ("ready", "waiting", "failed")
+           ) -> BootRecord:
+    """Watch the console until the agent is ready (and, in no-secrets mode, the VM token is
+    relayed), waits for a token, or failed; or until ``timeout``. Updates boot.json."""
+    console = Path(record.console)
+    deadline = time.monotonic() + timeout
+    while True:
+        text = console_text(console)
+        status, detail = "booting", ""
+        failure = _failure(text)
+        if failure is not None:
+            status, detail = "failed", failure
+        elif (m := re.search(r"imprint-agent: (listening on \S+ \(.*?\))", text)):
+            status, detail = "ready", m.group(1)
+        elif (m := re.search(r"imprint-agent: (waiting for a token on: .*)", text)):
+            status, detail = "waiting", m.group(1).strip()
+        if record.mode == "nosecret" and record.vm_token is None and (found := _vm_token(record)):
+            record.vm_token, record.vm_token_source = found
+        nosecret_pending = status == "ready" and record.mode == "nosecret" and record.vm_token is None
+        if status in until and not nosecret_pending:
+            break
+        if not is_running(record.pid):
+            status, detail = "failed", "QEMU exited; the console log says why"
+            break
+        if time.monotonic() > deadline:
+            status, detail = "timeout", f"no agent status within {timeout:.0f} s (last: {status})"
+            break
+        time.sleep(0.25)
+    record.status, record.detail = status, detail
+    record.seconds_to_status = round(time.time() - record.started_at, 2)
+    record.save()
+    return record
+
+
+# -- stop and hot-plug ---------------------------------------------------------------------------
+
+def _is_qemu(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip().startswith("qemu")
+    except OSError:
+        return False
+
+
+def stop(run_dir: Path, *, graceful: bool = False, timeout: float = 60.0) -> str:
+    """Stop the VM of a run directory: ACPI power-down first when ``graceful`` (a clean guest
+    shutdown, as a reboot needs), then SIGTERM, then SIGKILL. Returns what was done."""
+    pidfile = run_dir / "qemu.pid"
+    try:
+        pid = int(pidfile.read_text().strip())
+    except (OSError, ValueError):
+        return "not running (no pid file)"
+    if not is_running(pid) or not _is_qemu(pid):
+        pidfile.unlink(missing_ok=True)
+        return "not running"
+    how = "killed"
+    if graceful:
+        with contextlib.suppress(OSError, SiteError):
+            record = BootRecord.load(run_dir)
+            qmp = Qmp(record.qmp, timeout=10)
+            qmp.command("system_powerdown")
+            qmp.close()
+            deadline = time.monotonic() + timeout
+            while is_running(pid) and time.monotonic() < deadline:
+                time.sleep(0.25)
+            if not is_running(pid):
+                how = "powered down"
+    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
+        if not is_running(pid):
+            break
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while is_running(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    if is_running(pid):
+        raise SiteError(f"QEMU pid {pid} did not stop")
+    pidfile.unlink(missing_ok=True)
+    with contextlib.suppress(OSError, SiteError):
+        qmp_path = Path(BootRecord.load(run_dir).qmp)
+        qmp_path.unlink(missing_ok=True)
+        if qmp_path.parent.name.startswith("imprint-qmp-"):
+            qmp_path.parent.rmdir()
+    return how
+
+
+HOTPLUG_CHANNELS = ("metadata-disk", "imprint-seed-iso", "imprint-seed-vfat", "nocloud-iso", "nocloud-vfat",
+                    "config-2-iso", "config-2-vfat")
+
+
+def attach(run_dir: Path, channel: str, token: str) -> seeds.Artefact:
+    """Hot-plug a token disk into a running VM (PCI hot-plug of a virtio-blk device)."""
+    if channel not in HOTPLUG_CHANNELS:
+        raise SiteError(f"only disks can be hot-plugged: {', '.join(HOTPLUG_CHANNELS)}")
+    _token_mode(token)
+    record = BootRecord.load(run_dir)
+    if not is_running(record.pid):
+        raise SiteError(f"the VM of {run_dir} is not running")
+    artefact = seeds.build(channel, token, run_dir / f"hotplug-{channel}")
+    ident = "hp" + hashlib.sha256(str(artefact.path).encode()).hexdigest()[:8]
+    readonly = "readonly=on" in " ".join(artefact.qemu_args)
+    file = str(artefact.path.resolve()).replace(",", ",,")
+    qmp = Qmp(record.qmp)
+    try:
+        qmp.command("human-monitor-command",
+                    **{"command-line": f"drive_add 0 file={file},if=none,id={ident},format=raw"
+                                       f"{',readonly=on' if readonly else ''}"})
+        device: dict[str, Any] = {"driver": "virtio-blk-pci", "drive": ident, "id": f"dev-{ident}"}
+        if channel == "metadata-disk":
+            device["serial"] = seeds.METADISK_SERIAL
+        qmp.command("device_add", **device)
+    finally:
+        qmp.close()
+    record.channel, record.artefact = channel, str(artefact.path)
+    record.mode, record.token_id = _token_mode(token)
+    record.save()
+    return artefact
