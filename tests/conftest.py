@@ -153,3 +153,8 @@ def owner(tmp_path: Path) -> Owner:
     o = Owner(tmp_path / "owner-home")
     o.run("init")
     return o
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "vm: boots real QEMU VMs from the image-build image (CI runs them)")
+    config.addinivalue_line("markers", "slow: long-running (CI runs them)")
