@@ -1,0 +1,80 @@
+"""imprint-site boot's pieces that need no VM: console parsing, status following, stop safety."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+from imprint.site import vm
+
+VM_TOKEN = "imprint1v-tussqtvi6jnveexrj5bp5kr4trze63n23qace443zmzrhoau26g5hi6ism"
+# As systemd 252 prints it on an 80-column serial console: colours, \r\n, and the unit cut short.
+FAILED = (
+    "         Starting \x1b[0;1;39mimprint-agent.ser\u2026nge and pinned control channel)...\r\r\n"
+    "[   21.02] imprint-agent[263]: imprint-agent: boot channel cmdline is broken: imprint.token: token is corrupt: "
+    "its check digits do not match (mistyped or truncated)\r\n"
+    "[\x1b[0;1;31mFAILED\x1b[0m] Failed to start \x1b[0;1;39mimprint-ag\u2026hange and pinned control channel).\r\r\n"
+)
+
+
+def _record(tmp_path: Path, console: str, mode: str | None = "nosecret") -> vm.BootRecord:
+    (tmp_path / "console.log").write_text(console)
+    return vm.BootRecord(run_dir=str(tmp_path), pid=os.getpid(), accel="tcg", accel_note="", agent_address="",
+                         ssh_address="", agent_port=0, ssh_port=0, console=str(tmp_path / "console.log"),
+                         qmp="", disk="", image=None, channel="cmdline", artefact=None, mode=mode,
+                         token_id="00", started_at=time.time())
+
+
+def test_console_text_strips_colours_and_carriage_returns(tmp_path: Path) -> None:
+    (tmp_path / "c").write_text(FAILED)
+    text = vm.console_text(tmp_path / "c")
+    assert "\x1b" not in text and "\r" not in text and "[FAILED] Failed to start imprint-ag" in text
+
+
+def test_failure_names_the_agents_reason_even_when_systemd_cuts_the_line(tmp_path: Path) -> None:
+    record = vm.follow(_record(tmp_path, FAILED), timeout=5)
+    assert record.status == "failed"
+    assert record.detail.startswith("boot channel cmdline is broken: imprint.token: token is corrupt")
+
+
+def test_follow_reports_waiting(tmp_path: Path) -> None:
+    console = "[ 20.1] imprint-agent[1]: imprint-agent: waiting for a token on: cmdline, credentials\r\n"
+    record = vm.follow(_record(tmp_path, console, mode=None), timeout=5)
+    assert (record.status, record.detail) == ("waiting", "waiting for a token on: cmdline, credentials")
+    assert record.seconds_to_status is not None
+
+
+def test_follow_waits_for_the_vm_token_in_nosecret_mode(tmp_path: Path) -> None:
+    console = (f"IMPRINT-VM-TOKEN {VM_TOKEN}\r\n"
+               "[ 20.1] imprint-agent[1]: imprint-agent: listening on 0.0.0.0:7443 (waiting for the owner to bind)\r\n")
+    record = vm.follow(_record(tmp_path, console), timeout=5)
+    assert record.status == "ready" and record.vm_token == VM_TOKEN
+    assert record.vm_token_source == "serial console"
+    assert vm.BootRecord.load(tmp_path).vm_token == VM_TOKEN  # boot.json updated
+
+
+def test_follow_times_out(tmp_path: Path) -> None:
+    record = vm.follow(_record(tmp_path, "[ 1.0] Linux version 6.1\r\n"), timeout=0.5)
+    assert record.status == "timeout"
+
+
+def test_stop_never_kills_what_is_not_qemu(tmp_path: Path) -> None:
+    (tmp_path / "qemu.pid").write_text(f"{os.getpid()}\n")
+    assert vm.stop(tmp_path) == "not running"
+    assert vm.stop(tmp_path) == "not running (no pid file)"
+
+
+def test_boot_refuses_a_channel_without_a_token(tmp_path: Path) -> None:
+    if vm.shutil.which(vm.QEMU) is None:
+        pytest.skip("qemu-system-x86_64 is not installed")
+    with pytest.raises(vm.SiteError, match="go together"):
+        vm.boot(image=None, kernel=tmp_path / "k", initrd=tmp_path / "i", run_dir=tmp_path / "r",
+                channel="cmdline", token=None)
+
+
+def test_explicit_accelerator_is_not_probed(tmp_path: Path) -> None:
+    assert vm.choose_accel("tcg", tmp_path / "k", tmp_path / "i") == ("tcg", "tcg as requested")
+    with pytest.raises(vm.SiteError):
+        vm.choose_accel("hvf", tmp_path / "k", tmp_path / "i")
