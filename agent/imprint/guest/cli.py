@@ -205,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
     from imprint.guest.server import AgentServer
 
     try:
-        server = AgentServer(state, listener, token=token, record=record, on_bound=_on_bound)
+        server = AgentServer(state, listener, token=token, record=record, paths=paths, on_bound=_on_bound)
     except (OSError, ValueError) as exc:
         raise AgentFailure(f"cannot load the VM key and certificate from {state.dir}: {exc}") from None
 

@@ -25,6 +25,8 @@ _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Al
 class ControlBackend(Protocol):
     def status(self) -> dict[str, object]: ...
 
+    def apply(self, backends: dict[str, Any]) -> dict[str, Any]: ...
+
 
 class BadRequest(Exception):
     def __init__(self, status: int, message: str) -> None:
@@ -39,9 +41,20 @@ def _status(backend: ControlBackend, body: dict[str, Any] | None) -> dict[str, A
     return dict(backend.status())
 
 
+def _apply(backend: ControlBackend, body: dict[str, Any] | None) -> dict[str, Any]:
+    """{"backends": {name: config}} -> {"results": {name: result}}; see imprint.backends."""
+    backends = (body or {}).get("backends")
+    if not isinstance(backends, dict) or not backends:
+        raise BadRequest(400, 'the body must be {"backends": {name: config, ...}} with at least one backend')
+    if set(body or {}) != {"backends"}:
+        raise BadRequest(400, f"unknown key(s) in the body: {', '.join(sorted(set(body or {}) - {'backends'}))}")
+    return backend.apply(backends)
+
+
 # (method, path) -> handler; the one place endpoints are registered.
 ROUTES: dict[tuple[str, str], Route] = {
     ("GET", "/v1/status"): _status,
+    ("POST", "/v1/apply"): _apply,
 }
 
 
@@ -108,7 +121,10 @@ def _dispatch(backend: ControlBackend, method: str, path: str, body: bytes) -> t
         if not isinstance(parsed, dict):
             return 400, {"error": "the body must be a JSON object"}
         document = parsed
-    return 200, route(backend, document)
+    try:
+        return 200, route(backend, document)
+    except BadRequest as exc:
+        return exc.status, {"error": str(exc)}
 
 
 def serve_control(sock: ssl.SSLSocket, peer: str, backend: ControlBackend) -> None:

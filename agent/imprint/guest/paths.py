@@ -15,6 +15,10 @@ class GuestPaths:
         """``absolute`` (a guest path like /proc/cmdline) inside this root."""
         return self.root / absolute.lstrip("/")
 
+    def guest(self, path: Path) -> str:
+        """The guest path of ``path`` (which is under this root): how files in the guest name it."""
+        return "/" + path.relative_to(self.root).as_posix().removeprefix(".")
+
     @property
     def is_real_root(self) -> bool:
         return self.root.resolve() == Path("/")
@@ -62,3 +66,25 @@ class GuestPaths:
         """The raw user-data cloud-init stored for one instance (it names the directory after the
         instance id with '/' replaced by '_', as cloudinit.helpers.Paths does)."""
         return self.under(f"/var/lib/cloud/instances/{instance_id.replace('/', '_')}/user-data.txt")
+
+    # -- written by the ssh backend (imprint.backends.ssh)
+    @property
+    def ssh_dir(self) -> Path:
+        return self.under("/etc/ssh")
+
+    @property
+    def sshd_config_dir(self) -> Path:
+        return self.under("/etc/ssh/sshd_config.d")
+
+    @property
+    def ssh_user_ca(self) -> Path:
+        """imprint's TrustedUserCAKeys file."""
+        return self.under("/etc/ssh/imprint_user_ca.pub")
+
+    @property
+    def passwd(self) -> Path:
+        return self.under("/etc/passwd")
+
+    @property
+    def sudoers_dir(self) -> Path:
+        return self.under("/etc/sudoers.d")

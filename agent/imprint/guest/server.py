@@ -16,9 +16,10 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from imprint import tls
+from imprint.guest.paths import GuestPaths
 from imprint.guest.state import AgentState, BindRecord
 from imprint.tokens import Token
 
@@ -42,9 +43,12 @@ class AgentServer:
         *,
         token: Token | None,
         record: BindRecord,
+        paths: GuestPaths,
         on_bound: Callable[[], None] = lambda: None,
     ) -> None:
         self._state = state
+        self._paths = paths
+        self._apply_lock = threading.Lock()
         self._listener = listener
         self._token = token
         self._record = record
@@ -228,6 +232,13 @@ class AgentServer:
             "agent_version": __version__,
             "uptime_seconds": round(time.monotonic() - self._started, 3),
         }
+
+    def apply(self, backends: dict[str, Any]) -> dict[str, Any]:
+        """Run the owner's backends ({name: config}); one apply at a time."""
+        from imprint.backends import apply_document
+
+        with self._apply_lock:
+            return apply_document(self._paths, backends)
 
 
 def _lingering_close(conn: socket.socket | ssl.SSLSocket) -> None:

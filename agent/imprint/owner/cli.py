@@ -1,7 +1,8 @@
 """imprint: the owner's command line.
 
 Exit codes: 0 success; 2 bad usage or malformed input; 3 authentication failed (possible man in
-the middle, wrong or reused token); 4 agent unreachable or timed out.
+the middle, wrong or reused token); 4 agent unreachable or timed out; 5 a profile reached the VM
+but a backend failed there (the others ran).
 """
 
 from __future__ import annotations
@@ -13,11 +14,15 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from imprint import tokens
-from imprint.owner.errors import AuthenticationFailed, OwnerError, UsageError
+from imprint.owner.errors import ApplyFailed, AuthenticationFailed, OwnerError, UsageError
 from imprint.owner.home import OwnerHome, default_home
+
+if TYPE_CHECKING:
+    from imprint.owner.apply import ApplyContext
+    from imprint.owner.store import PinRow, Store
 
 Printer = Callable[[str], None]
 
@@ -68,19 +73,122 @@ def cmd_token_new(home: OwnerHome, args: argparse.Namespace) -> int:
     return 0
 
 
+def _ssh_port(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"port '{value}' is not a number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is out of range")
+    return port
+
+
+def _apply_context(home: OwnerHome, store: Store, name: str, address: str, args: argparse.Namespace) -> ApplyContext:
+    from imprint.owner.apply import ApplyContext
+    from imprint.owner.bind import split_address
+
+    previous = store.ssh_target(name)
+    host = args.ssh_host or (previous[0] if previous else split_address(address)[0])
+    port = args.ssh_port or (previous[1] if previous else 22)
+    return ApplyContext(home=home, store=store, vm=name, address=address, ssh_host=host, ssh_port=port)
+
+
 def cmd_bind(home: OwnerHome, args: argparse.Namespace) -> int:
+    from imprint.owner import apply as applying
     from imprint.owner.bind import bind
 
     name = _valid_name(args.name)
     store = home.store()
+    plan = None
+    if args.profile:
+        # The whole profile is checked before the exchange: a bad profile must not spend the token.
+        if not store.vm_exists(name):
+            raise UsageError(f"unknown VM '{name}': make its token first with `imprint token new {name} --mode ...`")
+        profile = applying.load_profile(args.profile)
+        ctx = _apply_context(home, store, name, args.address, args)
+        plan = (ctx, profile, applying.prepare(ctx, profile))
     result = bind(home, store, name, args.address, args.vm_token)
     lines = [f"bound {name} at {result.address} ({result.mode} mode)",
              f"  VM key:    {result.vm_fingerprint}", f"  owner key: {result.owner_fingerprint}", "proved:"]
     lines += [f"  - {item}" for item in result.proved]
-    _emit(args, {"vm": name, "address": result.address, "mode": result.mode,
-                 "vm_fingerprint": result.vm_fingerprint, "owner_fingerprint": result.owner_fingerprint,
-                 "proved": result.proved, "status": result.status}, lines)
+    data: dict[str, Any] = {"vm": name, "address": result.address, "mode": result.mode,
+                            "vm_fingerprint": result.vm_fingerprint, "owner_fingerprint": result.owner_fingerprint,
+                            "proved": result.proved, "status": result.status}
+    if plan is None:
+        _emit(args, data, lines)
+        return 0
+    ctx, profile, first = plan
+    pin = store.pin(name)
+    assert pin is not None
+    try:
+        report = _run_apply(home, ctx, pin, profile, first)
+    except OwnerError as exc:
+        data["apply"] = {"error": str(exc), "exit_code": exc.exit_code, "kind": type(exc).__name__}
+        _emit(args, data, [*lines, f"bound, but applying the profile failed: {exc}"])
+        return exc.exit_code
+    data["apply"] = report.to_json()
+    _emit(args, data, [*lines, *report.lines()])
+    return 0 if report.ok else ApplyFailed.exit_code
+
+
+def _bound_pin(store: Store, name: str) -> PinRow:
+    if not store.vm_exists(name):
+        raise UsageError(f"unknown VM '{name}'")
+    pin = store.pin(name)
+    if pin is None or pin.state != "bound":
+        raise UsageError(f"{name} is not bound yet: run `imprint bind {name} --address HOST:PORT`")
+    return pin
+
+
+def _run_apply(home: OwnerHome, ctx: ApplyContext, pin: PinRow, profile: dict[str, dict[str, Any]],
+               first: dict[str, dict[str, Any]]) -> Any:
+    from imprint.owner.apply import apply_profile
+    from imprint.owner.client import PinnedClient
+
+    client = PinnedClient(home, ctx.vm, pin.vm_cert_pem, ctx.address)
+    try:
+        return apply_profile(ctx, client, profile, first)
+    finally:
+        client.close()
+
+
+def cmd_apply(home: OwnerHome, args: argparse.Namespace) -> int:
+    from imprint.owner import apply as applying
+
+    name = _valid_name(args.name)
+    store = home.store()
+    pin = _bound_pin(store, name)
+    ctx = _apply_context(home, store, name, args.address or pin.address, args)
+    profile = applying.load_profile(args.profile)
+    first = applying.prepare(ctx, profile)
+    report = _run_apply(home, ctx, pin, profile, first)
+    _emit(args, report.to_json(), report.lines())
+    return 0 if report.ok else ApplyFailed.exit_code
+
+
+def cmd_ca_init(home: OwnerHome, args: argparse.Namespace) -> int:
+    from imprint.owner.ssh import ca_init
+
+    public, created = ca_init(home)
+    verb = "created" if created else "already exists"
+    _emit(args, {"ssh_ca_key": str(home.ssh_ca_key), "ssh_ca_public_key": public, "created": created},
+          [f"SSH CA {verb}: {home.ssh_ca_key}", public])
     return 0
+
+
+def cmd_ssh(home: OwnerHome, args: argparse.Namespace) -> int:
+    from imprint.owner.ssh import exec_ssh, quoted, ssh_command
+
+    name = _valid_name(args.name)
+    store = home.store()
+    _bound_pin(store, name)
+    argv = ssh_command(home, store, name, args.user, list(args.ssh_args))
+    store.close()
+    if args.print:
+        print(quoted(argv))
+        return 0
+    exec_ssh(argv)
+    return 0  # not reached
 
 
 def cmd_status(home: OwnerHome, args: argparse.Namespace) -> int:
@@ -88,11 +196,7 @@ def cmd_status(home: OwnerHome, args: argparse.Namespace) -> int:
 
     name = _valid_name(args.name)
     store = home.store()
-    if not store.vm_exists(name):
-        raise UsageError(f"unknown VM '{name}'")
-    pin = store.pin(name)
-    if pin is None or pin.state != "bound":
-        raise UsageError(f"{name} is not bound yet: run `imprint bind {name} --address HOST:PORT`")
+    pin = _bound_pin(store, name)
     address = args.address or pin.address
     client = PinnedClient(home, name, pin.vm_cert_pem, address)
     try:
@@ -165,11 +269,29 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--address", required=True, help="HOST:PORT of the agent")
     p.add_argument("--vm-token", help="no-secrets mode: the VM token the site relayed back")
+    p.add_argument("--profile", type=Path, help="apply this profile (TOML) right after a successful bind")
+    _ssh_target_args(p)
     p.set_defaults(func=cmd_bind)
     p = sub.add_parser("status", parents=[common], help="ask a bound VM over the pinned channel")
     p.add_argument("name")
     p.add_argument("--address", help="HOST:PORT if the VM moved (default: the address it was bound at)")
     p.set_defaults(func=cmd_status)
+    p = sub.add_parser("apply", parents=[common], help="apply a profile to a bound VM over the pinned channel")
+    p.add_argument("name")
+    p.add_argument("--profile", type=Path, required=True, help="what the VM gets (TOML; see docs/backends.md)")
+    p.add_argument("--address", help="HOST:PORT if the VM moved (default: the address it was bound at)")
+    _ssh_target_args(p)
+    p.set_defaults(func=cmd_apply)
+    p = sub.add_parser("ssh", help="run OpenSSH to a VM, trusting only the host keys its agent attested")
+    p.add_argument("name")
+    p.add_argument("-l", "--user", help="remote user")
+    p.add_argument("--print", action="store_true", help="print the ssh command instead of running it")
+    p.add_argument("ssh_args", nargs="*", metavar="-- ARGS", help="passed to ssh after the host (options, command)")
+    p.set_defaults(func=cmd_ssh)
+    ca = sub.add_parser("ca", help="the owner's certificate authorities").add_subparsers(dest="ca_command",
+                                                                                         required=True)
+    p = ca.add_parser("init", parents=[common], help="create the owner's SSH CA (ed25519) once")
+    p.set_defaults(func=cmd_ca_init)
     p = sub.add_parser("list", parents=[common], help="list VMs and their state")
     p.set_defaults(func=cmd_list)
     p = sub.add_parser("audit", parents=[common], help="show the append-only log of bind attempts")
@@ -178,8 +300,25 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _ssh_target_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ssh-host", help="host SSH clients use for the VM (default: the last one applied, "
+                                      "else the agent address's host)")
+    p.add_argument("--ssh-port", type=_ssh_port, help="the VM's SSH port (default: the last one applied, else 22)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Everything after "--" goes to ssh untouched (argparse's subparsers mangle "--").
+    passthrough: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, passthrough = argv[:cut], argv[cut + 1:]
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if passthrough:
+        if args.command != "ssh":
+            parser.error("'--' passes arguments to `imprint ssh` only")
+        args.ssh_args = [*args.ssh_args, *passthrough]
     home = OwnerHome(args.home or default_home())
     os.umask(0o077)
     try:

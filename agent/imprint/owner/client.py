@@ -44,12 +44,12 @@ class PinnedClient:
     def get(self, path: str) -> dict[str, Any]:
         return self._request("GET", path)
 
-    def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        return self._request("POST", path, json=body)
+    def post(self, path: str, body: dict[str, Any], *, timeout: float = TIMEOUT) -> dict[str, Any]:
+        return self._request("POST", path, json=body, timeout=timeout)
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+    def _request(self, method: str, path: str, *, timeout: float = TIMEOUT, **kwargs: Any) -> dict[str, Any]:
         try:
-            response = self._session.request(method, self._base + path, timeout=TIMEOUT, **kwargs)
+            response = self._session.request(method, self._base + path, timeout=timeout, **kwargs)
         except requests.exceptions.SSLError as exc:
             raise AuthenticationFailed(
                 f"the agent at {self.address} did not prove the pinned VM key, or refused this owner's key "
@@ -58,12 +58,21 @@ class PinnedClient:
         except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
             raise Unreachable(f"the agent at {self.address} is unreachable: {_reason(exc)}") from None
         if response.status_code != 200:
-            raise Unreachable(f"the agent at {self.address} answered {response.status_code} to {method} {path}")
+            raise Unreachable(f"the agent at {self.address} answered {response.status_code} to {method} {path}"
+                              + _error_text(response))
         data: dict[str, Any] = response.json()
         return data
 
     def close(self) -> None:
         self._session.close()
+
+
+def _error_text(response: requests.Response) -> str:
+    try:
+        error = response.json().get("error")
+    except (ValueError, AttributeError):
+        return ""
+    return f": {str(error)[:300]}" if error else ""
 
 
 def _reason(exc: BaseException) -> str:

@@ -23,3 +23,9 @@ class Unreachable(OwnerError):
     """The agent did not answer, or not in time (exit 4)."""
 
     exit_code = 4
+
+
+class ApplyFailed(OwnerError):
+    """The profile reached the VM but at least one backend failed there (exit 5); the others ran."""
+
+    exit_code = 5

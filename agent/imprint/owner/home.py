@@ -42,6 +42,15 @@ class OwnerHome:
         return self.dir / "known_hosts" / vm
 
     @property
+    def ssh_ca_key(self) -> Path:
+        """The owner's SSH CA (``imprint ca init``): signs VM host keys, optionally trusted for users."""
+        return self.dir / "ssh_ca"
+
+    @property
+    def ssh_ca_pub(self) -> Path:
+        return self.dir / "ssh_ca.pub"
+
+    @property
     def initialised(self) -> bool:
         return self.key_file.exists() and self.cert_file.exists()
 

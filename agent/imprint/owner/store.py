@@ -1,8 +1,9 @@
 """The owner's record: one SQLite database in the imprint home (0700; files 0600).
 
 Tables: vms, tokens (K lives here until its bind, then it is wiped), pins (the VM certificate the
-owner pins, pending until the VM confirms), and audit: an append-only log of every bind attempt
-and its outcome, enforced by triggers that refuse UPDATE and DELETE.
+owner pins, pending until the VM confirms), ssh_targets (host and port `imprint ssh` connects to),
+and audit: an append-only log of every bind attempt and its outcome, enforced by triggers that
+refuse UPDATE and DELETE.
 """
 
 from __future__ import annotations
@@ -47,6 +48,12 @@ CREATE TABLE IF NOT EXISTS audit (
     address  TEXT,
     outcome  TEXT NOT NULL,
     detail   TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ssh_targets (
+    vm          TEXT PRIMARY KEY REFERENCES vms(name),
+    host        TEXT NOT NULL,
+    port        INTEGER NOT NULL,
+    updated_at  REAL NOT NULL
 );
 CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
     BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
@@ -172,6 +179,15 @@ class Store:
 
     def update_address(self, vm: str, address: str) -> None:
         self._db.execute("UPDATE pins SET address = ? WHERE vm = ?", (address, vm))
+
+    # -- where `imprint ssh` connects (set by an apply with an [ssh] section)
+    def set_ssh_target(self, vm: str, host: str, port: int) -> None:
+        self._db.execute("INSERT OR REPLACE INTO ssh_targets (vm, host, port, updated_at) VALUES (?, ?, ?, ?)",
+                         (vm, host, port, time.time()))
+
+    def ssh_target(self, vm: str) -> tuple[str, int] | None:
+        row = self._db.execute("SELECT host, port FROM ssh_targets WHERE vm = ?", (vm,)).fetchone()
+        return (str(row[0]), int(row[1])) if row else None
 
     # -- audit
     def audit(self, vm: str, action: str, address: str | None, outcome: str, detail: str) -> None:

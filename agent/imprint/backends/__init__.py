@@ -1,0 +1,359 @@
+"""Contextualization backends: what the owner's profile makes of a bound VM.
+
+A backend is one module with one entry point::
+
+    def apply(ctx: BackendContext, config: dict[str, Any]) -> BackendResult
+
+registered in the entry-point group ``imprint.backends`` (``ssh = "imprint.backends.ssh:apply"``
+in pyproject.toml), so an appliance vendor ships its own as an ordinary Python distribution.
+The owner sends ``{"backends": {name: config}}`` over the pinned channel (``POST /v1/apply``);
+the agent runs each named backend in the document's order and answers with one result each.
+
+The contract a backend keeps (the framework enforces what it can):
+
+* **Validate first, then act.** Check the whole config (and everything it names: keys,
+  certificates) before writing anything; raise :class:`BackendError` with a message that names
+  the bad field. Anything else raised is reported as an internal error of that backend.
+  Either way the other backends still run.
+* **Write through the context.** ``ctx.write_file`` writes atomically (temp file, fsync,
+  rename, directory fsync) with the owner and mode asked for, and leaves a file alone when its
+  content, mode and owner are already right; ``ctx.ensure_dir`` and ``ctx.remove_file`` behave
+  the same way. So no file is ever half-written, and a second run with the same config changes
+  nothing and reports ``changed=False`` (the context counts what it changed).
+* **Guest paths.** Files are written at ``ctx.path("/etc/...")`` (under ``--root``); paths
+  *inside* files the guest reads (sshd_config, krb5.conf) are guest paths ("/etc/...").
+* **Programs** run through ``ctx.run`` (C locale, output captured, a clear error on failure).
+
+Each backend's result goes back to the owner as
+``{"ok", "changed", "summary", "data", "changes", "warnings", "seconds"}``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import stat
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from imprint.fsatomic import write_atomic
+from imprint.guest.paths import GuestPaths
+
+GROUP = "imprint.backends"
+# Shipped with imprint. Also registered as entry points; listed here so a source checkout that
+# is not installed still has them, and so a third party cannot silently replace one (a second,
+# different registration of a name is refused, not preferred).
+BUILTIN: dict[str, str] = {
+    "ssh": "imprint.backends.ssh:apply",
+    "kerberos": "imprint.backends.kerberos:apply",
+}
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+
+log = logging.getLogger("imprint.agent")
+
+
+class BackendError(Exception):
+    """A backend's explained failure: the message goes to the owner as the reason."""
+
+
+@dataclass
+class BackendResult:
+    ok: bool = True
+    changed: bool = False
+    summary: str = ""
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+Backend = Callable[["BackendContext", dict[str, Any]], BackendResult]
+
+
+@dataclass
+class BackendContext:
+    """What a backend gets: the guest paths, a logger, and helpers that keep the contract."""
+
+    name: str
+    paths: GuestPaths
+    log: logging.Logger
+    changes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    # -- bookkeeping
+    @property
+    def changed(self) -> bool:
+        return bool(self.changes)
+
+    def note_change(self, what: str) -> None:
+        self.changes.append(what)
+        self.log.info("%s: %s", self.name, what)
+
+    def warn(self, text: str) -> None:
+        self.warnings.append(text)
+        self.log.warning("%s: %s", self.name, text)
+
+    def result(self, summary: str, **data: Any) -> BackendResult:
+        return BackendResult(ok=True, changed=self.changed, summary=summary, data=data)
+
+    # -- paths
+    def path(self, guest_path: str) -> Path:
+        """Where the guest path ``guest_path`` ("/etc/ssh/...") is, under ``--root``."""
+        if not guest_path.startswith("/"):
+            raise BackendError(f"'{guest_path}' is not an absolute guest path")
+        if any(part == ".." for part in guest_path.split("/")):
+            raise BackendError(f"'{guest_path}': '..' is not allowed in a guest path")
+        return self.paths.under(guest_path)
+
+    # -- files
+    def read_file(self, path: Path) -> bytes | None:
+        """The file's bytes, or None if it does not exist. A symlink is refused."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if path.is_symlink():
+                raise BackendError(f"{path} is a symlink; refusing to follow it") from None
+            raise BackendError(f"cannot read {path}: {exc.strerror}") from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise BackendError(f"{path} is not a regular file")
+            chunks = []
+            while chunk := os.read(fd, 1 << 16):
+                chunks.append(chunk)
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
+
+    def write_file(self, path: Path, data: bytes, *, mode: int, uid: int | None = None, gid: int | None = None,
+                   nofollow_dir: bool | None = None) -> bool:
+        """Make ``path`` hold ``data`` with ``mode`` and owner; True if anything had to change.
+
+        ``nofollow_dir`` (default: when the file belongs to someone other than root) refuses a
+        parent directory that is a symlink, so a user cannot redirect the write."""
+        if nofollow_dir is None:
+            nofollow_dir = uid not in (None, 0)
+        if self._unchanged(path, data, mode, uid, gid):
+            return False
+        self._remove_stale_temps(path)
+        try:
+            write_atomic(path, data, mode=mode, uid=uid, gid=gid, dir_nofollow=nofollow_dir)
+        except OSError as exc:
+            raise BackendError(f"cannot write {path}: {exc.strerror or exc}") from None
+        self.note_change(f"wrote {path}")
+        return True
+
+    def _unchanged(self, path: Path, data: bytes, mode: int, uid: int | None, gid: int | None) -> bool:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return False
+        if stat.S_ISLNK(st.st_mode):
+            raise BackendError(f"{path} is a symlink; refusing to write through it")
+        if not stat.S_ISREG(st.st_mode):
+            raise BackendError(f"{path} exists and is not a regular file")
+        if stat.S_IMODE(st.st_mode) != mode or (uid is not None and st.st_uid != uid) or \
+                (gid is not None and st.st_gid != gid) or st.st_size != len(data):
+            return False
+        return self.read_file(path) == data
+
+    @staticmethod
+    def _remove_stale_temps(path: Path) -> None:
+        """Temp files a crash left between write and rename (``.name.tmp.PID``)."""
+        prefix = f".{path.name}.tmp."
+        with contextlib.suppress(OSError), os.scandir(path.parent) as entries:
+            for entry in entries:
+                if entry.name.startswith(prefix) and not entry.is_dir(follow_symlinks=False):
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)
+
+    def remove_file(self, path: Path) -> bool:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return False
+        if stat.S_ISDIR(st.st_mode):
+            raise BackendError(f"{path} is a directory; refusing to remove it")
+        try:
+            os.unlink(path)
+            dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            raise BackendError(f"cannot remove {path}: {exc.strerror}") from None
+        self.note_change(f"removed {path}")
+        return True
+
+    def ensure_dir(self, path: Path, *, mode: int, uid: int | None = None, gid: int | None = None,
+                   fix_existing: bool = True, parents: bool = False) -> bool:
+        """Make ``path`` a directory (not a symlink) with ``mode`` and owner; True if it changed.
+        ``fix_existing=False`` only creates: an existing directory keeps its mode and owner (a
+        user's home). ``parents`` creates missing parents too (0755, the writer's owner)."""
+        if parents and path != path.parent and not os.path.lexists(path.parent):
+            self.ensure_dir(path.parent, mode=0o755, fix_existing=False, parents=True)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            st = None
+        created = False
+        if st is None:
+            try:
+                os.mkdir(path, 0o700)  # tightened first, opened up once the owner is right
+            except OSError as exc:
+                raise BackendError(f"cannot create {path}: {exc.strerror}") from None
+            created = True
+        elif stat.S_ISLNK(st.st_mode):
+            raise BackendError(f"{path} is a symlink; refusing to follow it")
+        elif not stat.S_ISDIR(st.st_mode):
+            raise BackendError(f"{path} exists and is not a directory")
+        elif not fix_existing:
+            return False
+        elif stat.S_IMODE(st.st_mode) == mode and uid in (None, st.st_uid) and gid in (None, st.st_gid):
+            return False
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError as exc:
+            raise BackendError(f"cannot open {path}: {exc.strerror}") from None
+        try:
+            if uid is not None or gid is not None:
+                os.fchown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
+            os.fchmod(fd, mode)
+            if created:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.note_change(f"{'created' if created else 'fixed mode/owner of'} {path}")
+        return True
+
+    # -- programs
+    def run(self, argv: list[str], *, input: str | None = None, check: bool = True, timeout: float = 120.0,
+            env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """Run a program with the C locale; on failure (``check``) a BackendError quotes its stderr."""
+        full_env = dict(os.environ, LC_ALL="C", LANG="C")
+        if env:
+            full_env.update(env)
+        try:
+            proc = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout,
+                                  env=full_env, check=False)
+        except FileNotFoundError:
+            raise BackendError(f"{argv[0]} is not installed") from None
+        except subprocess.TimeoutExpired:
+            raise BackendError(f"{argv[0]} did not finish within {timeout:.0f} s") from None
+        if check and proc.returncode != 0:
+            raise BackendError(f"{' '.join(argv[:3])} failed (exit {proc.returncode}): {_tail(proc.stderr)}")
+        return proc
+
+
+def _tail(text: str, limit: int = 400) -> str:
+    text = " ".join(text.strip().splitlines()[-3:])
+    return text[-limit:] if text else "no error output"
+
+
+# -- config helpers shared by backends
+def check_keys(config: Mapping[str, Any], allowed: Iterable[str], where: str) -> None:
+    unknown = sorted(set(config) - set(allowed))
+    if unknown:
+        raise BackendError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(allowed))}")
+
+
+def get_typed(config: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str,
+              default: Any = None) -> Any:
+    """``config[key]`` if it has type ``kind``; ``default`` if absent; BackendError otherwise."""
+    if key not in config or config[key] is None:
+        return default
+    value = config[key]
+    if isinstance(value, bool) and kind is int:
+        raise BackendError(f"{where}.{key} must be an integer, not a boolean")
+    if not isinstance(value, kind):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise BackendError(f"{where}.{key} must be {names}, not {type(value).__name__}")
+    return value
+
+
+def get_str_list(config: Mapping[str, Any], key: str, where: str, *, max_items: int = 1000) -> list[str] | None:
+    value = get_typed(config, key, list, where)
+    if value is None:
+        return None
+    if len(value) > max_items:
+        raise BackendError(f"{where}.{key} has {len(value)} items; at most {max_items}")
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise BackendError(f"{where}.{key}[{i}] must be a string, not {type(item).__name__}")
+    return list(value)
+
+
+# -- discovery
+def registered() -> dict[str, set[str]]:
+    """Backend name -> the entry-point values registering it (more than one is a conflict)."""
+    from importlib.metadata import entry_points
+
+    found: dict[str, set[str]] = {name: {value} for name, value in BUILTIN.items()}
+    for ep in entry_points(group=GROUP):
+        found.setdefault(ep.name, set()).add(ep.value.replace(" ", ""))
+    return found
+
+
+def load(name: str, registry: Mapping[str, set[str]] | None = None) -> Backend:
+    from importlib.metadata import EntryPoint
+
+    registry = registered() if registry is None else registry
+    values = registry.get(name)
+    if not values:
+        raise BackendError(f"no backend named '{name}' is installed in the VM; "
+                           f"installed: {', '.join(sorted(registry)) or 'none'}")
+    if len(values) > 1:
+        raise BackendError(f"backend '{name}' is registered more than once ({', '.join(sorted(values))}); "
+                           "refusing to guess which one runs")
+    (value,) = values
+    try:
+        loaded = EntryPoint(name=name, value=value, group=GROUP).load()
+    except Exception as exc:
+        raise BackendError(f"backend '{name}' ({value}) cannot be loaded: {type(exc).__name__}: {exc}") from None
+    if not callable(loaded):
+        raise BackendError(f"backend '{name}' ({value}) is not callable")
+    backend: Backend = loaded
+    return backend
+
+
+# -- running
+def run_backend(paths: GuestPaths, name: str, config: Any, registry: Mapping[str, set[str]] | None = None,
+                ) -> dict[str, Any]:
+    """Run one backend; never raises. Returns the result as the owner receives it."""
+    ctx = BackendContext(name=name, paths=paths, log=log)
+    started = time.monotonic()
+    try:
+        if not NAME_RE.match(name):
+            raise BackendError(f"'{name[:80]}' is not a backend name (lower-case letters, digits, '-', '_')")
+        if not isinstance(config, dict):
+            raise BackendError(f"the config of backend '{name}' must be an object, not {type(config).__name__}")
+        backend = load(name, registry)
+        result = backend(ctx, config)
+        if not isinstance(result, BackendResult):
+            raise BackendError(f"backend '{name}' returned {type(result).__name__}, not a BackendResult")
+        result.changed = result.changed or ctx.changed
+    except BackendError as exc:
+        result = BackendResult(ok=False, changed=ctx.changed, summary=str(exc))
+        log.warning("backend %s failed: %s", name, exc)
+    except Exception as exc:
+        log.exception("backend %s failed with an internal error", name)
+        result = BackendResult(ok=False, changed=ctx.changed,
+                               summary=f"internal error in backend '{name}': {type(exc).__name__}: {exc}")
+    seconds = round(time.monotonic() - started, 3)
+    if result.ok:
+        log.info("backend %s: ok, %s (%.3f s): %s", name, "changed" if result.changed else "unchanged",
+                 seconds, result.summary)
+    return {"ok": result.ok, "changed": result.changed, "summary": result.summary, "data": result.data,
+            "changes": ctx.changes, "warnings": ctx.warnings, "seconds": seconds}
+
+
+def apply_document(paths: GuestPaths, backends: Mapping[str, Any]) -> dict[str, Any]:
+    """Run every backend named in ``backends`` ({name: config}) in order; one failing does not
+    stop the others."""
+    registry = registered()
+    return {"results": {name: run_backend(paths, name, config, registry) for name, config in backends.items()}}

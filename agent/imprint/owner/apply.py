@@ -1,0 +1,221 @@
+"""Applying a profile to a bound VM over the pinned channel: the owner's half of the backends.
+
+A profile is a TOML file; each top-level table names a backend (``imprint.backends`` in the VM)
+and configures it::
+
+    [ssh]
+    users = [{name = "alice", authorized_keys = ["ssh-ed25519 AAAA... alice@x"], sudo = false}]
+    host_certificate = true     # sign the VM's host keys with the owner's SSH CA
+    trusted_user_ca = false     # trust the owner's SSH CA for user certificates
+
+A backend with an owner half (``OWNER_SIDES``) turns its table into the config the agent gets
+(``prepare``, which runs before anything reaches the VM, so ``bind --profile`` refuses a bad
+profile before it spends the token) and reviews each answer (``review``), which may ask for
+another round: ssh's first round brings the VM's host keys back, the owner writes them to its
+known_hosts and signs them, and the second round installs the certificates. A table without an
+owner half goes to the agent as it is, so a third-party backend needs nothing on this side.
+Every round is one ``POST /v1/apply``; a round carries only the backends that asked for it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, cast
+
+from imprint.owner.client import PinnedClient
+from imprint.owner.errors import OwnerError, Unreachable, UsageError
+from imprint.owner.home import OwnerHome
+from imprint.owner.store import Store
+
+OWNER_SIDES: dict[str, str] = {"ssh": "imprint.owner.ssh", "kerberos": "imprint.owner.kerberos"}
+MAX_ROUNDS = 3
+APPLY_TIMEOUT = 300.0  # a backend may generate keys or create users; the agent runs them in turn
+
+
+@dataclass
+class ApplyContext:
+    home: OwnerHome
+    store: Store
+    vm: str
+    address: str   # the agent's HOST:PORT
+    ssh_host: str
+    ssh_port: int
+
+
+@dataclass
+class Review:
+    follow_up: dict[str, Any] | None = None  # the config of one more round, if any
+    notes: list[str] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+class OwnerSide(Protocol):
+    def prepare(self, ctx: ApplyContext, section: dict[str, Any]) -> dict[str, Any]: ...
+
+    def review(self, ctx: ApplyContext, section: dict[str, Any], result: dict[str, Any], round: int) -> Review: ...
+
+
+@dataclass
+class Outcome:
+    """One backend's result over all rounds, with what the owner did for it."""
+
+    ok: bool = True
+    changed: bool = False
+    summaries: list[str] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+    changes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    owner: list[str] = field(default_factory=list)
+    owner_data: dict[str, Any] = field(default_factory=dict)
+    rounds: int = 0
+
+    @property
+    def summary(self) -> str:
+        """The last round's summary says where things ended; a failure's reason is kept."""
+        return self.summaries[-1] if self.summaries else ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ok": self.ok, "changed": self.changed, "summary": self.summary, "summaries": self.summaries,
+                "data": self.data,
+                "changes": self.changes, "warnings": self.warnings, "owner": self.owner,
+                "owner_data": self.owner_data, "rounds": self.rounds}
+
+
+@dataclass
+class ApplyReport:
+    vm: str
+    address: str
+    results: dict[str, Outcome]
+
+    @property
+    def ok(self) -> bool:
+        return all(o.ok for o in self.results.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {"vm": self.vm, "address": self.address, "ok": self.ok,
+                "results": {name: o.to_json() for name, o in self.results.items()}}
+
+    def lines(self) -> list[str]:
+        out = [f"applied the profile to {self.vm} at {self.address} over the pinned channel"]
+        for name, o in self.results.items():
+            state = ("ok, changed" if o.changed else "ok, unchanged") if o.ok else "FAILED"
+            out.append(f"  {name}: {state} — {o.summary or '-'}")
+            out += [f"      owner: {note}" for note in o.owner]
+            out += [f"      warning: {w}" for w in o.warnings]
+        return out
+
+    def audit_detail(self) -> str:
+        parts = [f"{name} {'ok' if o.ok else 'failed'}{' (changed)' if o.changed else ''}"
+                 + ("" if o.ok else f": {o.summary[:300]}") for name, o in self.results.items()]
+        return "; ".join(parts)
+
+
+def load_profile(path: Path) -> dict[str, dict[str, Any]]:
+    try:
+        with path.open("rb") as f:
+            profile = tomllib.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"profile {path} does not exist") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read profile {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"profile {path} is not valid TOML: {exc}") from None
+    if not profile:
+        raise UsageError(f"profile {path} names no backend (expected tables such as [ssh])")
+    for name, section in profile.items():
+        if not isinstance(section, dict):
+            raise UsageError(f"profile {path}: '{name}' must be a table ([{name}]), not a {type(section).__name__}")
+    return cast(dict[str, dict[str, Any]], profile)
+
+
+def _owner_side(name: str) -> OwnerSide | None:
+    module = OWNER_SIDES.get(name)
+    return cast(OwnerSide, importlib.import_module(module)) if module else None
+
+
+def prepare(ctx: ApplyContext, profile: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The first round's configs; a UsageError for anything wrong in the profile."""
+    configs: dict[str, dict[str, Any]] = {}
+    for name, section in profile.items():
+        side = _owner_side(name)
+        try:
+            configs[name] = side.prepare(ctx, section) if side else dict(section)
+        except UsageError as exc:
+            raise UsageError(f"profile [{name}]: {exc}") from None
+    return configs
+
+
+def run(ctx: ApplyContext, client: PinnedClient, profile: dict[str, dict[str, Any]],
+        first: dict[str, dict[str, Any]]) -> ApplyReport:
+    """Send the rounds; an agent that cannot be reached raises, a failing backend does not."""
+    outcomes = {name: Outcome() for name in first}
+    pending = first
+    for round_no in range(1, MAX_ROUNDS + 1):
+        if not pending:
+            break
+        reply = client.post("/v1/apply", {"backends": pending}, timeout=APPLY_TIMEOUT)
+        results = reply.get("results")
+        if not isinstance(results, dict):
+            raise Unreachable(f"the agent at {ctx.address} answered /v1/apply without results")
+        following: dict[str, dict[str, Any]] = {}
+        for name in pending:
+            outcome = outcomes[name]
+            outcome.rounds = round_no
+            result = results.get(name)
+            if not isinstance(result, dict) or not isinstance(result.get("ok"), bool):
+                outcome.ok = False
+                outcome.summaries.append("the agent returned no result for this backend")
+                continue
+            _merge(outcome, result)
+            if not result["ok"]:
+                continue
+            side = _owner_side(name)
+            if side is None:
+                continue
+            try:
+                review = side.review(ctx, profile[name], result, round_no)
+            except OwnerError as exc:
+                outcome.ok = False
+                outcome.summaries.append(f"owner side: {exc}")
+                continue
+            outcome.owner += review.notes
+            outcome.owner_data.update(review.data)
+            if review.follow_up is not None:
+                if round_no == MAX_ROUNDS:
+                    outcome.ok = False
+                    outcome.summaries.append(f"still unfinished after {MAX_ROUNDS} rounds")
+                else:
+                    following[name] = review.follow_up
+        pending = following
+    return ApplyReport(vm=ctx.vm, address=ctx.address, results=outcomes)
+
+
+def _merge(outcome: Outcome, result: dict[str, Any]) -> None:
+    outcome.ok = outcome.ok and bool(result["ok"])
+    outcome.changed = outcome.changed or bool(result.get("changed"))
+    summary = result.get("summary")
+    if isinstance(summary, str) and summary:
+        outcome.summaries.append(summary)
+    if isinstance(result.get("data"), dict):
+        outcome.data.update(result["data"])
+    for key in ("changes", "warnings"):
+        items = result.get(key)
+        if isinstance(items, list):
+            getattr(outcome, key).extend(str(item) for item in items)
+
+
+def apply_profile(ctx: ApplyContext, client: PinnedClient, profile: dict[str, dict[str, Any]],
+                  first: dict[str, dict[str, Any]] | None = None) -> ApplyReport:
+    """Prepare (unless done already), run, and audit."""
+    if first is None:
+        first = prepare(ctx, profile)
+    try:
+        report = run(ctx, client, profile, first)
+    except OwnerError as exc:
+        ctx.store.audit(ctx.vm, "apply", ctx.address, type(exc).__name__, str(exc))
+        raise
+    ctx.store.audit(ctx.vm, "apply", ctx.address, "ok" if report.ok else "failed", report.audit_detail())
+    return report
