@@ -8,7 +8,8 @@ cd "$here"
 
 debs=(python3 python3-venv python3-pip python3-cryptography python3-requests
       python3-pyroute2 python3-pycdlib openssl ca-certificates iproute2
-      mtools dosfstools genisoimage xorriso cloud-init openssh-server openssh-client)
+      mtools dosfstools genisoimage xorriso cloud-init openssh-server openssh-client
+      krb5-kdc krb5-admin-server krb5-user)
 
 missing=()
 for p in "${debs[@]}"; do

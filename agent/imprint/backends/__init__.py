@@ -51,6 +51,7 @@ GROUP = "imprint.backends"
 # different registration of a name is refused, not preferred).
 BUILTIN: dict[str, str] = {
     "ssh": "imprint.backends.ssh:apply",
+    "kerberos": "imprint.backends.kerberos:apply",
 }
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
