@@ -52,6 +52,7 @@ GROUP = "imprint.backends"
 BUILTIN: dict[str, str] = {
     "ssh": "imprint.backends.ssh:apply",
     "kerberos": "imprint.backends.kerberos:apply",
+    "x509": "imprint.backends.x509:apply",
 }
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 

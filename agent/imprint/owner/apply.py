@@ -30,7 +30,8 @@ from imprint.owner.errors import OwnerError, Unreachable, UsageError
 from imprint.owner.home import OwnerHome
 from imprint.owner.store import Store
 
-OWNER_SIDES: dict[str, str] = {"ssh": "imprint.owner.ssh", "kerberos": "imprint.owner.kerberos"}
+OWNER_SIDES: dict[str, str] = {"ssh": "imprint.owner.ssh", "kerberos": "imprint.owner.kerberos",
+                               "x509": "imprint.owner.x509"}
 MAX_ROUNDS = 3
 APPLY_TIMEOUT = 300.0  # a backend may generate keys or create users; the agent runs them in turn
 

@@ -169,10 +169,24 @@ def cmd_apply(home: OwnerHome, args: argparse.Namespace) -> int:
 def cmd_ca_init(home: OwnerHome, args: argparse.Namespace) -> int:
     from imprint.owner.ssh import ca_init
 
+    if args.x509 or args.cert or args.key:
+        return _ca_init_x509(home, args)
     public, created = ca_init(home)
     verb = "created" if created else "already exists"
     _emit(args, {"ssh_ca_key": str(home.ssh_ca_key), "ssh_ca_public_key": public, "created": created},
           [f"SSH CA {verb}: {home.ssh_ca_key}", public])
+    return 0
+
+
+def _ca_init_x509(home: OwnerHome, args: argparse.Namespace) -> int:
+    from imprint.owner.x509 import ca_init
+
+    if not args.x509:
+        raise UsageError("--cert and --key import an X.509 CA: add --x509")
+    path, fingerprint, created = ca_init(home, args.cert, args.key)
+    verb = ("imported" if args.cert else "created") if created else "already exists"
+    _emit(args, {"x509_ca_certificate": str(path), "sha256_fingerprint": fingerprint, "created": created},
+          [f"X.509 CA {verb}: {path}", f"SHA-256 fingerprint: {fingerprint}"])
     return 0
 
 
@@ -291,6 +305,9 @@ def _build_parser() -> argparse.ArgumentParser:
     ca = sub.add_parser("ca", help="the owner's certificate authorities").add_subparsers(dest="ca_command",
                                                                                          required=True)
     p = ca.add_parser("init", parents=[common], help="create the owner's SSH CA (ed25519) once")
+    p.add_argument("--x509", action="store_true", help="the owner's X.509 CA instead (EC P-256, for [x509])")
+    p.add_argument("--cert", type=Path, help="with --x509: import this CA certificate (PEM) instead of making one")
+    p.add_argument("--key", type=Path, help="with --x509: the key (PEM, unencrypted) of --cert")
     p.set_defaults(func=cmd_ca_init)
     p = sub.add_parser("list", parents=[common], help="list VMs and their state")
     p.set_defaults(func=cmd_list)
