@@ -36,6 +36,7 @@ printf 'instance-id: packer-build\nlocal-hostname: packer-build\n' > "$work/meta
 genisoimage -quiet -output "$work/seed.iso" -volid cidata -joliet -rock "$work/user-data" "$work/meta-data"
 
 cd "$repo"
+export PACKER_CACHE_DIR="$work/packer_cache"   # not ./packer_cache in the checkout
 packer build -force \
   -var "base_image=$image_dir/bare.qcow2" -var "kernel=$image_dir/vmlinuz" -var "initrd=$image_dir/initrd.img" \
   -var "seed_iso=$work/seed.iso" -var "ssh_private_key_file=$work/id" -var "wheel=$wheel" \
