@@ -53,6 +53,7 @@ BUILTIN: dict[str, str] = {
     "ssh": "imprint.backends.ssh:apply",
     "kerberos": "imprint.backends.kerberos:apply",
     "x509": "imprint.backends.x509:apply",
+    "cloudinit": "imprint.backends.cloudinit:apply",
 }
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 

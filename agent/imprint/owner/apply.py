@@ -31,7 +31,7 @@ from imprint.owner.home import OwnerHome
 from imprint.owner.store import Store
 
 OWNER_SIDES: dict[str, str] = {"ssh": "imprint.owner.ssh", "kerberos": "imprint.owner.kerberos",
-                               "x509": "imprint.owner.x509"}
+                               "x509": "imprint.owner.x509", "cloudinit": "imprint.owner.cloudinit"}
 MAX_ROUNDS = 3
 APPLY_TIMEOUT = 300.0  # a backend may generate keys or create users; the agent runs them in turn
 

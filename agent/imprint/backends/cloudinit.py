@@ -1,0 +1,278 @@
+"""The cloudinit backend: a cloud-config document from the owner, validated by cloud-init's own
+schema validator and applied by cloud-init's own module runner. The site never sees it.
+
+Config (the owner's half, ``imprint.owner.cloudinit``, reads the document from a file)::
+
+    document: "#cloud-config\\n..." (YAML text, as user-data) or an object (already parsed)
+    always:   false: a document applied before (same SHA-256) is not run again; true: run it
+
+Mechanism (Debian 12's cloud-init 22.4):
+
+1. **Parse** with cloud-init's YAML loader (``cloudinit.safeyaml.load``); text must begin with
+   ``#cloud-config`` as user-data does.
+2. **Validate** with ``cloudinit.config.schema.validate_cloudconfig_schema(doc, get_schema(),
+   strict=True)``. An invalid document is refused with cloud-init's own message ("Cloud config
+   schema errors: users.0: ..."), nothing is run. Deprecations alone become warnings. cloud-init
+   *skips* validation silently when jsonschema is missing: the backend checks that it is there.
+3. **Select the modules** the document is for: a ``cc_*`` module acts on a top-level key if its
+   ``meta["activate_by_schema_keys"]`` or its part of cloud-init's schema (``$defs.cc_NAME``)
+   names it (cc_users_groups has no activation keys: at boot it runs always). They run in the
+   order the root's ``/etc/cloud/cloud.cfg`` (and ``cloud.cfg.d``) lists them — init, config,
+   final stage — so ``write_files`` runs before ``users_groups`` and ``defer: true`` files after.
+   Keys no module acts on are a warning; a document with only such keys is refused. Three
+   modules are refused (``REFUSED``): ``ssh`` (regenerates host keys), ``power_state_change``
+   and ``runcmd`` (it only writes a script for a boot stage that has passed).
+4. **Run** them in a child process of the system's ``/usr/bin/python3`` (the agent's own process
+   stays clean: modules log, chdir, change umask), through ``cloudinit.config.modules.Modules``
+   — ``run_single(name, freq="always")``, the same path as ``cloud-init single``. Its
+   configuration is the document merged over the system configuration (``cloud.cfg`` and
+   ``cloud.cfg.d``, for ``system_info``, the distro class, the default user), *not* over the
+   user-data the instance booted with; the datasource is cloud-init's ``DataSourceNone``, so
+   nothing is fetched from a metadata service. Under ``--root`` other than ``/`` the child
+   runs ``chroot ROOT /usr/bin/python3``: cloud-init's modules know no root prefix, so they act
+   on "/" of whatever system they run in, and the root must hold python3 and cloud-init (as an
+   image mounted for offline customisation does).
+5. **Record** the document's SHA-256 in ``/var/lib/imprint/cloud-config/applied`` when every
+   module succeeded: the same document again is not run (``changed: false``), as cloud-init's
+   own per-instance semaphores would do; ``always = true`` runs it anyway.
+
+Results (``data``): ``sha256``, ``modules`` (in order), ``ran``, ``failed`` [{module, error}],
+``skipped`` (already applied), ``unhandled_keys``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from imprint.backends import BackendContext, BackendError, BackendResult, check_keys, get_typed
+
+PYTHON = "/usr/bin/python3"
+STATE = "/var/lib/imprint/cloud-config/applied"
+MAX_DOCUMENT = 1 << 20
+# Debian 12's cloud.cfg order, used when the system has no cloud.cfg naming the modules.
+DEFAULT_ORDER = (
+    "migrator seed_random bootcmd write_files growpart resizefs disk_setup mounts set_hostname update_hostname "
+    "update_etc_hosts ca_certs rsyslog users_groups ssh snap ssh_import_id keyboard locale set_passwords grub_dpkg "
+    "apt_pipelining apt_configure ntp timezone disable_ec2_metadata runcmd byobu package_update_upgrade_install fan "
+    "landscape lxd write_files_deferred puppet chef mcollective salt_minion reset_rmc refresh_rmc_and_interface "
+    "rightscale_userdata scripts_vendor scripts_per_once scripts_per_boot scripts_per_instance scripts_user "
+    "ssh_authkey_fingerprints keys_to_console install_hotplug phone_home final_message power_state_change"
+).split()
+
+# Runs in the child: `python3 -c RUNNER DOCUMENT_FILE MODULE...`; prints one JSON line last.
+RUNNER = r'''
+import copy, json, logging, sys
+logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+from cloudinit import stages, util
+from cloudinit.config.modules import Modules
+from cloudinit.settings import PER_ALWAYS
+from cloudinit.sources.DataSourceNone import DataSourceNone
+
+from cloudinit import safeyaml
+with open(sys.argv[1]) as f:
+    document = safeyaml.load(f.read())  # the owner's YAML as sent (JSON is YAML too)
+init = stages.Init(ds_deps=[])
+init.datasource = DataSourceNone(init.cfg, init.distro, init.paths)
+merged = util.mergemanydict([document, init.cfg])  # the first wins: the document over cloud.cfg
+
+class DocumentModules(Modules):
+    """cloud-init's runner with the owner's document over the system configuration only."""
+    @property
+    def cfg(self):
+        return copy.deepcopy(merged)
+
+modules = DocumentModules(init)
+ran, failed = [], []
+for name in sys.argv[2:]:
+    which, failures = modules.run_single(name, freq=PER_ALWAYS)
+    ran += which
+    failed += [{"module": n, "error": f"{type(e).__name__}: {e}"} for n, e in failures]
+print(json.dumps({"ran": ran, "failed": failed}))
+'''
+
+# Runs in a child of the agent's python: the modules a document activates, and the order of the
+# root's cloud.cfg. (A child: importing every cc_* module would stay in the agent's memory.)
+SELECT = r'''
+import json, os, sys
+from cloudinit import util
+from cloudinit.config import schema
+keys = set(json.loads(sys.argv[1]))
+cfg = util.read_conf_with_confd(sys.argv[2]) if os.path.exists(sys.argv[2]) else {}
+order = []
+for section in ("cloud_init_modules", "cloud_config_modules", "cloud_final_modules"):
+    for item in cfg.get(section) or []:
+        name = item if isinstance(item, str) else (item[0] if isinstance(item, list) else item.get("name", ""))
+        name = name.strip().replace("-", "_")
+        if name and name not in order:
+            order.append(name)
+defs = schema.get_schema().get("$defs", {})
+found = {}
+for name in schema.get_modules().values():
+    mod = __import__(f"cloudinit.config.{name}", fromlist=["meta"])
+    # A module acts on the keys that activate it and on the keys its schema defines (users_groups
+    # has no activation keys: cloud-init runs it on every boot).
+    mine = set(getattr(mod, "meta", {}).get("activate_by_schema_keys") or [])
+    mine |= set(defs.get(name, {}).get("properties", {}))
+    if mine & keys:
+        found[name.removeprefix("cc_")] = sorted(mine & keys)
+print(json.dumps({"order": order, "found": found}))
+'''
+
+
+# Modules that make no sense, or do harm, when run on a running VM by the agent.
+REFUSED = {
+    "ssh": "cc_ssh deletes and regenerates the VM's SSH host keys (ssh_deletekeys); imprint's [ssh] backend "
+           "manages keys and attests them",
+    "power_state_change": "cc_power_state_change would shut down or reboot the VM under the agent",
+    "runcmd": "cc_runcmd only writes a script for the boot stage scripts-user, which nothing runs afterwards "
+              "(bootcmd runs commands at once)",
+}
+
+
+def apply(ctx: BackendContext, config: dict[str, Any]) -> BackendResult:
+    check_keys(config, ("document", "always"), "cloudinit")
+    raw = config.get("document")
+    document = _parse(raw)
+    always = get_typed(config, "always", bool, "cloudinit", default=False)
+    _validate(ctx, document)
+    # The child gets the text as sent (YAML tags such as !!binary survive); an object as JSON.
+    text = raw if isinstance(raw, str) else json.dumps(document, sort_keys=True, separators=(",", ":"))
+    digest = hashlib.sha256(text.encode()).hexdigest()
+
+    modules, unhandled = _select(ctx, document)
+    if not modules:
+        raise BackendError(f"no cloud-init module acts on this document's keys ({', '.join(sorted(document))})")
+    for module in modules:
+        if module in REFUSED:
+            raise BackendError(f"this backend does not run cloud-init's {module} module: {REFUSED[module]}")
+    python = _python(ctx)
+    for key in unhandled:
+        ctx.warn(f"no cloud-init module acts on '{key}'")
+    state = ctx.path(STATE)
+    done = (ctx.read_file(state) or b"").decode(errors="replace").split()
+    if digest in done and not always:
+        return ctx.result(f"cloud-config {digest[:12]} was applied before; not run again", sha256=digest,
+                          modules=modules, ran=[], failed=[], skipped=True, unhandled_keys=unhandled)
+
+    report = _run(ctx, python, text, modules)
+    ctx.note_change(f"ran cloud-init module(s) {', '.join(report['ran'])}")
+    failed = report["failed"]
+    if failed:
+        raise BackendError("cloud-init module(s) failed: " + "; ".join(f"{f['module']}: {f['error']}" for f in failed))
+    ctx.ensure_dir(state.parent, mode=0o700, uid=0, gid=0, fix_existing=False, parents=True)
+    ctx.write_file(state, ("\n".join([*[d for d in done if d != digest][-99:], digest]) + "\n").encode(),
+                   mode=0o600, uid=0, gid=0)
+    return ctx.result(f"cloud-config {digest[:12]} applied by cloud-init: {', '.join(report['ran'])}", sha256=digest,
+                      modules=modules, ran=report["ran"], failed=[], skipped=False, unhandled_keys=unhandled)
+
+
+def _parse(raw: Any) -> dict[str, Any]:
+    if isinstance(raw, dict):
+        document = raw
+    elif isinstance(raw, str):
+        if len(raw) > MAX_DOCUMENT:
+            raise BackendError(f"cloudinit.document is {len(raw)} characters; at most {MAX_DOCUMENT}")
+        if not raw.startswith("#cloud-config"):
+            raise BackendError("cloudinit.document must begin with '#cloud-config' (the only user-data type "
+                               "this backend applies)")
+        safeyaml = _cloudinit("cloudinit.safeyaml")
+        try:
+            document = safeyaml.load(raw)
+        except Exception as exc:  # yaml's errors (ScannerError, ParserError...) carry the position
+            raise BackendError(f"cloudinit.document is not YAML: {exc}") from None
+    else:
+        raise BackendError("cloudinit.document is required: cloud-config text or an object")
+    if not isinstance(document, dict) or not document:
+        raise BackendError("cloudinit.document must be a non-empty mapping of cloud-config keys")
+    return document
+
+
+def _cloudinit(module: str) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise BackendError("cloud-init is not installed in the VM (Debian: cloud-init)") from None
+
+
+def _validate(ctx: BackendContext, document: dict[str, Any]) -> None:
+    schema = _cloudinit("cloudinit.config.schema")
+    import importlib.util
+
+    if importlib.util.find_spec("jsonschema") is None:  # without it cloud-init validates nothing, silently
+        raise BackendError("python3-jsonschema is missing: cloud-init would skip validation") from None
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # cloud-init 22.4 uses an API jsonschema 4.10 deprecates
+            warnings.simplefilter("ignore", DeprecationWarning)
+            schema.validate_cloudconfig_schema(document, schema.get_schema(), strict=True, log_details=False)
+    except schema.SchemaValidationError as exc:
+        if exc.has_errors():
+            raise BackendError(f"cloud-init refuses the document: {exc}") from None
+        for problem in exc.schema_deprecations or []:
+            ctx.warn(f"cloud-init: deprecated: {problem.format()}")
+
+
+def _python(ctx: BackendContext) -> list[str]:
+    if ctx.paths.is_real_root:
+        return [PYTHON]
+    root = ctx.paths.root.resolve()
+    if not (root / PYTHON.lstrip("/")).exists():
+        raise BackendError(f"cloud-init's modules act on the system they run in: under --root {root} they run "
+                           f"with chroot, and {root}{PYTHON} does not exist")
+    return ["chroot", str(root), PYTHON]
+
+
+def _select(ctx: BackendContext, document: dict[str, Any]) -> tuple[list[str], list[str]]:
+    cloud_cfg = ctx.path("/etc/cloud/cloud.cfg")
+    proc = ctx.run([sys.executable, "-c", SELECT, json.dumps(sorted(document)), str(cloud_cfg)], timeout=120)
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    order = [*info["order"], *[m for m in DEFAULT_ORDER if m not in info["order"]]]
+    found: dict[str, list[str]] = info["found"]
+    modules = sorted(found, key=lambda m: (order.index(m) if m in order else len(order), m))
+    handled = {key for keys in found.values() for key in keys}
+    return modules, sorted(set(document) - handled)
+
+
+def _run(ctx: BackendContext, python: list[str], text: str, modules: list[str]) -> dict[str, Any]:
+    # The document goes to the child in a 0600 file in a 0700 directory under the root (it may
+    # hold password hashes), visible at the same guest path inside a chroot.
+    work = ctx.path("/run/imprint-cloud-config")  # scratch, not a change to the VM: not through ctx
+    try:
+        work.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        work.mkdir(mode=0o700)
+    except FileExistsError:
+        if work.is_symlink() or not work.is_dir():
+            raise BackendError(f"{work} exists and is not a directory") from None
+    doc = work / f"doc-{os.getpid()}.yaml"
+    fd = os.open(doc, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    try:
+        proc = ctx.run([*python, "-c", RUNNER, ctx.paths.guest(doc), *modules], check=False, timeout=1800)
+    finally:
+        doc.unlink(missing_ok=True)
+        _rmdir(work)
+    try:
+        report: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        raise BackendError(f"cloud-init's module runner failed (exit {proc.returncode}): "
+                           f"{' '.join(proc.stderr.strip().splitlines()[-3:])[-400:]}") from None
+    for line in proc.stderr.splitlines():
+        if line.startswith("WARNING "):
+            ctx.warn(f"cloud-init: {line.removeprefix('WARNING ')[:300]}")
+    return report
+
+
+def _rmdir(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass
