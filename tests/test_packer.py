@@ -4,7 +4,9 @@ bakes imprint into the bare image, which then boots and binds (marked slow and v
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -54,6 +56,7 @@ def test_packer_rejects_a_broken_template(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.vm
+@pytest.mark.timeout(1800)
 def test_packer_build_bakes_an_image_that_binds(tmp_path: Path) -> None:
     problem = qemu_problem()
     if problem:
@@ -62,11 +65,18 @@ def test_packer_build_bakes_an_image_that_binds(tmp_path: Path) -> None:
     image = ensure_image()
     out = tmp_path / "packer-out"
     started = time.monotonic()
-    build = subprocess.run(["bash", str(REPO / "packer/build.sh"), "--image-dir", str(image.dir), "--out", str(out)],
-                           capture_output=True, text=True, timeout=1200)
+    # Its own session: on a timeout or an interrupt the whole group (packer and its QEMU) is killed.
+    proc = subprocess.Popen(["bash", str(REPO / "packer/build.sh"), "--image-dir", str(image.dir), "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=1200)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     took = time.monotonic() - started
-    assert build.returncode == 0, build.stdout[-4000:] + build.stderr[-4000:]
-    assert "imprint baked in" in build.stdout
+    assert proc.returncode == 0, stdout[-4000:] + stderr[-4000:]
+    assert "imprint baked in" in stdout
     print(f"packer build: {took:.0f} s")
     # generalized: the build's SSH key, host keys, machine-id and any imprint state are gone
     raw = tmp_path / "imprint.raw"

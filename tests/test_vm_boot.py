@@ -24,7 +24,8 @@ from imprint.site.vm import ANSI_RE
 
 from tests.vm import REPO, Image, OwnerCli, Site, console_tail, ensure_image, qemu_problem, sha256_file
 
-pytestmark = pytest.mark.vm
+# The module's image build (cold: package downloads) and the boots exceed pytest.ini's 300 s.
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(1800)]
 
 Result = dict[str, Any]
 
