@@ -1,5 +1,6 @@
 """End to end in real QEMU VMs: one image, unchanged, booted by `imprint-site boot` on eight boot
-channels in both modes; a reboot; a corrupt token; no token, then a hot-plugged metadata disk.
+channels in both modes; SSH logins trusting only the host key the agent attested; a reboot; a
+corrupt token; no token, then a hot-plugged metadata disk.
 
 Boots are slow under TCG (20-60 s), so every scenario runs whole (boot, bind, status, checks,
 stop) in a pool of two workers, started when the first test asks for its result; tests then
@@ -12,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,6 +24,7 @@ from typing import Any
 import pytest
 from imprint.site.vm import ANSI_RE
 
+from tests.sshkit import keygen, ssh
 from tests.vm import REPO, Image, OwnerCli, Site, console_tail, ensure_image, qemu_problem, sha256_file
 
 # The module's image build (cold: package downloads) and the boots exceed pytest.ini's 300 s.
@@ -41,6 +44,30 @@ BIND_SCENARIOS: dict[str, tuple[str, str]] = {
     "imprint-seed-iso-shared": ("imprint-seed-iso", "shared"),
 }
 REBOOTED = "cmdline-nosecret"  # this scenario also reboots its VM
+# These scenarios apply an SSH profile (one in each mode, one with `bind --profile`) and log in
+# with the attested host key. The second also tries the first VM's attested host key against its
+# own sshd: the first publishes its known_hosts before it stops (or None when it failed), and is
+# submitted earlier, so the wait cannot deadlock the two-worker pool.
+SSH_PUBLISHER, SSH_CHECKER = "config-2-iso-nosecret", "fw_cfg-shared"
+SSH_USER = "owner"
+
+
+class KnownHostsBoard:
+    """The attested known_hosts lines one scenario hands to another."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._lines: list[str] | None = None
+
+    def publish(self, lines: list[str] | None) -> None:
+        if not self._event.is_set():
+            self._lines = lines
+            self._event.set()
+
+    def wait(self, timeout: float) -> list[str] | None:
+        if not self._event.wait(timeout):
+            raise AssertionError(f"{SSH_PUBLISHER} published no known_hosts within {timeout:.0f} s")
+        return self._lines
 
 
 def _token_file(tmp: Path, token: str) -> Path:
@@ -51,8 +78,50 @@ def _token_file(tmp: Path, token: str) -> Path:
     return path
 
 
-def _bind_scenario(site: Site, image: Image, tmp: Path, name: str, channel: str, mode: str) -> Result:
+def _ssh_profile(tmp: Path) -> tuple[Path, Path]:
+    identity = tmp / "id_owner"
+    profile = tmp / "profile.toml"
+    profile.write_text(f'[ssh]\nusers = [{{name = "{SSH_USER}", authorized_keys = ["{keygen(identity)}"]}}]\n')
+    return identity, profile
+
+
+def _ssh_checks(site: Site, owner: OwnerCli, boot: Result, identity: Path, board: KnownHostsBoard,
+                name: str) -> Result:
+    """Log in with OpenSSH trusting only the attested key (by `imprint ssh` and by plain ssh), and,
+    for the checker, try another VM's attested key for this address."""
+    run_dir, port = Path(boot["run_dir"]), int(boot["ssh_port"])
+    out: Result = {"sshd": site.wait_ssh(run_dir)}
+    known_hosts = owner.home / "known_hosts" / "vm"
+    out["known_hosts"] = known_hosts.read_text()
+    login = ["-i", str(identity), "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-F", "/dev/null"]
+    out["imprint_ssh"] = owner.run("ssh", "vm", "-l", SSH_USER, "--", *login,
+                                   "id -un; cat /etc/ssh/ssh_host_ed25519_key.pub", check=None)
+    out["plain_ssh"] = ssh(port, known_hosts, identity, SSH_USER, "true")
+    if name == SSH_PUBLISHER:
+        board.publish([line for line in out["known_hosts"].splitlines() if line and not line.startswith("#")])
+    else:
+        other = board.wait(timeout=1200)
+        assert other, f"{SSH_PUBLISHER} failed before it attested a host key"
+        # The other VM's attested keys, claimed for this VM's address: a host that is not this VM.
+        swapped = run_dir / "other_vm_known_hosts"
+        swapped.write_text("".join(f"[127.0.0.1]:{port} {line.split(' ', 1)[1]}\n" for line in other))
+        out["other_known_hosts"] = swapped.read_text()
+        out["other_ssh"] = ssh(port, swapped, identity, SSH_USER, "true")
+    return out
+
+
+def _bind_scenario(site: Site, image: Image, tmp: Path, name: str, channel: str, mode: str,
+                   board: KnownHostsBoard) -> Result:
     tmp.mkdir(parents=True)
+    try:
+        return _bind_scenario_body(site, image, tmp, name, channel, mode, board)
+    finally:
+        if name == SSH_PUBLISHER:
+            board.publish(None)  # a no-op after a real publish; unblocks the checker on failure
+
+
+def _bind_scenario_body(site: Site, image: Image, tmp: Path, name: str, channel: str, mode: str,
+                        board: KnownHostsBoard) -> Result:
     owner = OwnerCli(tmp / "owner")
     token = owner.token("vm", mode)
     boot = site.boot(image, name, "--channel", channel, "--token-file", str(_token_file(tmp, token)),
@@ -62,10 +131,20 @@ def _bind_scenario(site: Site, image: Image, tmp: Path, name: str, channel: str,
     args = ["bind", "vm", "--address", boot["agent_address"]]
     if mode == "nosecret":
         args += ["--vm-token", boot["vm_token"]]
+    with_ssh = name in (SSH_PUBLISHER, SSH_CHECKER)
+    if with_ssh:
+        identity, profile = _ssh_profile(tmp)
+        ssh_target = ["--ssh-port", str(boot["ssh_port"])]
+        if name == SSH_CHECKER:  # the profile in the bind itself
+            args += ["--profile", str(profile), *ssh_target]
     started = time.monotonic()
     result["bind"] = owner.json(*args)
     result["bind_seconds"] = time.monotonic() - started
     result["status"] = owner.json("status", "vm")
+    if with_ssh:
+        if name == SSH_PUBLISHER:  # a separate apply after the bind
+            result["apply"] = owner.json("apply", "vm", "--profile", str(profile), *ssh_target)
+        result["ssh"] = _ssh_checks(site, owner, boot, identity, board, name)
     result["console"] = (Path(boot["run_dir"]) / "console.log").read_text(errors="replace")
     if name == REBOOTED:
         again = site.reboot(boot, f"{name}-reboot")
@@ -116,13 +195,14 @@ class Farm:
         self.site, self.image, self.base = site, image, base
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vm")
         self.futures: dict[str, Future[Result]] = {}
+        self.board = KnownHostsBoard()
         self.started = time.monotonic()
 
     def start_all(self) -> None:
         jobs: dict[str, Callable[[], Result]] = {}
         for name, (channel, mode) in BIND_SCENARIOS.items():
             jobs[name] = (lambda n=name, c=channel, m=mode:
-                          _bind_scenario(self.site, self.image, self.base / n, n, c, m))
+                          _bind_scenario(self.site, self.image, self.base / n, n, c, m, self.board))
             if name == "fw_cfg-shared":  # interleave the special scenarios with the bind ones
                 jobs["late"] = lambda: _late_scenario(self.site, self.image, self.base / "late")
                 jobs["corrupt"] = lambda: _corrupt_scenario(self.site, self.image, self.base / "corrupt")
@@ -226,6 +306,42 @@ def test_each_mode_three_times_on_six_channel_types() -> None:
     assert modes.count("shared") >= 3 and modes.count("nosecret") >= 3
     assert {"cmdline", "nocloud", "config-2", "imprint-seed", "metadata-disk"} <= kinds
     assert kinds & {"fw_cfg", "credentials"} and len(kinds) >= 6
+
+
+@pytest.mark.parametrize("name", [SSH_PUBLISHER, SSH_CHECKER])
+def test_ssh_login_with_attested_host_key(farm: Farm, name: str) -> None:
+    """`imprint ssh` and plain OpenSSH with StrictHostKeyChecking=yes and only the owner's
+    known_hosts log in; the key they trusted is the VM's own host key."""
+    result = farm.result(name)
+    checks = result["ssh"]
+    applied = result["bind"]["apply"] if name == SSH_CHECKER else result["apply"]
+    assert applied["ok"] and applied["results"]["ssh"]["ok"], applied
+    port = result["boot"]["ssh_port"]
+    attested = [line for line in checks["known_hosts"].splitlines() if line and not line.startswith("#")]
+    assert attested and all(line.startswith(f"[127.0.0.1]:{port} ssh-") for line in attested)
+    login = checks["imprint_ssh"]
+    assert login.returncode == 0, login.stderr
+    user, host_key = login.stdout.strip().splitlines()
+    assert user == SSH_USER
+    # What sshd in the VM holds is exactly what the agent attested over the pinned channel.
+    assert host_key.split()[:2] in [line.split()[1:3] for line in attested]
+    assert checks["plain_ssh"].returncode == 0, checks["plain_ssh"].stderr
+
+
+def test_ssh_refuses_another_vms_host_key(farm: Farm) -> None:
+    """Another VM's attested key, claimed for this VM's address, is refused by OpenSSH."""
+    checks = farm.result(SSH_CHECKER)["ssh"]
+    publisher = farm.result(SSH_PUBLISHER)["ssh"]
+    published = {tuple(line.split()[1:3]) for line in publisher["known_hosts"].splitlines()
+                 if line and not line.startswith("#")}
+    tried = {tuple(line.split()[1:3]) for line in checks["other_known_hosts"].splitlines()}
+    assert tried and tried == published
+    own = {tuple(line.split()[1:3]) for line in checks["known_hosts"].splitlines() if line and not line.startswith("#")}
+    assert not tried & own  # two VMs, two different host keys
+    refused = checks["other_ssh"]
+    assert refused.returncode == 255
+    assert "Host key verification failed" in refused.stderr
+    assert "REMOTE HOST IDENTIFICATION HAS CHANGED" in refused.stderr
 
 
 def test_reboot_keeps_key_and_does_not_wait(farm: Farm) -> None:

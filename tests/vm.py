@@ -168,6 +168,12 @@ class Site:
             raise AssertionError(f"imprint-site attach exited {code}: {err}\n{console_tail(run_dir)}")
         return data
 
+    def wait_ssh(self, run_dir: Path) -> dict[str, Any]:
+        code, data, err = self._site("wait-ssh", str(run_dir), "--timeout", "300", timeout=400)
+        if code != 0:
+            raise AssertionError(f"imprint-site wait-ssh exited {code}: {err}\n{console_tail(run_dir)}")
+        return data
+
     def stop(self, run_dir: Path, graceful: bool = False) -> str:
         code, data, err = self._site("stop", str(run_dir), *(["--graceful"] if graceful else []), timeout=300)
         assert code == 0, err

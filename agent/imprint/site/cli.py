@@ -64,6 +64,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--no-wait", action="store_true")
 
+    p = sub.add_parser("wait-ssh", help="wait until the VM's sshd answers on its forwarded port; prints JSON")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--timeout", type=float, default=300.0)
     p = sub.add_parser("stop", help="stop the VM of a run directory")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--graceful", action="store_true", help="ACPI power-down first (a clean guest shutdown)")
@@ -178,6 +181,18 @@ def _attach(args: argparse.Namespace) -> int:
     return _print_record(record)
 
 
+def _wait_ssh(args: argparse.Namespace) -> int:
+    try:
+        record = vm.BootRecord.load(args.run_dir)
+        seconds = vm.wait_sshd(record, timeout=args.timeout)
+    except (vm.SiteError, OSError, ValueError) as exc:
+        print(f"imprint-site: error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({"run_dir": str(args.run_dir), "ssh_address": record.ssh_address,
+                      "seconds_to_sshd": seconds}))
+    return 0
+
+
 def _stop(args: argparse.Namespace) -> int:
     try:
         how = vm.stop(args.run_dir, graceful=args.graceful)
@@ -190,7 +205,8 @@ def _stop(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
-    handlers = {"seed": _seed, "reverse": _reverse, "boot": _boot, "attach": _attach, "stop": _stop}
+    handlers = {"seed": _seed, "reverse": _reverse, "boot": _boot, "attach": _attach, "wait-ssh": _wait_ssh,
+                "stop": _stop}
     return handlers[args.command](args)
 
 

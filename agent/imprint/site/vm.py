@@ -1,4 +1,4 @@
-"""``imprint-site boot|stop|attach``: a site in one command, for trying imprint and for tests.
+"""``imprint-site boot|stop|attach|wait-ssh``: a site in one command, for trying imprint and for tests.
 
 ``boot`` copies the image as a qcow2 overlay (the base image is never written), builds the token
 artefact for the chosen channel with :mod:`imprint.site.seeds`, starts QEMU daemonized with user
@@ -366,6 +366,24 @@ def follow(record: BootRecord, timeout: float = 600.0, until: tuple[str, ...] = 
     record.seconds_to_status = round(time.time() - record.started_at, 2)
     record.save()
     return record
+
+
+def wait_sshd(record: BootRecord, timeout: float = 300.0) -> float:
+    """Wait until the guest's sshd sends its banner on the forwarded port; returns seconds since
+    QEMU started. User networking accepts the TCP connection at once and resets it while nothing
+    listens in the guest, so a connect alone proves nothing: the banner does."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError):
+            with socket.create_connection(("127.0.0.1", record.ssh_port), timeout=2) as sock:
+                sock.settimeout(2)
+                if sock.recv(8).startswith(b"SSH-"):
+                    return round(time.time() - record.started_at, 2)
+        if not is_running(record.pid):
+            raise SiteError("QEMU exited before sshd answered; the console log says why")
+        if time.monotonic() > deadline:
+            raise SiteError(f"sshd did not answer on {record.ssh_address} within {timeout:.0f} s")
+        time.sleep(0.25)
 
 
 # -- stop and hot-plug ---------------------------------------------------------------------------
