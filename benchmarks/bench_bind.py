@@ -30,7 +30,6 @@ import argparse
 import contextlib
 import cProfile
 import gc
-import hashlib
 import io
 import json
 import os
@@ -51,9 +50,9 @@ import _harness as h
 import imprint.owner.bind as bind_module
 import requests
 from imprint import crypto, tls, tokens
+from imprint.owner.client import PinnedAdapter
 from imprint.owner.home import OwnerHome
 from imprint.owner.store import Store
-from requests.adapters import HTTPAdapter
 
 RATIO_GOAL = 2.0
 MODES = ("shared", "nosecret")
@@ -109,20 +108,6 @@ def serve_baseline(directory: Path, nodelay: bool) -> int:
         threading.Thread(target=serve, args=(conn,), daemon=True).start()
 
 
-class _PinnedAdapter(HTTPAdapter):
-    """The same pinning as imprint.owner.client: the context's only CA is the pin, no hostname,
-    and urllib3 compares the certificate fingerprint too."""
-
-    def __init__(self, context: ssl.SSLContext, cert_der: bytes) -> None:
-        self._context = context
-        self._fingerprint = hashlib.sha256(cert_der).hexdigest()
-        super().__init__(max_retries=0)
-
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.update(ssl_context=self._context, assert_hostname=False, assert_fingerprint=self._fingerprint)
-        super().init_poolmanager(*args, **kwargs)  # type: ignore[no-untyped-call]
-
-
 class Baseline:
     def __init__(self, home: OwnerHome, work: Path, logs: Path, *, nodelay: bool) -> None:
         directory = work / f"baseline-{'nodelay' if nodelay else 'nagle'}"
@@ -148,7 +133,7 @@ class Baseline:
         session = requests.Session()
         session.trust_env = False
         session.verify = str(self.pin_file)
-        session.mount("https://", _PinnedAdapter(context, self.server_der))
+        session.mount("https://", PinnedAdapter(context, self.server_der))
         try:
             response = session.get(self.url, timeout=10)
             response.raise_for_status()

@@ -6,14 +6,5 @@
 set -euo pipefail
 debs=(mmdebstrap qemu-system-x86 qemu-utils e2fsprogs packer python3 python3-pip python3-wheel python3-setuptools
       openssh-client genisoimage)
-missing=()
-for p in "${debs[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "image-build/bootstrap: installing Debian packages: ${missing[*]}"
-  sudo_cmd=""
-  [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
-  $sudo_cmd apt-get update -q
-  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -q --no-install-recommends "${missing[@]}"
-fi
+bash "$(cd "$(dirname "$0")/.." && pwd)/tools/apt-ensure.sh" image-build/bootstrap "${debs[@]}"
+

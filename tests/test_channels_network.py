@@ -268,14 +268,14 @@ def test_reply_only_when_the_token_came_from_the_service(server: FakeIMDS, paths
 
 
 def test_reply_refused_is_logged_not_fatal(server: FakeIMDS, paths: GuestPaths,
-                                           caplog: pytest.LogCaptureFixture) -> None:
+                                           capsys: pytest.CaptureFixture[str]) -> None:
     server.site.require_session = True
     server.site.sessions = False  # so the reply PUT, without a session, gets 401
     assert imds.reply(paths, "IMPRINT-VM-TOKEN x") is False
-    assert "HTTP 401" in caplog.text
+    assert "HTTP 401" in capsys.readouterr().err
     server.site.fail_status = 500
     assert imds.reply(paths, "IMPRINT-VM-TOKEN x") is False
-    assert "HTTP 500" in caplog.text
+    assert "HTTP 500" in capsys.readouterr().err
 
 
 # --- through the registry and the real agent ---------------------------------------------------

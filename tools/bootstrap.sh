@@ -11,17 +11,7 @@ debs=(python3 python3-venv python3-pip python3-cryptography python3-requests
       mtools dosfstools genisoimage xorriso cloud-init openssh-server openssh-client
       krb5-kdc krb5-admin-server krb5-user)
 
-missing=()
-for p in "${debs[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "bootstrap: installing Debian packages: ${missing[*]}"
-  sudo_cmd=""
-  [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
-  $sudo_cmd apt-get update -q
-  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -q --no-install-recommends "${missing[@]}"
-fi
+bash "$here/tools/apt-ensure.sh" bootstrap "${debs[@]}"
 
 venv="$here/.venv"
 stamp="$venv/.imprint-stamp"

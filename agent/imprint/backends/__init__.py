@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from imprint.fsatomic import write_atomic
+from imprint.guest import log as agent_log
 from imprint.guest.paths import GuestPaths
 
 GROUP = "imprint.backends"
@@ -58,6 +59,7 @@ BUILTIN: dict[str, str] = {
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
 log = logging.getLogger("imprint.agent")
+agent_log.route_stdlib("imprint")  # in a running agent, backend records go where the agent's go
 
 
 class BackendError(Exception):

@@ -9,15 +9,16 @@ load or create the key, listen, and only then import the exchange and crypto cod
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 from types import FrameType
 
+from imprint.guest import log as agent_log
 from imprint.guest.channels import (
     ChannelBroken,
     Found,
@@ -32,7 +33,7 @@ from imprint.guest.state import AgentState, StateError
 from imprint.tokens import Mode, Token
 
 DEFAULT_PORT = 7443
-log = logging.getLogger("imprint.agent")
+log = agent_log.get("imprint.agent")
 
 
 class AgentFailure(Exception):
@@ -72,7 +73,6 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _wait_for_token(paths: GuestPaths, only: list[str] | None, wait: float | None) -> Found:
-    import time
 
     pause = threading.Event()
     started = time.monotonic()
@@ -217,7 +217,8 @@ def run(args: argparse.Namespace) -> int:
     if announcer is not None:
         announcer.start()
     phase = "bound, serving the pinned owner" if server.bound else "waiting for the owner to bind"
-    log.info("listening on %s:%d (%s)", host, bound_port, phase)
+    # The CPU the start took (imports, token search, key): the agent's own cost at boot.
+    log.info("listening on %s:%d (%s); start-up used %.2f s of CPU", host, bound_port, phase, time.process_time())
     if not server.bound:
         # READY promises an exchange without delay: its code is loaded before, not during, the bind.
         import imprint.protocol  # noqa: F401
@@ -230,11 +231,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
-        format="imprint-agent: %(message)s",
-        stream=sys.stderr,
-    )
+    agent_log.configure(verbose=bool(getattr(args, "verbose", False)))
     try:
         return run(args)
     except AgentFailure as exc:

@@ -8,12 +8,13 @@ and writes headers and body separately, which costs a delayed-ACK round on every
 from __future__ import annotations
 
 import json
-import logging
 import ssl
 from collections.abc import Callable
 from typing import Any, BinaryIO, Protocol
 
-log = logging.getLogger("imprint.agent")
+from imprint.guest import log as agent_log
+
+log = agent_log.get("imprint.agent")
 
 MAX_LINE = 4096
 MAX_HEADERS = 64

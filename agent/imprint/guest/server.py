@@ -10,7 +10,6 @@ slow clients cannot keep a genuine owner out for longer than a deadline.
 from __future__ import annotations
 
 import contextlib
-import logging
 import socket
 import ssl
 import threading
@@ -19,6 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from imprint import tls
+from imprint.guest import log as agent_log
 from imprint.guest.paths import GuestPaths
 from imprint.guest.state import AgentState, BindRecord
 from imprint.tokens import Token
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from imprint import crypto
     from imprint.protocol import VmExchange
 
-log = logging.getLogger("imprint.agent")
+log = agent_log.get("imprint.agent")
 
 HANDSHAKE_TIMEOUT = 10.0
 EXCHANGE_DEADLINE = 20.0

@@ -16,7 +16,7 @@ from imprint.owner.home import OwnerHome
 TIMEOUT = 10.0
 
 
-class _PinnedAdapter(HTTPAdapter):
+class PinnedAdapter(HTTPAdapter):
     """Trusts exactly one certificate: the context's only CA is the pin, hostnames are not
     checked (the identity is the key), and urllib3 compares the certificate fingerprint too."""
 
@@ -39,7 +39,7 @@ class PinnedClient:
         self._session = requests.Session()
         self._session.trust_env = False  # a proxy from the environment must not sit in this channel
         self._session.verify = str(home.write_pin_file(vm, vm_cert_pem))
-        self._session.mount("https://", _PinnedAdapter(context, cert_der))
+        self._session.mount("https://", PinnedAdapter(context, cert_der))
 
     def get(self, path: str) -> dict[str, Any]:
         return self._request("GET", path)

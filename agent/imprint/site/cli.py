@@ -51,6 +51,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", type=Path, help="where the overlay, artefacts, console.log, pid live (default: new)")
     p.add_argument("--reuse-disk", type=Path, help="boot this overlay again (a reboot of that VM) instead of a new one")
     p.add_argument("--memory", type=int, default=1024, help="MiB (default 1024)")
+    p.add_argument("--cpus", type=int, default=1, choices=range(1, 65), metavar="N", help="vCPUs (default 1)")
     p.add_argument("--append", default="", help="more kernel command line")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the agent's status")
     p.add_argument("--no-wait", action="store_true", help="print the JSON right after QEMU started")
@@ -156,7 +157,7 @@ def _boot(args: argparse.Namespace) -> int:
     try:
         record = vm.boot(image=args.image, kernel=args.kernel or near / "vmlinuz",
                          initrd=args.initrd or near / "initrd.img", run_dir=run_dir, channel=args.channel,
-                         token=token, accel=args.accel, memory_mib=args.memory, append=args.append,
+                         token=token, accel=args.accel, memory_mib=args.memory, cpus=args.cpus, append=args.append,
                          reuse_disk=args.reuse_disk)
     except (vm.SiteError, tokens.TokenError, OSError, subprocess.SubprocessError) as exc:
         print(f"imprint-site: error: {exc}", file=sys.stderr)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from imprint import tokens
 from imprint.fsatomic import write_atomic
-from imprint.site.seeds import Artefact, Builder
+from imprint.site.artefact import Artefact, Builder
 
 IMPRINT_LABEL = "IMPRINT"
 NOCLOUD_LABEL = "cidata"  # cloud-init looks for cidata and CIDATA

@@ -8,28 +8,18 @@ take the token from a file, it does, so a shared-mode K never appears in a proce
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from imprint import metadisk
 from imprint.fsatomic import write_atomic
+from imprint.site import isoseeds
+from imprint.site.artefact import Artefact, Builder
 
 FW_CFG_ENTRY = "opt/org.imprint/token"
 CREDENTIAL_FW_CFG_ENTRY = "opt/io.systemd.credentials/imprint.token"
 METADISK_SERIAL = "imprint"
 
 
-@dataclass
-class Artefact:
-    channel: str
-    path: Path
-    qemu_args: list[str] = field(default_factory=list)
-    kernel_cmdline: str | None = None
-    note: str = ""
-
-
-Builder = Callable[[str, Path], Artefact]
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -76,22 +66,14 @@ def build_metadisk(token: str, out: Path) -> Artefact:
     )
 
 
-def _registry() -> dict[str, Builder]:
-    # Imported here: isoseeds builds on Artefact and Builder above.
-    from imprint.site import isoseeds
-
-    builders: dict[str, Builder] = {
-        "cmdline": build_cmdline,
-        "fw_cfg": build_fw_cfg,
-        "credentials": build_credentials,
-        "credentials-smbios": build_credentials_smbios,
-        "metadata-disk": build_metadisk,
-        **isoseeds.BUILDERS,
-    }
-    return builders
-
-
-BUILDERS = _registry()
+BUILDERS: dict[str, Builder] = {
+    "cmdline": build_cmdline,
+    "fw_cfg": build_fw_cfg,
+    "credentials": build_credentials,
+    "credentials-smbios": build_credentials_smbios,
+    "metadata-disk": build_metadisk,
+    **isoseeds.BUILDERS,
+}
 
 
 def build(channel: str, token: str, out: Path) -> Artefact:

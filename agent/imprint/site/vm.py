@@ -31,6 +31,7 @@ from typing import Any
 
 from imprint import tokens
 from imprint.site import reverse, seeds
+from imprint.site.artefact import Artefact
 
 QEMU = "qemu-system-x86_64"
 AGENT_PORT = 7443
@@ -228,7 +229,7 @@ def _token_mode(token: str | None) -> tuple[str | None, str | None]:
 
 
 def boot(*, image: Path | None, kernel: Path, initrd: Path, run_dir: Path, channel: str | None,
-         token: str | None, accel: str = "auto", memory_mib: int = 1024, append: str = "",
+         token: str | None, accel: str = "auto", memory_mib: int = 1024, cpus: int = 1, append: str = "",
          reuse_disk: Path | None = None, extra_qemu: list[str] | None = None) -> BootRecord:
     """Start the VM and return its record (status "started"); :func:`follow` then watches it."""
     qemu = qemu_binary()
@@ -250,7 +251,7 @@ def boot(*, image: Path | None, kernel: Path, initrd: Path, run_dir: Path, chann
                         str(disk)], check=True, capture_output=True, timeout=60)
     chosen, note = choose_accel(accel, kernel, initrd)
 
-    artefact: seeds.Artefact | None = None
+    artefact: Artefact | None = None
     cmdline = f"{BASE_APPEND} {append}".strip()
     qemu_args: list[str] = []
     if channel is not None and token is not None:
@@ -270,7 +271,7 @@ def boot(*, image: Path | None, kernel: Path, initrd: Path, run_dir: Path, chann
     pidfile.unlink(missing_ok=True)
     drive = str(disk).replace(",", ",,")
     cmd = [
-        qemu, "-name", f"imprint-{run_dir.name}", "-accel", chosen, "-m", str(memory_mib), "-smp", "1",
+        qemu, "-name", f"imprint-{run_dir.name}", "-accel", chosen, "-m", str(memory_mib), "-smp", str(cpus),
         "-display", "none", "-vga", "none", "-monitor", "none",
         "-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline,
         "-drive", f"file={drive},if=virtio,format=qcow2",
@@ -441,7 +442,7 @@ HOTPLUG_CHANNELS = ("metadata-disk", "imprint-seed-iso", "imprint-seed-vfat", "n
                     "config-2-iso", "config-2-vfat")
 
 
-def attach(run_dir: Path, channel: str, token: str) -> seeds.Artefact:
+def attach(run_dir: Path, channel: str, token: str) -> Artefact:
     """Hot-plug a token disk into a running VM (PCI hot-plug of a virtio-blk device)."""
     if channel not in HOTPLUG_CHANNELS:
         raise SiteError(f"only disks can be hot-plugged: {', '.join(HOTPLUG_CHANNELS)}")

@@ -42,13 +42,13 @@ from __future__ import annotations
 # must not see the token).
 import http.client
 import json
-import logging
 import os
 import time
 import urllib.parse
 from dataclasses import dataclass
 
 from imprint import tokens
+from imprint.guest import log as agent_log
 from imprint.guest.channels import ChannelBroken
 from imprint.guest.paths import GuestPaths
 
@@ -81,7 +81,7 @@ MAX_TOKEN_BODY = 4096
 # a token; this bound only stops a runaway answer.
 MAX_JSON_BODY = 256 * 1024
 
-log = logging.getLogger(__name__)
+log = agent_log.get(__name__)
 
 
 class _Absent(Exception):
