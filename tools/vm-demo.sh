@@ -55,13 +55,14 @@ printf '[ssh]\nusers = [{name = "demo", authorized_keys = ["%s"]}]\n' "$(cat "$w
 ssh_port=$(field ssh_port)
 imprint apply demo --profile "$work/profile.toml" --ssh-port "$ssh_port"
 cat "$work/owner/known_hosts/demo"
+echo "attested host key fingerprint: $(ssh-keygen -lf "$work/owner/known_hosts/demo" | cut -d' ' -f2)"
 
 say "7. OpenSSH with StrictHostKeyChecking=yes and only the attested key: the owner logs in"
 "$py" -m imprint.site wait-ssh "$work/vm" >/dev/null
 login=(-- -i "$work/id_demo" -o IdentitiesOnly=yes -o BatchMode=yes -F /dev/null)
 imprint ssh demo -l demo --print "${login[@]}"
 imprint ssh demo -l demo "${login[@]}" \
-  'echo "logged in as $(id -un) on $(hostname); host key $(ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub | cut -d" " -f2)"'
+  'echo "logged in as $(id -un) on $(hostname); the VM says its host key is $(ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub | cut -d" " -f2)"'
 
 say "8. a known_hosts with any other host key for this address (another VM's, a MITM's) is refused"
 ssh-keygen -q -t ed25519 -N "" -C other-vm -f "$work/other_host_key"
