@@ -21,6 +21,13 @@ from pathlib import Path
 
 READY_TIMEOUT = 60.0
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from imprint.owner.home import OwnerHome  # noqa: E402
+from imprint.owner.store import Store  # noqa: E402
+
+from tests.agentroot import make_root  # noqa: E402, F401  (re-exported for the benchmarks)
+
 AGENT_SOURCES = REPO / "agent"
 
 
@@ -42,16 +49,12 @@ def agent_env(*, bytecode_cache: Path | None) -> dict[str, str]:
     return env
 
 
-def make_root(base: Path, name: str, token: str | None) -> Path:
-    """A guest root for ``--root``: proc/cmdline (with the token, if any) and dev/."""
-    root = base / name
-    (root / "proc").mkdir(parents=True, exist_ok=True)
-    (root / "dev").mkdir(exist_ok=True)
-    cmdline = "console=ttyS0 root=LABEL=root ro"
-    if token is not None:
-        cmdline += f" imprint.token={token}"
-    (root / "proc" / "cmdline").write_text(cmdline + "\n")
-    return root
+def issue_token(home: OwnerHome, store: Store, vm: str, mode: str) -> str:
+    """What `imprint token new VM --mode MODE` does, in-process."""
+    token = home.new_token(mode)
+    text = token.encode()
+    store.issue_token(vm, mode, token.token_id.hex(), text)
+    return text
 
 
 @dataclass

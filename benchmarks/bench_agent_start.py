@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -27,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import _harness as h
-from imprint import tokens
 from imprint.owner.bind import bind
 from imprint.owner.client import PinnedClient
 from imprint.owner.home import OwnerHome
@@ -60,21 +58,10 @@ class Samples:
         self.memory.setdefault(point, []).append(reading)
 
 
-def issue_token(home: OwnerHome, store: Store, vm: str, mode: str) -> str:
-    """What `imprint token new VM --mode MODE` does, in-process."""
-    if mode == "shared":
-        token = tokens.Token(tokens.TokenKind.SHARED, os.urandom(tokens.PAYLOAD_BYTES))
-    else:
-        token = tokens.Token(tokens.TokenKind.NOSECRET, home.load_key().public.digest)
-    text = token.encode()
-    store.issue_token(vm, mode, token.token_id.hex(), text)
-    return text
-
-
 def cycle(home: OwnerHome, store: Store, base: Path, logs: Path, env: dict[str, str], vm: str, mode: str,
           samples: Samples | None) -> None:
     """First boot, bind, stop, restart (bound), one status call, stop."""
-    root = h.make_root(base, vm, issue_token(home, store, vm, mode))
+    root = h.make_root(base, vm, h.issue_token(home, store, vm, mode))
     agent = h.start_agent(root, logs, env)
     try:
         ready_mem = agent.memory()
@@ -144,7 +131,7 @@ def profile(home: OwnerHome, store: Store, base: Path) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for mode in MODES:
         vm = f"profile-{mode}"
-        root = h.make_root(work, vm, issue_token(home, store, vm, mode))
+        root = h.make_root(work, vm, h.issue_token(home, store, vm, mode))
         agent = h.start_agent(root, logs, env, python_flags=["-X", "importtime"])
         try:
             bind(home, store, vm, agent.address, agent.vm_token() if mode == "nosecret" else None)

@@ -49,7 +49,7 @@ from typing import Any
 import _harness as h
 import imprint.owner.bind as bind_module
 import requests
-from imprint import crypto, tls, tokens
+from imprint import crypto, tls
 from imprint.owner.client import PinnedAdapter
 from imprint.owner.home import OwnerHome
 from imprint.owner.store import Store
@@ -150,17 +150,6 @@ class Baseline:
 # ---- bind ---------------------------------------------------------------------------------------
 
 
-def issue_token(home: OwnerHome, store: Store, vm: str, mode: str) -> str:
-    """What `imprint token new VM --mode MODE` does, in-process."""
-    if mode == "shared":
-        token = tokens.Token(tokens.TokenKind.SHARED, os.urandom(tokens.PAYLOAD_BYTES))
-    else:
-        token = tokens.Token(tokens.TokenKind.NOSECRET, home.load_key().public.digest)
-    text = token.encode()
-    store.issue_token(vm, mode, token.token_id.hex(), text)
-    return text
-
-
 @contextlib.contextmanager
 def phase_timer(phases: dict[str, float]) -> Iterator[None]:
     """Time bind's exchange and pinned status call by wrapping the module's functions."""
@@ -253,7 +242,7 @@ class Binder:
         """Untimed: a token, a fresh agent root, the agent started and READY, its VM token."""
         self.count += 1
         vm = f"{mode}-{self.count}"
-        root = h.make_root(self.work, vm, issue_token(self.home, self.store, vm, mode))
+        root = h.make_root(self.work, vm, h.issue_token(self.home, self.store, vm, mode))
         if what_if:
             env = dict(self.env, IMPRINT_BENCH_WHAT_IF=what_if)
             agent = h.start_agent(root, self.logs, env, python_flags=python_flags, launcher=("-c", WHAT_IF_LAUNCHER))

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import agentroot
+
 READY_TIMEOUT = 30.0
 
 
@@ -65,14 +67,7 @@ class AgentFactory:
     sockets: list[str] = field(default_factory=list)
 
     def make_root(self, token: str | None, name: str = "vm") -> Path:
-        root = self.base / name
-        (root / "proc").mkdir(parents=True, exist_ok=True)
-        (root / "dev").mkdir(exist_ok=True)
-        cmdline = "console=ttyS0 root=LABEL=root ro"
-        if token is not None:
-            cmdline += f" imprint.token={token}"
-        (root / "proc" / "cmdline").write_text(cmdline + "\n")
-        return root
+        return agentroot.make_root(self.base, name, token)
 
     def start(self, root: Path, *extra: str, port: int = 0, expect_ready: bool = True) -> Agent:
         sock_dir = tempfile.mkdtemp(prefix="imprint-notify-")  # short path: AF_UNIX limits it to 107 bytes

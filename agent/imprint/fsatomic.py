@@ -12,6 +12,15 @@ def ensure_private_dir(path: Path) -> None:
     os.chmod(path, 0o700)
 
 
+def fsync_path(path: Path) -> None:
+    """fsync a file, a directory (its entries: a rename or unlink in it) or a block device."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_atomic(path: Path, data: bytes, *, mode: int = 0o600, sync_dir: bool = True,
                  uid: int | None = None, gid: int | None = None, dir_nofollow: bool = False) -> None:
     """Replace ``path`` with ``data``; readers see the old file or the new one, never a mix.

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imprint.fsatomic import write_atomic
+from imprint.fsatomic import fsync_path, write_atomic
 from imprint.guest import log as agent_log
 from imprint.guest.paths import GuestPaths
 
@@ -184,11 +184,7 @@ class BackendContext:
             raise BackendError(f"{path} is a directory; refusing to remove it")
         try:
             os.unlink(path)
-            dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            fsync_path(path.parent)
         except OSError as exc:
             raise BackendError(f"cannot remove {path}: {exc.strerror}") from None
         self.note_change(f"removed {path}")

@@ -15,7 +15,6 @@ import threading
 
 DEBUG, INFO, WARNING, ERROR = 10, 20, 30, 40
 PREFIX = "imprint-agent: "
-_NAMES = {DEBUG: "debug", INFO: "info", WARNING: "warning", ERROR: "error"}
 _state = {"level": INFO, "configured": False}
 _write_lock = threading.Lock()
 

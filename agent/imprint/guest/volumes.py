@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from imprint.fsatomic import fsync_path
+
 # Seed files are a few hundred bytes; a bound keeps a hostile or mistaken volume from making
 # the agent read megabytes into memory while it polls the boot channels.
 MAX_FILE = 64 * 1024
@@ -452,11 +454,7 @@ def wipe_file(device: Path, path: str, replacement: bytes) -> None:
             os.close(fd)
     write_file(device, path, replacement)
     try:
-        fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(device)
     except OSError as exc:
         raise VolumeError(f"cannot sync {device}: {exc.strerror}") from None
 

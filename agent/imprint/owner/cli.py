@@ -51,17 +51,16 @@ def cmd_init(home: OwnerHome, args: argparse.Namespace) -> int:
 
 def cmd_token_new(home: OwnerHome, args: argparse.Namespace) -> int:
     name = _valid_name(args.name)
-    key = home.load_key()
+    home.load_key()  # the owner identity comes first, in both modes
     store = home.store()
     pin = store.pin(name)
     if pin is not None and pin.state == "bound":
         raise UsageError(f"{name} is already bound to VM key {pin.vm_fingerprint}; a VM binds once")
+    token = home.new_token(args.mode)
     if args.mode == "shared":
-        token = tokens.Token(tokens.TokenKind.SHARED, os.urandom(tokens.PAYLOAD_BYTES))
         note = ("secret and single-use: give it to the site over a confidential channel, for a boot channel "
                 "only root can read in the VM (fw_cfg, credentials, metadata disk, seed), not the kernel command line")
     else:
-        token = tokens.Token(tokens.TokenKind.NOSECRET, key.public.digest)
         note = "not secret: it is the hash of your owner key; the site needs integrity only"
     text = token.encode()
     store.issue_token(name, args.mode, token.token_id.hex(), text)

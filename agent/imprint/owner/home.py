@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from imprint import crypto
+from imprint import crypto, tokens
 from imprint.fsatomic import ensure_private_dir, write_atomic
 from imprint.owner.errors import UsageError
 from imprint.owner.store import Store
@@ -76,6 +76,13 @@ class OwnerHome:
         if not crypto.digests_equal(spki, key.public.spki):
             raise UsageError(f"{self.cert_file} does not carry the key in {self.key_file}")
         return key
+
+    def new_token(self, mode: str) -> tokens.Token:
+        """The token for a new VM: a fresh single-use K (shared), or the hash of this owner's key
+        (nosecret)."""
+        if mode == "shared":
+            return tokens.Token(tokens.TokenKind.SHARED, os.urandom(tokens.PAYLOAD_BYTES))
+        return tokens.Token(tokens.TokenKind.NOSECRET, self.load_key().public.digest)
 
     def cert_der(self) -> bytes:
         return crypto.certificate_der(self.cert_file.read_bytes())

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from imprint import tokens
-from imprint.fsatomic import write_atomic
+from imprint.fsatomic import fsync_path, write_atomic
 from imprint.site.artefact import Artefact, Builder
 
 IMPRINT_LABEL = "IMPRINT"
@@ -132,20 +132,12 @@ def vfat_image(label: str, files: Files, out: Path) -> None:
         for path, data in files.items():
             # "-": mcopy reads the content from stdin, so the token is never in another file.
             _run("mcopy", "-i", image, "-", "::" + path, stdin=data)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(tmp)
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    dir_fd = os.open(out.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_path(out.parent)
 
 
 def _drive(out: Path, *, readonly: bool) -> list[str]:
