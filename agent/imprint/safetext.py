@@ -1,0 +1,63 @@
+"""Untrusted text made safe for a terminal or a log line.
+
+Text from outside (a peer's alert detail, a VM's status fields, site-supplied names, file names)
+can carry terminal escape sequences (ESC, CSI), carriage returns that overwrite what a reader
+sees, newlines that forge a second log line, bidi overrides that reorder it, and sheer size.
+:func:`printable` returns a rendering made only of printable ASCII (0x20-0x7e) in which every other
+character is escaped visibly and unambiguously (a backslash is doubled, so ``\\x1b`` in the output
+always means an ESC in the input), on one line, at most ``limit`` characters long.
+
+Cheap to import (the agent's boot path imports it): no imports beyond the language itself.
+"""
+
+from __future__ import annotations
+
+DEFAULT_LIMIT = 512
+_MIN_LIMIT = 16
+_SAFE_FIRST, _SAFE_LAST = 0x20, 0x7E
+_SHORT = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(char: str) -> str:
+    short = _SHORT.get(char)
+    if short is not None:
+        return short
+    code = ord(char)
+    if _SAFE_FIRST <= code <= _SAFE_LAST:
+        return char
+    if code <= 0xFF:
+        return f"\\x{code:02x}"
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
+def printable(text: str, limit: int = DEFAULT_LIMIT) -> str:
+    """``text`` rendered as at most ``limit`` characters of printable ASCII on one line.
+
+    A truncated rendering ends in ``...[+N]``, N being the number of input characters left out,
+    so a reader knows there was more and a truncation cannot pass for the whole text.
+    """
+    limit = max(limit, _MIN_LIMIT)
+    if len(text) <= limit and text.isascii() and text.isprintable() and "\\" not in text:
+        return text  # the common case, without a loop
+    parts: list[str] = []
+    used = 0
+    for index, char in enumerate(text):
+        piece = _escape(char)
+        if used + len(piece) > limit:
+            return _truncated(parts, used, limit, len(text) - index)
+        parts.append(piece)
+        used += len(piece)
+    return "".join(parts)
+
+
+def _truncated(parts: list[str], used: int, limit: int, left: int) -> str:
+    # Drop whole escapes (never half of one) until the marker fits.
+    while True:
+        marker = f"...[+{left}]"
+        if used + len(marker) <= limit or not parts:
+            return "".join(parts) + marker
+        used -= len(parts.pop())
+        left += 1
+
