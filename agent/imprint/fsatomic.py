@@ -1,10 +1,19 @@
-"""Crash-safe file writes: temp file, fsync, rename, directory fsync."""
+"""Crash-safe file writes: temp file, fsync, rename, directory fsync.
+
+Each step of :func:`write_atomic` is a crash point (:mod:`imprint.faults`), named by the
+caller's purpose (``label``, default the file's name): ``<label>.written`` (temp file written
+and synced, not yet renamed), ``<label>.renamed`` and ``<label>.synced`` (directory synced).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
 from pathlib import Path
+
+from imprint.faults import crashpoint
+
+TEMP_MARK = ".tmp."
 
 
 def ensure_private_dir(path: Path) -> None:
@@ -21,8 +30,55 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def temp_name(name: str, pid: int) -> str:
+    return f".{name}{TEMP_MARK}{pid}"
+
+
+def _remove_stale_temps(dir_fd: int, name: str) -> None:
+    """Temp files of ``name`` that a crash left between write and rename, by writers that are
+    gone (a live writer's temp, e.g. a second `imprint` process, is left alone)."""
+    prefix = f".{name}{TEMP_MARK}"
+    with contextlib.suppress(OSError), os.scandir(dir_fd) as entries:
+        for entry in entries:
+            pid = entry.name[len(prefix):]
+            if not entry.name.startswith(prefix) or not pid.isdigit() or entry.is_dir(follow_symlinks=False):
+                continue
+            if int(pid) != os.getpid() and _alive(int(pid)):
+                continue
+            with contextlib.suppress(OSError):
+                os.unlink(entry.name, dir_fd=dir_fd)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, someone else's
+    return True
+
+
+def remove_stale_temps(directory: Path) -> None:
+    """Every temp file a crashed :func:`write_atomic` left in ``directory`` (a directory only
+    this program writes to, swept at start)."""
+    names: set[str] = set()
+    with contextlib.suppress(OSError), os.scandir(directory) as entries:
+        names = {e.name[1:].rsplit(TEMP_MARK, 1)[0] for e in entries
+                 if e.name.startswith(".") and TEMP_MARK in e.name}
+    if not names:
+        return
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        for name in names:
+            _remove_stale_temps(dir_fd, name)
+    finally:
+        os.close(dir_fd)
+
+
 def write_atomic(path: Path, data: bytes, *, mode: int = 0o600, sync_dir: bool = True,
-                 uid: int | None = None, gid: int | None = None, dir_nofollow: bool = False) -> None:
+                 uid: int | None = None, gid: int | None = None, dir_nofollow: bool = False,
+                 label: str | None = None) -> None:
     """Replace ``path`` with ``data``; readers see the old file or the new one, never a mix.
 
     ``sync_dir=False`` leaves the directory fsync to a later write in the same directory (one
@@ -31,11 +87,16 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o600, sync_dir: bool =
     ``uid``/``gid`` set the new file's owner before it is renamed into place (None: leave it to
     the writer's). ``dir_nofollow`` refuses a parent directory that is a symlink, and the temp
     file and the rename are relative to that one opened directory, so a directory owned by
-    someone else (a user's ~/.ssh) cannot be swapped for a symlink between check and rename."""
+    someone else (a user's ~/.ssh) cannot be swapped for a symlink between check and rename.
+
+    ``label`` names the crash points (default: the file's name). Temp files of this file left
+    by a crashed earlier writer are removed first."""
+    point = label or path.name
     flags = os.O_RDONLY | os.O_DIRECTORY | (os.O_NOFOLLOW if dir_nofollow else 0)
     dir_fd = os.open(path.parent, flags)
     try:
-        tmp = f".{path.name}.tmp.{os.getpid()}"
+        _remove_stale_temps(dir_fd, path.name)
+        tmp = temp_name(path.name, os.getpid())
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode, dir_fd=dir_fd)
         try:
             os.fchmod(fd, mode)
@@ -46,6 +107,7 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o600, sync_dir: bool =
             while view:
                 view = view[os.write(fd, view):]
             os.fsync(fd)
+            crashpoint(f"{point}.written")
         except BaseException:
             os.close(fd)
             with contextlib.suppress(FileNotFoundError):
@@ -58,7 +120,9 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o600, sync_dir: bool =
             with contextlib.suppress(OSError):
                 os.unlink(tmp, dir_fd=dir_fd)
             raise
+        crashpoint(f"{point}.renamed")
         if sync_dir:
             os.fsync(dir_fd)
+            crashpoint(f"{point}.synced")
     finally:
         os.close(dir_fd)

@@ -8,6 +8,10 @@
 
 The pin and the consumed-token record are written together in state.json, after owner.crt, so
 a crash between the two leaves the VM unbound (it keeps listening for its genuine owner).
+
+Crash points (imprint.faults, via write_atomic): agent.identity-key.*, agent.identity-cert.*
+(first boot), agent.owner-cert.* and agent.bind-record.* (the bind: pin and consumed token).
+Temp files a crash left are swept at every start (ensure_identity).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imprint.fsatomic import ensure_private_dir, write_atomic
+from imprint.fsatomic import ensure_private_dir, remove_stale_temps, write_atomic
 
 
 class StateError(Exception):
@@ -73,6 +77,7 @@ class AgentState:
         """Create the VM key and its certificate on first boot. When both exist nothing is
         parsed here: the TLS layer loads them and reports a mismatch, keeping start-up cheap."""
         ensure_private_dir(self.dir)
+        remove_stale_temps(self.dir)  # what a crash left between write and rename
         if self.key_file.exists() and self.cert_file.exists():
             return
         from imprint import crypto  # lazy: only the first boot pays for key generation
@@ -84,13 +89,15 @@ class AgentState:
                 raise StateError(f"{self.key_file}: {exc}") from None
         else:
             key = crypto.PrivateKey.generate()
-            write_atomic(self.key_file, key.to_pem())
-        write_atomic(self.cert_file, key.self_signed_certificate("imprint-vm"), mode=0o644)
+            write_atomic(self.key_file, key.to_pem(), label="agent.identity-key")
+        write_atomic(self.cert_file, key.self_signed_certificate("imprint-vm"), mode=0o644,
+                     label="agent.identity-cert")
 
     def record_bind(self, *, owner_cert_pem: bytes, mode: str, owner_fingerprint: str,
                     owner_spki_sha256: str, token_id: str) -> BindRecord:
         record = self.load_record()
-        write_atomic(self.owner_cert_file, owner_cert_pem, sync_dir=False)  # state.json's write syncs the dir
+        # state.json's write syncs the directory for both
+        write_atomic(self.owner_cert_file, owner_cert_pem, sync_dir=False, label="agent.owner-cert")
         record.bound = True
         record.mode = mode
         record.owner_fingerprint = owner_fingerprint
@@ -98,5 +105,5 @@ class AgentState:
         record.bound_at = time.time()
         if token_id not in record.consumed_tokens:
             record.consumed_tokens.append(token_id)
-        write_atomic(self.record_file, record.to_json())
+        write_atomic(self.record_file, record.to_json(), label="agent.bind-record")
         return record

@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from imprint.faults import crashpoint
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS vms (
     name        TEXT PRIMARY KEY,
@@ -118,7 +120,9 @@ class Store:
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
+        crashpoint("store.commit.before")
         self._db.execute("COMMIT")
+        crashpoint("store.commit.after")
 
     # -- VMs and tokens
     def vm_exists(self, name: str) -> bool:
