@@ -1,0 +1,317 @@
+"""kill -9 at every durable step, systematically: of a bind in each mode and of backend applies,
+on the agent's side and on the owner's.
+
+Each scenario runs once with IMPRINT_CRASHPOINT_TRACE on both sides, which lists every crash
+point (imprint.faults) the real processes reach. Then, for each point reached (the N-th time,
+when a name repeats): from a fresh copy of the same start, the step runs with
+IMPRINT_CRASHPOINT naming that point on that side; the process must die by SIGKILL there; what
+it left must parse (no half-written file); the crashed side restarts (the agent) or reruns (the
+owner's command), and the step must then complete. Afterwards: no temp file is left, every
+state file parses, the database passes PRAGMA integrity_check, the pinned channel works, and K
+is neither in the owner's database (nor its WAL) nor in the agent's state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import selectors
+import shutil
+import signal
+import sqlite3
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from imprint import crypto, tokens
+from imprint.faults import TARGET_ENV, TRACE_ENV
+from imprint.fsatomic import TEMP_MARK
+from imprint.guest.state import AgentState
+
+from tests.conftest import READY_TIMEOUT, Agent, AgentFactory, Owner
+
+MODES = ["shared", "nosecret"]
+VM = "web1"
+
+
+@contextlib.contextmanager
+def _env(**values: str | None) -> Iterator[None]:
+    """Set (or, with None, remove) variables for the child processes started inside the block.
+    This test process reaches no crash point itself: it only starts processes in the block."""
+    saved = {name: os.environ.get(name) for name in values}
+    try:
+        for name, value in values.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _side_env(crash: str | None = None, trace: Path | None = None) -> dict[str, str | None]:
+    return {TARGET_ENV: crash, TRACE_ENV: str(trace) if trace else None}
+
+
+def read_trace(path: Path) -> list[str]:
+    """The points in the order reached, each as NAME#N (N-th time the process reached NAME)."""
+    seen: dict[str, int] = {}
+    points = []
+    for name in path.read_text().splitlines() if path.exists() else []:
+        seen[name] = seen.get(name, 0) + 1
+        points.append(f"{name}#{seen[name]}")
+    return points
+
+
+def _ready_or_dead(agent: Agent) -> int | None:
+    """The agent's port once it says READY, or None once it has exited (whichever comes first)."""
+    pidfd = os.pidfd_open(agent.proc.pid)
+    try:
+        with selectors.DefaultSelector() as selector:
+            selector.register(agent.notify, selectors.EVENT_READ)
+            selector.register(pidfd, selectors.EVENT_READ)
+            deadline = time.monotonic() + READY_TIMEOUT
+            while True:
+                events = selector.select(timeout=max(0.0, deadline - time.monotonic()))
+                if not events:
+                    raise AssertionError(f"agent neither ready nor dead in {READY_TIMEOUT} s:\n{agent.log()}")
+                for key, _ in events:
+                    if key.fileobj is not agent.notify:
+                        agent.proc.wait(timeout=READY_TIMEOUT)
+                        return None
+                    message = agent.notify.recv(4096).decode()
+                    if "READY=1" in message:
+                        return int(message.split("listening on ", 1)[1].split(" ", 1)[0].rsplit(":", 1)[1])
+                    if "STATUS=failed" in message:
+                        raise AssertionError(f"agent failed: {message}\n{agent.log()}")
+    finally:
+        os.close(pidfd)
+
+
+def _no_traceback(text: str, who: str) -> None:
+    assert "Traceback" not in text, f"{who} ended in a traceback:\n{text}"
+
+
+# -- one world: an owner home and a guest root, copied fresh from a template for every point
+
+
+@dataclass
+class World:
+    dir: Path
+    owner: Owner
+    root: Path
+    agents: AgentFactory
+    mode: str
+    token: str
+    agent: Agent | None = None
+    vm_token: str | None = None
+
+    @property
+    def state(self) -> AgentState:
+        return AgentState(self.root / "var/lib/imprint")
+
+    def copy(self, dest: Path) -> World:
+        shutil.copytree(self.dir, dest, symlinks=True)
+        return World(dest, Owner(dest / "owner-home"), dest / "vm", self.agents, self.mode, self.token,
+                     vm_token=self.vm_token)
+
+    def start_agent(self, crash: str | None = None, trace: Path | None = None) -> Agent | None:
+        """The agent on this world's root; None if it died before READY."""
+        with _env(**_side_env(crash, trace)):
+            agent = self.agents.start(self.root, expect_ready=False)
+        self.agent = agent
+        port = _ready_or_dead(agent)
+        if port is None:
+            return None
+        agent.port = port
+        if self.mode == "nosecret" and not self.state.load_record().bound:
+            self.vm_token = agent.vm_token()
+        return agent
+
+    def stop_agent(self) -> None:
+        if self.agent is not None:
+            self.agent.kill()
+            self.agent.notify.close()
+            self.agent = None
+
+    def owner_run(self, *args: str, crash: str | None = None, trace: Path | None = None,
+                  ) -> subprocess.CompletedProcess[str]:
+        with _env(**_side_env(crash, trace)):
+            return self.owner.run(*args, check=None)
+
+    @property
+    def address(self) -> str:
+        assert self.agent is not None
+        return self.agent.address
+
+    def bind(self, crash: str | None = None, trace: Path | None = None) -> subprocess.CompletedProcess[str]:
+        args = ["bind", VM, "--address", self.address]
+        if self.mode == "nosecret":
+            assert self.vm_token is not None
+            args += ["--vm-token", self.vm_token]
+        return self.owner_run(*args, crash=crash, trace=trace)
+
+
+def make_world(base: Path, agents: AgentFactory, mode: str) -> World:
+    from tests import agentroot
+
+    base.mkdir(parents=True)
+    owner = Owner(base / "owner-home")
+    owner.run("init")
+    token = owner.token(VM, mode)
+    return World(base, owner, agentroot.make_root(base, "vm", token), agents, mode, token)
+
+
+# -- what must hold after a crash, and after the rerun
+
+
+def assert_nothing_half_written(world: World) -> None:
+    """Every state file that exists is whole: keys and certificates load, state.json parses."""
+    state, home = world.state, world.owner.home
+    for key in (state.key_file, home / "owner.key"):
+        if key.exists():
+            crypto.PrivateKey.from_pem(key.read_bytes())
+    for cert in [state.cert_file, state.owner_cert_file, home / "owner.crt", *sorted(home.glob("pins/*"))]:
+        if cert.exists():
+            crypto.certificate_spki(cert.read_bytes())
+    if state.record_file.exists():
+        state.load_record()
+
+
+def _temps(*dirs: Path) -> list[str]:
+    return sorted(str(p) for d in dirs if d.exists() for p in d.rglob("*") if TEMP_MARK in p.name)
+
+
+def assert_bound_and_clean(world: World, *extra_dirs: Path) -> None:
+    assert_nothing_half_written(world)
+    home, state = world.owner.home, world.state
+    assert _temps(state.dir, home, *extra_dirs) == [], "temp files left behind"
+    record = state.load_record()
+    assert record.bound and record.mode == world.mode, record
+    if world.mode == "shared":
+        secrets = [world.token.split("-", 1)[1].encode(), tokens.parse(world.token).payload]
+        # Raw bytes first: opening the database (below) may checkpoint and remove the WAL.
+        for path in [home / "imprint.db", home / "imprint.db-wal", *sorted(state.dir.iterdir())]:
+            if path.exists():
+                assert not any(s in path.read_bytes() for s in secrets), f"K is left in {path}"
+    db = sqlite3.connect(f"file:{home / 'imprint.db'}?mode=ro", uri=True)
+    try:
+        assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        pin = db.execute("SELECT state, vm_fingerprint FROM pins WHERE vm = ?", (VM,)).fetchone()
+        token = db.execute("SELECT state FROM tokens WHERE vm = ? ORDER BY id DESC LIMIT 1", (VM,)).fetchone()
+    finally:
+        db.close()
+    assert pin is not None and pin[0] == "bound", f"the owner's pin is {pin}"
+    assert token == ("consumed",), f"the owner's token is {token} after the bind"
+    status = world.owner_run("status", VM, "--address", world.address, "--json")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["vm_fingerprint"] == pin[1]
+
+
+# -- the engine: trace once, then a kill -9 at each point
+
+
+Step = Callable[[World, "str | None", "Path | None"], subprocess.CompletedProcess[str]]
+
+
+@dataclass
+class Scenario:
+    """``step`` runs the owner's command against the running agent (crash point / trace for the
+    owner's process); ``finish`` asserts that the step's work is complete and clean."""
+
+    name: str
+    step: Step
+    finish: Callable[[World], None]
+
+
+@dataclass
+class Coverage:
+    agent: list[str]
+    owner: list[str]
+
+
+def trace_points(template: World, scenario: Scenario, base: Path) -> Coverage:
+    world = template.copy(base)
+    agent_trace, owner_trace = base / "agent.trace", base / "owner.trace"
+    assert world.start_agent(trace=agent_trace) is not None
+    result = scenario.step(world, None, owner_trace)
+    assert result.returncode == 0, f"{scenario.name} without a crash:\n{result.stdout}\n{result.stderr}"
+    scenario.finish(world)
+    world.stop_agent()
+    return Coverage(read_trace(agent_trace), read_trace(owner_trace))
+
+
+def crash_and_recover(template: World, scenario: Scenario, base: Path, side: str, point: str) -> None:
+    world = template.copy(base)
+    if side == "agent":
+        agent = world.start_agent(crash=point)
+        if agent is not None:  # not a first-boot point: the agent dies during the step
+            first = scenario.step(world, None, None)
+            _no_traceback(first.stderr, "imprint")
+        assert world.agent is not None
+        try:
+            code = world.agent.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the agent did not reach {point} in the rerun of the traced step") from None
+        assert code == -signal.SIGKILL, f"agent exited {code}, not by SIGKILL at {point}:\n{world.agent.log()}"
+        world.agent = None
+        assert_nothing_half_written(world)
+        assert world.start_agent() is not None
+    else:
+        assert world.start_agent() is not None
+        first = scenario.step(world, point, None)
+        assert first.returncode == -signal.SIGKILL, (
+            f"imprint exited {first.returncode}, not by SIGKILL at {point}:\n{first.stdout}\n{first.stderr}")
+        assert_nothing_half_written(world)
+    again = scenario.step(world, None, None)
+    assert again.returncode == 0, (f"after a kill -9 at {side}:{point} the rerun exited {again.returncode}:\n"
+                                   f"{again.stdout}\n{again.stderr}")
+    _no_traceback(again.stderr, "imprint")
+    scenario.finish(world)
+    world.stop_agent()
+
+
+def run_all(template: World, scenario: Scenario, base: Path) -> Coverage:
+    """Every point of the traced step, on both sides; all failures reported together."""
+    coverage = trace_points(template, scenario, base / "trace")
+    failures = []
+    for side, points in (("agent", coverage.agent), ("owner", coverage.owner)):
+        for i, point in enumerate(points):
+            try:
+                crash_and_recover(template, scenario, base / f"{side}-{i}", side, point)
+            except AssertionError as exc:
+                failures.append(f"{side}:{point}: {str(exc).split(chr(10) + 'assert ')[0]}")
+    assert not failures, f"{scenario.name}: {len(failures)} crash point(s) not recovered:\n" + "\n\n".join(failures)
+    print(f"{scenario.name}: {len(coverage.agent)} agent and {len(coverage.owner)} owner crash points recovered")
+    return coverage
+
+
+# -- the bind
+
+
+def _bind_step(world: World, crash: str | None, trace: Path | None) -> subprocess.CompletedProcess[str]:
+    return world.bind(crash=crash, trace=trace)
+
+
+BIND = Scenario("bind", _bind_step, assert_bound_and_clean)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_kill_at_every_point_of_a_bind(agents: AgentFactory, tmp_path: Path, mode: str) -> None:
+    template = make_world(tmp_path / "template", agents, mode)
+    coverage = run_all(template, BIND, tmp_path / "runs")
+    # The durable writes the bind must reach, on both sides (a point that vanished is a regression).
+    agent_names = {p.split("#")[0] for p in coverage.agent}
+    for label in ("agent.identity-key", "agent.identity-cert", "agent.bind-record"):
+        assert {f"{label}.written", f"{label}.renamed", f"{label}.synced"} <= agent_names, agent_names
+    assert {"agent.owner-cert.written", "agent.owner-cert.renamed"} <= agent_names
+    assert {"store.commit.before#1", "store.commit.after#1"} <= set(coverage.owner), coverage.owner
