@@ -5,12 +5,19 @@ filesystems. Mounting them would need privileges, a mount point and care about w
 does with a hostile image; reading them in user space needs none of that and works the same on
 a test root, where ``/dev/disk/by-label/<LABEL>`` is a symlink to an image file.
 
-- ISO9660 is read with pycdlib (imported only when an ISO is actually present: the agent's
-  start-up path must not pay for it). Names are looked up as Rock Ridge, then Joliet, then
-  plain ISO9660 8.3 names (``META_DAT.;1``), so images made by genisoimage, xorriso, pycdlib
-  or a cloud's own tools are all read.
+- ISO9660 is read by imprint's own bounded reader (:mod:`imprint.guest.iso9660`), which follows
+  only the path asked for: a seed is someone else's image, and a general reader that walks the
+  whole tree on open loops on a directory cycle. Rock Ridge, Joliet and plain ISO9660 8.3 names
+  (``META_DAT.;1``) are read, so images made by genisoimage, xorriso, pycdlib or a cloud's own
+  tools are all read. (pycdlib stays on the site's side, which builds images.)
 - FAT (vfat) is read with mtools (``mdir``, ``mtype``); ``mcopy -o`` rewrites a file, which is
-  how K is wiped from a writable ``IMPRINT`` seed (see :func:`wipe_file`).
+  how K is wiped from a writable ``IMPRINT`` seed (see :func:`wipe_file`). Each run has an
+  overall deadline and a bound on its output (:func:`imprint.boundedio.run_tool`), any complaint
+  on stderr makes the volume corrupt (mtools reports a cluster chain loop and goes on), and the
+  size a directory entry declares must be what its clusters hold (mtools silently outputs the
+  chain when the size is a lie).
+- The device is opened without blocking and must be a block device or an image file: a FIFO
+  under the label is refused at once.
 
 Outcomes, so that a channel can tell *absent* from *broken*: ``read()`` returns the bytes, or
 ``None`` when the file is simply not on the volume; everything else (not a filesystem imprint
@@ -25,28 +32,34 @@ import enum
 import os
 import re
 import struct
-import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
+from imprint import boundedio
 from imprint.fsatomic import fsync_path
+from imprint.guest import iso9660
+from imprint.guest.iso9660 import iso9660_name as iso9660_name  # the site's ISO builder names files with it
+from imprint.safetext import printable
 
 # Seed files are a few hundred bytes; a bound keeps a hostile or mistaken volume from making
 # the agent read megabytes into memory while it polls the boot channels.
 MAX_FILE = 64 * 1024
 
-ISO_MAGIC = b"CD001"
-ISO_PVD_OFFSET = 0x8000  # system area (16 sectors of 2048 bytes) precedes the first descriptor
+ISO_MAGIC = iso9660.ISO_MAGIC
+ISO_PVD_OFFSET = iso9660.DESCRIPTORS_OFFSET
 FAT_SIGNATURE = b"\x55\xaa"
 
 # mtools must not depend on the caller's configuration: skip its geometry sanity check (image
 # files made by mkfs.vfat -C rarely have a "disk-like" geometry) and keep its messages, which
 # are parsed for "not found", in one language.
 _MTOOLS_ENV = {"MTOOLS_SKIP_CHECK": "1", "LC_ALL": "C"}
-_TOOL_TIMEOUT = 30.0
+# mtools answers a seed-sized volume in milliseconds; the deadline covers a whole run.
+TOOL_TIMEOUT = 10.0
+# A listing of one entry is a few hundred bytes; this only stops a runaway one.
+MAX_TOOL_OUTPUT = 256 * 1024
 
 
 class VolumeError(Exception):
@@ -122,24 +135,31 @@ def fat_geometry(boot_sector: bytes) -> FatGeometry | None:
     return FatGeometry(bps, spc, reserved, fats, root_entries, sectors_per_fat, total)
 
 
-def _device_size(fd: int) -> int:
-    # lseek to the end works for regular files and block devices alike (st_size is 0 for the latter).
-    return os.lseek(fd, 0, os.SEEK_END)
+def _open_device(device: Path, *, write: bool = False) -> int:
+    """A descriptor for ``device`` (udev's by-label link is followed on purpose), known to be a
+    block device or an image file: a FIFO or a directory under the label is refused at once."""
+    try:
+        fd = boundedio.open_checked(device, boundedio.FileType.DEVICE, follow_links=True, write=write)
+    except boundedio.InputError as exc:
+        raise VolumeError(str(exc)) from None
+    if fd is None:
+        raise VolumeError(f"cannot open {device}: it went away")
+    return fd
+
+
+def _head_of(fd: int, device: Path) -> tuple[bytes, int]:
+    try:
+        return os.pread(fd, ISO_PVD_OFFSET + 2048, 0), boundedio.device_size(fd)
+    except OSError as exc:
+        raise VolumeError(f"cannot read {device}: {exc.strerror}") from None
 
 
 def _head(device: Path) -> tuple[bytes, int]:
+    fd = _open_device(device)
     try:
-        fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise VolumeError(f"cannot open {device}: {exc.strerror}") from None
-    try:
-        size = _device_size(fd)
-        head = os.pread(fd, ISO_PVD_OFFSET + 2048, 0)
-    except OSError as exc:
-        raise VolumeError(f"cannot read {device}: {exc.strerror}") from None
+        return _head_of(fd, device)
     finally:
         os.close(fd)
-    return head, size
 
 
 def detect(device: Path) -> Kind:
@@ -169,149 +189,59 @@ def _components(path: str) -> list[str]:
 # -- ISO9660
 
 
-def iso9660_name(component: str, *, directory: bool = False) -> str:
-    """The ISO9660 level-1 name a mastering tool gives ``component``: uppercase d-characters,
-    anything else as ``_``, 8.3 for files with a ``;1`` version, 8 characters for directories.
-    Used to read images without Rock Ridge or Joliet, and to write imprint's own."""
-
-    def d_chars(text: str) -> str:
-        return re.sub(r"[^A-Z0-9_]", "_", text.upper())
-
-    if directory:
-        return d_chars(component)[:8]
-    stem, dot, ext = component.rpartition(".")
-    if not dot:
-        stem, ext = component, ""
-    return f"{d_chars(stem)[:8]}.{d_chars(ext)[:3]};1"
-
-
-def _iso_paths(path: str) -> list[str]:
-    parts = _components(path)
-    dirs = [iso9660_name(p, directory=True) for p in parts[:-1]]
-    return ["/" + "/".join([*dirs, iso9660_name(parts[-1])])]
-
-
-def _check_iso_size(head: bytes, size: int) -> None:
-    """A truncated ISO is corrupt, not "file absent": pycdlib only notices truncation when it
-    happens to read past the end, so compare the size the volume declares with the device."""
-    pvd = head[ISO_PVD_OFFSET : ISO_PVD_OFFSET + 2048]
-    if len(pvd) < 2048:
-        raise VolumeError(f"ISO9660 image is truncated: {size} bytes, too short for a volume descriptor")
-    blocks_le, blocks_be = struct.unpack_from("<I", pvd, 80)[0], struct.unpack_from(">I", pvd, 84)[0]
-    block_le, block_be = struct.unpack_from("<H", pvd, 128)[0], struct.unpack_from(">H", pvd, 130)[0]
-    if blocks_le != blocks_be or block_le != block_be:
-        raise VolumeError("ISO9660 image is corrupt: the volume descriptor's both-endian sizes disagree")
-    declared = blocks_le * block_le
-    if declared > size:
-        raise VolumeError(f"ISO9660 image is truncated: the volume declares {declared} bytes, the device has {size}")
-
-
 class _IsoVolume:
     kind = Kind.ISO9660
 
-    def __init__(self, device: Path, iso: Any) -> None:
+    def __init__(self, device: Path, fd: int, size: int) -> None:
         self.device = device
-        self._iso = iso
+        self._fd = fd
+        try:
+            self._image = iso9660.Image(self._read_at, size)
+        except iso9660.IsoError as exc:
+            raise VolumeError(str(exc)) from None
 
-    def _lookups(self, path: str) -> list[dict[str, str]]:
-        lookups = []
-        if self._iso.has_rock_ridge():
-            lookups.append({"rr_path": path})
-        if self._iso.has_joliet():
-            lookups.append({"joliet_path": path})
-        lookups += [{"iso_path": p} for p in _iso_paths(path)]
-        return lookups
+    def _read_at(self, offset: int, size: int) -> bytes:
+        try:
+            return os.pread(self._fd, size, offset)
+        except OSError as exc:
+            raise VolumeError(f"cannot read {self.device}: {exc.strerror}") from None
 
     def read(self, path: str, limit: int = MAX_FILE) -> bytes | None:
-        from pycdlib.pycdlibexception import PyCdlibException, PyCdlibInvalidInput
-
-        # A namespace that fails to look the name up (say, a record without its Rock Ridge
-        # entry) may still hold it in the next one; the failure only counts if none does.
-        failure: str | None = None
-        for lookup in self._lookups(path):
-            try:
-                record = self._iso.get_record(**lookup)
-            except PyCdlibInvalidInput as exc:
-                if str(exc) != "Could not find path":  # pycdlib's own test for "not there"
-                    failure = failure or str(exc)
-                continue
-            except IndexError:
-                # pycdlib 1.12 indexes past the end of a Rock Ridge directory when the name sorts
-                # after every entry; that is "not found" too.
-                continue
-            except PyCdlibException as exc:
-                failure = failure or str(exc)
-                continue
-            if record.is_dir():
-                raise VolumeError(f"{path} is a directory, not a file")
-            try:
-                with self._iso.open_file_from_iso(**lookup) as handle:
-                    length = handle.length()
-                    if length > limit:
-                        raise VolumeError(f"{path} is {length} bytes, larger than the {limit} bytes a seed file may be")
-                    data: bytes = handle.read(length)
-            except PyCdlibException as exc:
-                raise VolumeError(f"ISO9660 image is corrupt: {path}: {exc}") from None
-            except OSError as exc:
-                raise VolumeError(f"cannot read {path} from {self.device}: {exc.strerror}") from None
-            if len(data) != length:
-                raise VolumeError(f"ISO9660 image is truncated: {path} ends past the end of the device")
-            return data
-        if failure is not None:
-            raise VolumeError(f"ISO9660 image is corrupt: {path}: {failure}")
-        return None
-
-
-@contextmanager
-def _open_iso(device: Path, head: bytes, size: int) -> Iterator[_IsoVolume]:
-    _check_iso_size(head, size)
-    import pycdlib  # lazy: only a present ISO seed pays for it
-
-    try:
-        handle = open(device, "rb")  # pycdlib reads through it until closed
-    except OSError as exc:
-        raise VolumeError(f"cannot open {device}: {exc.strerror}") from None
-    with handle:
-        iso = pycdlib.PyCdlib()
+        _components(path)
         try:
-            iso.open_fp(handle)
-        except pycdlib.pycdlibexception.PyCdlibException as exc:
-            raise VolumeError(f"ISO9660 image is corrupt: {exc}") from None
-        except (struct.error, IndexError, KeyError, ValueError, UnicodeError, OverflowError) as exc:
-            # pycdlib parses with struct and indexing; on bytes that are not an ISO those can
-            # fail before its own checks do. Either way the image is corrupt.
-            raise VolumeError(f"ISO9660 image is corrupt: {type(exc).__name__}: {exc}") from None
-        except OSError as exc:
-            raise VolumeError(f"cannot read {device}: {exc.strerror}") from None
-        try:
-            yield _IsoVolume(device, iso)
-        finally:
-            iso.close()
+            return self._image.read(path, limit)
+        except iso9660.IsoError as exc:
+            raise VolumeError(str(exc)) from None
 
 
 # -- FAT (mtools)
 
 
-def _mtools(tool: str, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+def _mtools(tool: str, *args: str, stdin: bytes = b"", limit: int = MAX_TOOL_OUTPUT) -> boundedio.ToolResult:
     try:
-        return subprocess.run([tool, *args], input=stdin, capture_output=True, timeout=_TOOL_TIMEOUT,
-                              env={**os.environ, **_MTOOLS_ENV}, check=False)
-    except FileNotFoundError:
-        raise VolumeError(f"{tool} is not installed (mtools is needed to read a vfat seed)") from None
-    except subprocess.TimeoutExpired:
-        raise VolumeError(f"{tool} did not finish in {_TOOL_TIMEOUT:.0f} s") from None
+        return boundedio.run_tool([tool, *args], stdin=stdin, limit=limit, timeout=TOOL_TIMEOUT,
+                                  env={**os.environ, **_MTOOLS_ENV})
+    except boundedio.InputError as exc:
+        if str(exc).endswith("is not installed"):
+            raise VolumeError(f"{exc} (mtools is needed to read a vfat seed)") from None
+        raise VolumeError(f"FAT filesystem is corrupt or too large: {exc}") from None
 
 
-def _mtools_fault(tool: str, result: subprocess.CompletedProcess[bytes]) -> str:
+def _mtools_fault(tool: str, result: boundedio.ToolResult) -> str:
     message = " ".join(result.stderr.decode("utf-8", "replace").split())
-    return f"{tool} failed: {message or f'exit status {result.returncode}'}"
+    return f"{tool} failed: {printable(message, 300) or f'exit status {result.returncode}'}"
 
 
-def _not_found(result: subprocess.CompletedProcess[bytes]) -> bool:
+def _not_found(result: boundedio.ToolResult) -> bool:
     # mtools says 'File "::/x" not found' for a missing file or directory, and "Cannot
     # initialize" (non DOS media, bad FAT) when the filesystem itself is unreadable.
     text = result.stderr.decode("utf-8", "replace")
     return "not found" in text and "Cannot initialize" not in text
+
+
+# mdir's listing of one file ends with its count and total size ("1 file   6 756 bytes").
+_LISTED_DIRECTORY = re.compile(rb"^Directory for (.*?)\r?$", re.MULTILINE)
+_LISTED_FILES = re.compile(rb"^\s*(\d+) files?\s+([\d ]+) bytes\r?$", re.MULTILINE)
 
 
 class _FatVolume:
@@ -326,70 +256,79 @@ class _FatVolume:
         # Absolute, so that a relative path starting with "-" is never read as an option.
         return str(self.device.absolute())
 
-    def entry(self, path: str) -> str | None:
-        """'file' or 'dir' for the entry at ``path``, None when absent."""
-        parts = _components(path)
-        parent = "::/" + "/".join(parts[:-1])
-        result = _mtools("mdir", "-b", "-a", "-i", self.image, parent)
+    def stat(self, path: str) -> tuple[str, int] | None:
+        """('file', declared size) or ('dir', 0) for the entry at ``path``; None when absent.
+
+        ``mdir -a -f ::/x`` lists the directory itself when x is one, else x's own entry under its
+        parent's heading. Any complaint (a cluster chain loop, a bad FAT entry) is corruption."""
+        target = "::/" + "/".join(_components(path))
+        result = _mtools("mdir", "-a", "-f", "-i", self.image, target)
         if result.returncode != 0:
             if _not_found(result):
                 return None
             raise VolumeError(f"FAT filesystem is corrupt: {_mtools_fault('mdir', result)}")
-        want = ("::/" + "/".join(parts)).lower()
-        for line in result.stdout.decode("utf-8", "replace").splitlines():
-            # -b lists one entry per line, its full path; directories end with "/". FAT names
-            # are case-insensitive.
-            name = line.rstrip("\r").lower()
-            if name == want:
-                return "file"
-            if name == want + "/":
-                return "dir"
-        return None
+        if result.stderr.strip():
+            raise VolumeError(f"FAT filesystem is corrupt: {_mtools_fault('mdir', result)}")
+        heading = _LISTED_DIRECTORY.search(result.stdout)
+        if heading is None:
+            raise VolumeError(f"FAT filesystem: mdir gave no listing for {path}")
+        if heading.group(1).decode("utf-8", "replace").rstrip("/").lower() == target.lower():
+            return ("dir", 0)
+        summary = _LISTED_FILES.search(result.stdout)
+        if summary is None:
+            raise VolumeError(f"FAT filesystem: mdir did not give the size of {path}")
+        if summary.group(1) != b"1":
+            raise VolumeError(f"FAT filesystem is corrupt: {int(summary.group(1))} entries are named {path}")
+        return ("file", int(summary.group(2).replace(b" ", b"")))
+
+    def entry(self, path: str) -> str | None:
+        """'file' or 'dir' for the entry at ``path``, None when absent."""
+        found = self.stat(path)
+        return None if found is None else found[0]
 
     def read(self, path: str, limit: int = MAX_FILE) -> bytes | None:
-        found = self.entry(path)
+        found = self.stat(path)
         if found is None:
             return None
-        if found == "dir":
+        kind, declared = found
+        if kind == "dir":
             raise VolumeError(f"{path} is a directory, not a file")
+        if declared > limit:
+            raise VolumeError(f"{path} is {declared} bytes, larger than the {limit} bytes a seed file may be")
         target = "::/" + "/".join(_components(path))
         try:
-            proc = subprocess.Popen(["mtype", "-i", self.image, target], stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, env={**os.environ, **_MTOOLS_ENV})
-        except FileNotFoundError:
-            raise VolumeError("mtype is not installed (mtools is needed to read a vfat seed)") from None
-        assert proc.stdout is not None
-        # Read at most limit + 1 bytes: a huge file is refused without holding it in memory.
-        data = proc.stdout.read(limit + 1)
-        if len(data) > limit:
-            proc.kill()
-            proc.communicate()
-            raise VolumeError(f"{path} is larger than the {limit} bytes a seed file may be")
-        try:
-            _, stderr = proc.communicate(timeout=_TOOL_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
-            raise VolumeError(f"mtype did not finish in {_TOOL_TIMEOUT:.0f} s") from None
-        # mtype can report a broken cluster chain ("Bad FAT entry") and still exit 0 with
-        # nothing on stdout; any complaint means the content cannot be trusted.
-        if proc.returncode != 0 or stderr.strip():
-            result = subprocess.CompletedProcess(proc.args, proc.returncode, b"", stderr)
+            result = boundedio.run_tool(["mtype", "-i", self.image, target], limit=limit, timeout=TOOL_TIMEOUT,
+                                        env={**os.environ, **_MTOOLS_ENV})
+        except boundedio.TooLarge:
+            raise VolumeError(f"{path} is larger than the {limit} bytes a seed file may be") from None
+        except boundedio.InputError as exc:
+            raise VolumeError(f"FAT filesystem is corrupt or unreadable: {exc}") from None
+        # mtype can report a broken cluster chain ("Bad FAT entry", "loop detected") and still
+        # exit 0; any complaint means the content cannot be trusted.
+        if result.returncode != 0 or result.stderr.strip():
             raise VolumeError(f"FAT filesystem is corrupt: {_mtools_fault('mtype', result)}")
-        return data
+        if len(result.stdout) != declared:
+            raise VolumeError(f"FAT filesystem is corrupt: {path} declares {declared} bytes, "
+                              f"its clusters hold {len(result.stdout)}")
+        return result.stdout
 
     def clusters(self, path: str) -> list[int]:
         """The data clusters of the file at ``path`` (empty when absent or empty)."""
         target = "::/" + "/".join(_components(path))
         result = _mtools("mshowfat", "-i", self.image, target)
-        if result.returncode != 0:
-            if _not_found(result):
+        if result.returncode != 0 or result.stderr.strip():
+            if result.returncode != 0 and _not_found(result):
                 return []
             raise VolumeError(f"FAT filesystem is corrupt: {_mtools_fault('mshowfat', result)}")
         # Output: '::/token <5-7> <12>' (ranges of cluster numbers).
         found: list[int] = []
-        for first, last in re.findall(r"<(\d+)(?:-(\d+))?>", result.stdout.decode("ascii", "replace")):
-            found.extend(range(int(first), int(last or first) + 1))
+        for first, last in re.findall(rb"<(\d+)(?:-(\d+))?>", result.stdout):
+            start, stop = int(first), int(last or first)
+            if not 2 <= start <= stop < self.geometry.clusters + 2:
+                raise VolumeError(f"{path} has clusters outside the volume")
+            found.extend(range(start, stop + 1))
+            if len(found) > self.geometry.clusters:
+                raise VolumeError(f"{path} has more clusters than the volume (its chain loops)")
         return found
 
 
@@ -440,10 +379,7 @@ def wipe_file(device: Path, path: str, replacement: bytes) -> None:
         if any(offset + geometry.cluster_bytes > size for offset in offsets):
             raise VolumeError(f"{path} has clusters past the end of the device")
         zeros = bytes(geometry.cluster_bytes)
-        try:
-            fd = os.open(device, os.O_WRONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise VolumeError(f"cannot open {device} for writing: {exc.strerror}") from None
+        fd = _open_device(device, write=True)
         try:
             for offset in offsets:
                 os.pwrite(fd, zeros, offset)
@@ -462,8 +398,8 @@ def wipe_file(device: Path, path: str, replacement: bytes) -> None:
 def writable(device: Path) -> bool:
     """Whether the device can be opened for writing (a read-only virtio disk or a CD cannot)."""
     try:
-        fd = os.open(device, os.O_WRONLY | os.O_CLOEXEC)
-    except OSError:
+        fd = _open_device(device, write=True)
+    except VolumeError:
         return False
     os.close(fd)
     return True
@@ -472,12 +408,13 @@ def writable(device: Path) -> bool:
 @contextmanager
 def open_volume(device: Path) -> Iterator[Volume]:
     """The filesystem on ``device`` (a block device or an image file), for reading files."""
-    head, size = _head(device)
-    kind = _kind(head, size)
-    if kind is Kind.ISO9660:
-        with _open_iso(device, head, size) as iso:
-            yield iso
-    else:
+    fd = _open_device(device)
+    try:
+        head, size = _head_of(fd, device)
+        kind = _kind(head, size)
+        if kind is Kind.ISO9660:
+            yield _IsoVolume(device, fd, size)
+            return
         geometry = _fat(head)
         declared = geometry.total_sectors * geometry.bytes_per_sector
         # mtools reads a truncated image without complaint until it reaches the missing part.
@@ -485,3 +422,5 @@ def open_volume(device: Path) -> Iterator[Volume]:
             raise VolumeError(f"FAT filesystem is truncated: the volume declares {declared} bytes, "
                               f"the device has {size}")
         yield _FatVolume(device, geometry)
+    finally:
+        os.close(fd)
