@@ -3,14 +3,22 @@
 Verification functions return nothing and raise on failure; there is no flag to turn a check
 off. Only APIs present in cryptography 38 (Debian 12) are used, because the agent runs on the
 distribution's own python3-cryptography inside images.
+
+Every function that parses bytes (a peer's key or certificate, a key file) raises CryptoError and
+nothing else for bytes it cannot accept: which exception the library raises for hostile input is
+not part of its API and changes between releases (38 says ValueError for an SPKI with an unknown
+algorithm OID, 50 says UnsupportedAlgorithm), so each parser turns ANY exception of the library
+into CryptoError (``_refusing``) instead of listing the ones known today.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import hashlib
 import hmac
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -31,6 +39,20 @@ SPKI_BYTES = 44
 
 class CryptoError(Exception):
     """A key, certificate or signature is not acceptable."""
+
+
+@contextlib.contextmanager
+def _refusing(what: str) -> Iterator[None]:
+    """Inside: any exception (the library's, whatever its type) means ``what``, as a CryptoError.
+
+    The library's exception stays chained as ``__cause__`` for a debug log; its type name is in
+    the message, its text is not (it can quote the peer's bytes)."""
+    try:
+        yield
+    except CryptoError:
+        raise
+    except Exception as exc:
+        raise CryptoError(f"{what} ({type(exc).__name__})") from exc
 
 
 def sha256(data: bytes) -> bytes:
@@ -67,13 +89,11 @@ class PublicKey:
 
     @classmethod
     def from_spki(cls, spki: bytes) -> PublicKey:
-        try:
+        with _refusing("public key is not valid SubjectPublicKeyInfo DER"):
             key = serialization.load_der_public_key(spki)
-        except ValueError as exc:
-            raise CryptoError("public key is not valid SubjectPublicKeyInfo DER") from exc
-        if not isinstance(key, ed25519.Ed25519PublicKey):
-            raise CryptoError("public key is not Ed25519, the only key type of protocol version 1")
-        canonical = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+            if not isinstance(key, ed25519.Ed25519PublicKey):
+                raise CryptoError("public key is not Ed25519, the only key type of protocol version 1")
+            canonical = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
         if canonical != spki:
             raise CryptoError("public key DER is not in canonical form")
         return cls(spki)
@@ -87,12 +107,16 @@ class PublicKey:
         return fingerprint(self.spki)
 
     def verify(self, signature: bytes, data: bytes) -> None:
-        key = serialization.load_der_public_key(self.spki)
-        assert isinstance(key, ed25519.Ed25519PublicKey)
-        try:
-            key.verify(signature, data)
-        except InvalidSignature as exc:
-            raise CryptoError("signature does not verify") from exc
+        # The signature is the peer's bytes: whatever the library makes of them, a failure is a
+        # signature that does not verify.
+        with _refusing("signature does not verify"):
+            key = serialization.load_der_public_key(self.spki)
+            if not isinstance(key, ed25519.Ed25519PublicKey):
+                raise CryptoError("public key is not Ed25519")
+            try:
+                key.verify(signature, data)
+            except InvalidSignature:
+                raise CryptoError("signature does not verify") from None
 
 
 class PrivateKey:
@@ -112,13 +136,11 @@ class PrivateKey:
 
     @classmethod
     def from_pem(cls, pem: bytes) -> PrivateKey:
-        try:
+        with _refusing("private key file is not an unencrypted PEM key"):
             key = serialization.load_pem_private_key(pem, password=None)
-        except (ValueError, TypeError) as exc:
-            raise CryptoError("private key file is not an unencrypted PEM key") from exc
-        if not isinstance(key, ed25519.Ed25519PrivateKey):
-            raise CryptoError("private key is not Ed25519")
-        return cls(key)
+            if not isinstance(key, ed25519.Ed25519PrivateKey):
+                raise CryptoError("private key is not Ed25519")
+            return cls(key)
 
     def to_pem(self) -> bytes:
         return self._key.private_bytes(
@@ -151,41 +173,37 @@ class PrivateKey:
 
 def certificate_spki(cert: bytes) -> bytes:
     """SubjectPublicKeyInfo DER of a certificate given as DER or PEM."""
-    try:
+    with _refusing("certificate is not valid X.509"):
         loaded = x509.load_pem_x509_certificate(cert) if cert.lstrip().startswith(b"-----") \
             else x509.load_der_x509_certificate(cert)
         return loaded.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
-    except Exception as exc:  # see self_signed_certificate_spki
-        raise CryptoError(f"certificate is not valid X.509 ({type(exc).__name__})") from None
 
 
 def self_signed_certificate_spki(der: bytes) -> bytes:
     """SPKI of a canonical DER certificate that is self-signed by its own Ed25519 key.
 
-    Any failure inside the parser (cryptography raises ValueError, InvalidVersion and others
-    for hostile input) is a CryptoError: the caller turns it into a remote protocol error."""
-    try:
+    Any failure inside the parser (cryptography raises ValueError, InvalidVersion,
+    UnsupportedAlgorithm and others for hostile input) is a CryptoError: the caller turns it
+    into a remote protocol error."""
+    with _refusing("certificate is not valid DER X.509"):
         cert = x509.load_der_x509_certificate(der)
         canonical = cert.public_bytes(serialization.Encoding.DER)
         key = cert.public_key()
         signature, tbs = cert.signature, cert.tbs_certificate_bytes
-    except Exception as exc:  # hostile bytes: every parser failure means "not a certificate"
-        raise CryptoError(f"certificate is not valid DER X.509 ({type(exc).__name__})") from None
     if canonical != der:
         raise CryptoError("certificate DER is not canonical")
     if not isinstance(key, ed25519.Ed25519PublicKey):
         raise CryptoError("certificate key is not Ed25519")
-    try:
-        key.verify(signature, tbs)
-    except InvalidSignature:
-        raise CryptoError("certificate is not self-signed by its own key") from None
-    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    with _refusing("certificate is not self-signed by its own key"):
+        try:
+            key.verify(signature, tbs)
+        except InvalidSignature:
+            raise CryptoError("certificate is not self-signed by its own key") from None
+        return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def certificate_der(pem: bytes) -> bytes:
-    try:
+    with _refusing("certificate is not valid PEM X.509"):
         return x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
-    except ValueError as exc:
-        raise CryptoError("certificate is not valid PEM X.509") from exc

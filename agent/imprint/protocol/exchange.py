@@ -15,6 +15,15 @@ including the message before them, under role-specific labels, so a proof cannot
 or moved to another session. In shared mode the MACs use keys derived from K with one HKDF
 label per direction; in no-secrets mode each public key must hash to the token the other side
 holds. See docs/protocol.md.
+
+The sans-IO rule, whole (as in h11): for any bytes from the peer, ``receive_data`` returns events
+or raises RemoteProtocolError, nothing else. Whatever else is raised while processing received
+bytes (a crypto library's exception for a hostile key, a bug) becomes a RemoteProtocolError too,
+with the state set to FAILED and an Alert queued. LocalProtocolError is only ever this side's own
+misuse of the API (a call in the wrong state), never something a peer can cause. Every transition
+is in the class's TRANSITIONS table, local calls (``initiate``, ``confirm``) included; the one
+rule outside the table is that every state but DONE and FAILED goes to FAILED on a protocol
+error, a close mid-exchange, or ``abort``.
 """
 
 from __future__ import annotations
@@ -23,10 +32,12 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from typing import ClassVar
 
 from imprint import crypto
 from imprint.protocol.errors import ALERT_TEXT, AlertCode, LocalProtocolError, RemoteProtocolError
 from imprint.protocol.messages import (
+    MESSAGE_TYPES,
     Alert,
     FrameBuffer,
     Message,
@@ -40,6 +51,7 @@ from imprint.protocol.messages import (
     decode_body,
     encode_body,
 )
+from imprint.safetext import printable
 from imprint.tokens import Mode, Token, TokenKind
 
 Random = Callable[[int], bytes]
@@ -93,6 +105,17 @@ class State(Enum):
     FAILED = "failed"
 
 
+class Local(Enum):
+    """The local calls that move a state machine, next to the message types that arrive."""
+
+    INITIATE = "initiate()"
+    CONFIRM = "confirm()"
+
+
+Trigger = MessageType | Local
+_TERMINAL = (State.DONE, State.FAILED)
+
+
 # ---- shared machinery ----------------------------------------------------------------------
 
 
@@ -100,8 +123,10 @@ class _Session:
     """Framing, transcript, the transition table and error handling shared by both roles."""
 
     role: str
-    # state -> {message type -> (handler name, next state)}; anything absent is out of order.
-    TRANSITIONS: dict[State, dict[MessageType, tuple[str, State]]]
+    INITIAL: ClassVar[State]
+    # state -> {trigger -> (handler name, next state)}. A message absent here is out of order (a
+    # RemoteProtocolError); a local call absent here is misuse (a LocalProtocolError).
+    TRANSITIONS: ClassVar[dict[State, dict[Trigger, tuple[str, State]]]]
 
     def __init__(self, *, key: crypto.PrivateKey, token: Token, rng: Random) -> None:
         self._key = key
@@ -111,8 +136,9 @@ class _Session:
         self._frames = FrameBuffer()
         self._out = bytearray()
         self._th = crypto.sha256(_TRANSCRIPT_LABEL)
-        self.state = State.START
+        self.state = self.INITIAL
         self.peer_key: crypto.PublicKey | None = None
+        self._reading = "a frame"  # what receive_data is processing, for an unexpected error's detail
 
     # -- public API
     def data_to_send(self) -> bytes:
@@ -121,39 +147,85 @@ class _Session:
         return out
 
     def receive_data(self, data: bytes) -> list[Event]:
-        """Feed bytes from the peer; ``b""`` means the peer closed the connection."""
+        """Feed bytes from the peer; ``b""`` means the peer closed the connection.
+
+        Returns the events, or raises RemoteProtocolError (state FAILED, an Alert queued unless
+        the peer sent one): no other exception, whatever the bytes."""
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise LocalProtocolError(f"receive_data() takes bytes, not {type(data).__name__}")
         if self.state is State.FAILED:
             raise LocalProtocolError("the exchange already failed")
         if not data:
             if self.state is State.DONE:
                 return []
-            self._fail_silently()
+            self.state = State.FAILED
             raise RemoteProtocolError(AlertCode.CLOSED, "the peer closed the connection mid-exchange")
         events: list[Event] = []
+        self._reading = "a frame"
         try:
             self._frames.feed(data)
             while (body := self._frames.next_body()) is not None:
-                events.extend(self._handle(decode_body(body), body))
+                self._reading = "a message"
+                message = decode_body(body)
+                self._reading = type(message).__name__
+                events.extend(self._handle(message, body))
+                self._reading = "a frame"
         except RemoteProtocolError as exc:
-            # Whatever a failed read queued (e.g. OwnerProof before a bad duplicate frame) must
-            # not leave: the caller flushes only the Alert.
+            self._fail(exc)
+            raise
+        except Exception as exc:
+            # Not a refusal this side knows how to name (a library's exception for a hostile
+            # value, or a bug): still the peer's bytes that could not be processed, so still a
+            # refusal of them, never a foreign exception out of the state machine. The original
+            # stays chained for the driver's debug log.
+            error = RemoteProtocolError(
+                AlertCode.MALFORMED,
+                f"the peer's {self._reading} could not be processed ({type(exc).__name__})",
+            )
+            self._fail(error)
+            raise error from exc
+        except BaseException:
+            # KeyboardInterrupt and the like: not the peer's doing and not ours to convert, but
+            # a half-processed exchange must not be resumed or flush a half-built flight.
             self._out.clear()
-            if not exc.from_peer:
-                self._send(Alert(int(exc.code), ALERT_TEXT[exc.code].encode()))
             self.state = State.FAILED
             raise
         return events
 
     def abort(self, code: AlertCode, detail: str) -> None:
         """Stop the exchange for a local reason (e.g. storage failed); tells the peer why."""
-        if self.state in (State.DONE, State.FAILED):
+        if self.state in _TERMINAL:
             return
         self._send(Alert(int(code), detail.encode()[:200]))
         self.state = State.FAILED
 
     # -- internals
-    def _fail_silently(self) -> None:
+    def _fail(self, exc: RemoteProtocolError) -> None:
+        # Whatever a failed read queued (e.g. OwnerProof before a bad duplicate frame) must not
+        # leave: the caller flushes only the Alert.
+        self._out.clear()
+        if not exc.from_peer:
+            self._send(Alert(int(exc.code), ALERT_TEXT[exc.code].encode()))
         self.state = State.FAILED
+
+    def _step(self, trigger: Trigger) -> tuple[str, State]:
+        """The table's (handler, next state) for ``trigger`` in the current state."""
+        step = self.TRANSITIONS.get(self.state, {}).get(trigger)
+        if step is not None:
+            return step
+        if isinstance(trigger, Local):
+            raise LocalProtocolError(f"{trigger.value} in state {self.state.value}")
+        raise RemoteProtocolError(
+            AlertCode.UNEXPECTED_MESSAGE,
+            f"{MESSAGE_TYPES[trigger].__name__} is not expected in state {self.state.value}",
+        )
+
+    def _local(self, trigger: Local) -> list[Event]:
+        """Run a local call through the table: misuse raises before anything changes."""
+        handler, next_state = self._step(trigger)
+        events: list[Event] = getattr(self, handler)()
+        self.state = next_state
+        return events
 
     def _send(self, message: Message) -> None:
         body = encode_body(message)
@@ -170,20 +242,13 @@ class _Session:
                 code = AlertCode(message.code)
             except ValueError:
                 code = AlertCode.INTERNAL
-            # The peer's words reach terminals and logs: printable ASCII only.
-            raw = message.detail.decode("ascii", "replace")
-            text = "".join(c if c.isascii() and c.isprintable() else "?" for c in raw)
+            # The peer's words reach terminals and logs: one line of printable ASCII, every other
+            # byte escaped visibly (latin-1 maps each byte to one character, so \xNN is the byte).
+            text = printable(message.detail.decode("latin-1"))
             raise RemoteProtocolError(code, f"peer refused: {text}", from_peer=True)
-        allowed = self.TRANSITIONS.get(self.state, {})
-        if message.TYPE not in allowed:
-            raise RemoteProtocolError(
-                AlertCode.UNEXPECTED_MESSAGE,
-                f"{type(message).__name__} is not expected in state {self.state.value}",
-            )
-        handler, next_state = allowed[message.TYPE]
+        handler, next_state = self._step(message.TYPE)
         events: list[Event] = getattr(self, handler)(message, body)
-        if self.state is not State.FAILED:
-            self.state = next_state
+        self.state = next_state
         return events
 
     def _check_mode(self, wire_mode: int) -> None:
@@ -247,7 +312,9 @@ class OwnerExchange(_Session):
     """
 
     role = "owner"
+    INITIAL = State.START
     TRANSITIONS = {
+        State.START: {Local.INITIATE: ("_on_initiate", State.AWAIT_VM_HELLO)},
         State.AWAIT_VM_HELLO: {MessageType.VM_HELLO: ("_on_vm_hello", State.AWAIT_VM_PROOF)},
         State.AWAIT_VM_PROOF: {MessageType.VM_PROOF: ("_on_vm_proof", State.AWAIT_VM_CONFIRM)},
         State.AWAIT_VM_CONFIRM: {MessageType.VM_CONFIRM: ("_on_vm_confirm", State.DONE)},
@@ -282,8 +349,11 @@ class OwnerExchange(_Session):
             self._seen_spki = b""
 
     def initiate(self) -> bytes:
-        if self.state is not State.START:
-            raise LocalProtocolError("initiate() called twice")
+        """The OwnerHello to send first."""
+        self._local(Local.INITIATE)
+        return self.data_to_send()
+
+    def _on_initiate(self) -> list[Event]:
         self._send(
             OwnerHello(
                 mode=_WIRE_MODE[self._mode],
@@ -293,8 +363,7 @@ class OwnerExchange(_Session):
                 seen_server_cert_sha256=crypto.sha256(self._seen_cert),
             )
         )
-        self.state = State.AWAIT_VM_HELLO
-        return self.data_to_send()
+        return []
 
     def _on_vm_hello(self, msg: VmHello, body: bytes) -> list[Event]:
         self._check_mode(msg.mode)
@@ -335,9 +404,11 @@ class VmExchange(_Session):
     """The VM's side (TLS server). ``own_cert`` is the DER certificate it presents in TLS."""
 
     role = "vm"
+    INITIAL = State.AWAIT_OWNER_HELLO
     TRANSITIONS = {
         State.AWAIT_OWNER_HELLO: {MessageType.OWNER_HELLO: ("_on_owner_hello", State.AWAIT_OWNER_PROOF)},
         State.AWAIT_OWNER_PROOF: {MessageType.OWNER_PROOF: ("_on_owner_proof", State.AWAIT_LOCAL_CONFIRM)},
+        State.AWAIT_LOCAL_CONFIRM: {Local.CONFIRM: ("_on_confirm", State.DONE)},
     }
 
     def __init__(
@@ -350,7 +421,6 @@ class VmExchange(_Session):
         super().__init__(key=vm_key, token=token, rng=rng)
         self._own_cert_digest = crypto.sha256(own_cert)
         self.peer_cert: bytes | None = None
-        self.state = State.AWAIT_OWNER_HELLO
 
     def _on_owner_hello(self, msg: OwnerHello, body: bytes) -> list[Event]:
         self._check_mode(msg.mode)
@@ -390,9 +460,12 @@ class VmExchange(_Session):
 
     def confirm(self) -> ExchangeComplete:
         """Call once the owner key is pinned and the token recorded as consumed."""
-        if self.state is not State.AWAIT_LOCAL_CONFIRM or self.peer_key is None:
-            raise LocalProtocolError(f"confirm() in state {self.state.value}")
+        (event,) = self._local(Local.CONFIRM)
+        assert isinstance(event, ExchangeComplete)
+        return event
+
+    def _on_confirm(self) -> list[Event]:
+        assert self.peer_key is not None  # set by _on_owner_hello, the only way into this state
         signature, tag = self._prove("vm-confirm")
         self._send(VmConfirm(signature=signature, mac=tag))
-        self.state = State.DONE
-        return ExchangeComplete(self.peer_key)
+        return [ExchangeComplete(self.peer_key)]

@@ -1,0 +1,559 @@
+"""The sans-IO rule, whole: for any input from the peer, only a protocol error leaves the core.
+
+Two depths (issue 9, item 5):
+
+* the crypto facade: every parser of peer bytes raises CryptoError and nothing else, whatever the
+  library underneath raises. cryptography 38 (Debian 12) says ValueError for an SPKI with an
+  unknown algorithm OID, 50 says UnsupportedAlgorithm; the hand-built SPKIs below exercise the
+  real library of whatever release the suite runs on, the injected exceptions every release.
+* the state machines: any exception raised while processing received bytes is a
+  RemoteProtocolError, with the state FAILED and an Alert queued; local misuse is a
+  LocalProtocolError that changes nothing.
+
+And end to end: `imprint bind` against an agent whose VmHello key has an unknown algorithm
+exits 3 with one line (not 1 with a traceback); a real agent sent such an owner certificate
+answers with an Alert and keeps serving.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import socket
+import ssl
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from imprint import crypto, tls, tokens
+from imprint.protocol.errors import AlertCode, LocalProtocolError, RemoteProtocolError
+from imprint.protocol.exchange import Local, OwnerExchange, State, VmExchange
+from imprint.protocol.messages import (
+    MESSAGE_TYPES,
+    Alert,
+    FrameBuffer,
+    Message,
+    MessageType,
+    OwnerHello,
+    VmHello,
+    WireMode,
+    decode_body,
+    encode_frame,
+)
+from imprint.tokens import Token, TokenKind
+
+from tests.conftest import AgentFactory, Owner
+
+IO_TIMEOUT = 20.0  # upper bound on a socket wait in the hand-made peers below
+
+# ---- DER by hand: the library must not be the one to build what it is asked to refuse
+
+
+def der(tag: int, content: bytes) -> bytes:
+    n = len(content)
+    length = bytes([n]) if n < 0x80 else bytes([0x80 | ((n.bit_length() + 7) // 8)]) + n.to_bytes(
+        (n.bit_length() + 7) // 8, "big")
+    return bytes([tag]) + length + content
+
+
+def oid(*arcs: int) -> bytes:
+    def base128(value: int) -> bytes:
+        out = [value & 0x7F]
+        while value := value >> 7:
+            out.append(0x80 | (value & 0x7F))
+        return bytes(reversed(out))
+
+    return der(0x06, base128(40 * arcs[0] + arcs[1]) + b"".join(base128(a) for a in arcs[2:]))
+
+
+def spki(algorithm: bytes, key: bytes, params: bytes = b"") -> bytes:
+    return der(0x30, der(0x30, algorithm + params) + der(0x03, b"\0" + key))
+
+
+KEY32 = hashlib.sha256(b"imprint tests sans-io key").digest()
+ED25519 = oid(1, 3, 101, 112)
+# 1.3.101.99: the Ed25519 arc with an unassigned last number; same length as Ed25519's, so it
+# can replace the OID inside a certificate without touching any length.
+UNKNOWN = oid(1, 3, 101, 99)
+UNKNOWN_OID_SPKI = spki(UNKNOWN, KEY32)
+HOSTILE_SPKIS = {
+    "unknown OID 1.3.101.99": UNKNOWN_OID_SPKI,
+    "unknown OID 1.4.101.112 (what the property test found)": spki(oid(1, 4, 101, 112), KEY32),
+    "unknown private-arc OID 1.3.6.1.4.1.99999.1": spki(oid(1, 3, 6, 1, 4, 1, 99999, 1), KEY32),
+    "huge OID arc": spki(oid(1, 3, 2**200), KEY32),
+    "Ed448 OID with a 32-byte key": spki(oid(1, 3, 101, 113), KEY32),
+    "X25519 (a valid key, not a signing key)": spki(oid(1, 3, 101, 110), KEY32),
+    "RSA OID with garbage": spki(oid(1, 2, 840, 113549, 1, 1, 1), KEY32, der(0x05, b"")),
+    "EC with an unknown curve": spki(oid(1, 2, 840, 10045, 2, 1), b"\x04" + KEY32 * 2, oid(1, 3, 99, 1)),
+    "Ed25519 with NULL parameters (not canonical)": spki(ED25519, KEY32, der(0x05, b"")),
+    "Ed25519 key of 31 bytes": spki(ED25519, KEY32[:31]),
+}
+
+
+def fixed_key(label: str) -> crypto.PrivateKey:
+    seed = hashlib.sha256(b"imprint tests sans-io\0" + label.encode()).digest()
+    return crypto.PrivateKey(ed25519.Ed25519PrivateKey.from_private_bytes(seed))
+
+
+OWNER_KEY, VM_KEY = fixed_key("owner"), fixed_key("vm")
+OWNER_CERT = crypto.certificate_der(OWNER_KEY.self_signed_certificate("owner"))
+VM_CERT = crypto.certificate_der(VM_KEY.self_signed_certificate("vm"))
+K = Token(TokenKind.SHARED, hashlib.sha256(b"imprint tests sans-io K").digest())
+NOSECRET = Token(TokenKind.NOSECRET, OWNER_KEY.public.digest)
+VM_TOKEN = Token(TokenKind.VM, VM_KEY.public.digest)
+MODES = ["shared", "nosecret"]
+
+
+def with_unknown_key_oid(cert: bytes) -> bytes:
+    """``cert`` with its SubjectPublicKeyInfo's Ed25519 OID replaced by 1.3.101.99."""
+    spki_der = crypto.certificate_spki(cert)
+    assert cert.count(spki_der) == 1
+    return cert.replace(spki_der, spki_der.replace(ED25519, UNKNOWN, 1))
+
+
+def test_the_der_builder_builds_what_the_library_builds() -> None:
+    # The builder is right (so the hostile SPKIs are what they say): it reproduces a real key.
+    assert spki(ED25519, OWNER_KEY.public.spki[-32:]) == OWNER_KEY.public.spki
+    assert len(UNKNOWN_OID_SPKI) == crypto.SPKI_BYTES
+
+
+# ---- the crypto facade
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_SPKIS))
+def test_hostile_spki_is_a_crypto_error_on_this_cryptography(name: str) -> None:
+    with pytest.raises(crypto.CryptoError):
+        crypto.PublicKey.from_spki(HOSTILE_SPKIS[name])
+
+
+def test_certificate_with_an_unknown_key_algorithm_is_a_crypto_error() -> None:
+    hostile = with_unknown_key_oid(OWNER_CERT)
+    for parse in (crypto.self_signed_certificate_spki, crypto.certificate_spki):
+        with pytest.raises(crypto.CryptoError):
+            parse(hostile)
+    pem = ssl.DER_cert_to_PEM_cert(hostile).encode()
+    with pytest.raises(crypto.CryptoError):
+        crypto.certificate_spki(pem)
+
+
+class Surprise(Exception):
+    """An exception type no caller could have listed."""
+
+
+# What a library may raise for hostile bytes in some release: the real UnsupportedAlgorithm of
+# cryptography 50 (a plain Exception subclass, not ValueError), and kinds no one lists.
+INJECTED: list[Callable[[], BaseException]] = [
+    lambda: UnsupportedAlgorithm("Unknown key type: 1.3.101.99"),
+    Surprise,
+    lambda: KeyError("x"),
+    lambda: TypeError("x"),
+    lambda: OverflowError("x"),
+    lambda: RecursionError("x"),
+    lambda: AssertionError("x"),
+]
+INJECTED_IDS = ["UnsupportedAlgorithm", "Surprise", "KeyError", "TypeError", "OverflowError", "RecursionError",
+                "AssertionError"]
+
+
+def raiser(make: Callable[[], BaseException]) -> Callable[..., object]:
+    def fail(*args: object, **kwargs: object) -> object:
+        raise make()
+
+    return fail
+
+
+FACADE_PARSERS: dict[str, tuple[object, str, Callable[[], object]]] = {
+    "PublicKey.from_spki": (serialization, "load_der_public_key",
+                            lambda: crypto.PublicKey.from_spki(OWNER_KEY.public.spki)),
+    "PublicKey.verify": (serialization, "load_der_public_key",
+                         lambda: OWNER_KEY.public.verify(OWNER_KEY.sign(b"m"), b"m")),
+    "PrivateKey.from_pem": (serialization, "load_pem_private_key",
+                            lambda: crypto.PrivateKey.from_pem(OWNER_KEY.to_pem())),
+    "self_signed_certificate_spki": (x509, "load_der_x509_certificate",
+                                     lambda: crypto.self_signed_certificate_spki(OWNER_CERT)),
+    "certificate_spki": (x509, "load_der_x509_certificate", lambda: crypto.certificate_spki(OWNER_CERT)),
+    "certificate_der": (x509, "load_pem_x509_certificate",
+                        lambda: crypto.certificate_der(OWNER_KEY.self_signed_certificate("o"))),
+}
+
+
+@pytest.mark.parametrize("make", INJECTED, ids=INJECTED_IDS)
+@pytest.mark.parametrize("parser", list(FACADE_PARSERS))
+def test_every_facade_parser_turns_any_library_exception_into_crypto_error(
+        monkeypatch: pytest.MonkeyPatch, parser: str, make: Callable[[], BaseException]) -> None:
+    module, attribute, call = FACADE_PARSERS[parser]
+    call()  # works before the library is made to fail
+    monkeypatch.setattr(module, attribute, raiser(make))
+    with pytest.raises(crypto.CryptoError) as info:
+        call()
+    assert type(make()).__name__ in str(info.value)
+    assert isinstance(info.value.__cause__, type(make()))  # kept for a debug log
+
+
+def test_a_signature_failure_inside_the_library_is_a_crypto_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ed25519.Ed25519PublicKey, "verify", raiser(Surprise), raising=False)
+    key = crypto.PublicKey.from_spki(OWNER_KEY.public.spki)
+    with pytest.raises(crypto.CryptoError):
+        key.verify(bytes(64), b"m")
+
+
+# ---- the state machines
+
+
+def owner_session(mode: str) -> OwnerExchange:
+    token, vm_token = (K, None) if mode == "shared" else (NOSECRET, VM_TOKEN)
+    return OwnerExchange(owner_key=OWNER_KEY, owner_cert=OWNER_CERT, token=token, seen_server_cert=VM_CERT,
+                         vm_token=vm_token)
+
+
+def vm_session(mode: str) -> VmExchange:
+    return VmExchange(vm_key=VM_KEY, token=K if mode == "shared" else NOSECRET, own_cert=VM_CERT)
+
+
+def frames_of(data: bytes) -> list[Message]:
+    buffer, out = FrameBuffer(), []
+    buffer.feed(data)
+    while (body := buffer.next_body()) is not None:
+        out.append(decode_body(body))
+    assert buffer.pending == 0
+    return out
+
+
+def assert_refused(session: OwnerExchange | VmExchange, info: pytest.ExceptionInfo[RemoteProtocolError],
+                   code: AlertCode) -> None:
+    """The failed side is FAILED, refuses further input as misuse, and has exactly one Alert to send."""
+    assert info.type is RemoteProtocolError
+    assert info.value.code is code and not info.value.from_peer
+    assert session.state is State.FAILED
+    assert frames_of(session.data_to_send()) == [Alert(int(code), _alert_text(code))]
+    with pytest.raises(LocalProtocolError):
+        session.receive_data(b"\0")
+
+
+def _alert_text(code: AlertCode) -> bytes:
+    from imprint.protocol.errors import ALERT_TEXT
+
+    return ALERT_TEXT[code].encode()
+
+
+def vm_hello_frame(mode: str, vm_spki: bytes) -> bytes:
+    wire = WireMode.SHARED if mode == "shared" else WireMode.NOSECRET
+    return encode_frame(VmHello(mode=int(wire), vm_nonce=bytes(32), vm_spki=vm_spki))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", list(HOSTILE_SPKIS))
+def test_owner_refuses_a_vm_hello_with_a_hostile_key(mode: str, name: str) -> None:
+    owner = owner_session(mode)
+    owner.initiate()
+    with pytest.raises(RemoteProtocolError) as info:
+        owner.receive_data(vm_hello_frame(mode, HOSTILE_SPKIS[name]))
+    assert_refused(owner, info, AlertCode.MALFORMED)
+    assert "peer public key" in info.value.detail
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_vm_refuses_an_owner_certificate_with_an_unknown_key_algorithm(mode: str) -> None:
+    hello = OwnerHello(mode=int(WireMode.SHARED if mode == "shared" else WireMode.NOSECRET),
+                       token_id=(K if mode == "shared" else NOSECRET).token_id, owner_nonce=bytes(32),
+                       owner_cert=with_unknown_key_oid(OWNER_CERT),
+                       seen_server_cert_sha256=crypto.sha256(VM_CERT))
+    vm = vm_session(mode)
+    with pytest.raises(RemoteProtocolError) as info:
+        vm.receive_data(encode_frame(hello))
+    assert_refused(vm, info, AlertCode.MALFORMED)
+    assert vm.peer_key is None
+
+
+# Each step of each side, and the crypto function it calls on the peer's bytes there. ``reach``
+# brings a fresh pair to the step and returns the side under test and the bytes it is fed next.
+Reach = Callable[[str], tuple[OwnerExchange | VmExchange, bytes]]
+
+
+def reach_owner_hello(mode: str) -> tuple[OwnerExchange | VmExchange, bytes]:
+    return vm_session(mode), owner_session(mode).initiate()
+
+
+def reach_owner_proof(mode: str) -> tuple[OwnerExchange | VmExchange, bytes]:
+    owner, vm = owner_session(mode), vm_session(mode)
+    vm.receive_data(owner.initiate())
+    owner.receive_data(vm.data_to_send())
+    return vm, owner.data_to_send()
+
+
+def reach_vm_flight(mode: str) -> tuple[OwnerExchange | VmExchange, bytes]:
+    owner, vm = owner_session(mode), vm_session(mode)
+    vm.receive_data(owner.initiate())
+    return owner, vm.data_to_send()
+
+
+def reach_vm_confirm(mode: str) -> tuple[OwnerExchange | VmExchange, bytes]:
+    owner, vm = owner_session(mode), vm_session(mode)
+    vm.receive_data(owner.initiate())
+    owner.receive_data(vm.data_to_send())
+    vm.receive_data(owner.data_to_send())
+    vm.confirm()
+    return owner, vm.data_to_send()
+
+
+STEPS: dict[str, tuple[Reach, object, str]] = {
+    "vm/OwnerHello/self_signed_certificate_spki": (reach_owner_hello, crypto, "self_signed_certificate_spki"),
+    "vm/OwnerHello/from_spki": (reach_owner_hello, crypto.PublicKey, "from_spki"),
+    "vm/OwnerHello/digests_equal": (reach_owner_hello, crypto, "digests_equal"),
+    "vm/OwnerProof/verify": (reach_owner_proof, crypto.PublicKey, "verify"),
+    "vm/OwnerProof/hkdf": (reach_owner_proof, crypto, "hkdf"),
+    "owner/VmHello/from_spki": (reach_vm_flight, crypto.PublicKey, "from_spki"),
+    "owner/VmProof/verify": (reach_vm_flight, crypto.PublicKey, "verify"),
+    "owner/VmConfirm/verify": (reach_vm_confirm, crypto.PublicKey, "verify"),
+    "owner/VmConfirm/sha256": (reach_vm_confirm, crypto, "sha256"),
+}
+
+
+@pytest.mark.parametrize("make", INJECTED, ids=INJECTED_IDS)
+@pytest.mark.parametrize(("mode", "step"), [(mode, step) for mode in MODES for step in STEPS
+                                            if not (mode == "nosecret" and step.endswith("/hkdf"))])  # no MAC key
+def test_an_exception_injected_while_processing_peer_bytes_is_a_remote_protocol_error(
+        monkeypatch: pytest.MonkeyPatch, mode: str, step: str, make: Callable[[], BaseException]) -> None:
+    reach, target, attribute = STEPS[step]
+    session, data = reach(mode)
+    before = session.state
+    monkeypatch.setattr(target, attribute, raiser(make))
+    with pytest.raises(RemoteProtocolError) as info:
+        session.receive_data(data)
+    monkeypatch.undo()
+    assert_refused(session, info, AlertCode.MALFORMED)
+    assert before is not State.FAILED
+    assert isinstance(info.value.__cause__, type(make()))
+    assert type(make()).__name__ in info.value.detail
+    assert step.split("/")[1] in info.value.detail  # names the message that could not be processed
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_failing_injected_rng_while_answering_is_a_remote_protocol_error(mode: str) -> None:
+    vm = VmExchange(vm_key=VM_KEY, token=K if mode == "shared" else NOSECRET, own_cert=VM_CERT,
+                    rng=raiser(lambda: OSError("getrandom failed")))  # type: ignore[arg-type]
+    with pytest.raises(RemoteProtocolError) as info:
+        vm.receive_data(owner_session(mode).initiate())
+    assert_refused(vm, info, AlertCode.MALFORMED)
+
+
+def test_keyboard_interrupt_is_not_converted_but_the_session_is_failed(monkeypatch: pytest.MonkeyPatch) -> None:
+    vm, data = reach_owner_hello("shared")
+    monkeypatch.setattr(crypto, "self_signed_certificate_spki", raiser(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        vm.receive_data(data)
+    assert vm.state is State.FAILED
+    assert vm.data_to_send() == b""  # no half-built flight leaves
+
+
+def test_the_peers_alert_text_is_rendered_printable() -> None:
+    owner = owner_session("shared")
+    owner.initiate()
+    detail = b"\x1b[2J\x1b]0;owned\x07line one\r\nIMPRINT-VM-TOKEN imprint1v-x \xff\\"
+    with pytest.raises(RemoteProtocolError) as info:
+        owner.receive_data(encode_frame(Alert(int(AlertCode.WRONG_TOKEN), detail)))
+    text = info.value.detail
+    assert info.value.from_peer and info.value.code is AlertCode.WRONG_TOKEN
+    assert text.isascii() and text.isprintable(), text
+    assert text == "peer refused: \\x1b[2J\\x1b]0;owned\\x07line one\\r\\nIMPRINT-VM-TOKEN imprint1v-x \\xff\\\\"
+    assert owner.state is State.FAILED and owner.data_to_send() == b""  # the peer said why; nothing to add
+
+
+def test_an_unknown_alert_code_is_internal() -> None:
+    vm = vm_session("shared")
+    with pytest.raises(RemoteProtocolError) as info:
+        vm.receive_data(encode_frame(Alert(200, b"")))
+    assert info.value.code is AlertCode.INTERNAL and info.value.from_peer
+
+
+# ---- the table owns every transition
+
+
+OWNER_STATES = [State.START, State.AWAIT_VM_HELLO, State.AWAIT_VM_PROOF, State.AWAIT_VM_CONFIRM, State.DONE]
+VM_STATES = [State.AWAIT_OWNER_HELLO, State.AWAIT_OWNER_PROOF, State.AWAIT_LOCAL_CONFIRM, State.DONE]
+
+
+def session_at(side: str, mode: str, state: State) -> OwnerExchange | VmExchange:
+    """A fresh session of ``side`` driven by the genuine exchange, frame by frame, to ``state``."""
+    owner, vm = owner_session(mode), vm_session(mode)
+    me = owner if side == "owner" else vm
+    flight: list[bytes] = []
+    steps: list[Callable[[], object]] = [
+        lambda: vm.receive_data(owner.initiate()),
+        lambda: flight.extend(split(vm.data_to_send())),
+        lambda: owner.receive_data(flight[0]),  # VmHello alone
+        lambda: owner.receive_data(flight[1]),  # VmProof
+        lambda: vm.receive_data(owner.data_to_send()),
+        vm.confirm,
+        lambda: owner.receive_data(vm.data_to_send()),
+    ]
+    for step in [lambda: None, *steps]:
+        step()
+        if me.state is state:
+            me.data_to_send()
+            return me
+    raise AssertionError(f"the genuine exchange never brings the {side} to {state}")
+
+
+def split(data: bytes) -> list[bytes]:
+    frames, pos = [], 0
+    while pos < len(data):
+        end = pos + 2 + int.from_bytes(data[pos : pos + 2], "big")
+        frames.append(data[pos:end])
+        pos = end
+    return frames
+
+
+def some_message(message_type: MessageType) -> bytes:
+    cls = MESSAGE_TYPES[message_type]
+    values: list[object] = []
+    for spec in cls.SCHEMA:
+        size = getattr(spec, "size", None) or getattr(spec, "lo", None)
+        values.append(1 if size is None else bytes(max(size, 1)))
+    return encode_frame(cls(*values))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("side", ["owner", "vm"])
+def test_every_message_the_table_does_not_list_is_unexpected(side: str, mode: str) -> None:
+    cls = OwnerExchange if side == "owner" else VmExchange
+    states = OWNER_STATES if side == "owner" else VM_STATES
+    # The table names exactly the live states; DONE and FAILED have no way on.
+    assert list(cls.TRANSITIONS) == states[:-1]
+    assert {next_state for steps in cls.TRANSITIONS.values() for _, next_state in steps.values()} == set(states[1:])
+    for state in states:
+        listed = cls.TRANSITIONS.get(state, {})
+        for message_type in MessageType:
+            if message_type in listed or message_type is MessageType.ALERT:
+                continue
+            session = session_at(side, mode, state)
+            with pytest.raises(RemoteProtocolError) as info:
+                session.receive_data(some_message(message_type))
+            assert info.value.code is AlertCode.UNEXPECTED_MESSAGE, (state, message_type)
+            assert session.state is State.FAILED
+
+
+def test_local_calls_go_through_the_table_and_misuse_changes_nothing() -> None:
+    assert OwnerExchange.TRANSITIONS[State.START] == {Local.INITIATE: ("_on_initiate", State.AWAIT_VM_HELLO)}
+    assert VmExchange.TRANSITIONS[State.AWAIT_LOCAL_CONFIRM] == {Local.CONFIRM: ("_on_confirm", State.DONE)}
+    owner = owner_session("shared")
+    hello = owner.initiate()
+    assert owner.state is State.AWAIT_VM_HELLO
+    with pytest.raises(LocalProtocolError, match=r"initiate\(\) in state await-vm-hello"):
+        owner.initiate()
+    assert owner.state is State.AWAIT_VM_HELLO and owner.data_to_send() == b""
+    vm = vm_session("shared")
+    with pytest.raises(LocalProtocolError, match=r"confirm\(\) in state await-owner-hello"):
+        vm.confirm()
+    assert vm.state is State.AWAIT_OWNER_HELLO
+    vm.receive_data(hello)
+    with pytest.raises(LocalProtocolError):
+        vm.confirm()
+    assert vm.state is State.AWAIT_OWNER_PROOF
+
+
+def test_receive_data_of_the_wrong_type_is_local_misuse() -> None:
+    vm = vm_session("shared")
+    with pytest.raises(LocalProtocolError):
+        vm.receive_data("OwnerHello")  # type: ignore[arg-type]
+    assert vm.state is State.AWAIT_OWNER_HELLO
+
+
+def test_abort_fails_every_live_state_and_leaves_terminal_ones() -> None:
+    for side, states in (("owner", OWNER_STATES), ("vm", VM_STATES)):
+        for state in states:
+            session = session_at(side, "shared", state)
+            session.abort(AlertCode.INTERNAL, "storage failed")
+            sent = frames_of(session.data_to_send())
+            if state is State.DONE:
+                assert session.state is State.DONE and sent == []
+            else:
+                assert session.state is State.FAILED
+                assert sent == [Alert(int(AlertCode.INTERNAL), b"storage failed")]
+
+
+# ---- end to end: the real CLI and a real agent
+
+
+class HostileAgent:
+    """A TLS listener that answers the owner's OwnerHello with a VmHello carrying ``vm_spki``."""
+
+    def __init__(self, workdir: Path, vm_spki: bytes) -> None:
+        key = crypto.PrivateKey.generate()
+        self.cert_file, self.key_file = workdir / "hostile.crt", workdir / "hostile.key"
+        self.cert_file.write_bytes(key.self_signed_certificate("hostile"))
+        self.key_file.write_bytes(key.to_pem())
+        self._spki = vm_spki
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(IO_TIMEOUT)
+        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self.received: list[Message] = []
+        self.errors: list[BaseException] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self._listener.accept()
+            conn.settimeout(IO_TIMEOUT)
+            ctx = tls.agent_bind_context(str(self.cert_file), str(self.key_file))
+            with ctx.wrap_socket(conn, server_side=True) as sock:
+                frames = FrameBuffer()
+                while (data := sock.recv(4096)):
+                    frames.feed(data)
+                    while (body := frames.next_body()) is not None:
+                        message = decode_body(body)
+                        self.received.append(message)
+                        if isinstance(message, OwnerHello):
+                            sock.sendall(vm_hello_frame("shared", self._spki))
+        except (OSError, ssl.SSLError) as exc:
+            if not isinstance(exc, ssl.SSLEOFError):
+                self.errors.append(exc)
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[HostileAgent]:
+        self._thread.start()
+        try:
+            yield self
+        finally:
+            self._thread.join(IO_TIMEOUT)
+            self._listener.close()
+            assert not self._thread.is_alive()
+
+
+def test_bind_to_an_agent_whose_key_has_an_unknown_algorithm_exits_3(tmp_path: Path, owner: Owner) -> None:
+    owner.token("web1", "shared")
+    with HostileAgent(tmp_path, UNKNOWN_OID_SPKI).running() as agent:
+        result = owner.run("bind", "web1", "--address", agent.address, check=3)
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "MALFORMED" in lines[0] and "nothing was pinned" in lines[0], result.stderr
+    assert not agent.errors, agent.errors
+    # The owner told the hostile agent why, in an Alert, after its OwnerHello.
+    assert [type(m) for m in agent.received] == [OwnerHello, Alert]
+    assert agent.received[1] == Alert(int(AlertCode.MALFORMED), _alert_text(AlertCode.MALFORMED))
+    assert owner.json("list")["vms"][0]["state"] == "unbound"  # type: ignore[index]
+
+
+def test_a_real_agent_refuses_an_owner_certificate_with_an_unknown_key_algorithm(
+        agents: AgentFactory, owner: Owner) -> None:
+    token_text = owner.token("web1", "shared")
+    agent = agents.start(agents.make_root(token_text))
+    hostile_cert = with_unknown_key_oid(OWNER_CERT)
+    hello = OwnerHello(mode=int(WireMode.SHARED), token_id=tokens.parse(token_text).token_id,
+                       owner_nonce=bytes(32), owner_cert=hostile_cert, seen_server_cert_sha256=bytes(32))
+    raw = socket.create_connection(("127.0.0.1", agent.port), timeout=IO_TIMEOUT)
+    with tls.owner_bind_context().wrap_socket(raw) as sock:
+        sock.sendall(encode_frame(hello))
+        reply = b""
+        while (data := sock.recv(4096)):
+            reply += data
+    assert frames_of(reply) == [Alert(int(AlertCode.MALFORMED), _alert_text(AlertCode.MALFORMED))]
+    assert agent.proc.poll() is None, agent.log()
+    assert "Traceback" not in agent.log()
+    # ...and still binds its genuine owner afterwards.
+    owner.run("bind", "web1", "--address", agent.address)
