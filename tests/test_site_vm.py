@@ -10,6 +10,7 @@ import pytest
 from imprint.site import vm
 
 VM_TOKEN = "imprint1v-tussqtvi6jnveexrj5bp5kr4trze63n23qace443zmzrhoau26g5hi6ism"
+OWNER_TOKEN_ID = "9c4f4ab2d0e1f3a5"  # the no-secrets token the VM was booted with
 # As systemd 252 prints it on an 80-column serial console: colours, \r\n, and the unit cut short.
 FAILED = (
     "         Starting \x1b[0;1;39mimprint-agent.ser\u2026nge and pinned control channel)...\r\r\n"
@@ -24,7 +25,7 @@ def _record(tmp_path: Path, console: str, mode: str | None = "nosecret") -> vm.B
     return vm.BootRecord(run_dir=str(tmp_path), pid=os.getpid(), accel="tcg", accel_note="", agent_address="",
                          ssh_address="", agent_port=0, ssh_port=0, console=str(tmp_path / "console.log"),
                          qmp="", disk="", image=None, channel="cmdline", artefact=None, mode=mode,
-                         token_id="00", started_at=time.time())
+                         token_id=OWNER_TOKEN_ID, started_at=time.time())
 
 
 def test_console_text_strips_colours_and_carriage_returns(tmp_path: Path) -> None:
@@ -47,7 +48,7 @@ def test_follow_reports_waiting(tmp_path: Path) -> None:
 
 
 def test_follow_waits_for_the_vm_token_in_nosecret_mode(tmp_path: Path) -> None:
-    console = (f"IMPRINT-VM-TOKEN {VM_TOKEN}\r\n"
+    console = (f"IMPRINT-VM-TOKEN {VM_TOKEN} for {OWNER_TOKEN_ID}\r\n"
                "[ 20.1] imprint-agent[1]: imprint-agent: listening on 0.0.0.0:7443 (waiting for the owner to bind)\r\n")
     record = vm.follow(_record(tmp_path, console), timeout=5)
     assert record.status == "ready" and record.vm_token == VM_TOKEN

@@ -23,14 +23,20 @@ def test_printable_is_one_line_of_printable_ascii(text: str) -> None:
     assert "\n" not in out and "\r" not in out and "\x1b" not in out
 
 
-def test_escapes_are_visible_and_unambiguous() -> None:
+def test_escapes_are_visible() -> None:
     assert printable("a\x1bb") == "a\\x1bb"
-    assert printable("a\\x1bb") == "a\\\\x1bb"  # a literal backslash cannot pose as an escape
     assert printable("x\r\n\t") == "x\\r\\n\\t"
     assert printable("\u202e") == "\\u202e"
     assert printable("\U0001f600") == "\\U0001f600"
     assert printable("caf\xe9") == "caf\\xe9"
-    assert printable("plain text: 1-2 [ok]") == "plain text: 1-2 [ok]"
+    assert printable("plain text: 1-2 [ok] C:\\dir") == "plain text: 1-2 [ok] C:\\dir"
+
+
+@pytest.mark.parametrize("text", HOSTILE)
+def test_rendering_is_idempotent(text: str) -> None:
+    """Layers each render (the protocol's alert text, the agent's log, the owner's terminal)."""
+    once = printable(text)
+    assert printable(once) == once
 
 
 @pytest.mark.parametrize("limit", [16, 40, 100])

@@ -145,6 +145,7 @@ def test_find_vm_token_lines_in_a_noisy_console_log() -> None:
     first = Token(TokenKind.VM, K)
     second = Token(TokenKind.VM, bytes(range(32)))
     shared = Token(TokenKind.SHARED, K)
+    owner = Token(TokenKind.NOSECRET, bytes(range(0xA0, 0xC0)))  # its id has hex letters
     corrupt = first.encode()[:-5] + ("a" if first.encode()[-5] != "a" else "b") + first.encode()[-4:]
     log = "\r\n".join([
         "[    0.000000] Linux version 6.1.0-18-amd64 (debian-kernel@lists.debian.org)",
@@ -155,17 +156,35 @@ def test_find_vm_token_lines_in_a_noisy_console_log() -> None:
         f"IMPRINT-VM-TOKEN {shared.encode()}",  # not a VM token: never announced as one
         f"IMPRINT-VM-TOKEN {corrupt}",  # garbled on the serial line: skipped
         f"IMPRINT-VM-TOKEN{first.encode()}",  # no separating space
-        f"[    7.123456] imprint-agent[412]: IMPRINT-VM-TOKEN {first.encode()}",
+        tokens.vm_token_line(first, answers=owner),
+        # Not the agent's line, even though they carry a valid token: in the middle of a line
+        # (journald's forwarding prefix, a log line quoting a peer), in another case, with words
+        # around it, or after a carriage return a terminal would show over the line's start.
+        f"[    7.123456] imprint-agent[412]: IMPRINT-VM-TOKEN {second.encode()}",
+        f"imprint-agent: peer said: {tokens.vm_token_line(second, answers=owner)}",
         "random noise \x00\xff IMPRINT-VM-TOKEN-ish",
         f"IMPRINT-VM-TOKEN   {second.encode().upper()}   trailing words",
+        f"IMPRINT-VM-TOKEN {second.encode().upper()}",
+        f"{tokens.vm_token_line(second, answers=owner)} trailing words",
+        f"login: \r{tokens.vm_token_line(second, answers=owner)}",
+        f"{tokens.vm_token_line(second, answers=owner)}\rlogin: ",
+        f"IMPRINT-VM-TOKEN {second.encode()} for {owner.token_id.hex().upper()}",
+        f"IMPRINT-VM-TOKEN {second.encode()} for {owner.token_id.hex()[:-1]}",
         "",
     ])
-    assert tokens.find_vm_token_lines(log) == [first, second]
+    assert tokens.find_vm_token_lines(log) == [first]
+    assert tokens.find_vm_token_announcements(log) == [tokens.Announcement(first, owner.token_id.hex())]
 
 
 def test_find_vm_token_lines_reads_what_vm_token_line_writes() -> None:
     token = Token(TokenKind.VM, K)
-    line = tokens.vm_token_line(token)
-    assert line == f"IMPRINT-VM-TOKEN {token.encode()}"
+    owner = Token(TokenKind.NOSECRET, bytes(range(32)))
+    line = tokens.vm_token_line(token, answers=owner)
+    assert line == f"IMPRINT-VM-TOKEN {token.encode()} for {owner.token_id.hex()}"
     assert tokens.find_vm_token_lines(line) == [token]
+    assert tokens.find_vm_token_lines(f"\n{line}\r\n") == [token]  # as the agent frames it on a tty
+    # The form of agents before issue 9, without the owner token id, is still read.
+    assert tokens.find_vm_token_announcements(tokens.vm_token_line(token)) == [tokens.Announcement(token, None)]
     assert tokens.find_vm_token_lines("nothing here\n") == []
+    with pytest.raises(TokenError):
+        tokens.vm_token_line(owner)  # only a VM token is ever announced

@@ -4,8 +4,13 @@ Text from outside (a peer's alert detail, a VM's status fields, site-supplied na
 can carry terminal escape sequences (ESC, CSI), carriage returns that overwrite what a reader
 sees, newlines that forge a second log line, bidi overrides that reorder it, and sheer size.
 :func:`printable` returns a rendering made only of printable ASCII (0x20-0x7e) in which every other
-character is escaped visibly and unambiguously (a backslash is doubled, so ``\\x1b`` in the output
-always means an ESC in the input), on one line, at most ``limit`` characters long.
+character is escaped visibly (``\\x1b``, ``\\n``, ``\\u202e``), on one line, at most ``limit``
+characters long.
+
+A backslash is left as it is, which makes the rendering idempotent: text rendered by one layer
+(the protocol's alert detail) and again by the next (the agent's log, the owner's terminal)
+reads the same instead of growing ``\\\\``. The price is that a literal ``\\x1b`` typed by a
+peer reads like an escaped ESC; both are four harmless characters.
 
 Cheap to import (the agent's boot path imports it): no imports beyond the language itself.
 """
@@ -15,7 +20,7 @@ from __future__ import annotations
 DEFAULT_LIMIT = 512
 _MIN_LIMIT = 16
 _SAFE_FIRST, _SAFE_LAST = 0x20, 0x7E
-_SHORT = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
 def _escape(char: str) -> str:
@@ -39,7 +44,7 @@ def printable(text: str, limit: int = DEFAULT_LIMIT) -> str:
     so a reader knows there was more and a truncation cannot pass for the whole text.
     """
     limit = max(limit, _MIN_LIMIT)
-    if len(text) <= limit and text.isascii() and text.isprintable() and "\\" not in text:
+    if len(text) <= limit and text.isascii() and text.isprintable():
         return text  # the common case, without a loop
     parts: list[str] = []
     used = 0

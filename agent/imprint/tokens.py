@@ -131,20 +131,63 @@ def parse(text: str, *, expect: TokenKind | None = None) -> Token:
     return token
 
 
-def vm_token_line(token: Token) -> str:
-    return f"{VM_TOKEN_LINE_PREFIX} {token.encode()}"
+# The announcement, a whole line and nothing else: the marker at column 0, the VM token exactly as
+# Token.encode writes it (check digits included), and the id of the owner token it answers.
+# Agents before issue 9 wrote the line without " for <id>"; that form is still read, but a
+# reader that knows which owner token the VM was booted with accepts only lines naming it.
+_ANNOUNCEMENT = re.compile(
+    VM_TOKEN_LINE_PREFIX + r" (imprint1v-[a-z2-7]{58})(?: for ([0-9a-f]{16}))?\r?", re.ASCII
+)
+MAX_ANNOUNCEMENT_CHARS = 128
+
+
+@dataclass(frozen=True)
+class Announcement:
+    """One VM token line: the token, and the owner token id (hex) it answers (None: old form)."""
+
+    token: Token
+    answers: str | None
+
+
+def vm_token_line(token: Token, answers: Token | None = None) -> str:
+    """The announcement the agent writes (without line ends: the writer frames it)."""
+    if token.kind is not TokenKind.VM:
+        raise TokenError(f"only a VM token is announced, not a {token.kind.name.lower()} token")
+    line = f"{VM_TOKEN_LINE_PREFIX} {token.encode()}"
+    return line if answers is None else f"{line} for {answers.token_id.hex()}"
+
+
+def parse_vm_token_line(line: str) -> Announcement | None:
+    """The announcement if ``line`` (one line, without its newline) is exactly one, else None.
+
+    Anchored at both ends: a marker in the middle of a line (a log line quoting a peer, a kernel
+    message, text after a carriage return that a terminal would show over the start of the
+    line) is never an announcement; only a single trailing CR, as a serial console adds, is.
+    """
+    if len(line) > MAX_ANNOUNCEMENT_CHARS or not line.startswith(VM_TOKEN_LINE_PREFIX):
+        return None
+    match = _ANNOUNCEMENT.fullmatch(line)
+    if match is None:
+        return None
+    try:
+        token = parse(match.group(1), expect=TokenKind.VM)
+    except TokenError:
+        return None  # garbled on the serial line: the agent repeats the line until bound
+    return Announcement(token, match.group(2))
+
+
+def find_vm_token_announcements(text: str) -> list[Announcement]:
+    """Every announcement in a console log or reply area, in order. Lines end at "\n" only:
+    the other characters :meth:`str.splitlines` breaks at (NEL, U+2028, a lone CR ...) would let
+    text in the middle of a line start one."""
+    found: list[Announcement] = []
+    for line in text.split("\n"):
+        announcement = parse_vm_token_line(line)
+        if announcement is not None:
+            found.append(announcement)
+    return found
 
 
 def find_vm_token_lines(text: str) -> list[Token]:
-    """All well-formed VM tokens announced in a console log or reply area, in order."""
-    found: list[Token] = []
-    for line in text.splitlines():
-        _, sep, rest = line.partition(VM_TOKEN_LINE_PREFIX + " ")
-        if not sep:
-            continue
-        candidate = rest.strip().split()[0] if rest.strip() else ""
-        try:
-            found.append(parse(candidate, expect=TokenKind.VM))
-        except TokenError:
-            continue
-    return found
+    """The VM tokens of :func:`find_vm_token_announcements`, in order."""
+    return [a.token for a in find_vm_token_announcements(text)]

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
+from imprint import lastresort
 from imprint.guest import log as agent_log
 from imprint.guest.channels import (
     ChannelBroken,
@@ -27,7 +28,7 @@ from imprint.guest.channels import (
     find_token,
     publish_vm_token,
 )
-from imprint.guest.notify import notify
+from imprint.guest.notify import notify_status
 from imprint.guest.paths import GuestPaths
 from imprint.guest.state import AgentState, StateError
 from imprint.tokens import Mode, Token
@@ -88,13 +89,20 @@ def _wait_for_token(paths: GuestPaths, only: list[str] | None, wait: float | Non
         if now >= next_report:
             searched = ", ".join(only or channel_names())
             log.info("waiting for a token on: %s", searched)
-            notify(f"STATUS=waiting for a token on: {searched}")
+            notify_status(f"waiting for a token on: {searched}")
             next_report = now + 30.0
         pause.wait(1.0)  # channels can appear late (hot-plugged disk, metadata service coming up)
 
 
 class _Announcer:
-    """Writes the VM token line to the console until bound, so a late reader still sees it."""
+    """Writes the VM token line to the console until bound, so a late reader still sees it.
+
+    The only writer of the announcement marker (the agent's log defangs it): the line is framed
+    by newlines and written in one write(), so it starts at column 0 even after a partial line
+    of another writer (a kernel message, a systemd status) and nothing else shares its line.
+    A write cut short (a full serial buffer) leaves a line the extractor skips; the next repeat
+    is whole.
+    """
 
     def __init__(self, consoles: list[Path], line: str, interval: float) -> None:
         self._consoles = consoles
@@ -118,7 +126,7 @@ class _Announcer:
                 flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOCTTY | os.O_NONBLOCK
                 fd = os.open(console, flags, 0o644)
                 try:
-                    os.write(fd, (self._line + "\n").encode())
+                    os.write(fd, b"\n" + self._line.encode() + b"\n")
                 finally:
                     os.close(fd)
             except OSError as exc:
@@ -178,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
 
         vm_spki = crypto.certificate_spki(state.cert_file.read_bytes())
         vm_token = tokens.Token(tokens.TokenKind.VM, crypto.sha256(vm_spki))
-        line = tokens.vm_token_line(vm_token)
+        line = tokens.vm_token_line(vm_token, answers=found.token)
         log.info("VM key %s; VM token for the owner: %s", crypto.fingerprint(vm_spki), vm_token.encode())
         try:
             written = publish_vm_token(paths, found, line)
@@ -222,22 +230,38 @@ def run(args: argparse.Namespace) -> int:
     if not server.bound:
         # READY promises an exchange without delay: its code is loaded before, not during, the bind.
         import imprint.protocol  # noqa: F401
-    notify(f"READY=1\nSTATUS=listening on {host}:{bound_port} ({phase})")
+    notify_status(f"listening on {host}:{bound_port} ({phase})", ready=True)
     threading.Thread(target=_preload, daemon=True).start()
     server.serve_forever()
     log.info("stopped")
     return 0
 
 
+def _say(line: str) -> None:
+    log.error("%s", line)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 stopped; 1 failed (the reason is the last log line); 2 bad usage; 130
+    interrupted before serving."""
     args = _build_parser().parse_args(argv)
-    agent_log.configure(verbose=bool(getattr(args, "verbose", False)))
+    verbose = bool(getattr(args, "verbose", False))
+    agent_log.configure(verbose=verbose)
+    lastresort.set_debug(verbose)
+    lastresort.install_hooks(_say, hint="")
+    return lastresort.run_main(lambda: _run_or_fail(args), _say, hint="(run with -v for the traceback)")
+
+
+def _run_or_fail(args: argparse.Namespace) -> int:
     try:
         return run(args)
     except AgentFailure as exc:
         log.error("%s", exc)
-        notify(f"STATUS=failed: {exc}")
+        notify_status(f"failed: {exc}")
         return 1
+    except Exception as exc:
+        notify_status(f"failed: internal error: {lastresort.describe(exc)}")
+        raise  # reported by lastresort.run_main
 
 
 if __name__ == "__main__":

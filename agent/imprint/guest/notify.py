@@ -5,9 +5,15 @@ from __future__ import annotations
 import os
 import socket
 
+from imprint.safetext import printable
+
+STATUS_LIMIT = 400
+
 
 def notify(message: str) -> bool:
-    """Send ``message`` (e.g. "READY=1") to $NOTIFY_SOCKET; False when not under systemd."""
+    """Send ``message`` (newline-separated assignments, e.g. "READY=1") to $NOTIFY_SOCKET; False
+    when not under systemd. ``message`` is the caller's own text: outside text goes through
+    :func:`notify_status`, where it cannot add an assignment (a newline and "READY=1")."""
     address = os.environ.get("NOTIFY_SOCKET")
     if not address:
         return False
@@ -21,3 +27,9 @@ def notify(message: str) -> bool:
     except OSError:
         return False
     return True
+
+
+def notify_status(status: str, *, ready: bool = False) -> bool:
+    """STATUS= (rendered to one bounded printable line), after READY=1 when ``ready``."""
+    line = f"STATUS={printable(status, STATUS_LIMIT)}"
+    return notify(f"READY=1\n{line}" if ready else line)

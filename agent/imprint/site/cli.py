@@ -6,8 +6,12 @@
     imprint-site attach RUN_DIR --channel NAME --token T      hot-plug a token disk into that VM
     imprint-site stop RUN_DIR [--graceful]                    stop that VM
 
-Exit codes: 0 success; 1 no VM token found yet, or the VM failed / timed out; 2 bad usage or
-malformed input.
+Exit codes: 0 success; 1 no VM token found yet, or the VM failed / timed out, or an internal
+error (one line; the traceback with --debug); 2 bad usage or malformed input; 130 interrupted.
+
+Every line printed goes through :func:`imprint.safetext.printable` (console text, agent
+messages and file names come from the VM or the file system); JSON stays JSON, with escapes.
+A shared-mode token (K) is never printed: the artefact file carries it.
 """
 
 from __future__ import annotations
@@ -19,12 +23,35 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from imprint import tokens
+from imprint import lastresort, tokens
+from imprint.safetext import printable
 from imprint.site import reverse, seeds, vm
+
+PROG = "imprint-site"
+LINE_LIMIT = 4000
+
+
+class UsageError(Exception):
+    """Bad usage or malformed input (exit 2); the message says what."""
+
+
+def _out(line: str) -> None:
+    print(printable(line, LINE_LIMIT))
+
+
+def _err(line: str) -> None:
+    print(f"{PROG}: {printable(line, LINE_LIMIT)}", file=sys.stderr)
+
+
+def _json(data: object, indent: int | None = 2) -> None:
+    print(json.dumps(data, indent=indent))  # ensure_ascii: control characters become \u escapes
+
+
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="imprint-site", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an internal error")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("seed", help="build the artefact that carries a token on one boot channel")
     p.add_argument("--channel", required=True, choices=sorted(seeds.BUILDERS))
@@ -35,6 +62,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("reverse", help="extract the VM token from a console log or metadata disk")
     p.add_argument("--from", dest="source", type=Path, required=True)
+    p.add_argument("--for", dest="answers", metavar="OWNER_TOKEN_ID",
+                   help="accept only an announcement answering this owner token id (16 hex digits, as "
+                        "`imprint token new` prints it)")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("boot", help="boot a QEMU VM from an image with the token on one channel; prints JSON")
@@ -74,61 +104,79 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _seed(args: argparse.Namespace) -> int:
-    text = args.token if args.token is not None else args.token_file.read_text().strip()
+def _read_token(args: argparse.Namespace) -> str | None:
+    if getattr(args, "token", None) is not None:
+        return str(args.token)
+    if getattr(args, "token_file", None) is None:
+        return None
     try:
-        token = tokens.parse(text)
+        return str(args.token_file.read_text(encoding="ascii").strip())
+    except OSError as exc:
+        raise UsageError(f"--token-file {args.token_file}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"--token-file {args.token_file}: not a token (not ASCII text)") from None
+
+
+def _parse_token(text: str) -> tokens.Token:
+    try:
+        return tokens.parse(text)
     except tokens.TokenError as exc:
-        print(f"imprint-site: error: --token: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError(f"--token: {exc}") from None
+
+
+def _failure(exc: Exception) -> UsageError:
+    return UsageError(lastresort.describe(exc) if isinstance(exc, OSError) else str(exc))
+
+
+def _seed(args: argparse.Namespace) -> int:
+    text = _read_token(args)
+    assert text is not None  # argparse requires --token or --token-file
+    token = _parse_token(text)
     if token.kind is tokens.TokenKind.VM:
-        print("imprint-site: error: --token: a VM token goes to the owner, not onto the VM's boot channel",
-              file=sys.stderr)
-        return 2
+        raise UsageError("--token: a VM token goes to the owner, not onto the VM's boot channel")
     try:
         artefact = seeds.build(args.channel, token.encode(), args.out)
     except (OSError, ValueError, subprocess.SubprocessError) as exc:
-        print(f"imprint-site: error: cannot build the {args.channel} artefact at {args.out}: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError(f"cannot build the {args.channel} artefact at {args.out}: {_failure(exc)}") from None
+    # A kernel command line that carries K is named by its file, never printed.
+    cmdline = artefact.kernel_cmdline
+    shown = None if cmdline is None or token.is_secret else cmdline
     if args.json:
-        print(json.dumps({"channel": artefact.channel, "path": str(artefact.path), "qemu_args": artefact.qemu_args,
-                          "kernel_cmdline": artefact.kernel_cmdline, "note": artefact.note}, indent=2))
-    else:
-        print(f"{artefact.channel}: wrote {artefact.path}")
-        if artefact.kernel_cmdline:
-            print(f"  kernel command line: {artefact.kernel_cmdline}")
-        if artefact.qemu_args:
-            print(f"  qemu arguments: {' '.join(artefact.qemu_args)}")
-        if artefact.note:
-            print(f"  note: {artefact.note}")
+        _json({"channel": artefact.channel, "path": str(artefact.path), "qemu_args": artefact.qemu_args,
+               "kernel_cmdline": shown, "kernel_cmdline_file": str(artefact.path) if cmdline else None,
+               "note": artefact.note})
+        return 0
+    _out(f"{artefact.channel}: wrote {artefact.path}")
+    if cmdline is not None:
+        _out(f"  kernel command line: {shown}" if shown is not None else
+             f"  kernel command line: append the contents of {artefact.path} (it carries K: not printed)")
+    if artefact.qemu_args:
+        _out(f"  qemu arguments: {' '.join(artefact.qemu_args)}")
+    if artefact.note:
+        _out(f"  note: {artefact.note}")
     return 0
 
 
 def _reverse(args: argparse.Namespace) -> int:
+    if args.answers is not None and (len(args.answers) != 16 or not all(c in "0123456789abcdef"
+                                                                        for c in args.answers)):
+        raise UsageError("--for: an owner token id is 16 lowercase hex digits")
     try:
-        token = reverse.extract(args.source)
+        token = reverse.extract(args.source, answers=args.answers)
     except reverse.ReverseError as exc:
-        print(f"imprint-site: {exc}", file=sys.stderr)
+        _err(str(exc))
         return 1
     if args.json:
-        print(json.dumps({"vm_token": token.encode()}))
+        _json({"vm_token": token.encode()}, indent=None)
     else:
-        print(token.encode())
+        _out(token.encode())
     return 0
 
 
-def _token_arg(args: argparse.Namespace) -> str | None:
-    if args.token is not None:
-        return str(args.token)
-    if args.token_file is not None:
-        return str(args.token_file.read_text().strip())
-    return None
-
-
 def _print_record(record: vm.BootRecord) -> int:
-    print(json.dumps(asdict(record), indent=2))
+    _json(asdict(record))
     if record.status in ("failed", "timeout"):
-        print(f"imprint-site: the VM {record.status}: {record.detail} (console: {record.console})", file=sys.stderr)
+        _err(f"the VM {record.status}: {record.detail} (console: {record.console})")
         return 1
     return 0
 
@@ -136,47 +184,38 @@ def _print_record(record: vm.BootRecord) -> int:
 def _boot(args: argparse.Namespace) -> int:
     import tempfile
 
-    token = _token_arg(args)
+    token = _read_token(args)
     if token is not None:
-        try:
-            parsed = tokens.parse(token)
-        except tokens.TokenError as exc:
-            print(f"imprint-site: error: --token: {exc}", file=sys.stderr)
-            return 2
+        parsed = _parse_token(token)
         if args.mode and parsed.kind is not tokens.TokenKind.VM and parsed.mode.value != args.mode:
-            print(f"imprint-site: error: --mode {args.mode}, but the token is a {parsed.mode.value}-mode token",
-                  file=sys.stderr)
-            return 2
+            raise UsageError(f"--mode {args.mode}, but the token is a {parsed.mode.value}-mode token")
     if args.image is None and args.reuse_disk is None:
-        print("imprint-site: error: --image (or --reuse-disk) is required", file=sys.stderr)
-        return 2
-    near = (args.image or args.reuse_disk).resolve().parent
-    if args.reuse_disk is not None and args.image is None:
-        near = Path(vm.BootRecord.load(args.reuse_disk.resolve().parent).image or near).parent
-    run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="imprint-vm-"))
+        raise UsageError("--image (or --reuse-disk) is required")
     try:
+        near = (args.image or args.reuse_disk).resolve().parent
+        if args.reuse_disk is not None and args.image is None:
+            near = Path(vm.BootRecord.load(args.reuse_disk.resolve().parent).image or near).parent
+        run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="imprint-vm-"))
         record = vm.boot(image=args.image, kernel=args.kernel or near / "vmlinuz",
                          initrd=args.initrd or near / "initrd.img", run_dir=run_dir, channel=args.channel,
                          token=token, accel=args.accel, memory_mib=args.memory, cpus=args.cpus, append=args.append,
                          reuse_disk=args.reuse_disk)
     except (vm.SiteError, tokens.TokenError, OSError, subprocess.SubprocessError) as exc:
-        print(f"imprint-site: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"imprint-site: {record.accel_note}", file=sys.stderr)
+        raise _failure(exc) from None
+    _err(record.accel_note)
     if not args.no_wait:
         record = vm.follow(record, timeout=args.timeout)
     return _print_record(record)
 
 
 def _attach(args: argparse.Namespace) -> int:
-    token = _token_arg(args)
-    assert token is not None
+    token = _read_token(args)
+    assert token is not None  # argparse requires --token or --token-file
     try:
         vm.attach(args.run_dir, args.channel, token)
+        record = vm.BootRecord.load(args.run_dir)
     except (vm.SiteError, tokens.TokenError, OSError, ValueError, subprocess.SubprocessError) as exc:
-        print(f"imprint-site: error: {exc}", file=sys.stderr)
-        return 2
-    record = vm.BootRecord.load(args.run_dir)
+        raise _failure(exc) from None
     if not args.no_wait:
         record = vm.follow(record, timeout=args.timeout, until=("ready", "failed"))
     return _print_record(record)
@@ -187,28 +226,38 @@ def _wait_ssh(args: argparse.Namespace) -> int:
         record = vm.BootRecord.load(args.run_dir)
         seconds = vm.wait_sshd(record, timeout=args.timeout)
     except (vm.SiteError, OSError, ValueError) as exc:
-        print(f"imprint-site: error: {exc}", file=sys.stderr)
+        _err(f"error: {_failure(exc)}")
         return 1
-    print(json.dumps({"run_dir": str(args.run_dir), "ssh_address": record.ssh_address,
-                      "seconds_to_sshd": seconds}))
+    _json({"run_dir": str(args.run_dir), "ssh_address": record.ssh_address, "seconds_to_sshd": seconds},
+          indent=None)
     return 0
 
 
 def _stop(args: argparse.Namespace) -> int:
     try:
         how = vm.stop(args.run_dir, graceful=args.graceful)
-    except vm.SiteError as exc:
-        print(f"imprint-site: error: {exc}", file=sys.stderr)
+    except (vm.SiteError, OSError) as exc:
+        _err(f"error: {_failure(exc)}")
         return 1
-    print(json.dumps({"run_dir": str(args.run_dir), "stopped": how}))
+    _json({"run_dir": str(args.run_dir), "stopped": how}, indent=None)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
+    lastresort.set_debug(args.debug)
+    lastresort.install_hooks(_err)
     handlers = {"seed": _seed, "reverse": _reverse, "boot": _boot, "attach": _attach, "wait-ssh": _wait_ssh,
                 "stop": _stop}
-    return handlers[args.command](args)
+
+    def body() -> int:
+        try:
+            return handlers[args.command](args)
+        except UsageError as exc:
+            _err(f"error: {exc}")
+            return 2
+
+    return lastresort.run_main(body, _err)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,11 @@ and the serial console in a file, then follows the console until the agent is re
 failed, and relays the VM token (no-secrets mode) from the console or the metadata disk's reply
 area. Everything about a run lives in its run directory; ``boot.json`` there records it.
 
+K (a shared-mode token) is in the run directory only in files mode 0600: the channel artefact,
+the QEMU config file that carries the kernel command line (so K is not in QEMU's argv, which
+every host user can read, nor in boot.json's record of it), and the console log (the guest
+kernel prints its command line there). boot.json and stdout never carry it.
+
 KVM: ``--accel auto`` does a bounded test boot under KVM (the kernel must print its banner within
 a few seconds) and falls back to TCG, saying why. Nested KVM devices exist on which a guest hangs
 right after the kernel's real-mode setup; a working /dev/kvm alone proves nothing.
@@ -30,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from imprint import tokens
+from imprint.fsatomic import write_atomic
 from imprint.site import reverse, seeds
 from imprint.site.artefact import Artefact
 
@@ -38,7 +44,11 @@ AGENT_PORT = 7443
 BASE_APPEND = "root=LABEL=root rw console=ttyS0"
 KVM_PROBE_SECONDS = 10.0
 ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-_AGENT_LINE = re.compile(r"imprint-agent: (.*)")
+# An agent line as it reaches the console: written by the agent itself, or forwarded by journald
+# ("[  21.02] imprint-agent[263]: imprint-agent: ..."). Anchored at the start of the line: text
+# the agent quotes from a peer cannot pose as an agent line of its own.
+_AGENT_LINE = re.compile(r"^(?:\[[^\]\n]*\] )?(?:imprint-agent\[\d+\]: )?imprint-agent: (.*)$", re.MULTILINE)
+QEMU_APPEND_LIMIT = 1023  # QEMU's config file parser reads at most this many characters of a value
 
 
 class SiteError(Exception):
@@ -72,16 +82,16 @@ class BootRecord:
     seconds_to_status: float | None = None
 
     def save(self) -> None:
-        path = Path(self.run_dir) / "boot.json"
-        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        write_atomic(Path(self.run_dir) / "boot.json", (json.dumps(asdict(self), indent=2) + "\n").encode())
 
     @classmethod
     def load(cls, run_dir: Path) -> BootRecord:
         try:
-            data: dict[str, Any] = json.loads((run_dir / "boot.json").read_text())
-        except (OSError, ValueError) as exc:
-            raise SiteError(f"{run_dir} is not an imprint-site run directory: {exc}") from None
-        return cls(**data)
+            data: Any = json.loads((run_dir / "boot.json").read_text())
+            return cls(**data)
+        except (OSError, ValueError, TypeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise SiteError(f"{run_dir} is not an imprint-site run directory (boot.json: {reason})") from None
 
 
 def free_port() -> int:
@@ -266,6 +276,9 @@ def boot(*, image: Path | None, kernel: Path, initrd: Path, run_dir: Path, chann
     agent_port, ssh_port = free_port(), free_port()
     console = run_dir / "console.log"
     console.unlink(missing_ok=True)
+    # QEMU keeps the mode of a file that exists; the guest kernel prints its command line here.
+    os.close(os.open(console, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+    machine_config = _write_machine_config(run_dir, cmdline)
     qmp = _qmp_path(run_dir)
     pidfile = run_dir / "qemu.pid"
     pidfile.unlink(missing_ok=True)
@@ -273,7 +286,7 @@ def boot(*, image: Path | None, kernel: Path, initrd: Path, run_dir: Path, chann
     cmd = [
         qemu, "-name", f"imprint-{run_dir.name}", "-accel", chosen, "-m", str(memory_mib), "-smp", str(cpus),
         "-display", "none", "-vga", "none", "-monitor", "none",
-        "-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline,
+        "-kernel", str(kernel), "-initrd", str(initrd), "-readconfig", str(machine_config),
         "-drive", f"file={drive},if=virtio,format=qcow2",
         "-netdev", (f"user,id=n0,hostfwd=tcp:127.0.0.1:{agent_port}-:{AGENT_PORT},"
                     f"hostfwd=tcp:127.0.0.1:{ssh_port}-:22"),
@@ -295,16 +308,29 @@ def boot(*, image: Path | None, kernel: Path, initrd: Path, run_dir: Path, chann
         artefact=str(artefact.path) if artefact else None, mode=mode, token_id=token_id,
         qemu_args=cmd, started_at=started,
     )
-    # K never goes into boot.json: it is in the artefact (0600) only; argv carries file names.
+    # K never goes into boot.json: argv (recorded there) carries file names only.
     record.save()
     return record
+
+
+def _write_machine_config(run_dir: Path, cmdline: str) -> Path:
+    """The kernel command line in a QEMU config file (0600) instead of argv: it may carry K."""
+    if any(c in cmdline for c in '"\n\r\0') or len(cmdline) > QEMU_APPEND_LIMIT:
+        raise SiteError(f"the kernel command line must be at most {QEMU_APPEND_LIMIT} characters without "
+                        "double quotes or line breaks (QEMU reads it from a config file)")
+    path = run_dir / "qemu-machine.cfg"
+    write_atomic(path, f'[machine]\n  append = "{cmdline}"\n'.encode(), mode=0o600)
+    return path
 
 
 def _agent_lines(text: str) -> list[str]:
     return [m.group(1).strip() for m in _AGENT_LINE.finditer(text)]
 
 
-_FAILED = re.compile(r"Failed to start imprint-ag")  # systemd may cut the line at 80 columns
+# systemd's own status line (it may cut the line at 80 columns), at the start of a line.
+_FAILED = re.compile(r"^\[[^\]\n]*FAILED[^\]\n]*\] Failed to start imprint-ag", re.MULTILINE)
+_READY = re.compile(r"listening on \S+ \(.*?\)")
+_WAITING = re.compile(r"waiting for a token on: .*")
 
 
 def _failure(text: str) -> str | None:
@@ -325,13 +351,20 @@ def is_running(pid: int) -> bool:
 
 
 def _vm_token(record: BootRecord) -> tuple[str, str] | None:
-    sources = [Path(record.console)]
+    """The VM token relayed from the metadata disk's reply area or the console; None while none
+    is announced. Raises :class:`reverse.Refused` when announcements contradict each other or
+    answer another owner token than this VM was booted with."""
+    sources = [(Path(record.console), "serial console")]
     if record.channel == "metadata-disk" and record.artefact:
-        sources.insert(0, Path(record.artefact))
-    for source in sources:
-        with contextlib.suppress(reverse.ReverseError):
-            found = reverse.extract(source)
-            return found.encode(), ("metadata disk reply area" if source != sources[-1] else "serial console")
+        sources.insert(0, (Path(record.artefact), "metadata disk reply area"))
+    for source, name in sources:
+        try:
+            found = reverse.extract(source, answers=record.token_id)
+        except reverse.Refused:
+            raise
+        except reverse.ReverseError:
+            continue
+        return found.encode(), name
     return None
 
 
@@ -345,14 +378,21 @@ def follow(record: BootRecord, timeout: float = 600.0, until: tuple[str, ...] = 
         text = console_text(console)
         status, detail = "booting", ""
         failure = _failure(text)
+        lines = _agent_lines(text)
         if failure is not None:
             status, detail = "failed", failure
-        elif (m := re.search(r"imprint-agent: (listening on \S+ \(.*?\))", text)):
-            status, detail = "ready", m.group(1)
-        elif (m := re.search(r"imprint-agent: (waiting for a token on: .*)", text)):
-            status, detail = "waiting", m.group(1).strip()
-        if record.mode == "nosecret" and record.vm_token is None and (found := _vm_token(record)):
-            record.vm_token, record.vm_token_source = found
+        elif (ready := next((m.group(0) for line in lines if (m := _READY.match(line))), None)):
+            status, detail = "ready", ready
+        elif (waiting := next((m.group(0) for line in lines if (m := _WAITING.match(line))), None)):
+            status, detail = "waiting", waiting.strip()
+        if record.mode == "nosecret" and record.vm_token is None:
+            try:
+                found = _vm_token(record)
+            except reverse.Refused as exc:
+                status, detail = "failed", str(exc)
+                break
+            if found is not None:
+                record.vm_token, record.vm_token_source = found
         nosecret_pending = status == "ready" and record.mode == "nosecret" and record.vm_token is None
         if status in until and not nosecret_pending:
             break
