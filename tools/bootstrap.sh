@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# Installs everything imprint's demo and tests need on a Debian 12 machine, then
-# prepares .venv on Debian's own python3 (with its system packages visible), so the
-# agent is exercised on the same python3-cryptography/-requests it meets in images.
+# Installs everything imprint's demo and tests need on a Debian 12 machine, then prepares two
+# venvs on Debian's own python3, the two ends of the dependency range pyproject.toml declares:
+#   .venv         with Debian's system packages visible: the agent is exercised on the same
+#                 python3-cryptography/-requests/-pycdlib/-pyroute2 it meets in images (the floor)
+#   .venv-newest  without them: the newest PyPI release of every declared dependency (and of
+#                 theirs), re-resolved when pyproject.toml or the dev requirements change and
+#                 once a day (new releases appear); pip's cache keeps that fast
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
@@ -13,6 +17,8 @@ debs=(python3 python3-venv python3-pip python3-cryptography python3-requests
 
 bash "$here/tools/apt-ensure.sh" bootstrap "${debs[@]}"
 
+quiet() { "$@" 2>&1 | { grep -v '^WARNING: Location' || true; }; }
+
 venv="$here/.venv"
 stamp="$venv/.imprint-stamp"
 want="$(sha256sum pyproject.toml tools/requirements-dev.txt | sha256sum | cut -c1-16)"
@@ -21,8 +27,26 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
   # Updated in place (never deleted) so a change of pyproject.toml does not pull the venv from
   # under a running test.
   [ -x "$venv/bin/python" ] || /usr/bin/python3 -m venv --system-site-packages "$venv"
-  quiet() { "$@" 2>&1 | { grep -v '^WARNING: Location' || true; }; }
   quiet "$venv/bin/pip" install -q --disable-pip-version-check -r tools/requirements-dev.txt
   quiet "$venv/bin/pip" install -q --disable-pip-version-check --no-build-isolation -e .
   echo "$want" > "$stamp"
+fi
+
+newest="$here/.venv-newest"
+nstamp="$newest/.imprint-stamp"
+nwant="$want $(date -u +%F)"
+if [ ! -x "$newest/bin/python" ] || [ "$(cat "$nstamp" 2>/dev/null)" != "$nwant" ]; then
+  echo "bootstrap: preparing $newest: the newest PyPI releases of the declared dependencies"
+  [ -x "$newest/bin/python" ] || /usr/bin/python3 -m venv "$newest"
+  pip_newest() { quiet "$newest/bin/pip" install -q --disable-pip-version-check --timeout 30 --retries 2 "$@"; }
+  if pip_newest -r tools/requirements-dev.txt &&
+     pip_newest --upgrade --upgrade-strategy eager --no-build-isolation -e .; then
+    echo "$nwant" > "$nstamp"
+  elif [ "$(cut -d' ' -f1 "$nstamp" 2>/dev/null)" = "$want" ]; then
+    # Same declared range, only the daily refresh failed (PyPI unreachable): say so and go on.
+    echo "bootstrap: could not refresh $newest; it keeps the releases resolved on $(cut -d' ' -f2 "$nstamp")"
+  else
+    echo "bootstrap: cannot prepare $newest (is PyPI reachable?)" >&2
+    exit 1
+  fi
 fi

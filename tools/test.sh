@@ -1,11 +1,54 @@
 #!/usr/bin/env bash
-# The test command: installs what the tests need, then lint, type check and the suite.
+# The test command: installs what the tests need, then lint, type check and the suite on both
+# ends of the dependency range pyproject.toml declares (tools/bootstrap.sh makes both venvs):
+#
+#   pass 1, Debian 12's packages (.venv: /usr/bin/python3 with its system site packages, the
+#           agent's floor in images): every test, the VM, QEMU and Packer tests included.
+#   pass 2, the newest PyPI release of every declared dependency (.venv-newest): every test but
+#           - the VM/QEMU/Packer tests (-m "not vm", tests/test_packer.py): they boot the image,
+#             whose agent runs on the image's own Debian packages, not on this venv's;
+#           - tests/test_dependency_range.py: it builds its own clean venv with the newest
+#             releases whichever interpreter runs it, so a second run proves nothing new.
+#           That is the whole rest: every test of the owner, site, protocol, crypto, agent and
+#           backend code runs on the newest releases too (measured: see README, test matrix).
+#
+# Each pass prints the versions it runs on first, and fails if the floor pass is not on
+# Debian's packages. Arguments go to pytest in both passes (e.g. a test file or -k). pytest's
+# exit code 5 ("no tests ran") is a failure, except in pass 2 when the arguments select only
+# tests that pass 2 leaves out (then it says so).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 bash tools/bootstrap.sh
 bash image-build/bootstrap.sh   # mmdebstrap, QEMU, packer: the VM and Packer tests build and boot images
-py="$here/.venv/bin/python"
-echo "== ruff"; "$py" -m ruff check agent tests benchmarks
-echo "== mypy"; "$py" -m mypy
-echo "== pytest"; "$py" -m pytest "$@"
+debian="$here/.venv/bin/python"
+newest="$here/.venv-newest/bin/python"
+
+echo "== ruff"; "$debian" -m ruff check agent tests benchmarks
+echo "== mypy (Debian 12's packages)"; "$debian" -m mypy
+# Its own cache: mypy's cache of one cryptography release crashes mypy run on another.
+echo "== mypy (newest releases)"; "$newest" -m mypy --cache-dir "$here/.venv-newest/mypy-cache"
+
+# pytest's exit code, with 5 (no test ran) a failure unless ALLOW_EMPTY says why it may be.
+pytest_pass() {  # NAME PYTHON REQUIRE ALLOW_EMPTY [pytest args...]
+  local name=$1 py=$2 require=$3 allow_empty=$4 rc=0
+  shift 4
+  echo "== pytest, pass $name"
+  "$py" tools/deps.py --require "$require" || exit 1
+  "$py" -m pytest "$@" || rc=$?
+  if [ "$rc" -eq 5 ] && [ -n "$allow_empty" ]; then
+    echo "tools/test.sh: pass $name ran no test: $allow_empty"
+  elif [ "$rc" -eq 5 ]; then
+    echo "tools/test.sh: pass $name ran no test" >&2
+    exit 1
+  elif [ "$rc" -ne 0 ]; then
+    exit "$rc"
+  fi
+}
+
+pytest_pass "1, Debian 12's packages" "$debian" debian "" "$@"
+# A -m of your own replaces pass 2's "not vm".
+pytest_pass "2, newest PyPI releases" "$newest" pypi \
+  "${1:+the arguments select only tests that pass 2 leaves out (VM, Packer, dependency range)}" \
+  -m "not vm" --ignore=tests/test_vm_boot.py --ignore=tests/test_packer.py \
+  --ignore=tests/test_dependency_range.py -p no:cacheprovider "$@"
