@@ -108,13 +108,23 @@ def test_merge_keeps_what_is_there(root: Path, keys: dict[str, str]) -> None:
     path = root / "home/alice/.ssh/authorized_keys"
     existing = (f"# the admin's own notes\nfrom=\"10.0.0.0/8\" {keys['alice']}\nthis line is not a key\n"
                 f"{keys['bob']}")  # no final newline
-    path.write_text(existing)
-    result = apply_ssh(root, {"users": [{"name": "alice", "authorized_keys": [keys["alice"], keys["alice2"],
-                                                                               keys["bob"]]}]})
+    path.write_text(existing)  # by root: a root-owned file in alice's directory
+    config = {"users": [{"name": "alice", "authorized_keys": [keys["alice"], keys["alice2"], keys["bob"]]}]}
+    # Only alice's own file is read there: a root-owned one may be a file alice renamed or linked
+    # into place, and merging would hand its content to her. Refused, nothing lost.
+    refused = apply_ssh(root, config)
+    assert not refused["ok"] and refused["summary"] == (
+        "/home/alice/.ssh/authorized_keys is owned by uid 0, not by the user who controls its directory "
+        f"(uid {passwd(root)['alice'][2]}); refusing to read it"), refused["summary"]
+    assert path.read_text() == existing
+    uid = int(passwd(root)["alice"][2])
+    os.chown(path, uid, -1)
+    path.chmod(0o644)
+    result = apply_ssh(root, config)
     assert result["ok"] and result["data"]["users"][0]["keys_added"] == 1
     assert path.read_text() == existing + "\n" + keys["alice2"] + "\n"
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600  # and its owner fixed to alice's, mode too
-    assert path.stat().st_uid == int(passwd(root)["alice"][2])
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600  # its mode fixed too
+    assert path.stat().st_uid == uid
 
 
 @needs_root
@@ -191,7 +201,7 @@ def test_a_user_cannot_redirect_the_write_with_a_symlink(root: Path, keys: dict[
     target.mkdir()
     ssh_dir.symlink_to(target)
     result = apply_ssh(root, {"users": [{"name": "alice", "authorized_keys": [keys["alice"]]}]})
-    assert not result["ok"] and result["summary"] == f"{ssh_dir} is a symlink; refusing to follow it"
+    assert not result["ok"] and result["summary"] == "/home/alice/.ssh is a symlink; refusing to follow it"
     assert list(target.iterdir()) == []
 
 

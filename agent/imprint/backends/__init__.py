@@ -30,7 +30,6 @@ Each backend's result goes back to the owner as
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
@@ -42,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imprint.fsatomic import fsync_path, write_atomic
+from imprint.backends.rootfs import MAX_FILE, FileRefused, GuestRoot, check_guest_path, kind
 from imprint.guest import log as agent_log
 from imprint.guest.paths import GuestPaths
 
@@ -106,129 +105,85 @@ class BackendContext:
     # -- paths
     def path(self, guest_path: str) -> Path:
         """Where the guest path ``guest_path`` ("/etc/ssh/...") is, under ``--root``."""
-        if not guest_path.startswith("/"):
-            raise BackendError(f"'{guest_path}' is not an absolute guest path")
-        if any(part == ".." for part in guest_path.split("/")):
-            raise BackendError(f"'{guest_path}': '..' is not allowed in a guest path")
+        try:
+            check_guest_path(guest_path)
+        except FileRefused as exc:
+            raise BackendError(str(exc)) from None
         return self.paths.under(guest_path)
 
-    # -- files
-    def read_file(self, path: Path) -> bytes | None:
-        """The file's bytes, or None if it does not exist. A symlink is refused."""
+    @property
+    def files(self) -> GuestRoot:
+        """The root walked from a descriptor (imprint.backends.rootfs): no link a user made is followed."""
+        return GuestRoot(self.paths.root)
+
+    def _guest(self, path: Path) -> str:
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            if path.is_symlink():
-                raise BackendError(f"{path} is a symlink; refusing to follow it") from None
-            raise BackendError(f"cannot read {path}: {exc.strerror}") from None
+            return self.paths.guest(path)
+        except ValueError:
+            raise BackendError(f"{path} is not under the root {self.paths.root}") from None
+
+    # -- files: every one through rootfs, so a local user's links, FIFOs and sizes cannot redirect,
+    # block or flood the agent (see imprint.backends.rootfs)
+    def read_file(self, path: Path, *, limit: int = MAX_FILE) -> bytes | None:
+        """The file's bytes (at most ``limit``), or None if it does not exist. A symlink, a FIFO,
+        a device, a larger file, or a file in a user's directory that is not hers is refused."""
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise BackendError(f"{path} is not a regular file")
-            chunks = []
-            while chunk := os.read(fd, 1 << 16):
-                chunks.append(chunk)
-            return b"".join(chunks)
-        finally:
-            os.close(fd)
+            return self.files.read(self._guest(path), limit=limit)
+        except FileRefused as exc:
+            raise BackendError(str(exc)) from None
 
     def write_file(self, path: Path, data: bytes, *, mode: int, uid: int | None = None, gid: int | None = None,
-                   nofollow_dir: bool | None = None) -> bool:
-        """Make ``path`` hold ``data`` with ``mode`` and owner; True if anything had to change.
-
-        ``nofollow_dir`` (default: when the file belongs to someone other than root) refuses a
-        parent directory that is a symlink, so a user cannot redirect the write."""
-        if nofollow_dir is None:
-            nofollow_dir = uid not in (None, 0)
-        if self._unchanged(path, data, mode, uid, gid):
-            return False
-        self._remove_stale_temps(path)
+                   ) -> bool:
+        """Make ``path`` hold ``data`` with ``mode`` and owner; True if anything had to change."""
+        guest = self._guest(path)
         try:
-            write_atomic(path, data, mode=mode, uid=uid, gid=gid, dir_nofollow=nofollow_dir)
-        except OSError as exc:
-            raise BackendError(f"cannot write {path}: {exc.strerror or exc}") from None
+            if self._unchanged(guest, data, mode, uid, gid):
+                return False
+            self.files.write(guest, data, mode=mode, uid=uid, gid=gid, label=f"backend.{self.name}.{path.name}")
+        except FileRefused as exc:
+            raise BackendError(str(exc)) from None
         self.note_change(f"wrote {path}")
         return True
 
-    def _unchanged(self, path: Path, data: bytes, mode: int, uid: int | None, gid: int | None) -> bool:
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
+    def _unchanged(self, guest: str, data: bytes, mode: int, uid: int | None, gid: int | None) -> bool:
+        st = self.files.lstat(guest)
+        if st is None:
             return False
         if stat.S_ISLNK(st.st_mode):
-            raise BackendError(f"{path} is a symlink; refusing to write through it")
+            raise BackendError(f"{guest} is a symlink; refusing to write through it")
         if not stat.S_ISREG(st.st_mode):
-            raise BackendError(f"{path} exists and is not a regular file")
+            raise BackendError(f"{guest} exists and is {kind(st.st_mode)}, not a regular file")
         if stat.S_IMODE(st.st_mode) != mode or (uid is not None and st.st_uid != uid) or \
                 (gid is not None and st.st_gid != gid) or st.st_size != len(data):
             return False
-        return self.read_file(path) == data
-
-    @staticmethod
-    def _remove_stale_temps(path: Path) -> None:
-        """Temp files a crash left between write and rename (``.name.tmp.PID``)."""
-        prefix = f".{path.name}.tmp."
-        with contextlib.suppress(OSError), os.scandir(path.parent) as entries:
-            for entry in entries:
-                if entry.name.startswith(prefix) and not entry.is_dir(follow_symlinks=False):
-                    with contextlib.suppress(OSError):
-                        os.unlink(entry.path)
+        return self.files.read(guest, limit=max(len(data), 1)) == data
 
     def remove_file(self, path: Path) -> bool:
         try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            return False
-        if stat.S_ISDIR(st.st_mode):
-            raise BackendError(f"{path} is a directory; refusing to remove it")
-        try:
-            os.unlink(path)
-            fsync_path(path.parent)
-        except OSError as exc:
-            raise BackendError(f"cannot remove {path}: {exc.strerror}") from None
-        self.note_change(f"removed {path}")
-        return True
+            removed = self.files.remove(self._guest(path))
+        except FileRefused as exc:
+            raise BackendError(str(exc)) from None
+        if removed:
+            self.note_change(f"removed {path}")
+        return removed
 
     def ensure_dir(self, path: Path, *, mode: int, uid: int | None = None, gid: int | None = None,
                    fix_existing: bool = True, parents: bool = False) -> bool:
         """Make ``path`` a directory (not a symlink) with ``mode`` and owner; True if it changed.
         ``fix_existing=False`` only creates: an existing directory keeps its mode and owner (a
-        user's home). ``parents`` creates missing parents too (0755, the writer's owner)."""
-        if parents and path != path.parent and not os.path.lexists(path.parent):
-            self.ensure_dir(path.parent, mode=0o755, fix_existing=False, parents=True)
+        user's home). ``parents`` creates missing parents too (0755, root)."""
+        made: list[str] = []
         try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            st = None
-        created = False
-        if st is None:
-            try:
-                os.mkdir(path, 0o700)  # tightened first, opened up once the owner is right
-            except OSError as exc:
-                raise BackendError(f"cannot create {path}: {exc.strerror}") from None
-            created = True
-        elif stat.S_ISLNK(st.st_mode):
-            raise BackendError(f"{path} is a symlink; refusing to follow it")
-        elif not stat.S_ISDIR(st.st_mode):
-            raise BackendError(f"{path} exists and is not a directory")
-        elif not fix_existing:
-            return False
-        elif stat.S_IMODE(st.st_mode) == mode and uid in (None, st.st_uid) and gid in (None, st.st_gid):
-            return False
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-        except OSError as exc:
-            raise BackendError(f"cannot open {path}: {exc.strerror}") from None
-        try:
-            if uid is not None or gid is not None:
-                os.fchown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
-            os.fchmod(fd, mode)
-            if created:
-                os.fsync(fd)
+            done = self.files.ensure_dir(self._guest(path), mode=mode, uid=uid, gid=gid, fix_existing=fix_existing,
+                                         made=made if parents else None)
+        except FileRefused as exc:
+            raise BackendError(str(exc)) from None
         finally:
-            os.close(fd)
-        self.note_change(f"{'created' if created else 'fixed mode/owner of'} {path}")
+            for guest in made:
+                self.note_change(f"created {self.paths.under(guest)}")
+        if done is None:
+            return False
+        self.note_change(f"{'created' if done == 'created' else 'fixed mode/owner of'} {path}")
         return True
 
     # -- programs

@@ -204,7 +204,7 @@ def apply(ctx: BackendContext, config: dict[str, Any]) -> BackendResult:
     conf = _parse_conf(config.get("krb5_conf"))
 
     try:
-        existing_data = ctx.read_file(path)
+        existing_data = ctx.read_file(path, limit=MAX_KEYTAB)
         existing = parse_keytab(existing_data) if existing_data else []
     except KeytabError as exc:
         raise BackendError(f"the existing {keytab_guest} is not a keytab this backend can merge with ({exc}); "

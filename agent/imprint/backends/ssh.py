@@ -53,6 +53,8 @@ from imprint.backends import BackendContext, BackendError, BackendResult, check_
 SNIPPET_NAME = "imprint.conf"  # in sshd_config.d
 USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 MAX_LINE = 16384
+MAX_AUTHORIZED_KEYS = 1 << 20  # a user's authorized_keys: thousands of keys; a local user's sparse 4 GiB is refused
+MAX_USER_DB = 16 << 20         # /etc/passwd under a root
 MAX_USERS = 100
 DEFAULT_RELOAD = ["systemctl", "try-reload-or-restart", "ssh.service"]
 _FINGERPRINT_RE = re.compile(r"^\d+ (SHA256:[A-Za-z0-9+/]+) ")
@@ -342,7 +344,7 @@ def _lookup(ctx: BackendContext, name: str) -> _Account | None:
         except KeyError:
             return None
         return _Account(entry.pw_uid, entry.pw_gid, entry.pw_dir)
-    data = ctx.read_file(ctx.paths.passwd)
+    data = ctx.read_file(ctx.paths.passwd, limit=MAX_USER_DB)
     if data is None:
         raise BackendError(f"{ctx.paths.passwd} does not exist: this root has no user database to add "
                            f"'{name}' to (seed etc/passwd, etc/group, etc/shadow, etc/gshadow)")
@@ -374,16 +376,19 @@ def _apply_user(ctx: BackendContext, user: UserSpec) -> dict[str, Any]:
         account = _lookup(ctx, user.name)
         if account is None:
             raise BackendError(f"useradd succeeded but '{user.name}' is not in the user database")
-    if not account.home.startswith("/") or account.home == "/":
-        raise BackendError(f"user '{user.name}' has home {account.home!r}; refusing to write keys there")
-    home = ctx.path(account.home)
+    if not account.home.startswith("/") or account.home.strip("/") == "":
+        raise BackendError(f"user '{user.name}' has home {account.home[:80]!r}; refusing to write keys there")
+    try:
+        home = ctx.path(account.home)
+    except BackendError as exc:
+        raise BackendError(f"user '{user.name}' has a home this backend does not write to: {exc}") from None
     ctx.ensure_dir(home, mode=0o700, uid=account.uid, gid=account.gid, fix_existing=False, parents=True)
     ssh_dir = home / ".ssh"
     ctx.ensure_dir(ssh_dir, mode=0o700, uid=account.uid, gid=account.gid)
     added = 0
     if user.keys:
         path = ssh_dir / "authorized_keys"
-        old = (ctx.read_file(path) or b"").decode(errors="surrogateescape")
+        old = (ctx.read_file(path, limit=MAX_AUTHORIZED_KEYS) or b"").decode(errors="surrogateescape")
         present = _fingerprints_in(ctx, old)
         new_lines = []
         for line, fp in user.keys:

@@ -51,6 +51,7 @@ KEY_TYPES = ("ec-p256", "ec-p384", "rsa-2048", "rsa-3072", "rsa-4096", "ed25519"
 DNS_RE = re.compile(r"^(?=.{1,253}$)(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*$")
 IFNAME_RE = re.compile(r"^[^/\s]{1,15}$")
 MAX_PEM = 64 * 1024
+MAX_CHAIN_PEM = 9 * MAX_PEM  # the chain files: up to 8 CA certificates (and the leaf)
 KEYS = ("key_path", "cert_path", "chain_path", "fullchain_path", "key_type", "dns_names", "include_addresses",
         "interfaces", "certificate", "chain", "reload_command")
 
@@ -74,7 +75,7 @@ def apply(ctx: BackendContext, config: dict[str, Any]) -> BackendResult:
     cfg = _parse(config)
     leaf, chain = _parse_certificates(cfg)
     key_file = ctx.path(cfg.key_path)
-    key_pem = ctx.read_file(key_file)
+    key_pem = ctx.read_file(key_file, limit=MAX_PEM)
     key = _load_key(key_pem, cfg.key_path) if key_pem is not None else None
     if leaf is not None:
         # Round two: everything is checked before the first write.
@@ -104,8 +105,8 @@ def apply(ctx: BackendContext, config: dict[str, Any]) -> BackendResult:
             ctx.warn(f"{cfg.key_path} is a {_key_type(key)} key, not {cfg.key_type}; it is kept (remove it to "
                      "make a new one)")
     csr = build_csr(key, cfg.dns_names, addresses)
-    installed = ctx.read_file(ctx.path(cfg.cert_path))
-    installed_chain = ctx.read_file(ctx.path(cfg.chain_path)) if cfg.chain_path else None
+    installed = ctx.read_file(ctx.path(cfg.cert_path), limit=MAX_PEM)
+    installed_chain = ctx.read_file(ctx.path(cfg.chain_path), limit=MAX_CHAIN_PEM) if cfg.chain_path else None
     from cryptography.hazmat.primitives.serialization import Encoding
 
     return ctx.result(
