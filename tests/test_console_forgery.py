@@ -16,7 +16,6 @@ import re
 import socket
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from imprint import crypto, tls, tokens
 from imprint.protocol.messages import Alert, encode_frame
 from imprint.site import reverse, vm
 
+from tests import agentproc
 from tests.conftest import Agent, AgentFactory, Owner
 
 IO_TIMEOUT = 15.0
@@ -32,21 +32,7 @@ MARKER = tokens.VM_TOKEN_LINE_PREFIX
 
 def start_on_console(agents: AgentFactory, root: Path, console: Path) -> Agent:
     """The agent with stdout, stderr and --console all appending to ``console``."""
-    sock_dir = tempfile.mkdtemp(prefix="imprint-notify-")
-    sock_path = os.path.join(sock_dir, "n")
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(sock_path)
-    notify.settimeout(30.0)
-    agents.sockets.append(sock_path)
-    env = dict(os.environ, NOTIFY_SOCKET=sock_path, PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "imprint.guest", "run", "--root", str(root), "--listen", "127.0.0.1:0",
-           "--console", str(console), "--announce-interval", "3600"]
-    with console.open("ab") as out:  # O_APPEND: no writer overwrites another, as on a tty
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    agent = Agent(root=root, proc=proc, port=0, log_path=console, notify=notify)
-    agents.started.append(agent)
-    agent.port = agents.await_ready(agent)
-    return agent
+    return agentproc.launch(agents, root, console, "--console", str(console))
 
 
 def genuine_vm_token(root: Path) -> tokens.Token:
@@ -99,12 +85,12 @@ def test_forged_alert_cannot_announce_a_vm_token(agents: AgentFactory, owner: Ow
     assert tokens.find_vm_token_lines(text) == [genuine]
     assert tokens.find_vm_token_announcements(text) == [tokens.Announcement(genuine, owner_token.token_id.hex())]
     # Stronger than any one extractor: the marker occurs only in the agent's own line, however a
-    # reader splits lines, and every other line is the agent's prefix and printable ASCII.
+    # reader splits lines, and every other line is the agent's prefix and printable.
     assert text.count(MARKER) == text.count(genuine_line) == 1
     for line in text.split("\n"):
         if line and line != genuine_line:
             assert line.startswith("imprint-agent: "), repr(line)
-            assert all(0x20 <= ord(c) <= 0x7E for c in line), repr(line)
+            assert line.isprintable(), repr(line)
 
     for extra in ([], ["--for", owner_token.token_id.hex()]):
         out = subprocess.run([sys.executable, "-m", "imprint.site", "reverse", "--from", str(console), *extra],

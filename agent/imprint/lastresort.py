@@ -62,6 +62,18 @@ def report(say: Say, what: str, exc: BaseException, *, hint: str) -> None:
         say(hint)
 
 
+def robust_streams() -> None:
+    """Characters stdout/stderr cannot encode (a C or Latin-1 locale) are written as escapes
+    instead of raising UnicodeEncodeError half-way through the output."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            try:
+                reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):
+                pass
+
+
 def _silence_stdout() -> None:
     # Later writes and the interpreter's final flush would raise again and print "Exception ignored".
     try:

@@ -3,9 +3,12 @@
 Text from outside (a peer's alert detail, a VM's status fields, site-supplied names, file names)
 can carry terminal escape sequences (ESC, CSI), carriage returns that overwrite what a reader
 sees, newlines that forge a second log line, bidi overrides that reorder it, and sheer size.
-:func:`printable` returns a rendering made only of printable ASCII (0x20-0x7e) in which every other
-character is escaped visibly (``\\x1b``, ``\\n``, ``\\u202e``), on one line, at most ``limit``
-characters long.
+:func:`printable` returns a rendering on one line, at most ``limit`` characters long, in which
+every character that is not printable is escaped visibly (``\\x1b``, ``\\n``, ``\\u202e``):
+the C0 controls, DEL, the C1 controls (8-bit CSI, NEL), and every other character Unicode does
+not call printable (format characters such as bidi overrides and zero-width spaces, line and
+paragraph separators, spaces other than U+0020, private-use, unassigned and surrogate code
+points). Printable non-ASCII (letters, a dash) stays as it is.
 
 A backslash is left as it is, which makes the rendering idempotent: text rendered by one layer
 (the protocol's alert detail) and again by the next (the agent's log, the owner's terminal)
@@ -28,7 +31,7 @@ def _escape(char: str) -> str:
     if short is not None:
         return short
     code = ord(char)
-    if _SAFE_FIRST <= code <= _SAFE_LAST:
+    if _SAFE_FIRST <= code <= _SAFE_LAST or (code > _SAFE_LAST and char.isprintable()):
         return char
     if code <= 0xFF:
         return f"\\x{code:02x}"
@@ -38,13 +41,13 @@ def _escape(char: str) -> str:
 
 
 def printable(text: str, limit: int = DEFAULT_LIMIT) -> str:
-    """``text`` rendered as at most ``limit`` characters of printable ASCII on one line.
+    """``text`` rendered as at most ``limit`` printable characters on one line.
 
     A truncated rendering ends in ``...[+N]``, N being the number of input characters left out,
     so a reader knows there was more and a truncation cannot pass for the whole text.
     """
     limit = max(limit, _MIN_LIMIT)
-    if len(text) <= limit and text.isascii() and text.isprintable():
+    if len(text) <= limit and text.isprintable():
         return text  # the common case, without a loop
     parts: list[str] = []
     used = 0

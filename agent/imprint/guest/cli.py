@@ -248,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     verbose = bool(getattr(args, "verbose", False))
     agent_log.configure(verbose=verbose)
     lastresort.set_debug(verbose)
+    lastresort.robust_streams()
     lastresort.install_hooks(_say, hint="")
     return lastresort.run_main(lambda: _run_or_fail(args), _say, hint="(run with -v for the traceback)")
 

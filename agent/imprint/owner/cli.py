@@ -1,8 +1,15 @@
 """imprint: the owner's command line.
 
-Exit codes: 0 success; 2 bad usage or malformed input; 3 authentication failed (possible man in
-the middle, wrong or reused token); 4 agent unreachable or timed out; 5 a profile reached the VM
-but a backend failed there (the others ran).
+Exit codes: 0 success; 1 an internal error, or a local file or the database that cannot be used
+(one line; the traceback with --debug); 2 bad usage or malformed input; 3 authentication failed
+(possible man in the middle, wrong or reused token); 4 agent unreachable or timed out; 5 a profile
+reached the VM but a backend failed there (the others ran); 130 interrupted.
+
+Output: much of what is printed comes from the VM (status fields, backend summaries, the
+agent's error texts, alert details), and a compromised VM would send terminal escape sequences.
+Every text line goes through :func:`_out` / :func:`_err`, which render it with
+:func:`imprint.safetext.printable`; JSON output is ``json.dumps`` with ``ensure_ascii``, where
+every control character is a ``\\u`` escape.
 """
 
 from __future__ import annotations
@@ -10,29 +17,48 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sqlite3
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from imprint import tokens
+from imprint import lastresort, tokens
 from imprint.owner.errors import ApplyFailed, AuthenticationFailed, OwnerError, UsageError
 from imprint.owner.home import OwnerHome, default_home
+from imprint.safetext import printable
 
 if TYPE_CHECKING:
     from imprint.owner.apply import ApplyContext
     from imprint.owner.store import PinRow, Store
 
 Printer = Callable[[str], None]
+PROG = "imprint"
+LINE_LIMIT = 4000
+
+
+def _out(line: str) -> None:
+    """The one way a text line reaches stdout."""
+    print(printable(line, LINE_LIMIT))
+
+
+def _err(line: str) -> None:
+    """The one way a text line reaches stderr."""
+    print(f"{PROG}: {printable(line, LINE_LIMIT)}", file=sys.stderr)
+
+
+def _json(data: object, *, indent: int | None = 2) -> None:
+    # default=str: a value the VM sent in a type JSON cannot hold still prints, as text.
+    print(json.dumps(data, indent=indent, sort_keys=True, ensure_ascii=True, default=str))
 
 
 def _emit(args: argparse.Namespace, data: dict[str, Any], lines: list[str]) -> None:
     if args.json:
-        print(json.dumps(data, indent=2, sort_keys=True))
+        _json(data)
     else:
         for line in lines:
-            print(line)
+            _out(line)
 
 
 def _valid_name(name: str) -> str:
@@ -198,7 +224,7 @@ def cmd_ssh(home: OwnerHome, args: argparse.Namespace) -> int:
     argv = ssh_command(home, store, name, args.user, list(args.ssh_args))
     store.close()
     if args.print:
-        print(quoted(argv))
+        _out(quoted(argv))
         return 0
     exec_ssh(argv)
     return 0  # not reached
@@ -267,7 +293,8 @@ def cmd_audit(home: OwnerHome, args: argparse.Namespace) -> int:
 def _build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print JSON instead of text")
-    parser = argparse.ArgumentParser(prog="imprint", description="Bind VMs to their owner without trusting the site.")
+    parser = argparse.ArgumentParser(prog=PROG, description="Bind VMs to their owner without trusting the site.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an internal error")
     parser.add_argument("--home", type=Path, help="owner state directory (default $IMPRINT_HOME or "
                                                     "$XDG_DATA_HOME/imprint)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -335,19 +362,36 @@ def main(argv: list[str] | None = None) -> int:
         if args.command != "ssh":
             parser.error("'--' passes arguments to `imprint ssh` only")
         args.ssh_args = [*args.ssh_args, *passthrough]
+    lastresort.set_debug(args.debug)
+    lastresort.robust_streams()
+    lastresort.install_hooks(_err)
+    return lastresort.run_main(lambda: _run(args), _err)
+
+
+def _run(args: argparse.Namespace) -> int:
     home = OwnerHome(args.home or default_home())
     os.umask(0o077)
+    as_json = getattr(args, "json", False)
     try:
         code: int = args.func(home, args)
         return code
     except OwnerError as exc:
-        if getattr(args, "json", False):
-            print(json.dumps({"error": str(exc), "exit_code": exc.exit_code, "kind": type(exc).__name__}))
-        print(f"imprint: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return _fail(as_json, str(exc), exc.exit_code, type(exc).__name__)
     except tokens.TokenError as exc:
-        print(f"imprint: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(as_json, str(exc), UsageError.exit_code, "UsageError")
+    except sqlite3.Error as exc:
+        # A database that is not one, is locked by a crashed writer's journal, or was damaged.
+        return _fail(as_json, f"the owner database {home.db_file} cannot be used: {exc}", OwnerError.exit_code,
+                     "DatabaseError")
+    except OSError as exc:
+        return _fail(as_json, lastresort.describe(exc), OwnerError.exit_code, "OSError")
+
+
+def _fail(as_json: bool, message: str, code: int, kind: str) -> int:
+    if as_json:
+        _json({"error": message, "exit_code": code, "kind": kind}, indent=None)
+    _err(f"error: {message}")
+    return code
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from imprint import crypto, tokens
 from imprint.fsatomic import ensure_private_dir, write_atomic
-from imprint.owner.errors import UsageError
+from imprint.owner.errors import OwnerError, UsageError
 from imprint.owner.store import Store
 
 
@@ -58,7 +58,7 @@ class OwnerHome:
         """Create the owner identity once; later calls load it. Returns (key, created)."""
         if self.initialised:
             return self.load_key(), False
-        ensure_private_dir(self.dir)
+        self._ensure_dir()
         key = crypto.PrivateKey.generate()
         write_atomic(self.key_file, key.to_pem())
         write_atomic(self.cert_file, key.self_signed_certificate("imprint-owner"), mode=0o644)
@@ -72,7 +72,14 @@ class OwnerHome:
             key = crypto.PrivateKey.from_pem(self.key_file.read_bytes())
         except crypto.CryptoError as exc:
             raise UsageError(f"{self.key_file}: {exc}") from None
-        spki = crypto.certificate_spki(self.cert_file.read_bytes())
+        except OSError as exc:
+            raise OwnerError(f"cannot read {self.key_file}: {exc.strerror or exc}") from None
+        try:
+            spki = crypto.certificate_spki(self.cert_file.read_bytes())
+        except (crypto.CryptoError, ValueError) as exc:
+            raise UsageError(f"{self.cert_file} is not a certificate: {exc}") from None
+        except OSError as exc:
+            raise OwnerError(f"cannot read {self.cert_file}: {exc.strerror or exc}") from None
         if not crypto.digests_equal(spki, key.public.spki):
             raise UsageError(f"{self.cert_file} does not carry the key in {self.key_file}")
         return key
@@ -88,8 +95,14 @@ class OwnerHome:
         return crypto.certificate_der(self.cert_file.read_bytes())
 
     def store(self) -> Store:
-        ensure_private_dir(self.dir)
+        self._ensure_dir()
         return Store(self.db_file)
+
+    def _ensure_dir(self) -> None:
+        try:
+            ensure_private_dir(self.dir)
+        except OSError as exc:
+            raise OwnerError(f"cannot use {self.dir} as the owner home: {exc.strerror or exc}") from None
 
     def write_pin_file(self, vm: str, cert_pem: str) -> Path:
         path = self.pin_file(vm)

@@ -246,6 +246,7 @@ def _stop(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     lastresort.set_debug(args.debug)
+    lastresort.robust_streams()
     lastresort.install_hooks(_err)
     handlers = {"seed": _seed, "reverse": _reverse, "boot": _boot, "attach": _attach, "wait-ssh": _wait_ssh,
                 "stop": _stop}
