@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+from imprint import tokens
 from imprint.site import vm
 
 VM_TOKEN = "imprint1v-tussqtvi6jnveexrj5bp5kr4trze63n23qace443zmzrhoau26g5hi6ism"
@@ -79,3 +85,73 @@ def test_explicit_accelerator_is_not_probed(tmp_path: Path) -> None:
     assert vm.choose_accel("tcg", tmp_path / "k", tmp_path / "i") == ("tcg", "tcg as requested")
     with pytest.raises(vm.SiteError):
         vm.choose_accel("hvf", tmp_path / "k", tmp_path / "i")
+
+
+# -- K in the site's record (issue 9, item 9) ------------------------------------------------------
+
+# A multiboot kernel of 53 bytes that writes its command line to COM1 and halts, as a Linux
+# kernel prints "Command line: ..." on the serial console. Assembled from (GNU as, --32, linked
+# at 0x100000, flat binary): the multiboot header with the a.out-kludge addresses, then
+#   mov 16(%ebx),%esi; mov $0x3f8,%dx; 1: lodsb; test %al,%al; jz 2f; out %al,%dx; jmp 1b;
+#   2: mov $10,%al; out %al,%dx; 3: hlt; jmp 3b
+ECHO_KERNEL = bytes.fromhex(
+    "02b0ad1b00000100fe4f51e400001000000010000000000000000000200010008b731066baf803ac84c07403eeebf8b00aeef4ebfd"
+)
+
+
+def _site(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "imprint.site", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_seed_never_prints_k(tmp_path: Path) -> None:
+    k = tokens.Token(tokens.TokenKind.SHARED, os.urandom(32)).encode()
+    (tmp_path / "t").write_text(k + "\n")
+    for extra in ([], ["--json"]):
+        out = _site("seed", "--channel", "cmdline", "--token-file", str(tmp_path / "t"),
+                    "--out", str(tmp_path / "cmdline.txt"), *extra)
+        assert out.returncode == 0, out.stderr
+        assert k not in out.stdout + out.stderr
+        assert str(tmp_path / "cmdline.txt") in out.stdout  # the file to append is named instead
+    assert (tmp_path / "cmdline.txt").read_text() == f"imprint.token={k}\n"
+    assert stat.S_IMODE((tmp_path / "cmdline.txt").stat().st_mode) == 0o600
+    # A no-secrets token is no secret: its fragment is printed, for the site to paste.
+    n = tokens.Token(tokens.TokenKind.NOSECRET, os.urandom(32)).encode()
+    out = _site("seed", "--channel", "cmdline", "--token", n, "--out", str(tmp_path / "n.txt"), "--json")
+    assert json.loads(out.stdout)["kernel_cmdline"] == f"imprint.token={n}"
+
+
+@pytest.mark.skipif(shutil.which(vm.QEMU) is None or shutil.which("qemu-img") is None,
+                    reason="QEMU is not installed")
+def test_boot_with_k_on_the_cmdline_leaves_k_only_in_private_files(tmp_path: Path) -> None:
+    """A real QEMU boots a kernel that echoes its command line: the guest gets K, while
+    boot.json, the tool's output and QEMU's argv do not, and every file in the run directory
+    that holds K is 0600."""
+    k = tokens.Token(tokens.TokenKind.SHARED, os.urandom(32)).encode()
+    (tmp_path / "t").write_text(k)
+    (tmp_path / "vmlinuz").write_bytes(ECHO_KERNEL)
+    (tmp_path / "initrd.img").write_bytes(b"")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp_path / "base.qcow2"), "1M"], check=True)
+    run_dir = tmp_path / "run"
+    booted = _site("boot", "--image", str(tmp_path / "base.qcow2"), "--channel", "cmdline", "--token-file",
+                   str(tmp_path / "t"), "--accel", "tcg", "--memory", "64", "--no-wait", "--run-dir", str(run_dir))
+    try:
+        assert booted.returncode == 0, booted.stderr
+        record = json.loads(booted.stdout)
+        console = run_dir / "console.log"
+        deadline = time.monotonic() + 60
+        while f"imprint.token={k}" not in console.read_text(errors="replace"):  # the guest got K
+            assert time.monotonic() < deadline and vm.is_running(record["pid"]), console.read_text()
+            time.sleep(0.05)
+        assert k not in booted.stdout + booted.stderr
+        assert k.encode() not in Path(f"/proc/{record['pid']}/cmdline").read_bytes()
+        assert k not in (run_dir / "boot.json").read_text()
+        holding = []
+        for path in sorted(p for p in run_dir.rglob("*") if p.is_file()):
+            if k.encode() in path.read_bytes():
+                holding.append(path.name)
+                assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+        assert "token-cmdline" in holding and "boot.json" not in holding
+    finally:
+        stopped = _site("stop", str(run_dir))
+    assert json.loads(stopped.stdout)["stopped"] == "killed"
