@@ -5,14 +5,16 @@ verifying the installed certificate, renewal, idempotence and crash safety."""
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from cryptography import x509
@@ -20,6 +22,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from imprint.backends import run_backend
 from imprint.guest.paths import GuestPaths
+from imprint.owner.apply import ApplyContext
+from imprint.owner.home import OwnerHome
+from imprint.owner.store import Store
 
 from tests.backend_samples import crash_between_write_and_rename
 from tests.conftest import AgentFactory, Owner
@@ -114,26 +119,32 @@ def test_bind_sign_verify_renew_in_a_network_namespace(netns: Netns, agents: Age
     assert owner.json("ca", "init", "--x509")["created"] is False
     ca_pem = owner.home / "x509_ca.pem"
     root = agents.make_root(owner.token("web1", "shared"))
-    agent = agents.start(root)
+    agent = agents.start(root, "--listen", "0.0.0.0:0")
+    address = f"192.0.2.10:{agent.port}"  # the owner reaches the agent at one of the VM's addresses
     reloads = tmp_path / "reloads"
     profile = tmp_path / "profile.toml"
     profile.write_text(f'[x509]\nnames = ["www.test.example"]\nvalidity_days = 90\n'
                        f'reload_command = ["sh", "-c", "echo reloaded >> {reloads}"]\n')
-    bound = owner.json("bind", "web1", "--address", agent.address, "--profile", str(profile))
+    bound = owner.json("bind", "web1", "--address", address, "--profile", str(profile))
     result = bound["apply"]["results"]["x509"]  # type: ignore[index]
     assert result["ok"] and result["changed"] and result["rounds"] == 2, result
-    assert result["owner"][0].startswith("signed a certificate (none installed) for DNS:web1, DNS:www.test.example")
+    assert result["owner"][0].startswith("signed a certificate (none installed) for DNS:web1, DNS:www.test.example, "
+                                         "IP:192.0.2.10")
+    # The VM has more addresses (pyroute2 reports exactly the ones the test gave it: no loopback,
+    # no link-local), but the owner knows only the one it reached the agent at: by default the CA
+    # signs that one, and the VM asked for no other.
+    reported = netns.pyroute2_addresses()
+    assert reported == ["192.0.2.10", "198.51.100.7", "2001:db8::10"]
+    assert "not in the CSR: 198.51.100.7, 2001:db8::10 (the owner's CA signs only addresses it knows as this " \
+           "VM's: 192.0.2.10/32)" in result["warnings"], result["warnings"]
+    cert = load(root / CERT)
+    assert sans(cert) == {"DNS:web1", "DNS:www.test.example", "IP:192.0.2.10"}
+    assert cert.subject.rfc4514_string() == "CN=web1"
 
     # OpenSSL accepts the installed certificate with nothing but the owner's CA.
     verified = openssl("verify", "-CAfile", str(ca_pem), str(root / CERT))
     assert verified.returncode == 0 and verified.stdout.strip() == f"{root / CERT}: OK", verified
     assert openssl("verify", "-CAfile", str(ca_pem), "-purpose", "sslserver", str(root / CERT)).returncode == 0
-    # Its SANs: the VM name, the profile's name, and exactly the addresses pyroute2 reports in the
-    # namespace, which are the ones the test gave it (no loopback, no link-local).
-    reported = netns.pyroute2_addresses()
-    assert reported == ["192.0.2.10", "198.51.100.7", "2001:db8::10"]
-    cert = load(root / CERT)
-    assert sans(cert) == {"DNS:web1", "DNS:www.test.example", *(f"IP:{a}" for a in reported)}
     # The key stayed in the VM: 0600 root, and it is the certified one.
     key = root / KEY
     st = key.stat()
@@ -165,8 +176,18 @@ def test_bind_sign_verify_renew_in_a_network_namespace(netns: Netns, agents: Age
     assert openssl("verify", "-CAfile", str(ca_pem), str(root / CERT)).returncode == 0
     assert reloads.read_text() == "reloaded\nreloaded\n"
 
-    # A new address in the VM: a new certificate that names it.
+    # The owner vouches for the other two addresses: a new certificate that names them all.
+    profile.write_text('[x509]\nnames = ["www.test.example"]\naddresses = ["198.51.100.7", "2001:db8::10"]\n')
+    vouched = owner.json("apply", "web1", "--profile", str(profile))["results"]["x509"]  # type: ignore[index]
+    assert "(the names or addresses changed)" in vouched["owner"][0], vouched
+    assert sans(load(root / CERT)) == {"DNS:web1", "DNS:www.test.example", *(f"IP:{a}" for a in reported)}
+
+    # A new address in the VM: not signed until the owner's policy covers it (here a network).
     netns.ip("addr", "add", "203.0.113.5/24", "dev", "eth1")
+    unknown = owner.json("apply", "web1", "--profile", str(profile))["results"]["x509"]  # type: ignore[index]
+    assert unknown["ok"] and unknown["changed"] is False and "IP:203.0.113.5" not in sans(load(root / CERT))
+    profile.write_text('[x509]\nnames = ["www.test.example"]\naddresses = ["198.51.100.7", "2001:db8::10"]\n'
+                       'allowed_networks = ["203.0.113.0/24"]\n')
     moved = owner.json("apply", "web1", "--profile", str(profile))["results"]["x509"]  # type: ignore[index]
     assert "(the names or addresses changed)" in moved["owner"][0]
     assert "IP:203.0.113.5" in sans(load(root / CERT))
@@ -179,13 +200,104 @@ def test_bind_sign_verify_renew_in_a_network_namespace(netns: Netns, agents: Age
     assert sans(load(root / CERT)) == {"DNS:web1", "DNS:www.test.example", "IP:192.0.2.10", "IP:2001:db8::10"}
     assert netns.pyroute2_addresses("eth0") == ["192.0.2.10", "2001:db8::10"]
 
-    # A CSR the CA refuses: an address outside the policy. The backend fails, nothing is installed.
-    profile.write_text('[x509]\nallowed_networks = ["192.0.2.0/24"]\n')
-    before = snapshot(root)
-    refused = owner.run("apply", "web1", "--profile", str(profile), check=5)
-    assert ("x509: FAILED — owner side: the CA refuses the CSR: IP address 198.51.100.7 is outside allowed_networks "
-            "(192.0.2.0/24)") in refused.stdout, refused.stdout
-    assert snapshot(root) == before
+
+# -- the CA's SAN policy, on real CSRs (what a compromised VM may send)
+def ca_context(owner: Owner, address: str = "192.0.2.10:4433", ssh_host: str | None = None) -> ApplyContext:
+    owner.run("ca", "init", "--x509")
+    return ApplyContext(home=OwnerHome(owner.home), store=cast(Store, None), vm="web1", address=address,
+                        ssh_host=ssh_host or address.rpartition(":")[0].strip("[]"), ssh_port=22)
+
+
+def csr_pem(names: list[x509.GeneralName], cn: str = "evil.example") -> str:
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, cn)]))
+           .add_extension(x509.SubjectAlternativeName(names), critical=False).sign(key, hashes.SHA256()))
+    return csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def sign_csr(ctx: ApplyContext, section: dict[str, Any], names: list[x509.GeneralName],
+             cn: str = "evil.example") -> x509.Certificate:
+    from imprint.owner.x509 import review
+
+    out = review(ctx, section, {"data": {"csr": csr_pem(names, cn)}}, 1)
+    assert out.follow_up is not None
+    return x509.load_pem_x509_certificate(out.follow_up["certificate"].encode())
+
+
+IP = x509.IPAddress
+DNS = x509.DNSName
+
+
+def test_by_default_the_ca_signs_the_address_it_reaches_the_vm_at(owner: Owner, tmp_path: Path) -> None:
+    ctx = ca_context(owner)
+    cert = sign_csr(ctx, {}, [DNS("WEB1"), IP(ipaddress.ip_address("192.0.2.10"))])
+    # The subject and SANs are the owner's values: not the CSR's CN, not its spelling.
+    assert cert.subject.rfc4514_string() == "CN=web1"
+    assert sans(cert) == {"DNS:web1", "IP:192.0.2.10"}
+    path = tmp_path / "leaf.pem"
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    verified = openssl("verify", "-CAfile", str(owner.home / "x509_ca.pem"), str(path))
+    assert verified.returncode == 0 and verified.stdout.strip() == f"{path}: OK", verified
+    text = openssl("x509", "-in", str(path), "-noout", "-text").stdout
+    assert "DNS:web1, IP Address:192.0.2.10" in text and "Subject: CN = web1" in text
+
+
+@pytest.mark.parametrize(("section", "names", "message"), [
+    ({}, [IP(ipaddress.ip_address("198.51.100.7"))],
+     "IP address 198.51.100.7 is not one the owner knows as this VM's (192.0.2.10); name it in addresses or "
+     "allowed_networks"),
+    ({"allowed_networks": ["0.0.0.0/0"]}, [DNS("web1"), IP(ipaddress.ip_network("0.0.0.0/0"))],
+     "IP SAN 0.0.0.0/0 is in network form; only single host addresses are signed"),
+    ({}, [IP(ipaddress.ip_network("192.0.2.10/32"))],
+     "IP SAN 192.0.2.10/32 is in network form; only single host addresses are signed"),
+    ({"allowed_networks": ["0.0.0.0/0"]}, [IP(ipaddress.ip_address("0.0.0.0"))],
+     "IP address 0.0.0.0 is not a single host's address"),
+    ({"allowed_networks": ["0.0.0.0/0"]}, [IP(ipaddress.ip_address("255.255.255.255"))],
+     "IP address 255.255.255.255 is not a single host's address"),
+    ({"allowed_networks": ["::/0"]}, [IP(ipaddress.ip_address("ff02::1"))],
+     "IP address ff02::1 is not a single host's address"),
+    ({}, [DNS("web1"), DNS("other.example")],
+     "DNS name 'other.example' is not one the profile asks for (web1, kelvin.example)"),
+    ({"include_addresses": False}, [IP(ipaddress.ip_address("192.0.2.10"))],
+     "IP address 192.0.2.10 (include_addresses = false)"),
+])
+def test_the_ca_refuses_what_the_owner_does_not_know(owner: Owner, section: dict[str, Any],
+                                                     names: list[x509.GeneralName], message: str) -> None:
+    from imprint.owner.errors import OwnerError
+
+    ctx = ca_context(owner)
+    with pytest.raises(OwnerError) as refused:
+        sign_csr(ctx, {"names": ["kelvin.example"], **section}, names)
+    assert str(refused.value) == "the CA refuses the CSR: " + message
+
+
+def test_a_loopback_or_named_agent_address_vouches_for_nothing(owner: Owner) -> None:
+    from imprint.owner.errors import OwnerError
+
+    for address in ("127.0.0.1:4433", "vm.example:4433", "[fe80::1]:4433"):
+        with pytest.raises(OwnerError, match=r"IP address 192\.0\.2\.10 is not one the owner knows as this VM's "
+                                             r"\(none\)"):
+            sign_csr(ca_context(owner, address), {}, [IP(ipaddress.ip_address("192.0.2.10"))])
+    # The ssh host the owner named counts as well; and a profile's own addresses, CN from them.
+    ctx = ca_context(owner, "127.0.0.1:4433", ssh_host="198.51.100.7")
+    assert sans(sign_csr(ctx, {}, [IP(ipaddress.ip_address("198.51.100.7"))])) == {"IP:198.51.100.7"}
+    cert = sign_csr(ca_context(owner, "127.0.0.1:4433"), {"include_vm_name": False, "addresses": ["2001:db8::10"]},
+                    [IP(ipaddress.ip_address("2001:db8::10"))])
+    assert cert.subject.rfc4514_string() == "CN=2001:db8::10" and sans(cert) == {"IP:2001:db8::10"}
+
+
+def test_profile_addresses_are_single_hosts(owner: Owner) -> None:
+    from imprint.owner.errors import UsageError
+    from imprint.owner.x509 import settings
+
+    ctx = ca_context(owner)
+    for value, message in (("10.0.0.0/8", "is not an IP address (one host: no /mask)"),
+                           ("0.0.0.0", "0.0.0.0 is not a single host's address"), ("web1", "is not an IP address")):
+        with pytest.raises(UsageError, match=re.escape(message)):
+            settings(ctx, {"addresses": [value]})
+    with pytest.raises(UsageError, match="names: 'bad name' is not a DNS name"):
+        settings(ctx, {"names": ["bad name"]})
 
 
 def apply_x509(root: Path, config: dict[str, Any]) -> dict[str, Any]:

@@ -11,6 +11,9 @@ Config (the owner's half, ``imprint.owner.x509``, builds it)::
     dns_names:         [name, ...] DNS SANs of the CSR (the owner sends the VM name and its own)
     include_addresses: true: the VM's global-scope addresses as IP SANs, enumerated with pyroute2
     interfaces:        [ifname, ...] only these interfaces' addresses (default: all)
+    allowed_addresses: [CIDR, ...] the owner's CA signs only addresses inside these (its SAN
+                       policy, imprint.owner.x509): the CSR names no other, and the ones left
+                       out are reported as a warning. Absent: every enumerated address.
     certificate:       PEM: install it (round two); without it the backend only reports
     chain:             [PEM, ...] the issuing CA first
     reload_command:    [argv] run when the certificate, chain or key changed
@@ -53,7 +56,7 @@ IFNAME_RE = re.compile(r"^[^/\s]{1,15}$")
 MAX_PEM = 64 * 1024
 MAX_CHAIN_PEM = 9 * MAX_PEM  # the chain files: up to 8 CA certificates (and the leaf)
 KEYS = ("key_path", "cert_path", "chain_path", "fullchain_path", "key_type", "dns_names", "include_addresses",
-        "interfaces", "certificate", "chain", "reload_command")
+        "interfaces", "allowed_addresses", "certificate", "chain", "reload_command")
 
 
 @dataclass
@@ -66,6 +69,7 @@ class _Config:
     dns_names: list[str]
     include_addresses: bool
     interfaces: list[str] | None
+    allowed: list[ipaddress.IPv4Network | ipaddress.IPv6Network] | None
     certificate: str | None
     chain: list[str]
     reload_command: list[str] | None
@@ -90,6 +94,12 @@ def apply(ctx: BackendContext, config: dict[str, Any]) -> BackendResult:
 
     # Round one: the key (made here if missing) and a CSR for it.
     addresses = enumerate_addresses(cfg.interfaces) if cfg.include_addresses else []
+    if cfg.allowed is not None:
+        left_out = [a for a in addresses if not _inside(a, cfg.allowed)]
+        addresses = [a for a in addresses if a not in left_out]
+        if left_out:
+            ctx.warn(f"not in the CSR: {', '.join(left_out)} (the owner's CA signs only addresses it knows as "
+                     f"this VM's: {', '.join(map(str, cfg.allowed)) or 'none'})")
     if not cfg.dns_names and not addresses:
         raise BackendError("x509: no DNS name and no address for the certificate")
     generated = False
@@ -185,13 +195,19 @@ def _parse(config: dict[str, Any]) -> _Config:
     for name in interfaces or []:
         if not IFNAME_RE.match(name):
             raise BackendError(f"x509.interfaces: {name[:80]!r} is not an interface name")
+    allowed = None
+    if (texts := get_str_list(config, "allowed_addresses", "x509", max_items=256)) is not None:
+        try:
+            allowed = [ipaddress.ip_network(t, strict=True) for t in texts]
+        except ValueError as exc:
+            raise BackendError(f"x509.allowed_addresses: {exc}") from None
     certificate = get_typed(config, "certificate", str, "x509")
     chain = get_str_list(config, "chain", "x509", max_items=8) or []
     if chain and certificate is None:
         raise BackendError("x509.chain needs x509.certificate")
     return _Config(key_type=key_type, dns_names=list(dict.fromkeys(n.lower() for n in dns_names)),
                    include_addresses=get_typed(config, "include_addresses", bool, "x509", default=True),
-                   interfaces=interfaces, certificate=certificate, chain=chain,
+                   interfaces=interfaces, allowed=allowed, certificate=certificate, chain=chain,
                    reload_command=get_str_list(config, "reload_command", "x509", max_items=64), **paths)
 
 
@@ -289,6 +305,11 @@ def _sans(cert: x509.Certificate | x509.CertificateSigningRequest) -> list[Any]:
 
 
 # -- addresses
+def _inside(address: str, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    ip = ipaddress.ip_address(address)
+    return any(ip.version == net.version and ip in net for net in networks)
+
+
 def enumerate_addresses(interfaces: list[str] | None = None) -> list[str]:
     """The VM's global-scope addresses (IPv4 then IPv6), from the kernel over netlink (pyroute2,
     imported here so an agent that never runs this backend never loads it). Loopback and

@@ -5,9 +5,12 @@ Profile table (see imprint.owner.apply)::
     [x509]
     names = ["www.example.org"]      # DNS SANs besides the VM name
     include_vm_name = true           # the VM name as a DNS SAN (and CN)
-    include_addresses = true         # the VM's global addresses (pyroute2, in the VM) as IP SANs
+    include_addresses = true         # the VM's addresses (pyroute2, in the VM) as IP SANs, as far as
+                                     # the owner vouches for them (below)
     interfaces = ["eth0"]            # only these interfaces' addresses (default: all)
-    allowed_networks = ["10.0.0.0/8", "2001:db8::/32"]   # IP SANs must lie in one (default: any)
+    addresses = ["192.0.2.10"]       # the VM's addresses the owner vouches for, besides the one it
+                                     # reaches the agent at
+    allowed_networks = ["10.0.0.0/8", "2001:db8::/32"]   # and any address in these networks
     validity_days = 90
     renew_before_days = 30           # default: a third of validity_days
     key_type = "ec-p256"             # ec-p384, rsa-2048, rsa-3072, rsa-4096, ed25519
@@ -20,10 +23,24 @@ Profile table (see imprint.owner.apply)::
     ca_key = "/path/ca.key"
     ca_chain = "/path/intermediates.pem"   # more certificates for the chain, after ca_cert
 
+Which IP addresses the CA signs (the SAN policy). A VM reports its addresses itself, and a
+certificate for an address is the owner's word that the VM *is* that address: so the VM's word
+is not enough. The CA signs an IP SAN only if the owner knows it as the VM's: the address the
+owner reaches the agent at (``--address``, and ``--ssh-host``) when it is an IP literal, the
+profile's ``addresses``, or an address inside one of the profile's ``allowed_networks``. With
+none of these there is nothing to sign but DNS names. Whatever the policy, an IP SAN in network
+form (address and mask, 8 or 32 bytes: what name constraints use) or an address that is no
+single host's (unspecified, multicast, broadcast) is never signed; loopback and link-local
+addresses only when the profile names them. The policy goes to the agent with round one, so an
+honest VM asks only for what will be signed (and reports what it left out).
+
 Rounds: the first makes the key in the VM if there is none and brings back a CSR with the
 installed certificate. The owner checks the CSR: its signature, its key type, and its SANs —
-the DNS names must be exactly ones the profile asked for, each IP inside ``allowed_networks``,
+the DNS names must be exactly ones the profile asked for, each IP one the policy allows,
 nothing else. A CSR that fails any of that is refused (the backend fails; nothing is installed).
+The certificate's subject and SANs are written from the owner's own values (the profile's
+spelling of each name, the address as parsed), never copied from the CSR: its CN is the first
+DNS name of the profile the CSR asks for, or else its first address.
 The installed certificate is kept if it is this CA's (signature checked), certifies the CSR's
 key, carries exactly the CSR's SANs, and has more than the renewal window left; otherwise the
 owner signs a new one. The second round sends the certificate (new or kept) with the chain, so
@@ -43,6 +60,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from imprint.backends.x509 import DNS_RE
 from imprint.fsatomic import ensure_private_dir, write_atomic
 from imprint.owner.apply import ApplyContext, Review
 from imprint.owner.errors import OwnerError, UsageError
@@ -54,7 +72,8 @@ if TYPE_CHECKING:
 
     CaKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
 
-SECTION_KEYS = ("names", "include_vm_name", "include_addresses", "interfaces", "allowed_networks", "validity_days",
+SECTION_KEYS = ("names", "include_vm_name", "include_addresses", "interfaces", "addresses", "allowed_networks",
+                "validity_days",
                 "renew_before_days", "key_type", "key_path", "cert_path", "chain_path", "fullchain_path",
                 "reload_command", "ca_cert", "ca_key", "ca_chain")
 PASSED = ("key_type", "key_path", "cert_path", "chain_path", "fullchain_path", "interfaces")
@@ -142,11 +161,16 @@ def load_ca(cert_path: Path, key_path: Path) -> tuple[x509.Certificate, CaKey]:
 
 
 # -- profile -> rounds
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
 @dataclass
 class Settings:
     dns_names: list[str]
     include_addresses: bool
-    networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] | None
+    addresses: list[Address]   # host addresses the owner knows as the VM's (its own --address, the profile's)
+    networks: list[Network]    # allowed_networks
     validity: datetime.timedelta
     renew_before: datetime.timedelta
     passed: dict[str, Any]
@@ -180,12 +204,25 @@ def settings(ctx: ApplyContext, section: dict[str, Any]) -> Settings:
         return float(value)
 
     names = [n.lower() for n in strings("names") or []]
+    for name in names:
+        if not DNS_RE.match(name):
+            raise UsageError(f"names: {name[:80]!r} is not a DNS name")
     if flag("include_vm_name"):
         names.insert(0, ctx.vm.lower())
-    networks = None
-    if (raw := strings("allowed_networks")) is not None:
+    addresses = known_addresses(ctx)
+    for text in strings("addresses") or []:
         try:
-            networks = [ipaddress.ip_network(n, strict=False) for n in raw]
+            address = ipaddress.ip_address(text)
+        except ValueError:
+            raise UsageError(f"addresses: {text[:80]!r} is not an IP address (one host: no /mask)") from None
+        if not _single_host(address):
+            raise UsageError(f"addresses: {address} is not a single host's address")
+        if address not in addresses:
+            addresses.append(address)
+    networks: list[Network] = []
+    for text in strings("allowed_networks") or []:
+        try:
+            networks.append(ipaddress.ip_network(text, strict=False))
         except ValueError as exc:
             raise UsageError(f"allowed_networks: {exc}") from None
     validity = days("validity_days", 90)
@@ -216,7 +253,7 @@ def settings(ctx: ApplyContext, section: dict[str, Any]) -> Settings:
         raise UsageError("ca_chain must be a path")
     reload_command = strings("reload_command")
     return Settings(dns_names=list(dict.fromkeys(names)), include_addresses=flag("include_addresses"),
-                    networks=networks, validity=datetime.timedelta(days=validity),
+                    addresses=addresses, networks=networks, validity=datetime.timedelta(days=validity),
                     renew_before=datetime.timedelta(days=renew), passed=passed, reload_command=reload_command,
                     ca_cert=cert_path, ca_key=key_path, ca_chain=Path(os.path.expanduser(chain)) if chain else None)
 
@@ -244,7 +281,8 @@ def prepare(ctx: ApplyContext, section: dict[str, Any]) -> dict[str, Any]:
     _chain(s, ca)
     if not s.dns_names and not s.include_addresses:
         raise UsageError("no names: include_vm_name, names and include_addresses are all off")
-    return {**s.passed, "dns_names": s.dns_names, "include_addresses": s.include_addresses}
+    return {**s.passed, "dns_names": s.dns_names, "include_addresses": s.include_addresses,
+            "allowed_addresses": policy_text(s)}
 
 
 def review(ctx: ApplyContext, section: dict[str, Any], result: dict[str, Any], round: int) -> Review:
@@ -276,6 +314,7 @@ def review(ctx: ApplyContext, section: dict[str, Any], result: dict[str, Any], r
         out.notes.append(f"signed a certificate ({reason}) for {', '.join(_describe(sans))}, serial "
                          f"{cert.serial_number:x}, valid until {_iso(cert.not_valid_after)}")
     out.follow_up = {**s.passed, "dns_names": s.dns_names, "include_addresses": s.include_addresses,
+                     "allowed_addresses": policy_text(s),
                      "certificate": cert.public_bytes(Encoding.PEM).decode(),
                      "chain": [c.public_bytes(Encoding.PEM).decode() for c in chain]}
     if s.reload_command is not None:
@@ -328,21 +367,66 @@ def check_csr(s: Settings, csr: x509.CertificateSigningRequest) -> list[x509.Gen
         raise OwnerError("the CA refuses the CSR: it has no subjectAltName") from None
     if not sans:
         raise OwnerError("the CA refuses the CSR: an empty subjectAltName")
+    vetted: list[x509.GeneralName] = []
     for san in sans:
         if isinstance(san, x509.DNSName):
-            if san.value.lower() not in s.dns_names:
-                raise OwnerError(f"the CA refuses the CSR: DNS name {san.value!r} is not one the profile asks for "
+            value = san.value
+            if not value.isascii() or value.lower() not in s.dns_names:
+                raise OwnerError(f"the CA refuses the CSR: DNS name {value[:80]!r} is not one the profile asks for "
                                  f"({', '.join(s.dns_names) or 'none'})")
+            name: x509.GeneralName = x509.DNSName(value.lower())  # the profile's spelling, not the CSR's
         elif isinstance(san, x509.IPAddress):
+            address = san.value
+            if not isinstance(address, ipaddress.IPv4Address | ipaddress.IPv6Address):
+                raise OwnerError(f"the CA refuses the CSR: IP SAN {address} is in network form; only single host "
+                                 "addresses are signed")
+            if not _single_host(address):
+                raise OwnerError(f"the CA refuses the CSR: IP address {address} is not a single host's address")
             if not s.include_addresses:
-                raise OwnerError(f"the CA refuses the CSR: IP address {san.value} (include_addresses = false)")
-            if s.networks is not None and not any(san.value in net for net in s.networks
-                                                  if net.version == san.value.version):
-                raise OwnerError(f"the CA refuses the CSR: IP address {san.value} is outside allowed_networks "
-                                 f"({', '.join(map(str, s.networks))})")
+                raise OwnerError(f"the CA refuses the CSR: IP address {address} (include_addresses = false)")
+            if not allowed(s, address):
+                raise OwnerError(f"the CA refuses the CSR: IP address {address} is not one the owner knows as this "
+                                 f"VM's ({describe_policy(s)}); name it in addresses or allowed_networks")
+            name = x509.IPAddress(ipaddress.ip_address(address.packed))
         else:
             raise OwnerError(f"the CA refuses the CSR: a {type(san).__name__} SAN")
-    return sans
+        if name not in vetted:
+            vetted.append(name)
+    return vetted
+
+
+# -- the address policy
+def known_addresses(ctx: ApplyContext) -> list[Address]:
+    """The VM's addresses as the owner knows them without the VM's word: the hosts it reaches the
+    agent and sshd at, when they are IP literals and routable (a loopback or link-local address
+    there means a port forward or a local link, not the VM's own address)."""
+    found: list[Address] = []
+    for host in (ctx.address.rpartition(":")[0].strip("[]"), ctx.ssh_host):
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            continue  # a DNS name: the owner's resolver, not knowledge of the VM
+        if _single_host(address) and not (address.is_loopback or address.is_link_local) and address not in found:
+            found.append(address)
+    return found
+
+
+def _single_host(address: Address) -> bool:
+    return not (address.is_unspecified or address.is_multicast
+                or (isinstance(address, ipaddress.IPv4Address) and address == ipaddress.IPv4Address("255.255.255.255")))
+
+
+def allowed(s: Settings, address: Address) -> bool:
+    return address in s.addresses or any(address.version == net.version and address in net for net in s.networks)
+
+
+def policy_text(s: Settings) -> list[str]:
+    """The policy as the agent gets it: CIDR strings (a host as /32 or /128)."""
+    return [str(ipaddress.ip_network(a)) for a in s.addresses] + [str(n) for n in s.networks]
+
+
+def describe_policy(s: Settings) -> str:
+    return ", ".join([str(a) for a in s.addresses] + [str(n) for n in s.networks]) or "none"
 
 
 def renewal_reason(s: Settings, ca: x509.Certificate, csr: x509.CertificateSigningRequest,
@@ -371,8 +455,9 @@ def sign(s: Settings, ca: x509.Certificate, ca_key: CaKey, csr: x509.Certificate
 
     now = datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
     not_after = min(now + s.validity, ca.not_valid_after)  # never beyond the CA's own validity
-    first = sans[0]
-    cn = first.value if isinstance(first, x509.DNSName) else str(first.value)
+    # sans are check_csr's: built from the profile's values. The CN is one of them, DNS first.
+    dns = [n.value for n in sans if isinstance(n, x509.DNSName)]
+    cn = dns[0] if dns else str(sans[0].value)
     pub = csr.public_key()
     builder = (x509.CertificateBuilder()
                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
