@@ -54,12 +54,13 @@ def _traceback_lines(exc: BaseException) -> list[str]:
 
 
 def report(say: Say, what: str, exc: BaseException, *, hint: str) -> None:
+    """One line; at debug level the traceback follows, one ``say`` per line."""
+    if not debugging():
+        say(f"{what}: {describe(exc)}" + (f" {hint}" if hint else ""))
+        return
     say(f"{what}: {describe(exc)}")
-    if debugging():
-        for line in _traceback_lines(exc):
-            say(line)
-    elif hint:
-        say(hint)
+    for line in _traceback_lines(exc):
+        say(line)
 
 
 def robust_streams() -> None:

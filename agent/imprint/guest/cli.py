@@ -184,7 +184,10 @@ def run(args: argparse.Namespace) -> int:
     if found is not None and found.token.mode is Mode.NOSECRET:
         from imprint import crypto, tokens
 
-        vm_spki = crypto.certificate_spki(state.cert_file.read_bytes())
+        try:
+            vm_spki = crypto.certificate_spki(state.cert_file.read_bytes())
+        except (crypto.CryptoError, OSError) as exc:
+            raise AgentFailure(f"cannot load the VM certificate {state.cert_file}: {exc}") from None
         vm_token = tokens.Token(tokens.TokenKind.VM, crypto.sha256(vm_spki))
         line = tokens.vm_token_line(vm_token, answers=found.token)
         log.info("VM key %s; VM token for the owner: %s", crypto.fingerprint(vm_spki), vm_token.encode())

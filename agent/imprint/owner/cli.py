@@ -383,6 +383,8 @@ def _run(args: argparse.Namespace) -> int:
         # A database that is not one, is locked by a crashed writer's journal, or was damaged.
         return _fail(as_json, f"the owner database {home.db_file} cannot be used: {exc}", OwnerError.exit_code,
                      "DatabaseError")
+    except BrokenPipeError:
+        raise  # the reader of stdout went away: lastresort ends it quietly
     except OSError as exc:
         return _fail(as_json, lastresort.describe(exc), OwnerError.exit_code, "OSError")
 

@@ -59,11 +59,10 @@ def announcements(path: Path) -> list[tokens.Announcement]:
     """Every announcement in ``path`` (a console log, or a metadata disk image), in order."""
     try:
         with path.open("rb") as stream:
-            if stream.read(len(metadisk.MAGIC)) == metadisk.MAGIC:
-                stream.seek(0)
+            # peek, not seek: a console can be a pipe or a FIFO the site's serial port feeds.
+            if stream.peek(len(metadisk.MAGIC)).startswith(metadisk.MAGIC):
                 text = _metadisk_text(path, stream.read(MAX_METADISK_BYTES))
                 return tokens.find_vm_token_announcements(text)
-            stream.seek(0)
             return [a for line in _lines(stream) if (a := tokens.parse_vm_token_line(line)) is not None]
     except OSError as exc:
         raise ReverseError(f"cannot read {path}: {exc.strerror or exc}") from None
