@@ -11,6 +11,7 @@ writes to a console (kernel messages interleaved, journald's prefix, CR tricks).
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import socket
@@ -201,3 +202,37 @@ def test_a_peer_cannot_fake_the_agents_status_lines(tmp_path: Path) -> None:
     assert vm._failure(vm.console_text(tmp_path / "console.log")) is None
     lines = vm._agent_lines(vm.console_text(tmp_path / "console.log"))
     assert lines and all(not re.match(r"listening on", line) for line in lines)
+
+
+# -- the agent's log -----------------------------------------------------------------------------
+
+def test_every_log_route_renders_and_defangs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent's own log and the stdlib route backends use: one prefixed printable line per
+    message, the marker never intact."""
+    import logging
+
+    from imprint.guest import log as agent_log
+
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    monkeypatch.setitem(agent_log._state, "configured", True)
+    hostile = f"file name from a seed: x\n{FORGED_LINE}\r\x1b[2K\u2028{FORGED_LINE}"
+    agent_log.get("imprint.agent").warning("refused %s", hostile)
+    name = "imprint.test-console-forgery"
+    agent_log.route_stdlib(name)
+    logger = logging.getLogger(name)
+    try:
+        logger.warning("backend says %s", hostile)
+        try:
+            raise ValueError(hostile)
+        except ValueError:
+            logger.exception("backend failed")
+    finally:
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+    lines = stream.getvalue().split("\n")
+    assert lines[-1] == "" and len(lines) == 4, lines
+    for line in lines[:-1]:
+        assert line.startswith(agent_log.PREFIX) and line.isprintable(), line
+        assert MARKER not in line and FORGED.encode() in line  # shown, but never as an announcement
+    assert tokens.find_vm_token_lines(stream.getvalue()) == []
