@@ -137,9 +137,6 @@ def apply_doc(root: Path, config: dict[str, Any]) -> dict[str, Any]:
     ("#cloud-config\nwrite_files:\n  - path: /x\n    permissions: 640\n",
      "cloud-init refuses the document: Cloud config schema errors: write_files.0.permissions: 640 is not of type "
      "'string'"),
-    ("#cloud-config\nssh_deletekeys: true\n", "does not run cloud-init's ssh module: cc_ssh deletes and regenerates"),
-    ("#cloud-config\nruncmd: [[touch, /x]]\n", "does not run cloud-init's runcmd module"),
-    ("#cloud-config\nno_such_key: 1\n", "no cloud-init module acts on this document's keys (no_such_key)"),
 ])
 def test_bad_documents_are_refused_before_anything_runs(tmp_path: Path, document: str, message: str) -> None:
     result = apply_doc(tmp_path, {"document": document})
@@ -152,3 +149,112 @@ def test_under_a_root_without_python_the_backend_says_why(tmp_path: Path) -> Non
     assert result["ok"] is False
     assert result["summary"] == (f"cloud-init's modules act on the system they run in: under --root {tmp_path} they "
                                  f"run with chroot, and {tmp_path}/usr/bin/python3 does not exist")
+
+
+# -- the policy (issue 9, item 11): an allowlist of keys, refusals that name the field
+@pytest.mark.parametrize(("document", "message"), [
+    ("bootcmd: [[touch, /x]]", "cloudinit.document.bootcmd is refused: runs commands of the document's own, and "
+                               "cloud-init runs it again at every boot"),
+    ("runcmd: [[touch, /x]]", "cloudinit.document.runcmd is refused: runs commands of the document's own"),
+    ("power_state: {mode: reboot}", "cloudinit.document.power_state is refused: it would shut down or reboot the VM"),
+    ("ssh_deletekeys: true", "cloudinit.document.ssh_deletekeys is refused: cc_ssh deletes and regenerates the host "
+                             "keys the [ssh] backend attested"),
+    ("package_reboot_if_required: true",
+     "cloudinit.document.package_reboot_if_required may only be false: it would reboot the VM under the agent"),
+    ("package_upgrade: true", "cloudinit.document.package_upgrade may only be false: an upgrade of every package"),
+    ("no_such_key: 1", "cloudinit.document.no_such_key is not in this backend's allowlist of cloud-config keys "
+                       "(ca_certs, chpasswd, fqdn, groups, hostname,"),
+    ("snap: {commands: [[install, x]]}", "cloudinit.document.snap is not in this backend's allowlist"),
+    ("write_files: [{path: /var/lib/imprint/state.json, content: x}]",
+     "cloudinit.document.write_files[0].path '/var/lib/imprint/state.json' is refused: /var/lib/imprint is imprint's "
+     "state: the agent's key and the owner it is bound to"),
+    ("write_files: [{path: /srv/ok, content: x}, {path: /etc/imprint/x, content: x}]",
+     "cloudinit.document.write_files[1].path '/etc/imprint/x' is refused: /etc/imprint is imprint's configuration"),
+    ("write_files: [{path: /etc/ssh/sshd_config.d/x.conf, content: 'PermitRootLogin yes'}]",
+     "write_files[0].path '/etc/ssh/sshd_config.d/x.conf' is refused: /etc/ssh is sshd's host keys and configuration "
+     "are the [ssh] backend's"),
+    ("write_files: [{path: /home/alice/.ssh/authorized_keys, content: x}]",
+     "write_files[0].path '/home/alice/.ssh/authorized_keys' is refused: ~/.ssh is sshd's trust"),
+    ("write_files: [{path: /etc/systemd/system/imprint-agent.service.d/override.conf, content: x}]",
+     "is refused: imprint's agent unit"),
+    ("write_files: [{path: /etc/cloud/cloud.cfg.d/99-boot.cfg, content: 'bootcmd: [reboot]'}]",
+     "is refused: /etc/cloud is cloud-init's configuration: it would run again at the next boot"),
+    ("write_files: [{path: /var/lib/cloud/scripts/per-boot/x.sh, content: x}]",
+     "is refused: /var/lib/cloud is cloud-init's state and scripts"),
+    ("write_files: [{path: /proc/sysrq-trigger, content: b}]", "is refused: /proc is the kernel's interface"),
+    ("write_files: [{path: /etc/krb5.keytab, content: x}]", "is refused: it is a file another imprint backend"),
+    ("write_files: [{path: /etc/sudoers.d/imprint-alice, content: x}]", "is refused: the [ssh] backend's sudo grants"),
+    ("write_files: [{path: /usr/local/lib/python3.11/dist-packages/imprint/__init__.py, content: x}]",
+     "is refused: imprint's code"),
+    ("write_files: [{path: srv/relative, content: x}]", "write_files[0].path 'srv/relative' is not an absolute path"),
+    ("write_files: [{path: /srv/../var/lib/imprint/x, content: x}]",
+     "write_files[0].path '/srv/../var/lib/imprint/x' is not a plain path"),
+    ("write_files: [{path: /srv/x, content: x, owner: 'root;id'}]",
+     "write_files[0].owner 'root;id' is not user[:group]"),
+    ("users: [{name: alice, ssh_import_id: [gh:alice]}]",
+     "cloudinit.document.users[0].ssh_import_id is refused: it fetches keys from a third party over the network"),
+    ('users: [{name: "evil\\nroot"}]', "cloudinit.document.users[0].name 'evil\\nroot' contains a control character"),
+    ("users: [{name: Alice}]", "cloudinit.document.users[0].name 'Alice' is not a user name"),
+    ("users: [{name: alice, homedir: /var/lib/imprint}]",
+     "users[0].homedir '/var/lib/imprint' is refused: /var/lib/imprint is imprint's state"),
+    ("packages: ['-oAPT::Update::Pre-Invoke::=touch /x']",
+     "cloudinit.document.packages[0] '-oAPT::Update::Pre-Invoke::=touch /x' is not a package name"),
+    ("chpasswd: {users: [{name: alice, type: RANDOM}]}",
+     "cloudinit.document.chpasswd.users[0] is refused: cloud-init prints a RANDOM password on the console"),
+    ("chpasswd: {list: ['alice:x']}", "cloudinit.document.chpasswd.list is refused: deprecated: use chpasswd.users"),
+    ("ntp: {config: {check_exe: /tmp/x}}", "cloudinit.document.ntp.config is refused: it overrides the client's"),
+    ("timezone: ../../../etc/shadow", "cloudinit.document.timezone '../../../etc/shadow' is not a time zone name"),
+])
+def test_the_policy_refuses_with_the_field_named(tmp_path: Path, document: str, message: str) -> None:
+    result = apply_doc(tmp_path, {"document": "#cloud-config\n" + document + "\n"})
+    assert result["ok"] is False and message in result["summary"], result["summary"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_gzip_bomb_is_refused_before_cloud_init_unpacks_it(tmp_path: Path) -> None:
+    import base64
+    import gzip
+
+    bomb = base64.b64encode(gzip.compress(b"\0" * (80 << 20))).decode()  # 80 MiB of zeros in ~80 KiB
+    result = apply_doc(tmp_path, {"document": {"write_files": [{"path": "/srv/x", "encoding": "gz+b64",
+                                                                "content": bomb}]}})
+    assert result["ok"] is False and result["summary"] == \
+        "cloudinit.document.write_files[0].content unpacks to more than 67108864 bytes", result["summary"]
+
+
+def fake_chroot(root: Path) -> None:
+    """Enough of a root for the backend to get to its last check (cloud-init would run next)."""
+    (root / "usr/bin").mkdir(parents=True)
+    (root / "usr/bin/python3").touch()
+
+
+def test_paths_that_lead_through_a_users_directory_or_a_link_are_refused(tmp_path: Path) -> None:
+    fake_chroot(tmp_path)
+    (tmp_path / "home/alice").mkdir(parents=True)
+    os.chown(tmp_path / "home/alice", 1000, 1000)  # alice could put a link there between check and write
+    result = apply_doc(tmp_path, {"document": {"write_files": [{"path": "/srv/ok", "content": "x"},
+                                                               {"path": "/home/alice/notes", "content": "x"}]}})
+    assert result["ok"] is False and result["summary"] == (
+        "cloudinit.document.write_files[1].path '/home/alice/notes' is in a directory that uid 1000 controls: "
+        "cloud-init would follow a link she puts there; refused"), result["summary"]
+    # Root's own link is followed, as cloud-init would: to where it leads.
+    (tmp_path / "srv").mkdir()
+    (tmp_path / "srv/state").symlink_to("/var/lib/imprint")
+    result = apply_doc(tmp_path, {"document": {"write_files": [{"path": "/srv/state/state.json", "content": "x"}]}})
+    assert result["ok"] is False and result["summary"] == (
+        "cloudinit.document.write_files[0].path '/srv/state/state.json' leads to /var/lib/imprint/state.json "
+        "(/var/lib/imprint is imprint's state: the agent's key and the owner it is bound to); refused")
+    (tmp_path / "srv/file").symlink_to("/etc/ssh/sshd_config")
+    result = apply_doc(tmp_path, {"document": {"write_files": [{"path": "/srv/file", "content": "x"}]}})
+    assert result["ok"] is False and "leads to /etc/ssh/sshd_config" in result["summary"]
+    assert not (tmp_path / "var").exists() and not (tmp_path / "etc").exists()
+
+
+def test_the_owner_refuses_a_table_document_before_the_bind(tmp_path: Path) -> None:
+    from imprint.owner.cloudinit import prepare
+    from imprint.owner.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"^cloudinit\.document\.bootcmd is refused: runs commands"):
+        prepare(None, {"config": {"bootcmd": [["reboot"]]}})  # type: ignore[arg-type]
+    assert prepare(None, {"config": {"timezone": "Europe/Paris"}}) == {  # type: ignore[arg-type]
+        "document": {"timezone": "Europe/Paris"}}

@@ -14,14 +14,13 @@ Mechanism (Debian 12's cloud-init 22.4):
    strict=True)``. An invalid document is refused with cloud-init's own message ("Cloud config
    schema errors: users.0: ..."), nothing is run. Deprecations alone become warnings. cloud-init
    *skips* validation silently when jsonschema is missing: the backend checks that it is there.
-3. **Select the modules** the document is for: a ``cc_*`` module acts on a top-level key if its
-   ``meta["activate_by_schema_keys"]`` or its part of cloud-init's schema (``$defs.cc_NAME``)
-   names it (cc_users_groups has no activation keys: at boot it runs always). They run in the
-   order the root's ``/etc/cloud/cloud.cfg`` (and ``cloud.cfg.d``) lists them — init, config,
-   final stage — so ``write_files`` runs before ``users_groups`` and ``defer: true`` files after.
-   Keys no module acts on are a warning; a document with only such keys is refused. Three
-   modules are refused (``REFUSED``): ``ssh`` (regenerates host keys), ``power_state_change``
-   and ``runcmd`` (it only writes a script for a boot stage that has passed).
+3. **The policy** (:mod:`imprint.backends.cloudpolicy`): an allowlist of top-level keys and of
+   what each may hold (no code, no reboot, nothing of imprint's own or of another backend's, no
+   third-party trust, no secret on the console); the first field it refuses fails the backend.
+   The modules are those the allowed keys are for, run in the order the root's
+   ``/etc/cloud/cloud.cfg`` (and ``cloud.cfg.d``) lists them — init, config, final stage — so
+   ``write_files`` runs before ``users_groups`` and ``defer: true`` files after. Just before the
+   run, the document's paths are resolved on the VM (links, a user's directory).
 4. **Run** them in a child process of the system's ``/usr/bin/python3`` (the agent's own process
    stays clean: modules log, chdir, change umask), through ``cloudinit.config.modules.Modules``
    — ``run_single(name, freq="always")``, the same path as ``cloud-init single``. Its
@@ -37,7 +36,7 @@ Mechanism (Debian 12's cloud-init 22.4):
    own per-instance semaphores would do; ``always = true`` runs it anyway.
 
 Results (``data``): ``sha256``, ``modules`` (in order), ``ran``, ``failed`` [{module, error}],
-``skipped`` (already applied), ``unhandled_keys``.
+``skipped`` (already applied).
 """
 
 from __future__ import annotations
@@ -49,7 +48,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from imprint.backends import BackendContext, BackendError, BackendResult, check_keys, get_typed
+from imprint.backends import BackendContext, BackendError, BackendResult, check_keys, cloudpolicy, get_typed
 
 PYTHON = "/usr/bin/python3"
 STATE = "/var/lib/imprint/cloud-config/applied"
@@ -95,14 +94,11 @@ for name in sys.argv[2:]:
 print(json.dumps({"ran": ran, "failed": failed}))
 '''
 
-# Runs in a child of the agent's python: the modules a document activates, and the order of the
-# root's cloud.cfg. (A child: importing every cc_* module would stay in the agent's memory.)
-SELECT = r'''
+# Runs in a child of the agent's python: the module order of the root's cloud.cfg (and cloud.cfg.d).
+ORDER = r'''
 import json, os, sys
 from cloudinit import util
-from cloudinit.config import schema
-keys = set(json.loads(sys.argv[1]))
-cfg = util.read_conf_with_confd(sys.argv[2]) if os.path.exists(sys.argv[2]) else {}
+cfg = util.read_conf_with_confd(sys.argv[1]) if os.path.exists(sys.argv[1]) else {}
 order = []
 for section in ("cloud_init_modules", "cloud_config_modules", "cloud_final_modules"):
     for item in cfg.get(section) or []:
@@ -110,28 +106,8 @@ for section in ("cloud_init_modules", "cloud_config_modules", "cloud_final_modul
         name = name.strip().replace("-", "_")
         if name and name not in order:
             order.append(name)
-defs = schema.get_schema().get("$defs", {})
-found = {}
-for name in schema.get_modules().values():
-    mod = __import__(f"cloudinit.config.{name}", fromlist=["meta"])
-    # A module acts on the keys that activate it and on the keys its schema defines (users_groups
-    # has no activation keys: cloud-init runs it on every boot).
-    mine = set(getattr(mod, "meta", {}).get("activate_by_schema_keys") or [])
-    mine |= set(defs.get(name, {}).get("properties", {}))
-    if mine & keys:
-        found[name.removeprefix("cc_")] = sorted(mine & keys)
-print(json.dumps({"order": order, "found": found}))
+print(json.dumps({"order": order}))
 '''
-
-
-# Modules that make no sense, or do harm, when run on a running VM by the agent.
-REFUSED = {
-    "ssh": "cc_ssh deletes and regenerates the VM's SSH host keys (ssh_deletekeys); imprint's [ssh] backend "
-           "manages keys and attests them",
-    "power_state_change": "cc_power_state_change would shut down or reboot the VM under the agent",
-    "runcmd": "cc_runcmd only writes a script for the boot stage scripts-user, which nothing runs afterwards "
-              "(bootcmd runs commands at once)",
-}
 
 
 def apply(ctx: BackendContext, config: dict[str, Any]) -> BackendResult:
@@ -144,21 +120,16 @@ def apply(ctx: BackendContext, config: dict[str, Any]) -> BackendResult:
     text = raw if isinstance(raw, str) else json.dumps(document, sort_keys=True, separators=(",", ":"))
     digest = hashlib.sha256(text.encode()).hexdigest()
 
-    modules, unhandled = _select(ctx, document)
-    if not modules:
-        raise BackendError(f"no cloud-init module acts on this document's keys ({', '.join(sorted(document))})")
-    for module in modules:
-        if module in REFUSED:
-            raise BackendError(f"this backend does not run cloud-init's {module} module: {REFUSED[module]}")
+    wanted = cloudpolicy.check(document)  # the allowlist: a BackendError naming the first field it refuses
+    modules = _in_order(ctx, wanted)
     python = _python(ctx)
-    for key in unhandled:
-        ctx.warn(f"no cloud-init module acts on '{key}'")
     state = ctx.path(STATE)
     done = (ctx.read_file(state) or b"").decode(errors="replace").split()
     if digest in done and not always:
         return ctx.result(f"cloud-config {digest[:12]} was applied before; not run again", sha256=digest,
-                          modules=modules, ran=[], failed=[], skipped=True, unhandled_keys=unhandled)
+                          modules=modules, ran=[], failed=[], skipped=True)
 
+    cloudpolicy.check_paths(ctx.files, document)  # where the paths lead now, just before cloud-init writes
     report = _run(ctx, python, text, modules)
     ctx.note_change(f"ran cloud-init module(s) {', '.join(report['ran'])}")
     failed = report["failed"]
@@ -168,7 +139,7 @@ def apply(ctx: BackendContext, config: dict[str, Any]) -> BackendResult:
     ctx.write_file(state, ("\n".join([*[d for d in done if d != digest][-99:], digest]) + "\n").encode(),
                    mode=0o600, uid=0, gid=0)
     return ctx.result(f"cloud-config {digest[:12]} applied by cloud-init: {', '.join(report['ran'])}", sha256=digest,
-                      modules=modules, ran=report["ran"], failed=[], skipped=False, unhandled_keys=unhandled)
+                      modules=modules, ran=report["ran"], failed=[], skipped=False)
 
 
 def _parse(raw: Any) -> dict[str, Any]:
@@ -230,15 +201,16 @@ def _python(ctx: BackendContext) -> list[str]:
     return ["chroot", str(root), PYTHON]
 
 
-def _select(ctx: BackendContext, document: dict[str, Any]) -> tuple[list[str], list[str]]:
+def _in_order(ctx: BackendContext, modules: list[str]) -> list[str]:
+    """``modules`` in the order the root's cloud.cfg runs them (init, config, final stage)."""
     cloud_cfg = ctx.path("/etc/cloud/cloud.cfg")
-    proc = ctx.run([sys.executable, "-c", SELECT, json.dumps(sorted(document)), str(cloud_cfg)], timeout=120)
-    info = json.loads(proc.stdout.strip().splitlines()[-1])
-    order = [*info["order"], *[m for m in DEFAULT_ORDER if m not in info["order"]]]
-    found: dict[str, list[str]] = info["found"]
-    modules = sorted(found, key=lambda m: (order.index(m) if m in order else len(order), m))
-    handled = {key for keys in found.values() for key in keys}
-    return modules, sorted(set(document) - handled)
+    proc = ctx.run([sys.executable, "-c", ORDER, str(cloud_cfg)], timeout=120)
+    try:
+        listed = json.loads(proc.stdout.strip().splitlines()[-1])["order"]
+    except (IndexError, KeyError, ValueError):
+        raise BackendError(f"cannot read the module order of {ctx.paths.guest(cloud_cfg)}") from None
+    order = [*listed, *[m for m in DEFAULT_ORDER if m not in listed]]
+    return sorted(modules, key=lambda m: (order.index(m) if m in order else len(order), m))
 
 
 def _run(ctx: BackendContext, python: list[str], text: str, modules: list[str]) -> dict[str, Any]:

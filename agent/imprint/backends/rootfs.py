@@ -92,6 +92,7 @@ class Parent:
     fd: int
     guest: str                # its guest path (as resolved: after trusted symlinks)
     users: frozenset[int]     # non-root owners of it or of a directory above it
+    missing: tuple[str, ...] = ()  # a partial walk: the components below it that do not exist
 
     def path_of(self, name: str) -> str:
         return _join(self.guest, name)
@@ -121,7 +122,7 @@ class GuestRoot:
         finally:
             os.close(found.fd)
 
-    def _walk(self, parts: list[str], *, made: list[str] | None) -> Parent | None:
+    def _walk(self, parts: list[str], *, made: list[str] | None, partial: bool = False) -> Parent | None:
         hops = 0
         while True:
             restart = None
@@ -132,6 +133,8 @@ class GuestRoot:
                     try:
                         st = os.stat(name, dir_fd=fd, follow_symlinks=False)
                     except FileNotFoundError:
+                        if partial:
+                            return Parent(fd=fd, guest=here, users=users, missing=tuple(parts[i:]))
                         if made is None:
                             os.close(fd)
                             return None
@@ -189,6 +192,36 @@ class GuestRoot:
             return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         except OSError as exc:
             raise FileRefused(f"cannot create {where}: {exc.strerror}") from None
+
+    def resolve(self, guest: str) -> tuple[str, frozenset[int]]:
+        """Where ``guest`` leads, following root's own links as the kernel would (the last
+        component too): (the resolved guest path, the users controlling its deepest existing
+        directory). A user's link on the way is a FileRefused, as in every walk."""
+        parts = check_guest_path(guest)
+        for _ in range(MAX_HOPS):
+            if not parts:
+                return "/", frozenset()
+            found = self._walk(parts[:-1], made=None, partial=True)
+            assert found is not None
+            try:
+                if found.missing:
+                    return _join(found.guest, "/".join([*found.missing, parts[-1]])), found.users
+                name = parts[-1]
+                try:
+                    st = os.stat(name, dir_fd=found.fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    return found.path_of(name), found.users
+                if not stat.S_ISLNK(st.st_mode):
+                    return found.path_of(name), found.users
+                if found.users or st.st_uid != 0:
+                    raise FileRefused(f"{found.path_of(name)} is a symlink "
+                                      f"{'a user controls' if found.users else f'owned by uid {st.st_uid}'}")
+                target = os.readlink(name, dir_fd=found.fd)
+                base = "/" if target.startswith("/") else found.guest
+                parts = check_guest_path("/" + posixpath.normpath(posixpath.join(base, target)).lstrip("/"))
+            finally:
+                os.close(found.fd)
+        raise FileRefused(f"{guest}: more than {MAX_HOPS} symlinks (a loop?)")
 
     # -- reading
     def read(self, guest: str, *, limit: int = MAX_FILE) -> bytes | None:

@@ -39,6 +39,14 @@ def prepare(ctx: ApplyContext, section: dict[str, Any]) -> dict[str, Any]:
     if "config" in section:
         if not isinstance(section["config"], dict) or not section["config"]:
             raise UsageError("config must be a non-empty table of cloud-config keys")
+        # The agent enforces the policy on every document; a table is checked here too, so that
+        # `bind --profile` refuses it before the token is spent (text would need a YAML parser).
+        from imprint.backends import BackendError, cloudpolicy
+
+        try:
+            cloudpolicy.check(section["config"])
+        except BackendError as exc:
+            raise UsageError(str(exc)) from None
         return {**config, "document": section["config"]}
     if "file" in section:
         if not isinstance(section["file"], str):
