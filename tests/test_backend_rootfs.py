@@ -236,7 +236,7 @@ def test_proc_files_are_read_up_to_the_bound(tmp_path: Path) -> None:
     """procfs says size 0: only the bounded read tells, and it stops at the bound."""
     files = GuestRoot(Path("/"))
     assert files.read("/proc/self/status", limit=64 * 1024) is not None
-    with pytest.raises(FileRefused, match=r"^/proc/\d+/status holds more than 16 bytes; at most 16 are read$"):
+    with pytest.raises(FileRefused, match=r"^/proc/\d+/status is larger than 16 bytes; at most 16 are read$"):
         files.read("/proc/self/status", limit=16)
 
 

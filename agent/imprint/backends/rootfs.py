@@ -42,6 +42,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from imprint.boundedio import InputError, read_fd
 from imprint.faults import crashpoint
 from imprint.fsatomic import TEMP_MARK, temp_name
 
@@ -363,19 +364,12 @@ def read_at(parent: Parent, name: str, limit: int = MAX_FILE) -> bytes | None:
 
 
 def read_bounded(fd: int, limit: int, where: str) -> bytes:
-    """At most ``limit`` bytes from ``fd`` to its end; FileRefused if there are more."""
-    buf = bytearray()
-    while len(buf) <= limit:
-        try:
-            chunk = os.read(fd, min(1 << 16, limit + 1 - len(buf)))
-        except BlockingIOError:
-            raise FileRefused(f"{where} would block") from None
-        except OSError as exc:
-            raise FileRefused(f"cannot read {where}: {exc.strerror}") from None
-        if not chunk:
-            return bytes(buf)
-        buf += chunk
-    raise FileRefused(f"{where} holds more than {limit} bytes; at most {limit} are read")
+    """At most ``limit`` bytes from ``fd`` to its end (boundedio's reader, the one for every
+    outside input); FileRefused if there are more."""
+    try:
+        return read_fd(fd, limit, where, f"; at most {limit} are read")
+    except InputError as exc:
+        raise FileRefused(str(exc)) from None
 
 
 def write_at(parent: Parent, name: str, data: bytes, *, mode: int, uid: int | None = None, gid: int | None = None,
