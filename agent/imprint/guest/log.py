@@ -1,9 +1,9 @@
 """The agent's log: one line per message on stderr, prefixed ``imprint-agent:`` (systemd sends
 the agent's stderr to the journal and the console, where sites and tests read it).
 
-Every line is rendered by :func:`render`: one line of printable ASCII (control characters,
-newlines, bidi and other non-ASCII escaped by :mod:`imprint.safetext`), bounded in length, and
-never containing the VM token announcement's marker. Messages carry text from outside (a peer's
+Every line is rendered by :func:`render`: one printable line (control characters, newlines,
+bidi overrides and every other non-printable character escaped by :mod:`imprint.safetext`),
+bounded in length, and never containing the VM token announcement's marker. Messages carry text from outside (a peer's
 alert detail, names from a site's seed, a local user's file names); the console they reach is
 also the reverse channel, where a forged ``IMPRINT-VM-TOKEN`` line would be read as the agent's
 own. Only :class:`imprint.guest.cli._Announcer` writes that marker, and not through this log.
