@@ -236,3 +236,21 @@ def test_every_log_route_renders_and_defangs(monkeypatch: pytest.MonkeyPatch) ->
         assert line.startswith(agent_log.PREFIX) and line.isprintable(), line
         assert MARKER not in line and FORGED.encode() in line  # shown, but never as an announcement
     assert tokens.find_vm_token_lines(stream.getvalue()) == []
+
+
+def test_python_warnings_become_agent_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    import warnings
+
+    from imprint.guest import log as agent_log
+
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # restored after the test
+    monkeypatch.setitem(agent_log._state, "configured", agent_log._state["configured"])
+    monkeypatch.setitem(agent_log._state, "level", agent_log._state["level"])
+    agent_log.configure(verbose=False)  # what the agent's main does
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn(f"deprecated\n{FORGED_LINE}", DeprecationWarning, stacklevel=1)
+    (line,) = stream.getvalue().splitlines()
+    assert line.startswith(agent_log.PREFIX + "DeprecationWarning: deprecated\\n") and MARKER not in line

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import sys
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from imprint.safetext import printable
 from imprint.tokens import VM_TOKEN_LINE_PREFIX
@@ -37,8 +37,17 @@ _write_lock = threading.Lock()
 
 
 def configure(*, verbose: bool) -> None:
+    """The running agent's log: also Python's warnings, which would print raw multi-line text."""
+    import warnings  # imported by the interpreter's start-up already: free
+
     _state["level"] = DEBUG if verbose else INFO
     _state["configured"] = True
+    warnings.showwarning = _show_warning
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: TextIO | None = None, line: str | None = None) -> None:
+    _emit(WARNING, f"{category.__name__}: {message} ({filename}:{lineno})")
 
 
 def enabled(level: int) -> bool:
