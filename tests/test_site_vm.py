@@ -155,3 +155,13 @@ def test_boot_with_k_on_the_cmdline_leaves_k_only_in_private_files(tmp_path: Pat
     finally:
         stopped = _site("stop", str(run_dir))
     assert json.loads(stopped.stdout)["stopped"] == "killed"
+
+
+def test_follow_says_why_no_vm_token_was_relayed(tmp_path: Path) -> None:
+    """An agent older than the site announces without the owner token id: the follow times out
+    naming that, instead of relaying a token it cannot tie to this boot."""
+    console = (f"IMPRINT-VM-TOKEN {VM_TOKEN}\r\n"
+               "[ 20.1] imprint-agent[1]: imprint-agent: listening on 0.0.0.0:7443 (waiting for the owner to bind)\r\n")
+    record = vm.follow(_record(tmp_path, console), timeout=0.5)
+    assert record.status == "timeout" and record.vm_token is None
+    assert f"no announcement names owner token id {OWNER_TOKEN_ID}" in record.detail

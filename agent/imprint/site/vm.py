@@ -350,22 +350,24 @@ def is_running(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def _vm_token(record: BootRecord) -> tuple[str, str] | None:
-    """The VM token relayed from the metadata disk's reply area or the console; None while none
-    is announced. Raises :class:`reverse.Refused` when announcements contradict each other or
-    answer another owner token than this VM was booted with."""
+def _vm_token(record: BootRecord) -> tuple[str, str] | str:
+    """The VM token relayed from the metadata disk's reply area or the console, or why there is
+    none yet. Raises :class:`reverse.Refused` when announcements contradict each other or answer
+    another owner token than this VM was booted with."""
     sources = [(Path(record.console), "serial console")]
     if record.channel == "metadata-disk" and record.artefact:
         sources.insert(0, (Path(record.artefact), "metadata disk reply area"))
+    why = "no source"
     for source, name in sources:
         try:
             found = reverse.extract(source, answers=record.token_id)
         except reverse.Refused:
             raise
-        except reverse.ReverseError:
+        except reverse.ReverseError as exc:
+            why = str(exc)
             continue
         return found.encode(), name
-    return None
+    return why
 
 
 def follow(record: BootRecord, timeout: float = 600.0, until: tuple[str, ...] = ("ready", "waiting", "failed")
@@ -374,6 +376,7 @@ def follow(record: BootRecord, timeout: float = 600.0, until: tuple[str, ...] = 
     relayed), waits for a token, or failed; or until ``timeout``. Updates boot.json."""
     console = Path(record.console)
     deadline = time.monotonic() + timeout
+    token_pending = ""
     while True:
         text = console_text(console)
         status, detail = "booting", ""
@@ -391,8 +394,10 @@ def follow(record: BootRecord, timeout: float = 600.0, until: tuple[str, ...] = 
             except reverse.Refused as exc:
                 status, detail = "failed", str(exc)
                 break
-            if found is not None:
+            if isinstance(found, tuple):
                 record.vm_token, record.vm_token_source = found
+            else:
+                token_pending = found
         nosecret_pending = status == "ready" and record.mode == "nosecret" and record.vm_token is None
         if status in until and not nosecret_pending:
             break
@@ -400,7 +405,9 @@ def follow(record: BootRecord, timeout: float = 600.0, until: tuple[str, ...] = 
             status, detail = "failed", "QEMU exited; the console log says why"
             break
         if time.monotonic() > deadline:
-            status, detail = "timeout", f"no agent status within {timeout:.0f} s (last: {status})"
+            detail = (f"the agent is ready but no VM token was relayed within {timeout:.0f} s: {token_pending}"
+                      if nosecret_pending else f"no agent status within {timeout:.0f} s (last: {status})")
+            status = "timeout"
             break
         time.sleep(0.25)
     record.status, record.detail = status, detail
