@@ -41,6 +41,7 @@ class Site:
     require_session: bool = True  # IMDSv2 only: a GET without a session token gets 401
     fail_status: int | None = None  # every request gets this status (e.g. 500)
     delay: float = 0.0  # seconds before every answer
+    trickle: float = 0.0  # seconds between the bytes of every answer (a service that drips)
     meta: dict[str, Any] = field(default_factory=lambda: {
         "ami-id": "ami-0123456789abcdef0",
         "instance-id": "i-0123456789abcdef0",
@@ -70,11 +71,25 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def _send(self, status: int, body: bytes = b"", content_type: str = "text/plain") -> None:
+        if self.server.site.trickle:
+            self._trickle(status, body, content_type)
+            return
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    def _trickle(self, status: int, body: bytes, content_type: str) -> None:
+        answer = (f"HTTP/1.1 {status} {self.responses.get(status, ('',))[0]}\r\n"
+                  f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+        try:
+            for index in range(len(answer)):
+                self.wfile.write(answer[index : index + 1])
+                time.sleep(self.server.site.trickle)  # the drip itself is what is tested
+        except OSError:
+            pass  # the client gave up, as it should
+        self.close_connection = True
 
     def _prologue(self) -> tuple[Site, bool]:
         """Common to every request: record it, delay, fail; False when already answered."""
@@ -172,6 +187,11 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], site: Site) -> None:
         super().__init__(address, _Handler)
         self.site = site
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return  # a client that gave up waiting (as tests of deadlines make it do)
+        super().handle_error(request, client_address)
 
 
 class FakeIMDS:

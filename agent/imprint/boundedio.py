@@ -47,6 +47,10 @@ class TooLarge(InputError):
     """More input than the bound allows."""
 
 
+class JsonSyntaxError(InputError):
+    """Not JSON at all (the parser's message, with a position): a caller may try another format."""
+
+
 class FileType(enum.Enum):
     REGULAR = "a regular file"
     DEVICE = "a block device or an image file"  # a test root links by-label names to image files
@@ -208,7 +212,7 @@ def load_json(data: bytes, *, limit: int, max_depth: int = MAX_JSON_DEPTH) -> An
     try:
         document = json.loads(text, object_pairs_hook=_object, parse_int=_number, parse_constant=_constant)
     except json.JSONDecodeError as exc:
-        raise InputError(str(exc)) from None
+        raise JsonSyntaxError(str(exc)) from None
     except RecursionError:  # cannot happen within the depth bound; never a traceback if it does
         raise InputError("nested too deep to parse") from None
     except ValueError as exc:

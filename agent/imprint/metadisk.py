@@ -24,6 +24,11 @@ Reply area, at reply_off::
     48  .. payload    "IMPRINT-VM-TOKEN <token>\\n"
 
 An all-zero reply area means "no reply yet".
+
+The header is someone else's input on both sides (the site may be hostile to the VM, the disk
+may come back altered to the site): the reply area must lie after the header block and within
+the first ``MAX_REPLY_END`` bytes, so a reply length of 4 GiB or an offset past the end of the
+disk is refused here, before anyone allocates or writes there.
 """
 
 from __future__ import annotations
@@ -40,6 +45,9 @@ MAX_TOKEN = 256
 REPLY_OFFSET = 4096
 REPLY_SIZE = 4096
 DISK_SIZE = REPLY_OFFSET + REPLY_SIZE
+# Where a reply area may end: version 1 disks put it at 4096..8192; room to grow, no more.
+MAX_REPLY_END = 64 * 1024
+_MIN_REPLY = 16 + 32 + 64  # the reply header and a VM token line
 _HEADER = struct.Struct(">8sHHHHII")
 _REPLY = struct.Struct(">8sHHI")
 
@@ -90,8 +98,13 @@ def decode_header(data: bytes) -> Header:
     raw = data[start : start + length]
     if hashlib.sha256(data[: _HEADER.size] + raw).digest() != data[_HEADER.size : start]:
         raise MetadiskError("header checksum mismatch: the disk is corrupt")
-    if reply_off < start + length or reply_len < _REPLY.size + 32 + 64:
-        raise MetadiskError("reply area overlaps the header or is too small")
+    if reply_off < REPLY_OFFSET:
+        raise MetadiskError(f"reply area at offset {reply_off} overlaps the header block (0..{REPLY_OFFSET})")
+    if reply_len < _MIN_REPLY:
+        raise MetadiskError(f"reply area of {reply_len} bytes is too small (at least {_MIN_REPLY})")
+    if reply_off + reply_len > MAX_REPLY_END:
+        raise MetadiskError(f"reply area at {reply_off} of {reply_len} bytes ends past {MAX_REPLY_END} "
+                            "(where a metadata disk's reply area must end)")
     try:
         token = raw.decode("ascii")
     except UnicodeDecodeError:
@@ -100,6 +113,8 @@ def decode_header(data: bytes) -> Header:
 
 
 def encode_reply(payload: str, size: int = REPLY_SIZE) -> bytes:
+    if not _MIN_REPLY <= size <= MAX_REPLY_END:
+        raise MetadiskError(f"reply area of {size} bytes is outside {_MIN_REPLY}..{MAX_REPLY_END}")
     raw = payload.encode("ascii")
     fixed = _REPLY.pack(REPLY_MAGIC, VERSION, len(raw), 0)
     block = fixed + hashlib.sha256(fixed + raw).digest() + raw
@@ -120,6 +135,8 @@ def decode_reply(area: bytes) -> str | None:
     if version != VERSION:
         raise MetadiskError(f"reply version {version} is not supported")
     start = _REPLY.size + 32
+    if len(area) > MAX_REPLY_END:
+        raise MetadiskError(f"reply area of {len(area)} bytes is larger than {MAX_REPLY_END}")
     raw = area[start : start + length]
     if len(raw) != length or hashlib.sha256(area[: _REPLY.size] + raw).digest() != area[_REPLY.size : start]:
         raise MetadiskError("reply checksum mismatch: the reply is corrupt or half-written")

@@ -1,10 +1,11 @@
-"""Helpers shared by channel modules: parse a token found on a channel, naming the channel."""
+"""Helpers shared by channel modules: bounded reads and token parsing, naming the channel."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from imprint import tokens
+from imprint import boundedio, tokens
 from imprint.guest.channels import ChannelBroken
 
 # A token file holds one short line; anything much larger is not a token file.
@@ -19,17 +20,20 @@ def parse_token(channel: str, text: str, where: str) -> tokens.Token:
 
 
 def read_bounded(channel: str, path: Path, limit: int, what: str = "") -> bytes | None:
-    """At most ``limit`` bytes of ``path``; None when it does not exist; broken when larger."""
+    """At most ``limit`` bytes of the regular file ``path`` (not a link, never a FIFO: opened
+    without blocking and checked); None when it does not exist; broken otherwise."""
     try:
-        with path.open("rb") as handle:
-            raw = handle.read(limit + 1)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise ChannelBroken(channel, f"cannot read {path}: {exc.strerror}") from None
-    if len(raw) > limit:
-        raise ChannelBroken(channel, f"{path} is larger than {limit} bytes{what}")
-    return raw
+        return boundedio.read_file(path, limit, what=what)
+    except boundedio.InputError as exc:
+        raise ChannelBroken(channel, str(exc)) from None
+
+
+def load_json(channel: str, data: bytes, where: object, limit: int) -> Any:
+    """A JSON document within ``limit`` bytes and the nesting bound; broken otherwise."""
+    try:
+        return boundedio.load_json(data, limit=limit)
+    except boundedio.InputError as exc:
+        raise ChannelBroken(channel, f"{where}: invalid JSON ({exc})") from None
 
 
 def read_token_file(channel: str, path: Path) -> tokens.Token | None:

@@ -22,8 +22,10 @@ looked for in these places (key paths written the way cloud-init writes them in
 ``v1`` is not searched (a fixed set of standard keys, never user keys), nor ``merged_cfg``
 (/etc/cloud configuration, the same on every VM made from an image: no place for a token).
 
-The file missing, or present without the key, is *absent*; invalid JSON or a corrupt token is
-*broken*. cloud-init writes the file in place (truncate, then write), so an empty file, or
+The file missing, or present without the key, is *absent*; invalid JSON (which includes a
+document nested deeper than the bound, a duplicate key, or a NUL in a string: see
+:func:`imprint.boundedio.load_json`), an instance id that cannot name a directory, or a corrupt
+token is *broken*. cloud-init writes the file in place (truncate, then write), so an empty file, or
 invalid JSON that changes when read again a moment later, is a file being written: absent for
 this poll. Two places carrying different tokens are broken.
 
@@ -39,15 +41,18 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
+import io
+import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from imprint import tokens
+from imprint import boundedio, tokens
 from imprint.guest.channels import ChannelBroken
-from imprint.guest.channels._common import read_bounded
+from imprint.guest.channels._common import load_json, read_bounded
 from imprint.guest.paths import GuestPaths
+from imprint.safetext import printable
 
 NAME = "cloud-init"
 KEY = "imprint-token"
@@ -64,6 +69,11 @@ LOCATIONS: tuple[tuple[str, ...], ...] = (
 MAX_INSTANCE_DATA = 4 * 1024 * 1024
 # A user-data line longer than this is skipped (it is not the token's line).
 MAX_LINE = 64 * 1024
+# #cloud-config user-data is at most 16 KiB on EC2, 64 KiB on OpenStack and Azure, 256 KiB on GCE.
+# Only a #cloud-config file is read past its first line (gzipped user-data may be larger).
+MAX_USER_DATA = 4 * 1024 * 1024
+# The instance id names a directory (NAME_MAX).
+MAX_INSTANCE_ID = 255
 # How long to wait before reading an invalid file again, to tell "being written" from corrupt.
 REREAD_PAUSE = 0.2
 
@@ -79,13 +89,12 @@ def _load(path: Path) -> dict[str, Any] | None:
     if raw is None or not raw.strip():
         return None
     try:
-        data = json.loads(raw)
-    except ValueError as exc:
+        data = load_json(NAME, raw, path, MAX_INSTANCE_DATA)
+    except ChannelBroken:
         time.sleep(REREAD_PAUSE)
         if _read_bytes(path) != raw:
             return None  # cloud-init is writing it; the next poll reads the whole file
-        detail = f"{exc.msg} at line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
-        raise ChannelBroken(NAME, f"{path}: invalid JSON ({detail})") from None
+        raise
     if not isinstance(data, dict):
         raise ChannelBroken(NAME, f"{path}: the JSON is not an object")
     return data
@@ -132,57 +141,86 @@ def _scalar(rest: str) -> str:
     return value.split(" #", 1)[0].strip()
 
 
+def _user_data_lines(path: Path) -> Iterator[bytes]:
+    """The lines of a ``#cloud-config`` user-data file, after its header; nothing for other
+    formats. The file is read bounded, and never blocks (a FIFO is refused)."""
+    try:
+        fd = boundedio.open_checked(path)
+    except boundedio.InputError as exc:
+        raise ChannelBroken(NAME, str(exc)) from None
+    if fd is None:
+        return
+    with os.fdopen(fd, "rb") as handle:
+        header = handle.readline(MAX_LINE)
+        # "#cloud-config-archive" and "#cloud-config-jsonp" are other formats.
+        if not header.startswith(b"#cloud-config") or header.startswith(b"#cloud-config-"):
+            return
+        try:
+            rest = handle.read(MAX_USER_DATA + 1)
+        except OSError as exc:
+            raise ChannelBroken(NAME, f"cannot read {path}: {exc.strerror}") from None
+    if len(rest) > MAX_USER_DATA:
+        raise ChannelBroken(NAME, f"{path} is larger than {MAX_USER_DATA} bytes: too large for #cloud-config user-data")
+    yield header
+    lines = io.BytesIO(rest)
+    yield from iter(lambda: lines.readline(MAX_LINE), b"")
+
+
 def _user_data_values(path: Path) -> list[str]:
     """Every top-level ``imprint-token:`` value in a ``#cloud-config`` file (a tiny line reader:
     PyYAML is not loaded at agent start, and the token is one plain scalar)."""
     values: list[str] = []
-    try:
-        handle = path.open("rb")
-    except FileNotFoundError:
+    lines = _user_data_lines(path)
+    header = next(lines, None)
+    if header is None:
         return values
-    except OSError as exc:
-        raise ChannelBroken(NAME, f"cannot read {path}: {exc.strerror}") from None
-    with handle:
-        header = handle.readline(MAX_LINE)
-        # "#cloud-config-archive" and "#cloud-config-jsonp" are other formats.
-        if not header.startswith(b"#cloud-config") or header.startswith(b"#cloud-config-"):
-            return values
-        block = False  # the key's value is a block scalar: it is on the next indented line
-        whole = header.endswith(b"\n")  # the previous read ended its line
-        for raw in iter(lambda: handle.readline(MAX_LINE), b""):
-            starts_line, whole = whole, raw.endswith(b"\n")
-            if not starts_line or (not whole and len(raw) >= MAX_LINE):
-                continue  # part of an overlong line
-            try:
-                line = raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError:
-                if block or raw.startswith(KEY.encode()):
-                    raise ChannelBroken(NAME, f"{path}: the {KEY} line is not UTF-8 text") from None
+    block = False  # the key's value is a block scalar: it is on the next indented line
+    whole = header.endswith(b"\n")  # the previous read ended its line
+    for raw in lines:
+        starts_line, whole = whole, raw.endswith(b"\n")
+        if not starts_line or (not whole and len(raw) >= MAX_LINE):
+            continue  # part of an overlong line
+        try:
+            line = raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError:
+            if block or raw.startswith(KEY.encode()):
+                raise ChannelBroken(NAME, f"{path}: the {KEY} line is not UTF-8 text") from None
+            continue
+        if block and line.strip() and not line.startswith("#"):
+            block = False
+            if line[0] in " \t":
+                values.append(line.strip())
                 continue
-            if block and line.strip() and not line.startswith("#"):
-                block = False
-                if line[0] in " \t":
-                    values.append(line.strip())
-                    continue
-                values.append("")  # an empty block: this line is the next key
-            if not line or line[0] in " \t#":
-                continue  # nested, a comment, or blank: not a top-level key
-            key, sep, rest = line.partition(":")
-            if not sep or key.strip().strip("'\"") != KEY or (rest and rest[0] not in " \t"):
-                continue
-            if rest.strip() in _BLOCK_SCALARS:
-                block = True
-                continue
-            values.append(_scalar(rest))
-        if block:
-            values.append("")
+            values.append("")  # an empty block: this line is the next key
+        if not line or line[0] in " \t#":
+            continue  # nested, a comment, or blank: not a top-level key
+        key, sep, rest = line.partition(":")
+        if not sep or key.strip().strip("'\"") != KEY or (rest and rest[0] not in " \t"):
+            continue
+        if rest.strip() in _BLOCK_SCALARS:
+            block = True
+            continue
+        values.append(_scalar(rest))
+    if block:
+        values.append("")
     return values
 
 
-def _user_data_tokens(paths: GuestPaths, data: dict[str, Any]) -> list[tuple[str, tokens.Token]]:
+def _instance_id(path: Path, data: dict[str, Any]) -> str | None:
+    """This boot's instance id, which names the directory of its user-data; None without one."""
     v1 = data.get("v1")
     instance_id = v1.get("instance_id") if isinstance(v1, dict) else None
     if not isinstance(instance_id, str) or instance_id in ("", ".", ".."):
+        return None
+    if not instance_id.isprintable() or len(instance_id.encode("utf-8", "replace")) > MAX_INSTANCE_ID:
+        raise ChannelBroken(NAME, f"{path} v1/instance_id {printable(instance_id, 80)} cannot name a directory "
+                                  f"(control characters, or longer than {MAX_INSTANCE_ID} bytes)")
+    return instance_id
+
+
+def _user_data_tokens(paths: GuestPaths, data: dict[str, Any]) -> list[tuple[str, tokens.Token]]:
+    instance_id = _instance_id(paths.cloud_init_instance_data, data)
+    if instance_id is None:
         return []
     path = paths.cloud_init_user_data(instance_id)
     values = _user_data_values(path)

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 from imprint import tokens
 from imprint.guest.channels import ChannelBroken
+from imprint.guest.channels._common import read_bounded
 from imprint.guest.paths import GuestPaths
 
 PARAMETER = "imprint.token"
+# The kernel's limit is 2 KiB on x86 (COMMAND_LINE_SIZE), up to 4 KiB elsewhere.
+MAX_CMDLINE = 64 * 1024
 
 
 def read(paths: GuestPaths) -> tokens.Token | None:
-    try:
-        text = paths.cmdline.read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
+    raw = read_bounded("cmdline", paths.cmdline, MAX_CMDLINE, ": not a kernel command line")
+    if raw is None:
         return None
-    except OSError as exc:
-        raise ChannelBroken("cmdline", f"cannot read {paths.cmdline}: {exc.strerror}") from None
+    text = raw.decode("utf-8", errors="replace")
     values = [word.partition("=")[2] for word in text.split() if word.partition("=")[0] == PARAMETER]
     if not values:
         return None

@@ -7,15 +7,14 @@ The token is the ``imprint-token`` key of the instance's ``meta`` (``openstack s
     {"uuid": "...", "hostname": "...", "meta": {"imprint-token": "imprint1s-..."}}
 
 A config drive without the file, without ``meta`` or without the key is someone else's:
-absent. Invalid JSON, a ``meta`` that is not an object, or a key that is not a valid token
-string make the channel broken.
+absent. Invalid JSON (nested deeper than the bound, duplicate keys or a NUL in a string count:
+:func:`imprint.boundedio.load_json`), a ``meta`` that is not an object, or a key that is not a
+valid token string make the channel broken.
 """
 
 from __future__ import annotations
 
-import json
-
-from imprint import tokens
+from imprint import boundedio, tokens
 from imprint.guest import volumes
 from imprint.guest.channels._volume import SeedFault, parse, read_labelled
 from imprint.guest.paths import GuestPaths
@@ -32,10 +31,9 @@ def _read_volume(volume: volumes.Volume) -> tokens.Token | None:
     if raw is None:
         return None
     try:
-        document = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
-        # ValueError covers undecodable bytes too; RecursionError is what deeply nested
-        # brackets raise. The message gives a position, never the content.
+        document = boundedio.load_json(raw, limit=volumes.MAX_FILE)
+    except boundedio.InputError as exc:
+        # The message gives a position or the rule broken, never the content.
         raise SeedFault(f"{_WHAT} is not valid JSON: {exc}") from None
     if not isinstance(document, dict):
         raise SeedFault(f"{_WHAT} is not a JSON object")

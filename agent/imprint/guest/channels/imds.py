@@ -25,7 +25,12 @@ and refuse it, which is logged and otherwise harmless (the console still carries
 the link-local default is asked only when ``--root`` is ``/``: a test root is not the machine
 the agent runs on, so it must never pick up that machine's own metadata (a developer's cloud VM).
 
-Outcomes: nothing listening, no route, or no answer within the timeouts, and a 404 on both
+Time and size are bounded per answer, not per read: an answer (status line, headers, body) must
+be complete within ``READ_TIMEOUT`` of the request, and all the requests of one poll within
+``POLL_TIMEOUT``, so a service that trickles its answer a byte at a time cannot hold the agent;
+an answer's headers and body are bounded in bytes.
+
+Outcomes: nothing listening, no route, or no complete answer within the timeouts, and a 404 on both
 paths, mean *absent* (the agent polls again, so a service that comes up late is still found). A
 service that answers with a token that does not parse, invalid JSON, a body that is not text or
 too large, an unexpected status, or 5xx after the retries, is *broken*: the error names the URL
@@ -41,16 +46,19 @@ from __future__ import annotations
 # http_proxy from the environment (a proxy cannot reach the VM's own link-local service, and
 # must not see the token).
 import http.client
-import json
+import io
 import os
+import socket
 import time
 import urllib.parse
 from dataclasses import dataclass
+from typing import Any, Protocol
 
-from imprint import tokens
+from imprint import boundedio, tokens
 from imprint.guest import log as agent_log
 from imprint.guest.channels import ChannelBroken
 from imprint.guest.paths import GuestPaths
+from imprint.safetext import printable
 
 NAME = "http-metadata"
 KEY = "imprint-token"
@@ -71,7 +79,10 @@ REPLY_PATH = "/latest/guest-attributes/imprint/vm-token"
 # 169.254.169.254 are often silently dropped, and every poll of the agent pays the connect
 # timeout, so it is short. Timeouts are not retried for the same reason; the agent polls again.
 CONNECT_TIMEOUT = 1.0
+# For the whole answer, from the request to the last byte of the body.
 READ_TIMEOUT = 2.0
+# For every request of one poll together (session, tag, OpenStack, and their retries).
+POLL_TIMEOUT = 8.0
 # 5xx and a connection dropped mid-answer are retried: a service that is starting up.
 ATTEMPTS = 2
 RETRY_PAUSE = 0.2
@@ -80,12 +91,84 @@ MAX_TOKEN_BODY = 4096
 # meta_data.json carries SSH keys, a random seed and all user metadata, so it is bigger than
 # a token; this bound only stops a runaway answer.
 MAX_JSON_BODY = 256 * 1024
+# The status line and headers of one answer (a metadata service sends a few hundred bytes).
+MAX_HEADER_BYTES = 16 * 1024
 
 log = agent_log.get(__name__)
 
 
-class _Absent(Exception):
+class Absent(Exception):
     """Nothing answered: the channel is absent for this poll (the reason goes to the debug log)."""
+
+
+class _Deadline:
+    def __init__(self, seconds: float) -> None:
+        self._at = time.monotonic() + seconds
+
+    def left(self) -> float:
+        """Seconds left; TimeoutError when there are none."""
+        remaining = self._at - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("deadline passed")
+        return remaining
+
+    def sooner(self, seconds: float) -> _Deadline:
+        """This deadline or one ``seconds`` from now, whichever comes first."""
+        other = _Deadline(seconds)
+        return other if other._at < self._at else self
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _AnswerStream(io.RawIOBase):
+    """The socket's bytes as http.client reads them: each read waits only until the deadline
+    of the whole answer, and the answer may not exceed ``limit`` bytes."""
+
+    def __init__(self, sock: socket.socket, deadline: _Deadline, limit: int) -> None:
+        super().__init__()
+        self._sock, self._deadline, self._left = sock, deadline, limit
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        self._sock.settimeout(self._deadline.left())
+        count = self._sock.recv_into(buffer)
+        self._left -= count
+        if self._left < 0:
+            raise _TooLarge
+        return count
+
+
+class _BoundedSocket:
+    """What http.client uses of a socket (sendall, makefile, close), under one deadline."""
+
+    def __init__(self, sock: socket.socket, deadline: _Deadline, limit: int) -> None:
+        self._sock, self._deadline, self._limit = sock, deadline, limit
+
+    def sendall(self, data: bytes) -> None:
+        self._sock.settimeout(self._deadline.left())
+        self._sock.sendall(data)
+
+    def makefile(self, mode: str, *args: object, **kwargs: object) -> io.BufferedReader:
+        return io.BufferedReader(_AnswerStream(self._sock, self._deadline, self._limit))
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+class _Connection(http.client.HTTPConnection):
+    def __init__(self, host: str, port: int, deadline: _Deadline, limit: int) -> None:
+        super().__init__(host, port, timeout=min(CONNECT_TIMEOUT, deadline.left()))
+        self._deadline, self._limit = deadline, limit
+        self.bounded: _BoundedSocket | None = None
+
+    def connect(self) -> None:
+        super().connect()
+        self.bounded = _BoundedSocket(self.sock, self._deadline.sooner(READ_TIMEOUT), self._limit)
+        self.sock = self.bounded
 
 
 @dataclass(frozen=True)
@@ -123,46 +206,76 @@ def _service(paths: GuestPaths) -> _Service | None:
     return _Service(parts.hostname, port, parts.path, base)
 
 
+class Readable(Protocol):
+    """What an answer is read from: a socket's makefile (or, for fuzzing, bytes in memory)."""
+
+    def makefile(self, mode: str) -> Any: ...
+
+
+def receive(source: Readable, method: str, url: str, limit: int) -> _Answer:
+    """The answer to one request: status and body of at most ``limit`` bytes. Raises
+    ChannelBroken for an answer that is not HTTP or too large, TimeoutError or OSError when the
+    connection fails, ConnectionError or IncompleteRead when it drops mid-answer."""
+    response = http.client.HTTPResponse(source, method=method)  # type: ignore[arg-type]
+    try:
+        response.begin()
+        length = response.getheader("Content-Length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise ChannelBroken(NAME, f"{url}: the answer is {printable(length, 40)} bytes (at most {limit} expected)")
+        data = response.read(limit + 1)
+    except _TooLarge:
+        raise ChannelBroken(NAME, f"{url}: the answer is larger than {limit + MAX_HEADER_BYTES} bytes "
+                                  "with its headers") from None
+    except (ConnectionError, http.client.IncompleteRead):
+        raise  # dropped mid-answer: the caller retries
+    except http.client.HTTPException as exc:
+        raise ChannelBroken(NAME, f"{url}: not an HTTP answer ({type(exc).__name__})") from None
+    except ValueError:  # http.client lets int() of a bad chunk size through
+        raise ChannelBroken(NAME, f"{url}: not an HTTP answer (a malformed chunk)") from None
+    finally:
+        response.close()
+    if len(data) > limit:
+        raise ChannelBroken(NAME, f"{url}: the answer is larger than {limit} bytes")
+    return _Answer(response.status, data, url)
+
+
 def _exchange(service: _Service, method: str, path: str, headers: dict[str, str],
-              limit: int, body: bytes | None = None) -> _Answer:
-    """One request with the bounded retries; raises _Absent when nothing answers."""
+              limit: int, poll: _Deadline, body: bytes | None = None) -> _Answer:
+    """One request with the bounded retries; raises Absent when nothing answers in time."""
     url = service.url(path)
     dropped = ""
     for attempt in range(ATTEMPTS):
-        if attempt:
-            time.sleep(RETRY_PAUSE)
-        conn = http.client.HTTPConnection(service.host, service.port, timeout=CONNECT_TIMEOUT)
+        try:
+            if attempt:
+                time.sleep(min(RETRY_PAUSE, poll.left()))
+            conn = _Connection(service.host, service.port, poll, limit + MAX_HEADER_BYTES)
+        except TimeoutError:
+            raise Absent(f"{url}: no complete answer within this poll's {POLL_TIMEOUT} s") from None
         try:
             try:
                 conn.connect()
             except TimeoutError:
-                raise _Absent(f"{url}: no connection within {CONNECT_TIMEOUT} s") from None
+                raise Absent(f"{url}: no connection within {CONNECT_TIMEOUT} s") from None
             except OSError as exc:
-                raise _Absent(f"{url}: {exc.strerror or exc}") from None
-            conn.sock.settimeout(READ_TIMEOUT)
+                raise Absent(f"{url}: {exc.strerror or exc}") from None
             conn.request(method, service.prefix + path, body=body, headers=headers)
-            response = conn.getresponse()
-            length = response.getheader("Content-Length")
-            if length is not None and length.isdigit() and int(length) > limit:
-                raise ChannelBroken(NAME, f"{url}: the answer is {length} bytes (at most {limit} expected)")
-            data = response.read(limit + 1)
+            assert conn.bounded is not None
+            answer = receive(conn.bounded, method, url, limit)
         except TimeoutError:
-            raise _Absent(f"{url}: no answer within {READ_TIMEOUT} s") from None
+            raise Absent(f"{url}: no complete answer within {READ_TIMEOUT} s") from None
         except (ConnectionError, http.client.IncompleteRead) as exc:  # dropped mid-answer
             dropped = type(exc).__name__
             continue
         except OSError as exc:
-            raise _Absent(f"{url}: {exc.strerror or exc}") from None
-        except http.client.HTTPException as exc:
+            raise Absent(f"{url}: {exc.strerror or exc}") from None
+        except http.client.HTTPException as exc:  # from sending the request
             raise ChannelBroken(NAME, f"{url}: not an HTTP answer ({type(exc).__name__})") from None
         finally:
             conn.close()
-        if len(data) > limit:
-            raise ChannelBroken(NAME, f"{url}: the answer is larger than {limit} bytes")
-        if response.status >= 500 and attempt + 1 < ATTEMPTS:
+        if answer.status >= 500 and attempt + 1 < ATTEMPTS:
             continue
-        return _Answer(response.status, data, url)
-    raise _Absent(f"{url}: connection dropped {ATTEMPTS} times ({dropped})")
+        return answer
+    raise Absent(f"{url}: connection dropped {ATTEMPTS} times ({dropped})")
 
 
 def _broken_status(answer: _Answer) -> ChannelBroken:
@@ -171,10 +284,12 @@ def _broken_status(answer: _Answer) -> ChannelBroken:
     return ChannelBroken(NAME, f"{answer.url}: unexpected HTTP {answer.status}")
 
 
-def _session(service: _Service) -> str | None:
-    """An IMDSv2 session token, or None for a service without sessions (IMDSv1, OpenStack)."""
-    answer = _exchange(service, "PUT", SESSION_PATH, {SESSION_TTL_HEADER: str(SESSION_TTL_SECONDS)},
-                       MAX_TOKEN_BODY)
+# -- what an answer means (no network: tests/fuzz/fuzz_imds.py feeds these directly)
+
+
+def session_from(answer: _Answer) -> str | None:
+    """The IMDSv2 session token in the answer to the session PUT; None for a service without
+    sessions (IMDSv1, OpenStack)."""
     if answer.status in (403, 404, 405):
         log.debug("%s: HTTP %d, no IMDSv2 session; asking without one", answer.url, answer.status)
         return None
@@ -190,10 +305,6 @@ def _session(service: _Service) -> str | None:
     return session
 
 
-def _headers(session: str | None) -> dict[str, str]:
-    return {SESSION_HEADER: session} if session is not None else {}
-
-
 def _parse(url: str, text: str) -> tokens.Token:
     try:
         return tokens.parse(text)
@@ -201,8 +312,8 @@ def _parse(url: str, text: str) -> tokens.Token:
         raise ChannelBroken(NAME, f"{url}: {exc}") from None
 
 
-def _ec2_tag(service: _Service, session: str | None) -> tokens.Token | None:
-    answer = _exchange(service, "GET", TAG_PATH, _headers(session), MAX_TOKEN_BODY)
+def tag_from(answer: _Answer, session: str | None) -> tokens.Token | None:
+    """The token in the answer to the EC2 instance tag GET; None when there is no such tag."""
     if answer.status in (403, 404):  # no such tag; or tags (or the whole service) turned off
         return None
     if answer.status == 401:
@@ -217,16 +328,16 @@ def _ec2_tag(service: _Service, session: str | None) -> tokens.Token | None:
     return _parse(answer.url, text)
 
 
-def _openstack(service: _Service, session: str | None) -> tokens.Token | None:
-    answer = _exchange(service, "GET", OPENSTACK_PATH, _headers(session), MAX_JSON_BODY)
+def openstack_from(answer: _Answer) -> tokens.Token | None:
+    """The token in the answer to the OpenStack meta_data.json GET; None when it carries none."""
     if answer.status in (403, 404):
         return None
     if answer.status != 200:
         raise _broken_status(answer)
     try:
-        data = json.loads(answer.body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ChannelBroken(NAME, f"{answer.url}: invalid JSON ({type(exc).__name__})") from None
+        data = boundedio.load_json(answer.body, limit=MAX_JSON_BODY)
+    except boundedio.InputError as exc:
+        raise ChannelBroken(NAME, f"{answer.url}: invalid JSON ({exc})") from None
     if not isinstance(data, dict):
         raise ChannelBroken(NAME, f"{answer.url}: the JSON is not an object")
     meta = data.get("meta")
@@ -242,16 +353,29 @@ def _openstack(service: _Service, session: str | None) -> tokens.Token | None:
     return _parse(f"{answer.url} meta '{KEY}'", value)
 
 
+# -- the requests
+
+
+def _headers(session: str | None) -> dict[str, str]:
+    return {SESSION_HEADER: session} if session is not None else {}
+
+
+def _session(service: _Service, poll: _Deadline) -> str | None:
+    return session_from(_exchange(service, "PUT", SESSION_PATH, {SESSION_TTL_HEADER: str(SESSION_TTL_SECONDS)},
+                                  MAX_TOKEN_BODY, poll))
+
+
 def read(paths: GuestPaths) -> tokens.Token | None:
     service = _service(paths)
     if service is None:
         return None
+    poll = _Deadline(POLL_TIMEOUT)
     try:
-        session = _session(service)
-        token = _ec2_tag(service, session)
+        session = _session(service, poll)
+        token = tag_from(_exchange(service, "GET", TAG_PATH, _headers(session), MAX_TOKEN_BODY, poll), session)
         if token is None:
-            token = _openstack(service, session)
-    except _Absent as exc:
+            token = openstack_from(_exchange(service, "GET", OPENSTACK_PATH, _headers(session), MAX_JSON_BODY, poll))
+    except Absent as exc:
         log.debug("metadata service absent: %s", exc)
         return None
     return token
@@ -266,10 +390,11 @@ def reply(paths: GuestPaths, line: str) -> bool:
         service = _service(paths)
         if service is None:
             return False
-        session = _session(service)
+        poll = _Deadline(POLL_TIMEOUT)
+        session = _session(service, poll)
         headers = {**_headers(session), "Content-Type": "text/plain; charset=us-ascii"}
-        answer = _exchange(service, "PUT", REPLY_PATH, headers, MAX_TOKEN_BODY, body=(line + "\n").encode())
-    except _Absent as exc:
+        answer = _exchange(service, "PUT", REPLY_PATH, headers, MAX_TOKEN_BODY, poll, body=(line + "\n").encode())
+    except Absent as exc:
         log.warning("cannot write the VM token to the metadata service: %s", exc)
         return False
     except ChannelBroken as exc:

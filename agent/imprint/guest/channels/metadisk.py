@@ -1,10 +1,15 @@
-"""Raw metadata disk: a block device with by-id serial ``imprint`` (see imprint.metadisk)."""
+"""Raw metadata disk: a block device with by-id serial ``imprint`` (see imprint.metadisk).
+
+The by-id link is followed (udev makes it); what it points to must be a block device (or an
+image file under a test root): a FIFO there is refused at once instead of blocking the agent.
+"""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
-from imprint import metadisk, tokens
+from imprint import boundedio, metadisk, tokens
 from imprint.guest.channels import ChannelBroken
 from imprint.guest.paths import GuestPaths
 
@@ -17,19 +22,38 @@ def _device(paths: GuestPaths) -> str | None:
     return str(path) if path.exists() else None
 
 
+def _open(device: str, *, write: bool = False) -> int:
+    """Raises boundedio.InputError (a ValueError, as the reply and consume callers expect)."""
+    fd = boundedio.open_checked(Path(device), boundedio.FileType.DEVICE, follow_links=True, write=write)
+    if fd is None:
+        raise boundedio.InputError(f"cannot open {device}: it went away")
+    return fd
+
+
+def _header(device: str) -> tuple[metadisk.Header, int]:
+    """The disk's header and the device's size."""
+    try:
+        fd = _open(device)
+    except boundedio.InputError as exc:
+        raise ChannelBroken(NAME, str(exc)) from None
+    try:
+        data = os.pread(fd, metadisk.REPLY_OFFSET, 0)
+        size = boundedio.device_size(fd)
+    except OSError as exc:
+        raise ChannelBroken(NAME, f"cannot read {device}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    try:
+        return metadisk.decode_header(data), size
+    except metadisk.MetadiskError as exc:
+        raise ChannelBroken(NAME, str(exc)) from None
+
+
 def read(paths: GuestPaths) -> tokens.Token | None:
     device = _device(paths)
     if device is None:
         return None
-    try:
-        with open(device, "rb") as disk:
-            data = disk.read(metadisk.REPLY_OFFSET)
-    except OSError as exc:
-        raise ChannelBroken(NAME, f"cannot read {device}: {exc.strerror}") from None
-    try:
-        header = metadisk.decode_header(data)
-    except metadisk.MetadiskError as exc:
-        raise ChannelBroken(NAME, str(exc)) from None
+    header, _ = _header(device)
     if header.consumed:
         raise ChannelBroken(NAME, "its token was consumed by an earlier bind (the disk says so)")
     try:
@@ -39,7 +63,7 @@ def read(paths: GuestPaths) -> tokens.Token | None:
 
 
 def _write(device: str, offset: int, data: bytes) -> None:
-    fd = os.open(device, os.O_WRONLY | os.O_SYNC)
+    fd = _open(device, write=True)
     try:
         os.pwrite(fd, data, offset)
         os.fsync(fd)
@@ -52,8 +76,13 @@ def reply(paths: GuestPaths, line: str) -> bool:
     device = _device(paths)
     if device is None:
         return False
-    with open(device, "rb") as disk:
-        header = metadisk.decode_header(disk.read(metadisk.REPLY_OFFSET))
+    try:
+        header, size = _header(device)
+    except ChannelBroken as exc:
+        raise ValueError(exc.fault) from None
+    if header.reply_offset + header.reply_size > size:
+        raise ValueError(f"{device}: the reply area ({header.reply_offset}+{header.reply_size}) ends past "
+                      f"the end of the disk ({size} bytes)")
     _write(device, header.reply_offset, metadisk.encode_reply(line + "\n", header.reply_size))
     return True
 

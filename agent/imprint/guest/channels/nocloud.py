@@ -20,10 +20,9 @@ it; other keys may use any YAML at all, since they are not read.
 
 from __future__ import annotations
 
-import json
 import re
 
-from imprint import tokens
+from imprint import boundedio, tokens
 from imprint.guest import volumes
 from imprint.guest.channels._volume import SeedFault, parse, parse_file, read_labelled
 from imprint.guest.paths import GuestPaths
@@ -35,7 +34,12 @@ META_DATA = "/meta-data"
 TOKEN_FILE = "/imprint"  # noqa: S105 (a file name, not a secret)
 
 # A plain (unquoted) key ends at the first ":" that is followed by a space or the line's end.
-_PLAIN_KEY = re.compile(r"([^#'\"{}\[\]&*!|>%@`?\s][^#]*?)[ \t]*:(?=[ \t]|$)")
+# Found with a search, not a lazy match with a trailing [ \t]*: that backtracks quadratically
+# over a long run of spaces (a 64 KiB line cost 12 s per poll).
+_KEY_END = re.compile(r":(?=[ \t]|$)")
+_NOT_PLAIN_START = set("#'\"{}[]&*!|>%@`?")
+# Where a plain scalar's comment begins: the first "#" after a blank.
+_COMMENT = re.compile(r"[ \t]#")
 
 
 class MetaDataError(ValueError):
@@ -44,11 +48,15 @@ class MetaDataError(ValueError):
 
 def _json_value(text: str, key: str) -> str | None:
     try:
-        document = json.loads(text)
-    except (ValueError, RecursionError):
+        document = boundedio.load_json(text.encode("utf-8", "surrogatepass"), limit=volumes.MAX_FILE)
+    except boundedio.JsonSyntaxError:
         # A YAML flow mapping ({a: b}) that is not JSON: fine unless it carries our key.
         if key in text:
             raise MetaDataError(f"{key} is inside a YAML flow mapping; write it as a '{key}: <token>' line") from None
+        return None
+    except boundedio.InputError as exc:
+        if key in text:
+            raise MetaDataError(f"{key} is in a JSON document this reader refuses: {exc}") from None
         return None
     if not isinstance(document, dict):
         if key in text:
@@ -73,10 +81,12 @@ def _split_key(line: str) -> tuple[str, str] | None:
         if not after.startswith(":"):
             return None
         return line[1:end], after[1:]
-    match = _PLAIN_KEY.match(line)
-    if match is None:
+    if line[0] in _NOT_PLAIN_START or line[0].isspace():
         return None
-    return match.group(1), line[match.end() :]
+    colon = _KEY_END.search(line, 1)
+    if colon is None or "#" in line[: colon.start()]:
+        return None
+    return line[: colon.start()].rstrip(" \t"), line[colon.end() :]
 
 
 def _scalar(rest: str, key: str) -> str:
@@ -99,7 +109,8 @@ def _scalar(rest: str, key: str) -> str:
                             f"write it as '{key}: <token>'")
     else:
         # A plain scalar ends where a comment (" #") begins.
-        inner, tail = re.split(r"[ \t]+#", value, maxsplit=1)[0].rstrip(" \t"), ""
+        comment = _COMMENT.search(value)
+        inner, tail = (value if comment is None else value[: comment.start()]).rstrip(" \t"), ""
     if tail.strip(" \t") and not re.match(r"[ \t]+#", tail):
         raise MetaDataError(f"{key} has text after its quoted value")
     return inner
@@ -124,7 +135,8 @@ def meta_data_value(text: str, key: str) -> str | None:
         if split[0] != key:
             continue
         values.append(_scalar(split[1], key))
-        following = next((later for later in lines[number + 1 :] if later.strip()), "")
+        # The next non-blank line (a loop, not a slice: a slice per key line is quadratic).
+        following = next((lines[later] for later in range(number + 1, len(lines)) if lines[later].strip()), "")
         if following[:1] in (" ", "\t"):
             raise MetaDataError(f"{key} continues on the next line; write it on one line")
     if len(values) > 1:
