@@ -3,9 +3,11 @@
 # venvs on Debian's own python3, the two ends of the dependency range pyproject.toml declares:
 #   .venv         with Debian's system packages visible: the agent is exercised on the same
 #                 python3-cryptography/-requests/-pycdlib/-pyroute2 it meets in images (the floor)
-#   .venv-newest  without them: the newest PyPI release of every declared dependency (and of
-#                 theirs), re-resolved when pyproject.toml or the dev requirements change and
-#                 once a day (new releases appear); pip's cache keeps that fast
+#   .venv-newest  the same, with the newest PyPI release of every declared dependency (and of
+#                 theirs) installed in the venv over Debian's: only the range's end changes, the
+#                 rest (Debian's cloud-init, PyYAML, jsonschema that tests and backends use) is
+#                 as in .venv. Re-resolved when pyproject.toml or the dev requirements change
+#                 and once a day (new releases appear); pip's cache keeps that fast
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
@@ -37,7 +39,7 @@ nstamp="$newest/.imprint-stamp"
 nwant="$want $(date -u +%F)"
 if [ ! -x "$newest/bin/python" ] || [ "$(cat "$nstamp" 2>/dev/null)" != "$nwant" ]; then
   echo "bootstrap: preparing $newest: the newest PyPI releases of the declared dependencies"
-  [ -x "$newest/bin/python" ] || /usr/bin/python3 -m venv "$newest"
+  [ -x "$newest/bin/python" ] || /usr/bin/python3 -m venv --system-site-packages "$newest"
   pip_newest() { quiet "$newest/bin/pip" install -q --disable-pip-version-check --timeout 30 --retries 2 "$@"; }
   if pip_newest -r tools/requirements-dev.txt &&
      pip_newest --upgrade --upgrade-strategy eager --no-build-isolation -e .; then

@@ -58,9 +58,11 @@ def main() -> int:
                 continue
             sub = _name(requirement)
             try:
-                below.append(f"{sub} {metadata.version(sub)}")
+                sub_dist = metadata.distribution(sub)
             except metadata.PackageNotFoundError:
                 continue  # an environment marker that does not apply here
+            debian = " Debian's" if str(sub_dist.locate_file("")).startswith(DEBIAN_SITE) else ""
+            below.append(f"{sub} {sub_dist.version}{debian}")
         if below:
             print(f"    with {', '.join(below)}")
     for problem in wrong:
