@@ -131,15 +131,12 @@ class Image:
         primary, joliet = self._descriptors()
         root, _ = _parse_record(primary[156:190], "the root directory record")
         self._primary = _Tree(root, joliet=False)
-        self._joliet: _Tree | None = None
-        if joliet is not None:
-            joliet_root, _ = _parse_record(joliet[156:190], "the Joliet root directory record")
-            self._joliet = _Tree(joliet_root, joliet=True)
+        self._joliet_descriptor = joliet
         self._rr_skip = self._rock_ridge_skip()
 
     @property
     def has_joliet(self) -> bool:
-        return self._joliet is not None
+        return self._joliet_descriptor is not None
 
     @property
     def has_rock_ridge(self) -> bool:
@@ -276,9 +273,12 @@ class Image:
         return _plain_key(record.identifier.decode("ascii", "replace")) == wanted
 
     def _tree(self) -> _Tree:
-        if self.has_rock_ridge or self._joliet is None:
+        """The tree whose names are used; a Joliet descriptor is parsed only when it is that one,
+        so damage in a tree the agent does not use cannot break someone else's seed."""
+        if self.has_rock_ridge or self._joliet_descriptor is None:
             return self._primary
-        return self._joliet
+        joliet_root, _ = _parse_record(self._joliet_descriptor[156:190], "the Joliet root directory record")
+        return _Tree(joliet_root, joliet=True)
 
     def lookup(self, path: str) -> _Record | None:
         """The record of the file or directory at ``path``; None when it is not there."""
