@@ -389,10 +389,20 @@ def test_sessions_mid_exchange_fed_arbitrary_bytes_raise_only_remote_protocol_er
     feed_expecting_only_remote_errors(owner, chunks)  # awaiting VmConfirm
 
 
+# The VM key's SubjectPublicKeyInfo starts at this offset of the VmHello frame (2 + version, type, mode,
+# nonce, length); its algorithm OID 1.3.101.112 (06 03 2b 65 70) at +6.
+_VM_KEY_OID_IN_VM_HELLO = 2 + 2 + 1 + 32 + 2 + 6
+
+
 @FEW
 @given(SESSION_MODES, st.sampled_from([0, 1, 2]), st.integers(min_value=0), st.integers(min_value=1, max_value=255))
+@example("shared", 0, _VM_KEY_OID_IN_VM_HELLO, 1)
+@example("nosecret", 0, _VM_KEY_OID_IN_VM_HELLO + 2, 0x63 - 0x70 + 256)
 def test_owner_fed_mutated_vm_frames_raises_only_remote_protocol_error(mode: str, which: int, index: int,
                                                                        value: int) -> None:
+    # Regression (issue 9, item 5): with cryptography 50 a VmHello key with an unknown algorithm OID (here
+    # 1.4.101.112 and 1.3.101.99) raised UnsupportedAlgorithm out of OwnerExchange.receive_data; cryptography 38
+    # says ValueError, which was the only exception crypto.PublicKey.from_spki caught.
     owner, vm = owner_session(mode), vm_session(mode)
     vm.receive_data(owner.initiate())
     frames = split(vm.data_to_send())
