@@ -272,3 +272,28 @@ def test_apply_route_refuses_malformed_documents(agents: AgentFactory, owner: Ow
             client.get("/v1/apply")
     finally:
         client.close()
+
+
+def test_the_owners_files_are_read_bounded_and_a_fifo_does_not_block(tmp_path: Path) -> None:
+    """A profile (or a file it names) that is a FIFO, a device or huge: refused at once, named."""
+    from imprint.owner.apply import load_profile
+    from imprint.owner.cloudinit import prepare
+    from imprint.owner.errors import UsageError
+    from imprint.owner.x509 import load_ca
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    big = tmp_path / "big.toml"
+    subprocess.run(["truncate", "-s", "1G", str(big)], check=True)
+    for path, message in ((fifo, f"profile: cannot read {fifo}: it is a FIFO, not a regular file"),
+                          (Path("/dev/zero"),
+                           "profile: cannot read /dev/zero: it is a character device, not a regular file"),
+                          (big, f"profile: {big} is larger than 4194304 bytes")):
+        with pytest.raises(UsageError) as refused:
+            load_profile(path)
+        assert str(refused.value) == message
+    with pytest.raises(UsageError, match=f"^cannot read {fifo}: it is a FIFO, not a regular file$"):
+        prepare(None, {"file": str(fifo)})  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="cannot load the CA from /dev/zero and .*: cannot read /dev/zero: it is a "
+                                         "character device"):
+        load_ca(Path("/dev/zero"), fifo)

@@ -114,6 +114,19 @@ def test_a_keytab_that_is_not_one_is_refused_and_nothing_is_written(realm: Realm
     assert snapshot(root) == before
 
 
+@pytest.mark.parametrize(("conf", "message"), [
+    ({"realm": "TEST\n"}, "kerberos.krb5_conf.realm 'TEST\\n' is not a realm name"),  # $ would let it through
+    ({"realm": "TEST", "kdc": ["kdc.test\n"]}, "kerberos.krb5_conf: 'kdc.test\\n' is not a host[:port]"),
+    ({"realm": "TEST", "domain_realm": ["web1\n"]}, "kerberos.krb5_conf.domain_realm: 'web1\\n' is not a host name"),
+])
+def test_names_with_a_line_break_are_refused(tmp_path: Path, conf: dict[str, Any], message: str) -> None:
+    result = apply_kerberos(tmp_path, {"principals": ["host/web1@TEST"], "krb5_conf": conf})
+    assert result["ok"] is False and result["summary"] == message, result["summary"]
+    assert list(tmp_path.iterdir()) == []
+    assert apply_kerberos(tmp_path, {"principals": ["host/web1@TEST\n"]})["summary"] == \
+        "kerberos.principals[0] 'host/web1@TEST\\n' is not a principal (name/host@REALM)"
+
+
 def test_an_unreadable_existing_keytab_is_not_overwritten(realm: Realm, tmp_path: Path) -> None:
     root = tmp_path / "vm"
     (root / "etc").mkdir(parents=True)

@@ -27,12 +27,14 @@ MiB = 1 << 20
 SHADOW = "root:$y$j9T$secret-hash-of-root:19000:0:99999:7:::\n"
 # The backends run in a child process, as in the agent, which reports its own peak RSS.
 CHILD = """
-import json, resource, sys
+import json, sys
 from pathlib import Path
 from imprint.backends import apply_document
 from imprint.guest.paths import GuestPaths
 report = apply_document(GuestPaths(Path(sys.argv[1])), json.loads(sys.argv[2]))
-report["maxrss_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+# VmHWM, the peak RSS of this program (ru_maxrss would include the forking parent's, kept across exec).
+with open("/proc/self/status") as f:
+    report["maxrss_kib"] = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
 print(json.dumps(report))
 """
 RSS_BOUND_KIB = 120 * 1024  # the process with every backend module imported is ~40 MiB

@@ -134,6 +134,9 @@ def test_merge_keeps_what_is_there(root: Path, keys: dict[str, str]) -> None:
     ({"users": [{"name": "alice", "authorized_keys": ["KEY\nssh-ed25519 AAAA injected"]}]},
      "ssh.users[0] (alice).authorized_keys[0] must be one line"),
     ({"users": [{"name": "Alice!"}]}, "ssh.users[0].name 'Alice!' is not a user name"),
+    ({"users": [{"name": "alice\n"}]}, "ssh.users[0].name 'alice\\n' is not a user name"),  # $ would pass it
+    ({"users": [{"name": "alice", "shell": "/bin/sh\x1b[2J"}]},
+     "ssh.users[0] (alice).shell '/bin/sh\\x1b[2J' is not an absolute path"),
     ({"users": [{"name": "alice"}, {"name": "alice"}]}, "ssh.users[1]: user 'alice' is listed twice"),
     ({"users": [{"name": "alice", "shell": "bash"}]}, "ssh.users[0] (alice).shell 'bash' is not an absolute path"),
     ({"users": [{"name": "alice", "sudo": "yes"}]}, "ssh.users[0] (alice).sudo must be bool, not str"),

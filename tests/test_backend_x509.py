@@ -344,6 +344,8 @@ def test_round_one_makes_a_key_once_and_reports_a_csr(tmp_path: Path) -> None:
     (lambda key: {"chain": [self_signed()[0]]}, "x509.chain needs x509.certificate"),
     (lambda key: {"key_type": "dsa"}, "x509.key_type 'dsa' is not one of"),
     (lambda key: {"dns_names": ["bad name"]}, "x509.dns_names[0] 'bad name' is not a DNS name"),
+    (lambda key: {"dns_names": ["vm\n"]}, "x509.dns_names[0] 'vm\\n' is not a DNS name"),
+    (lambda key: {"interfaces": ["eth0\x1b"]}, "x509.interfaces: 'eth0\\x1b' is not an interface name"),
     (lambda key: {"cert_path": "relative.pem"}, "x509.cert_path 'relative.pem' is not an absolute file path"),
 ])
 def test_bad_inputs_are_named_and_nothing_is_written(tmp_path: Path, make: Any, message: str) -> None:

@@ -55,7 +55,11 @@ BUILTIN: dict[str, str] = {
     "x509": "imprint.backends.x509:apply",
     "cloudinit": "imprint.backends.cloudinit:apply",
 }
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}\Z")
+# Names that end up in system files (passwd, sudoers, krb5.conf, certificates): anchored with \Z,
+# not $, which would let one trailing newline through.
+USER_NAME_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}\Z")  # as useradd accepts by default
+HOST_NAME_RE = re.compile(r"^(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\Z")
 
 log = logging.getLogger("imprint.agent")
 agent_log.route_stdlib("imprint")  # in a running agent, backend records go where the agent's go

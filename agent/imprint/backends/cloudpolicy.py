@@ -44,19 +44,19 @@ import zlib
 from collections.abc import Callable
 from typing import Any
 
-from imprint.backends import BackendError
+from imprint.backends import HOST_NAME_RE, USER_NAME_RE, BackendError
 from imprint.backends.rootfs import FileRefused, GuestRoot
 
 MAX_DECODED = 64 << 20  # a write_files entry after gzip: a 1 MiB document must not unpack to gigabytes
-USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")  # as useradd accepts by default, and the [ssh] backend
-HOST_LABELS_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*$")
-TIMEZONE_RE = re.compile(r"^[A-Za-z0-9_+-]{1,64}(/[A-Za-z0-9_+-]{1,64}){0,3}$")
-LOCALE_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
-PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]{0,127}$")  # Debian policy 5.6.1
-VERSION_RE = re.compile(r"^[A-Za-z0-9.+~:-]{1,128}$")
-OWNER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}(:[a-z_][a-z0-9_-]{0,31})?$")
-PERMISSIONS_RE = re.compile(r"^(0o?)?[0-7]{3,4}$")
-NTP_CLIENT_RE = re.compile(r"^[a-z0-9-]{1,32}$")
+USER_RE = USER_NAME_RE
+HOST_LABELS_RE = HOST_NAME_RE
+TIMEZONE_RE = re.compile(r"^[A-Za-z0-9_+-]{1,64}(/[A-Za-z0-9_+-]{1,64}){0,3}\Z")
+LOCALE_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,64}\Z")
+PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]{0,127}\Z")  # Debian policy 5.6.1
+VERSION_RE = re.compile(r"^[A-Za-z0-9.+~:-]{1,128}\Z")
+OWNER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}(:[a-z_][a-z0-9_-]{0,31})?\Z")
+PERMISSIONS_RE = re.compile(r"^(0o?)?[0-7]{3,4}\Z")
+NTP_CLIENT_RE = re.compile(r"^[a-z0-9-]{1,32}\Z")
 
 # Top-level key -> the cloud-init modules it is for (run in cloud.cfg's order).
 MODULES: dict[str, tuple[str, ...]] = {
@@ -267,9 +267,9 @@ def _user_item(item: Any, field: str) -> None:
     if "groups" in item:
         _names(item["groups"], f"{field}.groups")
     if "gecos" in item:
-        _text(item["gecos"], f"{field}.gecos", re.compile(r"^[^:]*$"), "a comment without ':'")
+        _text(item["gecos"], f"{field}.gecos", re.compile(r"^[^:]*\Z"), "a comment without ':'")
     if "shell" in item:
-        _text(item["shell"], f"{field}.shell", re.compile(r"^/[^:\s]*$"), "an absolute path")
+        _text(item["shell"], f"{field}.shell", re.compile(r"^/[^:\s]*\Z"), "an absolute path")
     if "homedir" in item:
         check_path(item["homedir"], f"{field}.homedir")
     sudo = item.get("sudo")
@@ -374,7 +374,7 @@ def _ntp(value: Any, field: str) -> None:
         _text(value["ntp_client"], f"{field}.ntp_client", NTP_CLIENT_RE, "an NTP client name")
     for key in ("servers", "pools", "peers", "allow"):
         for i, host in enumerate(value.get(key) or []):
-            _text(host, f"{field}.{key}[{i}]", re.compile(r"^[A-Za-z0-9.:/_-]{1,253}$"), "a host or network")
+            _text(host, f"{field}.{key}[{i}]", re.compile(r"^[A-Za-z0-9.:/_-]{1,253}\Z"), "a host or network")
 
 
 CHECKS: dict[str, Callable[[Any, str], None]] = {

@@ -42,9 +42,9 @@ SNIPPET_DIR = "/etc/krb5.conf.d"
 SNIPPET = "/etc/krb5.conf.d/imprint.conf"
 MAX_KEYTAB = 1 << 20
 MAX_ENTRIES = 4096
-PRINCIPAL_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*@[A-Za-z0-9._-]+$")
-REALM_RE = re.compile(r"^[A-Za-z0-9._-]{1,255}$")
-HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]{1,253})(:[0-9]{1,5})?$")
+PRINCIPAL_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*@[A-Za-z0-9._-]+\Z")
+REALM_RE = re.compile(r"^[A-Za-z0-9._-]{1,255}\Z")
+HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]{1,253})(:[0-9]{1,5})?\Z")
 ENCTYPES = {
     16: "des3-cbc-sha1", 17: "aes128-cts-hmac-sha1-96", 18: "aes256-cts-hmac-sha1-96",
     19: "aes128-cts-hmac-sha256-128", 20: "aes256-cts-hmac-sha384-192", 23: "arcfour-hmac",

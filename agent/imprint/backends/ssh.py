@@ -48,10 +48,18 @@ import shutil
 from dataclasses import dataclass
 from typing import Any
 
-from imprint.backends import BackendContext, BackendError, BackendResult, check_keys, get_str_list, get_typed
+from imprint.backends import (
+    USER_NAME_RE,
+    BackendContext,
+    BackendError,
+    BackendResult,
+    check_keys,
+    get_str_list,
+    get_typed,
+)
 
 SNIPPET_NAME = "imprint.conf"  # in sshd_config.d
-USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+USER_RE = USER_NAME_RE
 MAX_LINE = 16384
 MAX_AUTHORIZED_KEYS = 1 << 20  # a user's authorized_keys: thousands of keys; a local user's sparse 4 GiB is refused
 MAX_USER_DB = 16 << 20         # /etc/passwd under a root
@@ -219,7 +227,8 @@ def _parse_users(ctx: BackendContext, config: dict[str, Any]) -> list[UserSpec]:
                 keys.append((text, fp))
         sudo = get_typed(entry, "sudo", bool, where)
         shell = get_typed(entry, "shell", str, where)
-        if shell is not None and (not shell.startswith("/") or any(c in shell for c in ":\n\0")):
+        if shell is not None and (not shell.startswith("/") or any(c == ":" or c.isspace() or not c.isprintable()
+                                                                  for c in shell)):
             raise BackendError(f"{where}.shell {shell!r} is not an absolute path")
         users.append(UserSpec(name=name, keys=keys, sudo=sudo, shell=shell))
     return users
@@ -264,8 +273,10 @@ def _host_key_files(ctx: BackendContext) -> list[str]:
     ssh_dir = ctx.paths.ssh_dir
     if not ssh_dir.is_dir():
         return []
+    # Regular files only (lstat): ssh-keygen -y follows a link, and under --root one could lead out of it.
     return sorted(ctx.paths.guest(ssh_dir / name) for name in os.listdir(ssh_dir)
-                  if re.fullmatch(r"ssh_host_[a-z0-9]+_key", name) and (ssh_dir / name).is_file())
+                  if re.fullmatch(r"ssh_host_[a-z0-9]+_key", name) and (ssh_dir / name).is_file()
+                  and not (ssh_dir / name).is_symlink())
 
 
 def blob_fingerprint(blob_b64: str) -> str:

@@ -51,8 +51,8 @@ CERT_PATH = "/etc/ssl/certs/imprint.pem"
 CHAIN_PATH = "/etc/ssl/certs/imprint-chain.pem"
 FULLCHAIN_PATH = "/etc/ssl/certs/imprint-fullchain.pem"
 KEY_TYPES = ("ec-p256", "ec-p384", "rsa-2048", "rsa-3072", "rsa-4096", "ed25519")
-DNS_RE = re.compile(r"^(?=.{1,253}$)(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*$")
-IFNAME_RE = re.compile(r"^[^/\s]{1,15}$")
+DNS_RE = re.compile(r"^(?=.{1,253}\Z)(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\Z")
+IFNAME_RE = re.compile(r"^[!-~]{1,15}\Z")  # printable ASCII, no space (the kernel refuses '/' and space)
 MAX_PEM = 64 * 1024
 MAX_CHAIN_PEM = 9 * MAX_PEM  # the chain files: up to 8 CA certificates (and the leaf)
 KEYS = ("key_path", "cert_path", "chain_path", "fullchain_path", "key_type", "dns_names", "include_addresses",

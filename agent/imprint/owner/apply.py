@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, cast
 
+from imprint.boundedio import InputError, read_file
 from imprint.owner.client import PinnedClient
 from imprint.owner.errors import OwnerError, Unreachable, UsageError
 from imprint.owner.home import OwnerHome
@@ -33,6 +34,7 @@ from imprint.owner.store import Store
 OWNER_SIDES: dict[str, str] = {"ssh": "imprint.owner.ssh", "kerberos": "imprint.owner.kerberos",
                                "x509": "imprint.owner.x509", "cloudinit": "imprint.owner.cloudinit"}
 MAX_ROUNDS = 3
+MAX_PROFILE = 4 << 20  # a profile may inline a cloud-config document (1 MiB) and certificates
 APPLY_TIMEOUT = 300.0  # a backend may generate keys or create users; the agent runs them in turn
 
 
@@ -116,12 +118,14 @@ class ApplyReport:
 
 def load_profile(path: Path) -> dict[str, dict[str, Any]]:
     try:
-        with path.open("rb") as f:
-            profile = tomllib.load(f)
-    except FileNotFoundError:
-        raise UsageError(f"profile {path} does not exist") from None
-    except OSError as exc:
-        raise UsageError(f"cannot read profile {path}: {exc.strerror}") from None
+        data = read_file(path, MAX_PROFILE, follow_links=True)  # a FIFO or /dev/zero: refused, not read forever
+        if data is None:
+            raise UsageError(f"profile {path} does not exist")
+        profile = tomllib.loads(data.decode())
+    except InputError as exc:
+        raise UsageError(f"profile: {exc}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"profile {path} is not UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"profile {path} is not valid TOML: {exc}") from None
     if not profile:

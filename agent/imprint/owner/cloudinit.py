@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from imprint.boundedio import InputError, read_file
 from imprint.owner.apply import ApplyContext, Review
 from imprint.owner.errors import UsageError
 
@@ -53,13 +54,14 @@ def prepare(ctx: ApplyContext, section: dict[str, Any]) -> dict[str, Any]:
             raise UsageError("file must be a path")
         path = Path(section["file"]).expanduser()
         try:
-            if path.stat().st_size > MAX_DOCUMENT:
-                raise UsageError(f"{path} is larger than {MAX_DOCUMENT} bytes")
-            text = path.read_text()
-        except FileNotFoundError:
-            raise UsageError(f"{path} does not exist") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"cannot read {path}: {exc}") from None
+            data = read_file(path, MAX_DOCUMENT, follow_links=True)  # bounded; a FIFO is refused, not waited on
+            if data is None:
+                raise UsageError(f"{path} does not exist")
+            text = data.decode()
+        except InputError as exc:
+            raise UsageError(str(exc)) from None  # it names the file
+        except UnicodeDecodeError:
+            raise UsageError(f"{path} is not UTF-8 text") from None
     else:
         text = section["document"]
         if not isinstance(text, str):

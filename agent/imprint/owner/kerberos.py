@@ -50,14 +50,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imprint.backends.kerberos import HOST_RE, PRINCIPAL_RE, REALM_RE, KeytabError, parse_keytab
+from imprint.backends import HOST_NAME_RE
+from imprint.backends.kerberos import HOST_RE, MAX_KEYTAB, PRINCIPAL_RE, REALM_RE, KeytabError, parse_keytab
+from imprint.boundedio import InputError, read_file
 from imprint.owner.apply import ApplyContext, Review
 from imprint.owner.errors import OwnerError, UsageError
 
 SECTION_KEYS = ("realm", "kdc", "admin_server", "admin_principal", "admin_keytab", "admin_password_env",
                 "kadmin_local", "fqdn", "services", "keytab_path", "krb5_conf", "default_realm", "rotate")
-FQDN_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*$")
-SERVICE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+FQDN_RE = HOST_NAME_RE
+SERVICE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 KADMIN_TIMEOUT = 60.0
 
 
@@ -283,8 +285,12 @@ class Kadmin:
             proc = self.query(f"ktadd -k {path} {principal}")
             if f"Entry for principal {principal} " not in proc.stdout + proc.stderr:
                 raise OwnerError(f"kadmin ktadd {principal}: {_errors(proc.stderr)}")
-        data = path.read_bytes()
-        _scrub(path)
+        try:
+            data = read_file(path, MAX_KEYTAB) or b""
+        except InputError as exc:
+            raise OwnerError(f"kadmin ktadd: {exc}") from None
+        finally:
+            _scrub(path)
         try:
             entries = parse_keytab(data)
         except KeytabError as exc:

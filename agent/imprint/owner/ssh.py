@@ -55,7 +55,7 @@ USER_KEYS = ("name", "authorized_keys", "sudo", "shell")
 HOST_KEY_TYPES = {"ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521"}
 RENEW_BEFORE = 30 * 86400
 DEFAULT_VALIDITY = "+52w"
-_VALIDITY_RE = re.compile(r"^[-+]?[0-9A-Za-z:]{1,40}$")
+_VALIDITY_RE = re.compile(r"^[-+]?[0-9A-Za-z:]{1,40}\Z")
 
 
 def _ssh_keygen() -> str:

@@ -60,7 +60,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from imprint.backends.x509 import DNS_RE
+from imprint.backends.x509 import DNS_RE, MAX_PEM
+from imprint.boundedio import read_file
 from imprint.fsatomic import ensure_private_dir, write_atomic
 from imprint.owner.apply import ApplyContext, Review
 from imprint.owner.errors import OwnerError, UsageError
@@ -79,6 +80,14 @@ SECTION_KEYS = ("names", "include_vm_name", "include_addresses", "interfaces", "
 PASSED = ("key_type", "key_path", "cert_path", "chain_path", "fullchain_path", "interfaces")
 CA_YEARS = 10
 SKEW = datetime.timedelta(minutes=5)
+
+
+def _read(path: Path, limit: int = MAX_PEM) -> bytes:
+    """One of the owner's CA files, bounded (a profile may name any path: /dev/zero, a FIFO)."""
+    data = read_file(path, limit, follow_links=True)
+    if data is None:
+        raise UsageError(f"{path} does not exist")
+    return data
 
 
 def ca_files(home: OwnerHome) -> tuple[Path, Path]:
@@ -141,11 +150,9 @@ def load_ca(cert_path: Path, key_path: Path) -> tuple[x509.Certificate, CaKey]:
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
     try:
-        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-        key = load_pem_private_key(key_path.read_bytes(), password=None)
-    except FileNotFoundError as exc:
-        raise UsageError(f"{exc.filename} does not exist") from None
-    except (OSError, ValueError, TypeError) as exc:
+        cert = x509.load_pem_x509_certificate(_read(cert_path))
+        key = load_pem_private_key(_read(key_path), password=None)
+    except (ValueError, TypeError) as exc:  # InputError (a ValueError) included: it names the file
         raise UsageError(f"cannot load the CA from {cert_path} and {key_path}: {exc}") from None
     if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey):
         raise UsageError(f"{key_path}: only RSA, EC and Ed25519 CA keys are supported")
@@ -265,7 +272,7 @@ def _chain(s: Settings, ca: x509.Certificate) -> list[x509.Certificate]:
     if s.ca_chain is not None:
         try:
             # One PEM block at a time: cryptography 38 has no load_pem_x509_certificates.
-            text = s.ca_chain.read_text()
+            text = _read(s.ca_chain, 8 * MAX_PEM).decode()
             blocks = re.findall(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", text, re.S)
             if not blocks:
                 raise ValueError("no PEM certificate in it")
