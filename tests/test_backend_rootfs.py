@@ -231,6 +231,8 @@ def test_walk_refusals(tmp_path: Path) -> None:
         with pytest.raises(FileRefused, match=message):
             files.read(bad)
     assert files.read("/missing/x") is None and files.read("/missing") is None
+    with pytest.raises(FileRefused, match=f"^cannot open the root {tmp_path}/none: No such file or directory$"):
+        GuestRoot(tmp_path / "none").read("/x")
     assert files.read("/file") == b"12345"
 
 

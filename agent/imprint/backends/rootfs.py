@@ -127,7 +127,10 @@ class GuestRoot:
         hops = 0
         while True:
             restart = None
-            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise FileRefused(f"cannot open the root {self.root}: {exc.strerror}") from None
             here, users, trusted_dir = "/", frozenset[int](), True
             try:
                 for i, name in enumerate(parts):
