@@ -594,3 +594,17 @@ def test_deep_openstack_json_is_broken_not_a_recursion_error(service: FakeIMDS, 
     service.site.openstack = b'{"meta": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
     with pytest.raises(ChannelBroken, match=r"meta_data.json: invalid JSON \(nested \d+ levels deep"):
         imds.read(GuestPaths(tmp_path))
+
+
+def test_huge_directory_is_refused_without_reading_it(tmp_path: Path) -> None:
+    image = genisoimage("cidata", THEIRS, tmp_path / "theirs.iso")
+    data = bytearray(image.read_bytes())
+    size = 512 * 1024 * 1024  # the root directory "holds" half a GiB (past the end of the image, too)
+    struct.pack_into("<I", data, 0x8000 + 156 + 10, size)
+    struct.pack_into(">I", data, 0x8000 + 156 + 14, size)
+    image.write_bytes(bytes(data))
+    root = tmp_path / "root"
+    attach(root, "label", "cidata", image)
+    with pytest.raises(ChannelBroken, match=r"the root directory is 536870912 bytes \(a seed's directories hold "
+                                            r"at most \d+\)"):
+        nocloud.read(GuestPaths(root))

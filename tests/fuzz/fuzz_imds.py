@@ -14,6 +14,9 @@ import io
 from imprint.guest.channels import ChannelBroken, imds
 
 FLAGS = ["-max_len=8192"]
+# The answer is parsed by http.client (status line, headers through email's parser, chunks): what
+# a hostile service controls, so its parsing is part of what is fuzzed.
+INSTRUMENT = ["http", "email"]
 REQUESTS = (
     ("PUT", imds.SESSION_PATH, imds.MAX_TOKEN_BODY),
     ("GET", imds.TAG_PATH, imds.MAX_TOKEN_BODY),
