@@ -1,5 +1,6 @@
-"""kill -9 at every durable step, systematically: of a bind in each mode and of backend applies,
-on the agent's side and on the owner's.
+"""kill -9 at every durable step, systematically: of a bind in each mode and of the applies of
+the ssh, x509, kerberos (a real MIT KDC) and cloudinit (Debian's cloud-init in a chroot)
+backends, on the agent's side and on the owner's.
 
 Each scenario runs once with IMPRINT_CRASHPOINT_TRACE on both sides, which lists every crash
 point (imprint.faults) the real processes reach. Then, for each point reached (the N-th time,
@@ -8,7 +9,8 @@ IMPRINT_CRASHPOINT naming that point on that side; the process must die by SIGKI
 it left must parse (no half-written file); the crashed side restarts (the agent) or reruns (the
 owner's command), and the step must then complete. Afterwards: no temp file is left, every
 state file parses, the database passes PRAGMA integrity_check, the pinned channel works, and K
-is neither in the owner's database (nor its WAL) nor in the agent's state.
+is neither in the owner's database (nor its WAL) nor in the agent's state; after an apply, the
+backend's files are what a clean apply makes and a further apply changes nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import signal
 import sqlite3
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -38,6 +41,7 @@ from imprint.guest.state import AgentState
 from tests.conftest import READY_TIMEOUT, Agent, AgentFactory, Owner
 from tests.krb5kit import ADMIN, REALM, Realm, needs_krb5
 from tests.sshkit import keygen, needs_root, seed_root
+from tests.test_backend_cloudinit import DOCUMENT, KEY, make_chroot, needs_chroot
 
 MODES = ["shared", "nosecret"]
 VM = "web1"
@@ -205,8 +209,8 @@ def assert_bound_and_clean(world: World, *extra_dirs: Path) -> None:
     if world.mode == "shared":
         secrets = [world.token.split("-", 1)[1].encode(), tokens.parse(world.token).payload]
         # Raw bytes first: opening the database (below) may checkpoint and remove the WAL.
-        for path in [home / "imprint.db", home / "imprint.db-wal", *sorted(state.dir.iterdir())]:
-            if path.exists():
+        for path in [home / "imprint.db", home / "imprint.db-wal", *sorted(state.dir.rglob("*"))]:
+            if path.is_file():
                 assert not any(s in path.read_bytes() for s in secrets), f"K is left in {path}"
     db = sqlite3.connect(f"file:{home / 'imprint.db'}?mode=ro", uri=True)
     try:
@@ -298,8 +302,10 @@ def run_all(template: World, scenario: Scenario, base: Path) -> Coverage:
                 crash_and_recover(template, scenario, base / f"{side}-{i}", side, point)
             except AssertionError as exc:
                 failures.append(f"{side}:{point}: {str(exc).split(chr(10) + 'assert ')[0]}")
+    total = len(coverage.agent) + len(coverage.owner)
+    print(f"{scenario.name}: {total - len(failures)} of {total} crash points recovered "
+          f"({len(coverage.agent)} on the agent, {len(coverage.owner)} on the owner)")
     assert not failures, f"{scenario.name}: {len(failures)} crash point(s) not recovered:\n" + "\n\n".join(failures)
-    print(f"{scenario.name}: {len(coverage.agent)} agent and {len(coverage.owner)} owner crash points recovered")
     return coverage
 
 
@@ -377,7 +383,13 @@ def test_kill_at_every_point_of_an_ssh_apply(agents: AgentFactory, tmp_path: Pat
         known_hosts = world.owner.home / "known_hosts" / VM
         assert len([line for line in known_hosts.read_text().splitlines() if line and line[0] != "#"]) == 3
 
-    template = bound_template(tmp_path / "template", agents, seed_root)
+    def seed(root: Path) -> None:
+        seed_root(root)
+        # The image's host keys, made once: ssh-keygen -A writes them itself (no crash point of
+        # imprint's) and an RSA key per run would dominate the test's time.
+        subprocess.run(["ssh-keygen", "-A", "-f", str(root)], check=True, capture_output=True)
+
+    template = bound_template(tmp_path / "template", agents, seed)
     coverage = run_all(template, apply_scenario("ssh apply", profile, check), tmp_path / "runs")
     assert any(".authorized_keys." in p for p in coverage.agent), coverage.agent
     assert any(p.startswith(f"{VM}.") for p in coverage.owner), coverage.owner
@@ -438,3 +450,41 @@ def test_kill_at_every_point_of_a_kerberos_apply(agents: AgentFactory, tmp_path:
         assert any(".krb5.keytab." in p for p in coverage.agent), coverage.agent
     finally:
         realm.stop()
+
+
+CHROOT_WRAPPER = """#!/bin/sh
+root= prev=
+for arg in "$@"; do [ "$prev" = --root ] && root=$arg; prev=$arg; done
+[ -n "$root" ] || exec {python} "$@"
+exec unshare --mount --propagation private -- sh -ec \\
+  'mount --bind -o ro /usr "$0/usr"; mount --bind /dev/null "$0/dev/null"; exec "$@"' "$root" {python} "$@"
+"""
+
+
+@needs_chroot
+def test_kill_at_every_point_of_a_cloudinit_apply(agents: AgentFactory, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "web1.user-data").write_text(DOCUMENT)
+    profile = tmp_path / "profile.toml"
+    profile.write_text(f'[cloudinit]\nfile = "{tmp_path / "web1.user-data"}"\n')
+
+    def check(world: World) -> None:
+        root = world.root
+        assert (root / "srv/hello.txt").read_text() == "hello from the owner"
+        assert (root / "home/alice/.ssh/authorized_keys").read_text().strip() == KEY
+        assert (root / "home/alice/notes.txt").read_text() == "written after alice exists"
+        assert [line for line in (root / "etc/passwd").read_text().splitlines() if line.startswith("alice:")]
+
+    # Every world is a copy of the root at another path: this wrapper (the fixtures' python)
+    # enters the root named by the agent's --root, as make_chroot's wrapper does for one root.
+    wrapper = tmp_path / "any-root-python"  # make_chroot writes its own as chroot-python
+    wrapper.write_text(CHROOT_WRAPPER.format(python=sys.executable))
+    wrapper.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(wrapper))
+
+    def seed(root: Path) -> None:
+        make_chroot(root, tmp_path)
+
+    template = bound_template(tmp_path / "template", agents, seed)
+    coverage = run_all(template, apply_scenario("cloudinit apply", profile, check), tmp_path / "runs")
+    assert coverage.agent, coverage.agent
