@@ -3,6 +3,12 @@
 A small bounded HTTP/1.1 reader instead of http.server: http.server pulls in the email package
 (about 13 ms of import inside the first request and 1.3 MiB of resident memory in the agent)
 and writes headers and body separately, which costs a delayed-ACK round on every reply.
+
+Each request has one overall deadline, from the end of the previous reply to the last byte of
+the request, and its reply another; the listener's reaper enforces them from outside this
+thread, so a peer that trickles a byte at a time gets no longer than one that sends nothing.
+While the agent works on a request (an apply may take minutes) there is no deadline: only the
+pinned owner gets this far, and cutting the socket would not stop the work, only lose its answer.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ log = agent_log.get("imprint.agent")
 MAX_LINE = 4096
 MAX_HEADERS = 64
 MAX_BODY = 1 << 20
+REQUEST_DEADLINE = 30.0  # waiting for the next request and reading all of it
+REPLY_DEADLINE = 30.0  # for the peer to take the whole reply
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
             413: "Payload Too Large", 500: "Internal Server Error"}
 
@@ -27,6 +35,12 @@ class ControlBackend(Protocol):
     def status(self) -> dict[str, object]: ...
 
     def apply(self, backends: dict[str, Any]) -> dict[str, Any]: ...
+
+
+class Deadline(Protocol):
+    def limit(self, seconds: float | None, why: str, *, idle: bool = False) -> None:
+        """From now the connection may last ``seconds`` more (None: no limit); ``idle``: it is
+        only waiting for the owner's next request and may make room for a newer connection."""
 
 
 class BadRequest(Exception):
@@ -119,6 +133,8 @@ def _dispatch(backend: ControlBackend, method: str, path: str, body: bytes) -> t
             parsed = json.loads(body)
         except ValueError:
             return 400, {"error": "the body is not JSON"}
+        except RecursionError:  # json nests by recursion: a deep body would end in a 500 and a traceback
+            return 400, {"error": "the body is nested too deeply"}
         if not isinstance(parsed, dict):
             return 400, {"error": "the body must be a JSON object"}
         document = parsed
@@ -128,25 +144,29 @@ def _dispatch(backend: ControlBackend, method: str, path: str, body: bytes) -> t
         return exc.status, {"error": str(exc)}
 
 
-def serve_control(sock: ssl.SSLSocket, peer: str, backend: ControlBackend) -> None:
+def serve_control(sock: ssl.SSLSocket, peer: str, backend: ControlBackend, deadline: Deadline) -> None:
     rfile = sock.makefile("rb")
     try:
         while True:
+            deadline.limit(REQUEST_DEADLINE, f"the next request ({REQUEST_DEADLINE:.0f} s)", idle=True)
             try:
                 request = _read_request(rfile)
             except BadRequest as exc:
+                deadline.limit(REPLY_DEADLINE, f"the reply ({REPLY_DEADLINE:.0f} s)")
                 sock.sendall(_response(exc.status, {"error": str(exc)}, close=True))
                 log.info("control %s: refused: %s", peer, exc)
                 return
             if request is None:
                 return
             method, path, headers, body = request
+            deadline.limit(None, "the owner's request")
             try:
                 status, payload = _dispatch(backend, method, path, body)
             except Exception:
                 log.exception("control %s: %s %s failed", peer, method, path)
                 status, payload = 500, {"error": "internal error in the agent; see its log"}
             close = headers.get("connection", "").lower() == "close"
+            deadline.limit(REPLY_DEADLINE, f"the reply ({REPLY_DEADLINE:.0f} s)")
             sock.sendall(_response(status, payload, close=close))
             log.info("control %s: %s %s -> %d", peer, method, path, status)
             if close:

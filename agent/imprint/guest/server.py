@@ -3,13 +3,18 @@
 One port serves both. Until bound, TLS authenticates only the VM and each connection runs the
 exchange; the first owner to complete it is pinned, the token is consumed, and from then on the
 listener requires a client certificate (CERT_REQUIRED) that is exactly the pinned owner's.
-Each connection has its own thread and deadline, and their number is capped, so garbage or
-slow clients cannot keep a genuine owner out for longer than a deadline.
+
+Each connection has its own thread. Its deadlines are absolute and enforced by a reaper from
+outside that thread, unauthenticated connections live in a bounded pool where a newcomer evicts
+the oldest, and the pinned owner's connections have a pool of their own
+(imprint.guest.connections says why): a flood of slow or hostile clients delays the owner by
+one handshake, not by the length of the flood.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import socket
 import ssl
 import threading
@@ -19,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from imprint import tls
 from imprint.guest import log as agent_log
+from imprint.guest.connections import Connection, ConnectionTable
 from imprint.guest.paths import GuestPaths
 from imprint.guest.state import AgentState, BindRecord
 from imprint.tokens import Token
@@ -29,10 +35,18 @@ if TYPE_CHECKING:
 
 log = agent_log.get("imprint.agent")
 
-HANDSHAKE_TIMEOUT = 10.0
-EXCHANGE_DEADLINE = 20.0
-CONTROL_IDLE_TIMEOUT = 30.0
-MAX_CONNECTIONS = 64
+# All counted from the accept: a trickling peer cannot extend them.
+HANDSHAKE_DEADLINE = 10.0
+EXCHANGE_DEADLINE = 20.0  # the whole bind connection, handshake included
+LINGER = 2.0  # after a refused handshake, for the peer to read our alert (within the deadline)
+MAX_PREAUTH = 64  # connections that have not proved the pinned owner key (all of them before binding)
+MAX_OWNER = 8  # connections of the pinned owner; unauthenticated ones never count here
+# Socket timeouts a little past the deadlines: the reaper enforces those; these only bound a
+# blocked call should the reaper ever fall behind.
+_BACKSTOP = 1.0
+# accept() errors that concern one connection or a passing shortage, not the listener.
+_ACCEPT_RETRY = {errno.ECONNABORTED, errno.EPROTO, errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM,
+                 errno.EPERM}
 
 
 class AgentServer:
@@ -54,7 +68,7 @@ class AgentServer:
         self._record = record
         self._on_bound = on_bound
         self._bind_lock = threading.Lock()
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._table = ConnectionTable(preauth_max=MAX_PREAUTH, owner_max=MAX_OWNER)
         self._vm_key: crypto.PrivateKey | None = None
         self._vm_cert_der: bytes | None = None
         self._started = time.monotonic()
@@ -75,55 +89,78 @@ class AgentServer:
 
     # -- accept loop
     def serve_forever(self) -> None:
+        threading.Thread(target=self._table.reap_forever, daemon=True, name="imprint-reaper").start()
         while not self._stopping.is_set():
             try:
                 conn, addr = self._listener.accept()
-            except OSError:
+            except OSError as exc:
                 if self._stopping.is_set():
                     return
-                raise
-            # Small request/response messages: without NODELAY, Nagle and delayed ACKs add 40 ms.
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if not self._slots.acquire(blocking=False):
-                log.warning("connection from %s refused: %d connections already open", addr[0], MAX_CONNECTIONS)
-                conn.close()
+                if exc.errno not in _ACCEPT_RETRY:
+                    raise
+                log.warning("accept failed: %s; continuing", exc.strerror or exc)
+                self._stopping.wait(0.1)  # out of descriptors or memory: let connections end first
                 continue
-            threading.Thread(target=self._serve_connection, args=(conn, addr), daemon=True).start()
+            self._start(conn, addr)
 
     def stop(self) -> None:
         self._stopping.set()
+        self._table.close()
         with contextlib.suppress(OSError):
             self._listener.close()
 
-    def _serve_connection(self, conn: socket.socket, addr: tuple[str, int]) -> None:
-        peer = f"{addr[0]}:{addr[1]}"
-        tls_sock: ssl.SSLSocket | None = None
+    def _start(self, conn: socket.socket, addr: tuple[str, int]) -> None:
+        context = self._context
         try:
-            conn.settimeout(HANDSHAKE_TIMEOUT)
-            context = self._context
+            # Small request/response messages: without NODELAY, Nagle and delayed ACKs add 40 ms.
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # No I/O yet (the handshake runs in the connection's thread); wrapping first gives the
+            # reaper the one socket object the thread will use.
             tls_sock = context.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+        except OSError as exc:  # the peer is gone already
+            log.info("connection from %s:%d dropped before its handshake: %s", addr[0], addr[1], exc)
+            conn.close()
+            return
+        entry = self._table.admit(tls_sock, addr, HANDSHAKE_DEADLINE, f"the TLS handshake ({HANDSHAKE_DEADLINE:.0f} s)")
+        try:
+            threading.Thread(target=self._serve_connection, args=(entry, context), daemon=True).start()
+        except RuntimeError as exc:  # no thread to be had: this connection goes, the listener stays
+            log.error("connection from %s dropped: %s", entry.peer, exc)
+            self._table.leave(entry)
+            tls_sock.close()
+
+    def _serve_connection(self, entry: Connection, context: ssl.SSLContext) -> None:
+        peer, sock = entry.peer, entry.sock
+        pinned = context.verify_mode == ssl.CERT_REQUIRED
+        try:
+            sock.settimeout(HANDSHAKE_DEADLINE + _BACKSTOP)
             try:
-                tls_sock.do_handshake()
+                sock.do_handshake()
             except (ssl.SSLError, OSError) as exc:
-                if context.verify_mode == ssl.CERT_REQUIRED:
+                if entry.cut is not None:
+                    return  # the table logged why it cut the connection
+                if pinned:
                     log.info("TLS from %s refused (bound; only the pinned owner may connect): %s", peer, exc)
                 else:
                     log.info("TLS handshake with %s failed: %s", peer, exc)
-                _lingering_close(tls_sock)
+                if isinstance(exc, ssl.SSLError) and not isinstance(exc, _PEER_GONE):
+                    # We refused the peer and sent an alert: give it a moment to read it, inside
+                    # the connection's own deadline.
+                    entry.limit_at(min(entry.deadline, time.monotonic() + LINGER), "the lingering close",
+                                   routine=True)
+                    _lingering_close(sock)
                 return
-            with tls_sock:
-                if context.verify_mode == ssl.CERT_REQUIRED:
-                    self._serve_control(tls_sock, peer)
-                else:
-                    self._serve_exchange(tls_sock, peer)
+            if pinned:
+                self._serve_control(sock, entry)
+            else:
+                entry.limit_at(entry.accepted + EXCHANGE_DEADLINE, f"the bind exchange ({EXCHANGE_DEADLINE:.0f} s)")
+                self._serve_exchange(sock, entry)
         except Exception:
             log.exception("connection from %s ended by an internal error", peer)
         finally:
-            for sock in (tls_sock, conn):
-                if sock is not None:
-                    with contextlib.suppress(OSError):
-                        sock.close()
-            self._slots.release()
+            self._table.leave(entry)
+            with contextlib.suppress(OSError):
+                sock.close()
 
     # -- before binding: the exchange
     def _identity(self) -> tuple[crypto.PrivateKey, bytes]:
@@ -134,9 +171,10 @@ class AgentServer:
             self._vm_cert_der = crypto.certificate_der(self._state.cert_file.read_bytes())
         return self._vm_key, self._vm_cert_der
 
-    def _serve_exchange(self, sock: ssl.SSLSocket, peer: str) -> None:
+    def _serve_exchange(self, sock: ssl.SSLSocket, entry: Connection) -> None:
         from imprint.protocol import AlertCode, OwnerAuthenticated, RemoteProtocolError, State, VmExchange
 
+        peer = entry.peer
         token = self._token
         if token is None:
             # Accepted before another connection bound; the token is consumed since.
@@ -147,10 +185,9 @@ class AgentServer:
             return
         vm_key, vm_cert = self._identity()
         session = VmExchange(vm_key=vm_key, token=token, own_cert=vm_cert)
-        deadline = time.monotonic() + EXCHANGE_DEADLINE
         try:
             while True:
-                remaining = deadline - time.monotonic()
+                remaining = entry.deadline - time.monotonic()
                 if remaining <= 0:
                     log.info("bind attempt from %s timed out after %.0f s", peer, EXCHANGE_DEADLINE)
                     return
@@ -162,6 +199,9 @@ class AgentServer:
                     return
                 for event in session.receive_data(data):
                     if isinstance(event, OwnerAuthenticated):
+                        # The peer proved the token: it is the owner now, and a flood must not
+                        # evict it between the pin and the VmConfirm that tells it so.
+                        self._table.promote(entry)
                         try:
                             pinned = self._pin_owner(session, token, event.owner_key, peer)
                         except OSError as exc:
@@ -206,18 +246,22 @@ class AgentServer:
         return True
 
     # -- after binding: the pinned control channel
-    def _serve_control(self, sock: ssl.SSLSocket, peer: str) -> None:
-        from imprint.guest.control import serve_control
+    def _serve_control(self, sock: ssl.SSLSocket, entry: Connection) -> None:
+        from imprint.guest.control import REQUEST_DEADLINE, serve_control
 
         pinned = self._record.owner_spki_sha256
         assert pinned is not None
         try:
             tls.require_peer_key(sock, bytes.fromhex(pinned))
         except tls.PinMismatch as exc:
-            log.warning("control connection from %s refused: %s", peer, exc)
+            log.warning("control connection from %s refused: %s", entry.peer, exc)
             return
-        sock.settimeout(CONTROL_IDLE_TIMEOUT)
-        serve_control(sock, peer, self)
+        if not self._table.promote(entry):
+            if entry.cut is None:
+                log.warning("control connection from %s refused: %d owner connections are busy", entry.peer, MAX_OWNER)
+            return
+        sock.settimeout(REQUEST_DEADLINE + _BACKSTOP)
+        serve_control(sock, entry.peer, self, entry)
 
     def status(self) -> dict[str, object]:
         from imprint import __version__, crypto
@@ -241,16 +285,21 @@ class AgentServer:
             return apply_document(self._paths, backends)
 
 
-def _lingering_close(conn: socket.socket | ssl.SSLSocket) -> None:
+# The peer closed or was cut off: nobody is left to read an alert.
+_PEER_GONE = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)
+
+
+def _lingering_close(sock: ssl.SSLSocket) -> None:
     """Close without a TCP reset, so the peer reads our TLS alert (in TLS 1.3 a refused client
     certificate is reported after the client already sent data; closing with that data unread
-    would reset the connection and lose the alert)."""
+    would reset the connection and lose the alert). Bounded by the connection's deadline, which
+    the reaper enforces however slowly the peer sends."""
     with contextlib.suppress(OSError):
-        conn.shutdown(socket.SHUT_WR)
-        conn.settimeout(2.0)
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(LINGER + _BACKSTOP)
         drained = 0
         while drained < 65536:
-            chunk = conn.recv(4096)
+            chunk = sock.recv(4096)
             if not chunk:
                 break
             drained += len(chunk)

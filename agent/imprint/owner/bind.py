@@ -13,7 +13,8 @@ from imprint import crypto, tls, tokens
 from imprint.owner.client import PinnedClient
 from imprint.owner.errors import AuthenticationFailed, OwnerError, Unreachable, UsageError
 from imprint.owner.home import OwnerHome
-from imprint.owner.store import Store
+from imprint.owner.store import PinRow, Store
+from imprint.owner.tlsfailures import Refused, classify, owner_error
 from imprint.protocol import (
     AlertCode,
     ExchangeComplete,
@@ -67,18 +68,27 @@ def _bind(home: OwnerHome, store: Store, vm: str, address: str, vm_token_text: s
     pin = store.pin(vm)
     if pin is not None and pin.state == "bound":
         raise UsageError(f"{vm} is already bound to VM key {pin.vm_fingerprint}; use `imprint status {vm}`")
+    earlier: OwnerError | None = None
     if pin is not None and pin.state == "pending":
         # An earlier attempt saw the VM prove itself but never verified the pinned channel
         # (a lost confirmation, or the pinned channel failed): the pinned channel decides.
-        status = _try_pinned(home, vm, address, pin.vm_cert_pem)
-        if status is not None:
+        try:
+            status = _pinned_status(home, vm, address, pin.vm_cert_pem)
+        except OwnerError as exc:
+            earlier = exc
+        else:
             result = _result(vm, address, pin.mode, pin.vm_cert_pem, owner_key, status,
                              ["recovered: the key pinned by an earlier exchange answered over mutual TLS"])
-            store.confirm_pin(vm)
+            store.confirm_pin(vm, address)  # also spends the token: the VM consumed it when it pinned us
             return result
 
     row = store.current_token(vm)
     if row is None or row.state != "issued" or row.token_text is None:
+        if pin is not None and earlier is not None:
+            # The token went to an exchange the VM confirmed; only the pinned channel is missing.
+            raise type(earlier)(f"{vm}: the VM confirmed an earlier exchange (VM key {pin.vm_fingerprint}, pending), "
+                                f"but the pinned channel failed: {earlier}; rerun `imprint bind {vm} --address "
+                                "HOST:PORT` once the VM is reachable")
         raise UsageError(f"{vm} has no unused token: make one with `imprint token new {vm} --mode ...`")
     token = tokens.parse(row.token_text)
     vm_token: tokens.Token | None = None
@@ -94,33 +104,65 @@ def _bind(home: OwnerHome, store: Store, vm: str, address: str, vm_token_text: s
 
     host, port = split_address(address)
     proved: list[str] = []
-    vm_cert_der = _exchange(home, store, owner_key, token, vm_token, vm, host, port, address, proved)
+    attempt = _Attempt(vm, address, pin if earlier is not None else None, earlier)
+    vm_cert_der = _exchange(home, store, owner_key, token, vm_token, attempt, host, port, proved)
     # The VM consumed the token: K is worthless now and leaves the owner's record too.
     store.consume_token(vm)
     vm_cert_pem = ssl.DER_cert_to_PEM_cert(vm_cert_der)
-    status = _pinned_status(home, vm, address, vm_cert_pem)
+    try:
+        status = _pinned_status(home, vm, address, vm_cert_pem)
+    except OwnerError as exc:
+        raise type(exc)(f"{exc}; the VM confirmed the exchange and its key {attempt.pending_fingerprint} is a "
+                        f"pending pin: rerun `imprint bind {vm} --address {address}` to verify the pinned "
+                        "channel") from None
     proved.append("mutual TLS 1.3: the VM accepted only this owner's key and showed only the pinned VM key")
     result = _result(vm, address, token.mode.value, vm_cert_pem, owner_key, status, proved)
-    store.confirm_pin(vm)
+    store.confirm_pin(vm, address)
     return result
 
 
+@dataclass
+class _Attempt:
+    """What one exchange has left on this side, so that every failure message tells the truth
+    about it: once the VM proved its key, a pending pin exists and a rerun of bind recovers."""
+
+    vm: str
+    address: str
+    earlier_pin: PinRow | None  # a pending pin from an earlier attempt whose pinned channel failed
+    earlier_failure: OwnerError | None
+    pending_fingerprint: str | None = None  # set when this exchange recorded its pending pin
+
+    def outcome(self) -> str:
+        if self.pending_fingerprint is not None:
+            return (f"the VM proved its key {self.pending_fingerprint} and this side recorded it as a pending pin, "
+                    "but the exchange did not finish, so whether the VM pinned this owner is not known here: "
+                    f"rerun `imprint bind {self.vm} --address {self.address}` to recover (it asks the VM over the "
+                    "pinned channel, and exchanges again only if the VM did not pin this owner)")
+        return "nothing was pinned by this side"
+
+    def already_bound(self) -> str:
+        head = f"the agent at {self.address} is already bound to an owner and accepts only that owner's certificate"
+        if self.earlier_pin is not None:
+            return (f"{head}. An earlier attempt left a pending pin for VM key {self.earlier_pin.vm_fingerprint}, "
+                    f"but the pinned channel to it failed ({self.earlier_failure}): if this is that VM and it "
+                    "pinned this owner, rerun bind once the pinned channel works; otherwise the token is consumed "
+                    "(or this is not your VM)")
+        return f"{head}: this token is consumed (or this is not your VM). Nothing was pinned by this side."
+
+
 def _exchange(home: OwnerHome, store: Store, owner_key: crypto.PrivateKey, token: tokens.Token,
-              vm_token: tokens.Token | None, vm: str, host: str, port: int, address: str,
-              proved: list[str]) -> bytes:
+              vm_token: tokens.Token | None, attempt: _Attempt, host: str, port: int, proved: list[str]) -> bytes:
+    address, vm = attempt.address, attempt.vm
     try:
         raw = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except OSError as exc:
-        raise Unreachable(f"cannot reach the agent at {address}: {exc.strerror or exc}; "
-                          "check the address, the port forward and that the VM has booted") from None
+        raise owner_error(exc, address, "connecting") from None
     try:
         try:
             sock = tls.owner_bind_context().wrap_socket(raw)
         except (ssl.SSLError, OSError) as exc:
-            raise Unreachable(
-                f"TLS 1.3 handshake with {address} failed: {exc}; is an imprint agent listening?"
-            ) from None
+            raise owner_error(exc, address, "TLS 1.3 handshake") from None
         with sock:
             seen = tls.peer_certificate(sock)
             try:
@@ -152,6 +194,7 @@ def _exchange(home: OwnerHome, store: Store, owner_key: crypto.PrivateKey, token
                     if isinstance(event, VmAuthenticated):
                         store.pin_pending(vm, ssl.DER_cert_to_PEM_cert(seen), event.vm_key.fingerprint,
                                           token.mode.value, address)
+                        attempt.pending_fingerprint = event.vm_key.fingerprint
                         proved.append(_vm_proof_text(token.mode, event.vm_key))
                     elif isinstance(event, ExchangeComplete):
                         proved.append("the VM verified this owner's key and signature, pinned it, "
@@ -162,19 +205,17 @@ def _exchange(home: OwnerHome, store: Store, owner_key: crypto.PrivateKey, token
     except RemoteProtocolError as exc:
         if exc.code is AlertCode.CLOSED and not exc.from_peer:
             raise Unreachable(f"the connection to {address} closed mid-exchange without a reason; "
-                              "nothing was pinned by this side — retry") from None
-        raise AuthenticationFailed(_explain(exc, address)) from None
-    except ssl.SSLError as exc:
-        if "CERTIFICATE_REQUIRED" in str(exc):
-            raise AuthenticationFailed(
-                f"the agent at {address} is already bound to an owner and accepts only that owner's "
-                "certificate: this token is consumed (or this is not your VM). Nothing was pinned."
-            ) from None
-        raise AuthenticationFailed(f"TLS failed during the exchange with {address}: {exc}") from None
+                              f"{attempt.outcome()}") from None
+        raise AuthenticationFailed(_explain(exc, address, attempt)) from None
     except TimeoutError:
-        raise Unreachable(f"the agent at {address} did not answer within {EXCHANGE_DEADLINE:.0f} s") from None
-    except OSError as exc:
-        raise Unreachable(f"connection to {address} failed during the exchange: {exc}") from None
+        raise Unreachable(f"the agent at {address} did not answer within {EXCHANGE_DEADLINE:.0f} s; "
+                          f"{attempt.outcome()}") from None
+    except OSError as exc:  # ssl.SSLError included
+        failure = classify(exc)
+        if failure.refused is Refused.OURS and "certificate required" in failure.reason:
+            raise AuthenticationFailed(attempt.already_bound()) from None
+        error = owner_error(exc, address, "the exchange")
+        raise type(error)(f"{error}; {attempt.outcome()}") from None
     finally:
         with contextlib.suppress(OSError):
             raw.close()
@@ -188,19 +229,19 @@ def _vm_proof_text(mode: tokens.Mode, key: crypto.PublicKey) -> str:
             "certificate this connection showed, and signed the transcript")
 
 
-def _explain(exc: RemoteProtocolError, address: str) -> str:
+def _explain(exc: RemoteProtocolError, address: str, attempt: _Attempt) -> str:
     if exc.from_peer:
         head = f"the agent at {address} refused the exchange ({exc.code.name}): {exc.detail}"
     else:
         head = f"the peer at {address} failed authentication ({exc.code.name}): {exc.detail}"
     if exc.code in (AlertCode.AUTHENTICATION_FAILED, AlertCode.CHANNEL_BINDING_MISMATCH, AlertCode.KEY_MISMATCH):
-        hint = "possible man in the middle, or the wrong token; nothing was pinned"
+        hint = f"possible man in the middle, or the wrong token; {attempt.outcome()}"
     elif exc.code is AlertCode.WRONG_TOKEN:
         hint = "the VM was booted with a different token; give the site the current one"
     elif exc.code is AlertCode.TOKEN_CONSUMED:
         hint = "the token is consumed; the VM is bound"
     else:
-        hint = "the exchange did not complete; nothing was pinned"
+        hint = f"the exchange did not complete; {attempt.outcome()}"
     return f"{head} — {hint}"
 
 
@@ -210,13 +251,6 @@ def _pinned_status(home: OwnerHome, vm: str, address: str, vm_cert_pem: str) -> 
         return client.get("/v1/status")
     finally:
         client.close()
-
-
-def _try_pinned(home: OwnerHome, vm: str, address: str, vm_cert_pem: str) -> dict[str, Any] | None:
-    try:
-        return _pinned_status(home, vm, address, vm_cert_pem)
-    except OwnerError:
-        return None
 
 
 def _result(vm: str, address: str, mode: str, vm_cert_pem: str, owner_key: crypto.PrivateKey,

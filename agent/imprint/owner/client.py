@@ -10,8 +10,9 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from imprint import crypto, tls
-from imprint.owner.errors import AuthenticationFailed, Unreachable
+from imprint.owner.errors import Unreachable
 from imprint.owner.home import OwnerHome
+from imprint.owner.tlsfailures import owner_error
 
 TIMEOUT = 10.0
 
@@ -50,17 +51,18 @@ class PinnedClient:
     def _request(self, method: str, path: str, *, timeout: float = TIMEOUT, **kwargs: Any) -> dict[str, Any]:
         try:
             response = self._session.request(method, self._base + path, timeout=timeout, **kwargs)
-        except requests.exceptions.SSLError as exc:
-            raise AuthenticationFailed(
-                f"the agent at {self.address} did not prove the pinned VM key, or refused this owner's key "
-                f"(possible man in the middle, or another VM at this address): {_reason(exc)}"
-            ) from None
-        except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
-            raise Unreachable(f"the agent at {self.address} is unreachable: {_reason(exc)}") from None
+        except requests.exceptions.RequestException as exc:
+            raise owner_error(exc, self.address, f"{method} {path} over the pinned channel") from None
         if response.status_code != 200:
             raise Unreachable(f"the agent at {self.address} answered {response.status_code} to {method} {path}"
                               + _error_text(response))
-        data: dict[str, Any] = response.json()
+        try:
+            data = response.json()
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            raise Unreachable(f"the agent at {self.address} answered {method} {path} with something other "
+                              "than a JSON object")
         return data
 
     def close(self) -> None:
@@ -73,12 +75,3 @@ def _error_text(response: requests.Response) -> str:
     except (ValueError, AttributeError):
         return ""
     return f": {str(error)[:300]}" if error else ""
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc)
-    for marker in ("CERTIFICATE_VERIFY_FAILED", "CERTIFICATE_REQUIRED", "UNKNOWN_CA", "Fingerprints did not match",
-                   "Connection refused", "timed out"):
-        if marker in text:
-            return marker.lower().replace("_", " ")
-    return text.splitlines()[0][:200] if text else type(exc).__name__

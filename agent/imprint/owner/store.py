@@ -4,6 +4,10 @@ Tables: vms, tokens (K lives here until its bind, then it is wiped), pins (the V
 owner pins, pending until the VM confirms), ssh_targets (host and port `imprint ssh` connects to),
 and audit: an append-only log of every bind attempt and its outcome, enforced by triggers that
 refuse UPDATE and DELETE.
+
+K leaves the file, not only the row: secure_delete zeroes the bytes a wipe frees, and a WAL
+checkpoint after each wipe copies the wiped pages over the old ones and truncates the -wal
+file, where the page images that still held K would otherwise stay until some later checkpoint.
 """
 
 from __future__ import annotations
@@ -108,6 +112,27 @@ class Store:
         self._db.execute("PRAGMA secure_delete = ON")
         self._db.execute("PRAGMA journal_mode = WAL")
         self._db.executescript(SCHEMA)
+        self._heal()
+
+    def _heal(self) -> None:
+        """A bound VM's tokens are spent, whatever an earlier version left: before the pin's
+        confirmation consumed them, a bind recovered from a lost VmConfirm left K in clear here."""
+        stale = self._db.execute(
+            "SELECT 1 FROM tokens WHERE state = 'issued' "
+            "AND vm IN (SELECT vm FROM pins WHERE state = 'bound') LIMIT 1").fetchone()
+        if stale is None:
+            return  # the usual case: no write, no lock taken on open
+        with self.transaction() as db:
+            db.execute("UPDATE tokens SET state = 'consumed', token_text = NULL, closed_at = ? "
+                       "WHERE state = 'issued' AND vm IN (SELECT vm FROM pins WHERE state = 'bound')",
+                       (time.time(),))
+        self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        """Move every page into the database file and empty the -wal (see the module's comment).
+        Another process reading at this moment holds the -wal; its own close or the next wipe
+        empties it then."""
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
     def close(self) -> None:
         self._db.close()
@@ -145,6 +170,7 @@ class Store:
                 "VALUES (?, ?, ?, ?, 'issued', ?)",
                 (vm, mode, token_id, token_text, now),
             )
+        self._checkpoint()  # a superseded K was wiped
 
     def current_token(self, vm: str) -> TokenRow | None:
         row = self._db.execute(
@@ -172,14 +198,21 @@ class Store:
 
     def consume_token(self, vm: str) -> None:
         """The VM confirmed the exchange: its token (with K, if any) is used up."""
-        self._db.execute(
-            "UPDATE tokens SET state = 'consumed', token_text = NULL, closed_at = ? WHERE vm = ? AND state = 'issued'",
-            (time.time(), vm),
-        )
+        with self.transaction() as db:
+            _consume_tokens(db, vm)
+        self._checkpoint()
 
-    def confirm_pin(self, vm: str) -> None:
-        """The pinned mutual-TLS channel answered with the exchanged keys: the pin is final."""
-        self._db.execute("UPDATE pins SET state = 'bound', pinned_at = ? WHERE vm = ?", (time.time(), vm))
+    def confirm_pin(self, vm: str, address: str | None = None) -> None:
+        """The pinned mutual-TLS channel answered (at ``address``, if given) with the exchanged
+        keys: the pin is final, and every token issued for the VM is spent with it, in the same
+        transaction. A VM binds once, and the pinned channel proves this one did: a bind recovered
+        after a lost VmConfirm never saw the confirmation that otherwise consumes the token, and
+        K must not outlive the bind."""
+        with self.transaction() as db:
+            db.execute("UPDATE pins SET state = 'bound', pinned_at = ?, address = COALESCE(?, address) "
+                       "WHERE vm = ?", (time.time(), address, vm))
+            _consume_tokens(db, vm)
+        self._checkpoint()
 
     def update_address(self, vm: str, address: str) -> None:
         self._db.execute("UPDATE pins SET address = ? WHERE vm = ?", (address, vm))
@@ -205,3 +238,10 @@ class Store:
         rows = (self._db.execute(query + " WHERE vm = ? ORDER BY id", (vm,)) if vm
                 else self._db.execute(query + " ORDER BY id"))
         return [AuditRow(*row) for row in rows]
+
+
+def _consume_tokens(db: sqlite3.Connection, vm: str) -> None:
+    db.execute(
+        "UPDATE tokens SET state = 'consumed', token_text = NULL, closed_at = ? WHERE vm = ? AND state = 'issued'",
+        (time.time(), vm),
+    )
