@@ -41,17 +41,19 @@ Results (``data``): ``sha256``, ``modules`` (in order), ``ran``, ``failed`` [{mo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 from imprint.backends import BackendContext, BackendError, BackendResult, check_keys, cloudpolicy, get_typed
+from imprint.backends.rootfs import FileRefused
 
 PYTHON = "/usr/bin/python3"
 STATE = "/var/lib/imprint/cloud-config/applied"
+WORK = "/run/imprint-cloud-config"  # the document for the child (0600 in 0700: it may hold password hashes)
 MAX_DOCUMENT = 1 << 20
 # Debian 12's cloud.cfg order, used when the system has no cloud.cfg naming the modules.
 DEFAULT_ORDER = (
@@ -216,22 +218,20 @@ def _in_order(ctx: BackendContext, modules: list[str]) -> list[str]:
 def _run(ctx: BackendContext, python: list[str], text: str, modules: list[str]) -> dict[str, Any]:
     # The document goes to the child in a 0600 file in a 0700 directory under the root (it may
     # hold password hashes), visible at the same guest path inside a chroot.
-    work = ctx.path("/run/imprint-cloud-config")  # scratch, not a change to the VM: not through ctx
+    # Scratch, not a change to the VM: through the root's walk (no link followed, never outside
+    # --root) but not counted as a change.
+    doc = f"{WORK}/doc-{os.getpid()}.yaml"
     try:
-        work.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        work.mkdir(mode=0o700)
-    except FileExistsError:
-        if work.is_symlink() or not work.is_dir():
-            raise BackendError(f"{work} exists and is not a directory") from None
-    doc = work / f"doc-{os.getpid()}.yaml"
-    fd = os.open(doc, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
+        ctx.files.ensure_dir(WORK, mode=0o700, uid=0, gid=0, made=[])
+        ctx.files.write(doc, text.encode(), mode=0o600, uid=0, gid=0, label="backend.cloudinit.document")
+    except FileRefused as exc:
+        raise BackendError(f"cannot hand the document to cloud-init: {exc}") from None
     try:
-        proc = ctx.run([*python, "-c", RUNNER, ctx.paths.guest(doc), *modules], check=False, timeout=1800)
+        proc = ctx.run([*python, "-c", RUNNER, doc, *modules], check=False, timeout=1800)
     finally:
-        doc.unlink(missing_ok=True)
-        _rmdir(work)
+        with contextlib.suppress(FileRefused):
+            ctx.files.remove(doc)
+            ctx.files.remove_dir(WORK)
     try:
         report: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     except (IndexError, ValueError):
@@ -243,8 +243,3 @@ def _run(ctx: BackendContext, python: list[str], text: str, modules: list[str]) 
     return report
 
 
-def _rmdir(path: Path) -> None:
-    try:
-        path.rmdir()
-    except OSError:
-        pass

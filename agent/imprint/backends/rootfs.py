@@ -276,6 +276,20 @@ class GuestRoot:
                 raise FileRefused(f"cannot remove {parent.path_of(name)}: {exc.strerror}") from None
             return True
 
+    def remove_dir(self, guest: str) -> bool:
+        """Remove the empty directory ``guest``; False if there was none. Not empty: FileRefused."""
+        with self.parent(guest) as found:
+            if found is None:
+                return False
+            parent, name = found
+            try:
+                os.rmdir(name, dir_fd=parent.fd)
+            except FileNotFoundError:
+                return False
+            except OSError as exc:
+                raise FileRefused(f"cannot remove the directory {parent.path_of(name)}: {exc.strerror}") from None
+            return True
+
     def ensure_dir(self, guest: str, *, mode: int, uid: int | None = None, gid: int | None = None,
                    fix_existing: bool = True, made: list[str] | None = None) -> str | None:
         """Make ``guest`` a directory with ``mode`` and owner. Returns "created", "fixed" or
