@@ -110,6 +110,45 @@ def _no_traceback(text: str, who: str) -> None:
     assert "Traceback" not in text, f"{who} ended in a traceback:\n{text}"
 
 
+# -- the hook itself, and what write_atomic does with the temp files a crash leaves
+
+
+def _hook(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", f"from imprint.faults import crashpoint\n{code}"],
+                          env={k: v for k, v in os.environ.items() if k not in (TARGET_ENV, TRACE_ENV)} | env,
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_crashpoint_kills_at_the_nth_reach_and_traces_every_point(tmp_path: Path) -> None:
+    code = "crashpoint('a.written'); crashpoint('b'); crashpoint('a.written'); print('survived')"
+    trace = tmp_path / "trace"
+    killed = _hook(code, **{TARGET_ENV: "a.written#2", TRACE_ENV: str(trace)})
+    assert killed.returncode == -signal.SIGKILL and killed.stdout == ""
+    assert read_trace(trace) == ["a.written#1", "b#1", "a.written#2"]  # the fatal point is traced first
+    assert _hook(code, **{TARGET_ENV: "b"}).returncode == -signal.SIGKILL
+    assert _hook(code, **{TARGET_ENV: "a.written#3"}).stdout == "survived\n"
+    assert _hook(code, **{TARGET_ENV: "a"}).stdout == "survived\n"  # names match whole, not by prefix
+    assert _hook(code).stdout == "survived\n"
+
+
+def test_write_atomic_removes_temps_of_dead_writers_only(tmp_path: Path) -> None:
+    from imprint.fsatomic import remove_stale_temps, temp_name, write_atomic
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    live = str(os.getppid())  # pytest's parent: alive while this test runs
+    for pid in (dead, live):
+        (tmp_path / temp_name("state.json", int(pid))).write_text("{half")
+        (tmp_path / temp_name("vm.key", int(pid))).write_text("half")
+    write_atomic(tmp_path / "state.json", b"{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["state.json", temp_name("state.json", int(live)), temp_name("vm.key", int(dead)),
+         temp_name("vm.key", int(live))])
+    remove_stale_temps(tmp_path)  # the agent's sweep at start: every dead writer's temp
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["state.json", temp_name("state.json", int(live)), temp_name("vm.key", int(live))])
+
+
 # -- one world: an owner home and a guest root, copied fresh from a template for every point
 
 
