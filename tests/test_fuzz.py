@@ -34,11 +34,6 @@ HAVE_ATHERIS = importlib.util.find_spec("atheris") is not None
 KNOWN_OPEN: dict[str, str] = {
     "profile_toml/nested-arrays": "H3, owner/apply.py load_profile: tomllib's RecursionError escapes",
     "profile_toml/nested-inline-tables": "H3, owner/apply.py load_profile: tomllib's RecursionError escapes",
-    "tokens/kelvin-sign-for-k": "H4, tokens.parse: str.lower() maps KELVIN SIGN (U+212A) to 'k', so a non-ASCII "
-                                "spelling parses (the same token, but not its one spelling; like the non-ASCII "
-                                "digits fixed before: refuse non-ASCII before lower())",
-    "control_http/deep-json-body": "H1, guest/control.py _dispatch: json.loads' RecursionError escapes (serve_control "
-                                   "answers 500 and logs a traceback instead of a 400 naming the problem)",
 }
 
 

@@ -96,7 +96,12 @@ def parse(text: str, *, expect: TokenKind | None = None) -> Token:
     """Parse a token; raises TokenError naming the fault (never echoing the token)."""
     if len(text) > _MAX_TOKEN_CHARS:
         raise TokenError(f"token is too long ({len(text)} characters; at most {_MAX_TOKEN_CHARS})")
-    cleaned = text.strip().lower()
+    cleaned = text.strip()
+    if not cleaned.isascii():
+        # Checked before lower(): "\u212a" (KELVIN SIGN) lower-cases to "k", and a second spelling
+        # of a token must not exist.
+        raise TokenError("token is malformed: it contains non-ASCII characters")
+    cleaned = cleaned.lower()
     if not cleaned:
         raise TokenError("token is empty")
     match = _SHAPE.fullmatch(cleaned)
