@@ -608,3 +608,12 @@ def test_huge_directory_is_refused_without_reading_it(tmp_path: Path) -> None:
     with pytest.raises(ChannelBroken, match=r"the root directory is 536870912 bytes \(a seed's directories hold "
                                             r"at most \d+\)"):
         nocloud.read(GuestPaths(root))
+
+
+def test_vfat_seed_without_mtools_is_a_clear_refusal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    image = mkfs_vfat("CIDATA", {"meta-data": b"instance-id: x\n"}, tmp_path / "seed.img")
+    root = tmp_path / "root"
+    attach(root, "label", "CIDATA", image)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(ChannelBroken, match=r"mdir is not installed \(mtools is needed to read a vfat seed\)"):
+        nocloud.read(GuestPaths(root))

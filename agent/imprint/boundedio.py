@@ -47,6 +47,10 @@ class TooLarge(InputError):
     """More input than the bound allows."""
 
 
+class ToolMissing(InputError):
+    """The helper program is not installed."""
+
+
 class JsonSyntaxError(InputError):
     """Not JSON at all (the parser's message, with a position): a caller may try another format."""
 
@@ -247,7 +251,7 @@ def run_tool(argv: Sequence[str], *, limit: int, timeout: float, env: Mapping[st
         proc = subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, env=None if env is None else dict(env))
     except FileNotFoundError:
-        raise InputError(f"{name} is not installed") from None
+        raise ToolMissing(f"{name} is not installed") from None
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
     out_fd, err_fd = proc.stdout.fileno(), proc.stderr.fileno()
     output = {out_fd: bytearray(), err_fd: bytearray()}

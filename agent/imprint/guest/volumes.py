@@ -221,9 +221,9 @@ def _mtools(tool: str, *args: str, stdin: bytes = b"", limit: int = MAX_TOOL_OUT
     try:
         return boundedio.run_tool([tool, *args], stdin=stdin, limit=limit, timeout=TOOL_TIMEOUT,
                                   env={**os.environ, **_MTOOLS_ENV})
+    except boundedio.ToolMissing as exc:
+        raise VolumeError(f"{exc} (mtools is needed to read a vfat seed)") from None
     except boundedio.InputError as exc:
-        if str(exc).endswith("is not installed"):
-            raise VolumeError(f"{exc} (mtools is needed to read a vfat seed)") from None
         raise VolumeError(f"FAT filesystem is corrupt or too large: {exc}") from None
 
 
@@ -301,6 +301,8 @@ class _FatVolume:
                                         env={**os.environ, **_MTOOLS_ENV})
         except boundedio.TooLarge:
             raise VolumeError(f"{path} is larger than the {limit} bytes a seed file may be") from None
+        except boundedio.ToolMissing as exc:
+            raise VolumeError(f"{exc} (mtools is needed to read a vfat seed)") from None
         except boundedio.InputError as exc:
             raise VolumeError(f"FAT filesystem is corrupt or unreadable: {exc}") from None
         # mtype can report a broken cluster chain ("Bad FAT entry", "loop detected") and still
