@@ -32,8 +32,6 @@ HAVE_ATHERIS = importlib.util.find_spec("atheris") is not None
 # "<target>/<file>" -> who and what. Strict: once fixed, the replay passes, the xfail fails, and
 # the entry must go (the input stays in crashes/ as the regression test).
 KNOWN_OPEN: dict[str, str] = {
-    "profile_toml/nested-arrays": "H3, owner/apply.py load_profile: tomllib's RecursionError escapes",
-    "profile_toml/nested-inline-tables": "H3, owner/apply.py load_profile: tomllib's RecursionError escapes",
 }
 
 

@@ -128,6 +128,9 @@ def load_profile(path: Path) -> dict[str, dict[str, Any]]:
         raise UsageError(f"profile {path} is not UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"profile {path} is not valid TOML: {exc}") from None
+    except RecursionError:
+        # tomllib parses nested arrays and inline tables recursively; a profile is a few flat tables.
+        raise UsageError(f"profile {path} nests arrays or tables too deeply") from None
     if not profile:
         raise UsageError(f"profile {path} names no backend (expected tables such as [ssh])")
     for name, section in profile.items():
