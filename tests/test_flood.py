@@ -326,6 +326,35 @@ def test_every_connection_ends_at_its_deadline_however_slowly_it_sends(
     assert owner.json("status", "web1")["state"] == "bound"
 
 
+def test_the_owners_idle_connections_make_room_for_its_next_request(
+    agents: AgentFactory, owner: Owner, floods: list[Flood]
+) -> None:
+    """The owner pool holds only the pinned owner's connections; when they fill it, the oldest
+    one that waits for a request makes room, and a flood of unauthenticated ones changes nothing."""
+    from imprint.guest.server import MAX_OWNER
+
+    agent = agents.start(agents.make_root(owner.token("web1", "shared")))
+    owner.run("bind", "web1", "--address", agent.address)
+    idle: list[ssl.SSLSocket] = []
+    try:
+        for _ in range(MAX_OWNER):
+            sock = pinned_owner_socket(agent, owner)
+            idle.append(sock)
+            sock.sendall(b"GET /v1/status HTTP/1.1\r\nHost: vm\r\n\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200"), "no answer on an owner connection"
+        flood = start_flood(floods, agent, {"garbage": 64, "slowhello": 16})
+
+        elapsed, code, output = timed(owner, "status", "web1")
+
+        assert_through("status", flood, agent, elapsed, code, output)
+        assert "evicted for a newer owner connection" in agent.log()
+        idle[0].settimeout(5)
+        assert idle[0].recv(4096) == b"", "the oldest idle owner connection is still open"
+    finally:
+        for sock in idle:
+            sock.close()
+
+
 # ---- the owner's side: unreachable is not "man in the middle" --------------------------------
 
 
