@@ -272,6 +272,7 @@ class GuestRoot:
             try:
                 os.unlink(name, dir_fd=parent.fd)
                 os.fsync(parent.fd)
+                crashpoint(f"{name}.removed")
             except OSError as exc:
                 raise FileRefused(f"cannot remove {parent.path_of(name)}: {exc.strerror}") from None
             return True
@@ -307,6 +308,7 @@ class GuestRoot:
             if st is None:
                 try:
                     os.mkdir(name, 0o700, dir_fd=parent.fd)  # tightened first, opened up once the owner is right
+                    crashpoint(f"{name}.mkdir")  # made, not yet its owner's
                 except OSError as exc:
                     raise FileRefused(f"cannot create {where}: {exc.strerror}") from None
             elif stat.S_ISLNK(st.st_mode):
