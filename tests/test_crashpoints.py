@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import selectors
 import shutil
 import signal
@@ -44,6 +45,7 @@ from tests.sshkit import keygen, needs_root, seed_root
 from tests.test_backend_cloudinit import DOCUMENT, KEY, make_chroot, needs_chroot
 
 MODES = ["shared", "nosecret"]
+TOKEN_BYTES = re.compile(rb"imprint1s-[a-z2-7]{40,}")
 VM = "web1"
 
 
@@ -527,3 +529,45 @@ def test_kill_at_every_point_of_a_cloudinit_apply(agents: AgentFactory, tmp_path
     template = bound_template(tmp_path / "template", agents, seed)
     coverage = run_all(template, apply_scenario("cloudinit apply", profile, check), tmp_path / "runs")
     assert coverage.agent, coverage.agent
+
+
+# -- the owner alone: a new token supersedes the old one (and wipes its K)
+
+
+def test_kill_at_every_point_of_a_token_superseding_another(tmp_path: Path) -> None:
+    template = Owner(tmp_path / "template" / "owner-home")
+    template.run("init")
+    first = template.token(VM, "shared")
+    trace = tmp_path / "trace"
+    traced = _copy_owner(template, tmp_path / "traced")
+    with _env(**_side_env(None, trace)):
+        assert traced.run("token", "new", VM, "--mode", "shared").returncode == 0
+    points = read_trace(trace)
+    assert "store.commit.after#1" in points, points
+    for i, point in enumerate(points):
+        owner = _copy_owner(template, tmp_path / f"owner-{i}")
+        with _env(**_side_env(point)):
+            killed = owner.run("token", "new", VM, "--mode", "shared", check=None)
+        assert killed.returncode == -signal.SIGKILL, f"{point}: exit {killed.returncode}\n{killed.stderr}"
+        db_file = owner.home / "imprint.db"
+        files = (db_file, db_file.with_name("imprint.db-wal"))
+        # Every K the killed run left (its own, if it committed), as raw bytes, before the rerun.
+        left = {first.encode()} | {m for f in files if f.exists() for m in TOKEN_BYTES.findall(f.read_bytes())}
+        last = owner.token(VM, "shared")  # the rerun
+        for path in files:
+            if path.exists():
+                data = path.read_bytes()
+                for k in left - {last.encode()}:
+                    assert k.split(b"-", 1)[1] not in data, f"{point}: a superseded K is in {path}"
+        db = sqlite3.connect(f"file:{db_file}?mode=ro", uri=True)
+        try:
+            assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+            issued = db.execute("SELECT token_text FROM tokens WHERE vm = ? AND state = 'issued'", (VM,)).fetchall()
+        finally:
+            db.close()
+        assert issued == [(last,)], f"{point}: issued tokens {len(issued)} after the rerun"
+
+
+def _copy_owner(template: Owner, dest: Path) -> Owner:
+    shutil.copytree(template.home, dest / "owner-home")
+    return Owner(dest / "owner-home")
