@@ -257,8 +257,9 @@ class GuestRoot:
             parent, name = found
             write_at(parent, name, data, mode=mode, uid=uid, gid=gid, label=label)
 
-    def remove(self, guest: str) -> bool:
-        """Remove the file (or symlink) ``guest``; False if there was none."""
+    def remove(self, guest: str, *, label: str | None = None) -> bool:
+        """Remove the file (or symlink) ``guest``; False if there was none. ``label`` names the
+        crash point ``<label>.removed`` (default: the file's name), as for :meth:`write`."""
         with self.parent(guest) as found:
             if found is None:
                 return False
@@ -272,7 +273,7 @@ class GuestRoot:
             try:
                 os.unlink(name, dir_fd=parent.fd)
                 os.fsync(parent.fd)
-                crashpoint(f"{name}.removed")
+                crashpoint(f"{label or name}.removed")
             except OSError as exc:
                 raise FileRefused(f"cannot remove {parent.path_of(name)}: {exc.strerror}") from None
             return True
