@@ -314,7 +314,9 @@ def crash_and_recover(template: World, scenario: Scenario, base: Path, side: str
         try:
             code = world.agent.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"the agent did not reach {point} in the rerun of the traced step") from None
+            raise AssertionError(f"the agent did not reach {point} in a run identical to the traced one: a crash "
+                                 "point must be named by its purpose, not by something that changes per run "
+                                 "(a PID, a time)") from None
         assert code == -signal.SIGKILL, f"agent exited {code}, not by SIGKILL at {point}:\n{world.agent.log()}"
         world.agent = None
         assert_nothing_half_written(world)
