@@ -1,25 +1,134 @@
-"""Requests to a bound VM over mutual TLS, pinned to the VM certificate recorded at bind time."""
+"""Requests to a bound VM over mutual TLS, pinned to the VM certificate recorded at bind time.
+
+A compromised VM holds the pinned key, so what it answers is hostile input like any other: it
+can trickle an answer a byte at a time, which requests' timeout (per socket read) never ends,
+or send one without end. So every request has one deadline for all of it (connect, TLS, the
+request, the whole answer), and an answer is read whole, up to MAX_ANSWER bytes, before anyone
+looks at it.
+"""
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
+import http.client
+import json
+import socket
 import ssl
+import threading
+import time
+from collections.abc import Mapping
 from typing import Any
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPSConnection
+from urllib3.connectionpool import HTTPSConnectionPool
 
 from imprint import crypto, tls
 from imprint.owner.errors import Unreachable
 from imprint.owner.home import OwnerHome
 from imprint.owner.tlsfailures import owner_error
+from imprint.safetext import printable
 
-TIMEOUT = 10.0
+TIMEOUT = 10.0  # seconds for a whole request and its answer, unless the caller gives another
+MAX_ANSWER = 1 << 20  # bytes of an answer's body: /v1/status is ~300 bytes, an apply's results a few KiB
+_READ_CHUNK = 64 * 1024
+
+
+class DeadlinePassed(requests.exceptions.Timeout):
+    """The request and its whole answer did not finish within the deadline."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"no complete answer within {seconds:g} s")
+        self.seconds = seconds
+
+
+class BadAnswer(requests.exceptions.RequestException):
+    """An answer the pinned channel does not read: too large, or framed as the agent never frames one."""
+
+
+class _Deadline:
+    """One request's deadline, kept by a timer thread: the thread that waits on the peer cannot
+    keep it (urllib3 gives it a timeout per socket operation, no clock). When it passes, every
+    socket opened under it is shut down, which ends a blocked connect, handshake, send or read
+    at once, with an error."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._end = time.monotonic() + seconds
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._expired = False
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    @property
+    def passed(self) -> bool:
+        return self._expired or time.monotonic() >= self._end
+
+    def watch(self, sock: socket.socket) -> None:
+        # A duplicate descriptor: the ssl module detaches urllib3's socket object when it wraps
+        # it, and a bare number may be reused by then; a shutdown through either ends the connection.
+        duplicate = sock.dup()
+        with self._lock:
+            self._sockets.append(duplicate)
+            if self._expired:
+                _shut(duplicate)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self._expired = True
+            for sock in self._sockets:
+                _shut(sock)
+
+    def close(self) -> None:
+        self._timer.cancel()
+        with self._lock:  # never while _expire shuts them down
+            for sock in self._sockets:
+                sock.close()
+            self._sockets.clear()
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed by the peer or by urllib3
+
+
+# urllib3 builds pools and connections itself, from keyword arguments it checks; a request runs
+# in the thread that sends it, so the context carries its deadline to where each socket is born.
+# Unset outside PinnedAdapter.send: a connection opened there fails (LookupError), not unwatched.
+_DEADLINE: contextvars.ContextVar[_Deadline] = contextvars.ContextVar("imprint_pinned_deadline")
+
+
+class _WatchedConnection(HTTPSConnection):
+    """urllib3's connection, handing each socket to the request's deadline as soon as it is
+    connected: before TLS, so a trickled handshake ends at the deadline too."""
+
+    def _new_conn(self) -> socket.socket:
+        sock: socket.socket = super()._new_conn()  # type: ignore[misc]  # not in types-urllib3 1.26
+        try:
+            _DEADLINE.get().watch(sock)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+
+class _WatchedPool(HTTPSConnectionPool):
+    ConnectionCls = _WatchedConnection
 
 
 class PinnedAdapter(HTTPAdapter):
-    """Trusts exactly one certificate: the context's only CA is the pin, hostnames are not
-    checked (the identity is the key), and urllib3 compares the certificate fingerprint too."""
+    """The pinned channel's transport. Trusts exactly one certificate: the context's only CA is
+    the pin, hostnames are not checked (the identity is the key), and urllib3 compares the
+    certificate fingerprint too. Each request gets a connection of its own, one deadline for
+    all of it (its ``timeout``; TIMEOUT when that is None or a pair) and a body of at most
+    MAX_ANSWER bytes, read here, whole, before the caller sees the response."""
 
     def __init__(self, context: ssl.SSLContext, cert_der: bytes) -> None:
         self._context = context
@@ -29,6 +138,65 @@ class PinnedAdapter(HTTPAdapter):
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         kwargs.update(ssl_context=self._context, assert_hostname=False, assert_fingerprint=self._fingerprint)
         super().init_poolmanager(*args, **kwargs)  # type: ignore[no-untyped-call]
+        self.poolmanager.pool_classes_by_scheme = {"https": _WatchedPool}  # no plain http at all
+
+    def send(self, request: requests.PreparedRequest, stream: bool = False,
+             timeout: None | float | tuple[float, float] | tuple[float, None] = None,
+             verify: bool | str = True, cert: None | bytes | str | tuple[bytes | str, bytes | str] = None,
+             proxies: Mapping[str, str] | None = None) -> requests.Response:
+        seconds = float(timeout) if isinstance(timeout, int | float) else TIMEOUT
+        deadline = _Deadline(seconds)
+        context = _DEADLINE.set(deadline)
+        try:
+            response = super().send(request, stream=True, timeout=seconds, verify=verify, cert=cert,
+                                    proxies=proxies)
+            try:
+                response._content = _read_answer(response.raw)
+            finally:
+                response.close()
+            if deadline.passed:  # the shutdown may read as the end of the headers or the body: cut short
+                raise DeadlinePassed(seconds)
+            response._content_consumed = True  # type: ignore[attr-defined]  # in memory: requests reads no more
+            return response
+        except DeadlinePassed:
+            raise
+        except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, http.client.HTTPException,
+                OSError) as exc:
+            if deadline.passed:  # whatever broke, the deadline broke it (or came first)
+                raise DeadlinePassed(seconds) from exc
+            if isinstance(exc, requests.exceptions.RequestException):
+                raise
+            raise requests.exceptions.ConnectionError(exc) from exc  # urllib3's, from reading the body
+        finally:
+            _DEADLINE.reset(context)
+            deadline.close()
+            # No connection outlives its request: the next one opens a new one under its own
+            # deadline, proves the pinned key afresh, and holds none of the agent's owner slots idle.
+            self.poolmanager.clear()
+
+
+def _read_answer(raw: Any) -> bytes:
+    """The body as sent, at most MAX_ANSWER bytes. Never decompressed (a small answer inflates
+    without bound) and never chunked (urllib3 1.26 reads a chunk's size line without bound): the
+    agent sends neither, it frames every answer with Content-Length (guest/control.py)."""
+    headers = raw.headers
+    if headers.get("Transfer-Encoding") or headers.get("Content-Encoding", "identity").lower() != "identity":
+        raise BadAnswer("a chunked or compressed body, which the agent never sends")
+    length = headers.get("Content-Length")
+    if length is not None and not (length.isdigit() and int(length) <= MAX_ANSWER):
+        raise BadAnswer(f"a body of {printable(length, 40)} bytes (at most {MAX_ANSWER} are read)")
+    data = bytearray()
+    while len(data) <= MAX_ANSWER:
+        chunk = raw.read(min(_READ_CHUNK, MAX_ANSWER + 1 - len(data)), decode_content=False)
+        if not chunk:
+            break
+        data += chunk
+    if len(data) > MAX_ANSWER:
+        raise BadAnswer(f"a body larger than {MAX_ANSWER} bytes")
+    if length is not None and len(data) != int(length):
+        raise requests.exceptions.ConnectionError(f"the connection closed {len(data)} bytes into "
+                                                  f"a body of {length}")
+    return bytes(data)
 
 
 class PinnedClient:
@@ -40,28 +208,37 @@ class PinnedClient:
         self._session = requests.Session()
         self._session.trust_env = False  # a proxy from the environment must not sit in this channel
         self._session.verify = str(home.write_pin_file(vm, vm_cert_pem))
+        self._session.headers["Accept-Encoding"] = "identity"  # the adapter reads bodies as sent
         self._session.mount("https://", PinnedAdapter(context, cert_der))
 
-    def get(self, path: str) -> dict[str, Any]:
-        return self._request("GET", path)
+    def get(self, path: str, *, timeout: float = TIMEOUT) -> dict[str, Any]:
+        return self._request("GET", path, timeout=timeout)
 
     def post(self, path: str, body: dict[str, Any], *, timeout: float = TIMEOUT) -> dict[str, Any]:
         return self._request("POST", path, json=body, timeout=timeout)
 
-    def _request(self, method: str, path: str, *, timeout: float = TIMEOUT, **kwargs: Any) -> dict[str, Any]:
+    def _request(self, method: str, path: str, *, timeout: float, **kwargs: Any) -> dict[str, Any]:
+        """``timeout``: seconds for the whole request and answer, not per read."""
+        what = f"{method} {path}"
         try:
-            response = self._session.request(method, self._base + path, timeout=timeout, **kwargs)
+            # No redirects: a VM's Location would take the request, body and all, off the
+            # pinned channel (an http:// URL goes through an adapter that pins nothing).
+            response = self._session.request(method, self._base + path, timeout=timeout,
+                                             allow_redirects=False, **kwargs)
+        except DeadlinePassed as exc:
+            raise Unreachable(f"{what} over the pinned channel: the agent at {self.address} did not answer "
+                              f"within {exc.seconds:g} s (the deadline for the whole answer)") from None
+        except BadAnswer as exc:
+            raise Unreachable(f"the agent at {self.address} answered {what} with {exc}") from None
         except requests.exceptions.RequestException as exc:
-            raise owner_error(exc, self.address, f"{method} {path} over the pinned channel") from None
+            raise owner_error(exc, self.address, f"{what} over the pinned channel") from None
+        data = _json(response.content)
         if response.status_code != 200:
-            raise Unreachable(f"the agent at {self.address} answered {response.status_code} to {method} {path}"
-                              + _error_text(response))
-        try:
-            data = response.json()
-        except ValueError:
-            data = None
+            error = data.get("error") if isinstance(data, dict) else None
+            raise Unreachable(f"the agent at {self.address} answered {response.status_code} to {what}"
+                              + (f": {str(error)[:300]}" if error else ""))
         if not isinstance(data, dict):
-            raise Unreachable(f"the agent at {self.address} answered {method} {path} with something other "
+            raise Unreachable(f"the agent at {self.address} answered {what} with something other "
                               "than a JSON object")
         return data
 
@@ -69,9 +246,8 @@ class PinnedClient:
         self._session.close()
 
 
-def _error_text(response: requests.Response) -> str:
+def _json(body: bytes) -> Any:
     try:
-        error = response.json().get("error")
-    except (ValueError, AttributeError):
-        return ""
-    return f": {str(error)[:300]}" if error else ""
+        return json.loads(body)
+    except (ValueError, RecursionError):  # RecursionError: json nests by recursion, a VM can nest deep
+        return None
