@@ -12,16 +12,21 @@ and /srv are the VM's. Nothing of the host's /etc is touched.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import signal
 import stat
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from imprint.backends import run_backend
+from imprint.faults import TARGET_ENV, TRACE_ENV
+from imprint.fsatomic import TEMP_MARK
 from imprint.guest.paths import GuestPaths
 
 from tests.conftest import AgentFactory, Owner
@@ -71,8 +76,9 @@ def make_chroot(root: Path, tmp: Path) -> Path:
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int, bytes]]:
-    return {str(p.relative_to(root)): (p.lstat().st_mtime_ns, p.lstat().st_mode, p.read_bytes() if p.is_file() else b"")
-            for d in ("etc", "home", "srv", "var") if (root / d).exists() for p in sorted((root / d).rglob("*"))}
+    return {str(p.relative_to(root)): (p.lstat().st_mtime_ns, p.lstat().st_mode,
+                                       p.read_bytes() if stat.S_ISREG(p.lstat().st_mode) else b"")
+            for d in ("etc", "home", "run", "srv", "var") if (root / d).exists() for p in sorted((root / d).rglob("*"))}
 
 
 @needs_chroot
@@ -258,3 +264,166 @@ def test_the_owner_refuses_a_table_document_before_the_bind(tmp_path: Path) -> N
         prepare(None, {"config": {"bootcmd": [["reboot"]]}})  # type: ignore[arg-type]
     assert prepare(None, {"config": {"timezone": "Europe/Paris"}}) == {  # type: ignore[arg-type]
         "document": {"timezone": "Europe/Paris"}}
+
+
+def test_keys_for_a_user_whose_home_a_user_controls_are_refused(tmp_path: Path) -> None:
+    """cloud-init 22.4 writes users[].ssh_authorized_keys to ~/.ssh/authorized_keys as root and
+    follows a link there (checked: it appended the key to a root-only file alice linked)."""
+    fake_chroot(tmp_path)
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\nalice:x:1000:1000::/home/alice:/bin/sh\n")
+    for home in ("home/alice/.ssh", "home/bob"):
+        (tmp_path / home).mkdir(parents=True)
+    for mine in ("home/alice", "home/alice/.ssh", "home/bob"):
+        os.chown(tmp_path / mine, 1000, 1000)
+    before = snapshot(tmp_path)
+    result = apply_doc(tmp_path, {"document": {"users": [{"name": "alice", "ssh_authorized_keys": [KEY]}]}})
+    assert result["ok"] is False and result["summary"] == (
+        "cloudinit.document.users[0].ssh_authorized_keys go to '/home/alice/.ssh/authorized_keys', in a directory "
+        "that uid 1000 controls: cloud-init writes them as root and would follow a link she puts there; refused; "
+        "the [ssh] backend adds keys for an existing user without following her links"), result["summary"]
+    # A new user whose home (useradd's default) is already someone else's directory.
+    result = apply_doc(tmp_path, {"document": {"users": ["default", {"name": "bob", "ssh_authorized_keys": [KEY]}]}})
+    assert result["ok"] is False and result["summary"].startswith(
+        "cloudinit.document.users[1].ssh_authorized_keys go to '/home/bob/.ssh/authorized_keys', in a directory "
+        "that uid 1000 controls"), result["summary"]
+    result = apply_doc(tmp_path, {"document": {"user": {"name": "alice", "ssh_authorized_keys": [KEY]}}})
+    assert result["ok"] is False and result["summary"].startswith(
+        "cloudinit.document.user.ssh_authorized_keys go to '/home/alice/.ssh/authorized_keys', in a directory "), \
+        result["summary"]
+    assert snapshot(tmp_path) == before
+
+
+# -- an apply killed half-way (the crash points of imprint.faults), then the same document again
+APPLIED = "backend.cloudinit.applied.written"  # cloud-init has run, the document is not recorded yet
+DIGEST = hashlib.sha256(DOCUMENT.encode()).hexdigest()
+CHILD = """import json, sys
+from pathlib import Path
+from imprint.backends import run_backend
+from imprint.guest.paths import GuestPaths
+print(json.dumps(run_backend(GuestPaths(Path(sys.argv[1])), "cloudinit", json.loads(sys.argv[2]))))
+"""
+
+
+def apply_in_chroot(wrapper: Path, root: Path, crash: str | None = None) -> subprocess.CompletedProcess[str]:
+    """DOCUMENT applied by the backend in a process of its own (in the root's mount namespace), which
+    IMPRINT_CRASHPOINT kills by SIGKILL at the named durable write."""
+    env = {k: v for k, v in os.environ.items() if k not in (TARGET_ENV, TRACE_ENV)} | (
+        {TARGET_ENV: crash} if crash else {})
+    return subprocess.run([str(wrapper), "-c", CHILD, str(root), json.dumps({"document": DOCUMENT})], env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+
+
+def result_of(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+def killed_at(point: str, tmp_path: Path) -> tuple[Path, Path]:
+    root = tmp_path / "root"
+    root.mkdir()
+    wrapper = make_chroot(root, tmp_path)
+    killed = apply_in_chroot(wrapper, root, crash=point)
+    assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr)
+    state = root / "var/lib/imprint/cloud-config"
+    assert (state / "started").read_text() == DIGEST + "\n"  # written ahead of cloud-init's run
+    assert not (state / "applied").exists()
+    return root, wrapper
+
+
+def alice(root: Path) -> tuple[int, int]:
+    passwd = (root / "etc/passwd").read_text().splitlines()
+    entry = next(line.split(":") for line in passwd if line.startswith("alice:"))
+    return int(entry[2]), int(entry[3])
+
+
+@needs_chroot
+@pytest.mark.parametrize(("point", "done"), [
+    (APPLIED, ["write_files[0]", "write_files[1]", "users[0].ssh_authorized_keys", "users[0].sudo"]),
+    ("backend.cloudinit.document.synced", []),  # before cloud-init: its document (maybe hashes) left in /run
+    ("backend.cloudinit.started.synced", []),
+])
+def test_the_same_document_after_a_kill_resumes_and_completes(tmp_path: Path, point: str, done: list[str]) -> None:
+    root, wrapper = killed_at(point, tmp_path)
+    scratch = root / "run/imprint-cloud-config"
+    if point == APPLIED:  # cloud-init ran: alice and her files exist, her home is hers
+        assert (root / "home/alice/notes.txt").read_text() == "written after alice exists"
+    if "document" in point:
+        assert [p.name for p in scratch.iterdir()] == [p.name for p in scratch.glob("doc-*.yaml")] != []
+
+    again = result_of(apply_in_chroot(wrapper, root))
+    assert again["ok"] and again["changed"], again["summary"]
+    assert again["data"]["resumed"] is True
+    assert again["data"]["already_done"] == [f"cloudinit.document.{part}" for part in done]
+    assert again["data"]["ran"] == ["write_files", "users_groups", "write_files_deferred"]
+    hello = root / "srv/hello.txt"
+    assert (hello.read_text(), stat.S_IMODE(hello.stat().st_mode), hello.stat().st_uid) == (
+        "hello from the owner", 0o640, 0)
+    notes = root / "home/alice/notes.txt"
+    assert (notes.read_text(), (notes.stat().st_uid, notes.stat().st_gid), stat.S_IMODE(notes.stat().st_mode)) == (
+        "written after alice exists", alice(root), 0o644)
+    assert (root / "home/alice/.ssh/authorized_keys").read_text() == KEY + "\n"
+    sudoers = (root / "etc/sudoers.d/90-cloud-init-users").read_text()
+    assert sudoers.count("# User rules for alice\nalice ALL=(ALL) NOPASSWD:ALL\n") == 1, sudoers  # not appended twice
+    state = root / "var/lib/imprint/cloud-config"
+    assert sorted(p.name for p in state.iterdir()) == ["applied"] and (state / "applied").read_text() == DIGEST + "\n"
+    assert not scratch.exists() or list(scratch.iterdir()) == []
+    assert [p for p in root.rglob("*") if TEMP_MARK in p.name] == []
+
+    third = result_of(apply_in_chroot(wrapper, root))
+    assert third["data"]["skipped"] is True and third["changed"] is False, third
+
+
+@needs_chroot
+@pytest.mark.parametrize("tamper", ["notes-link", "notes-edited", "keys-link"])
+def test_a_resumed_run_still_refuses_what_alice_changed_in_her_home(tmp_path: Path, tamper: str) -> None:
+    """Between the killed run and the rerun alice (who exists now) changes what the rerun would
+    find done: the entry is to be written again, into her directory, and that stays refused."""
+    root, wrapper = killed_at(APPLIED, tmp_path)
+    uid, gid = alice(root)
+    home = root / "home/alice"
+    planted = home / (".ssh/authorized_keys" if tamper == "keys-link" else "notes.txt")
+    planted.unlink()
+    if tamper.endswith("-link"):
+        planted.symlink_to("/etc/shadow")  # root's, 0640: a write through it would be root's
+    else:
+        planted.write_text("alice's own notes")
+    os.lchown(planted, uid, gid)
+    before = snapshot(root)
+
+    again = result_of(apply_in_chroot(wrapper, root))
+    resumed = (" (this apply resumes an interrupted run of the same document, and this is not as the document says: "
+               "it would be written again)")
+    expected = {
+        "notes-link": "cloudinit.document.write_files[1].path '/home/alice/notes.txt': /home/alice/notes.txt is a "
+                      f"symlink a user controls; refused{resumed}",
+        "notes-edited": f"cloudinit.document.write_files[1].path '/home/alice/notes.txt' is in a directory that uid "
+                        f"{uid} controls: cloud-init would follow a link she puts there; refused{resumed}",
+        "keys-link": "cloudinit.document.users[0].ssh_authorized_keys go to '/home/alice/.ssh/authorized_keys': "
+                     f"/home/alice/.ssh/authorized_keys is a symlink a user controls; refused{resumed}",
+    }[tamper]
+    assert again["ok"] is False and again["summary"] == expected, again["summary"]
+    assert snapshot(root) == before  # /etc/shadow, the link, the records: nothing written, cloud-init not run
+    assert planted.is_symlink() == tamper.endswith("-link")
+
+
+@needs_chroot
+def test_the_same_document_after_a_failed_module_resumes(tmp_path: Path) -> None:
+    """A module that fails leaves the write-ahead record: the next apply resumes, as after a kill."""
+    root = tmp_path / "root"
+    root.mkdir()
+    wrapper = make_chroot(root, tmp_path)
+    (root / "srv/hello.txt").mkdir(parents=True)  # write_files cannot write there; the other modules run
+    failed = result_of(apply_in_chroot(wrapper, root))
+    assert failed["ok"] is False and failed["summary"].startswith(
+        "cloud-init module(s) failed: write_files: IsADirectoryError"), failed["summary"]
+    assert (root / "home/alice/notes.txt").exists()
+    (root / "srv/hello.txt").rmdir()
+
+    again = result_of(apply_in_chroot(wrapper, root))
+    assert again["ok"] and again["data"]["already_done"] == [
+        "cloudinit.document.write_files[1]", "cloudinit.document.users[0].ssh_authorized_keys",
+        "cloudinit.document.users[0].sudo"], again
+    assert (root / "srv/hello.txt").read_text() == "hello from the owner"
+    assert (root / "var/lib/imprint/cloud-config/applied").read_text() == DIGEST + "\n"

@@ -31,7 +31,8 @@ The allowlist is of keys, not modules: a key that is not listed is refused, what
 would act on it (a denylist would let every module cloud-init adds next release through). Each
 refusal names the field (``cloudinit.document.write_files[2].path``) and why. What the paths
 *resolve* to on the VM (links, a user's directory) is checked just before cloud-init runs, by
-:func:`check_paths`, since cloud-init follows links where it writes.
+:func:`check_paths`, since cloud-init follows links where it writes: the ``write_files`` paths,
+the users' homes, and the ``~/.ssh/authorized_keys`` it writes for ``users[].ssh_authorized_keys``.
 """
 
 from __future__ import annotations
@@ -395,23 +396,81 @@ assert set(CHECKS) == set(MODULES)
 
 
 # -- on the VM, just before cloud-init runs
-def check_paths(files: GuestRoot, document: dict[str, Any]) -> None:
+Part = tuple[str | int, ...]  # a place in the document: ("write_files", 1), ("users", 0, "sudo")
+MAX_USER_DB = 16 << 20  # /etc/passwd, /etc/group of the root
+RESUMED = (" (this apply resumes an interrupted run of the same document, and this is not as the document says: "
+           "it would be written again)")
+
+
+def account_db(files: GuestRoot, guest: str) -> dict[str, list[str]]:
+    """The entries of the root's ``/etc/passwd`` or ``/etc/group`` by name: the local accounts
+    that cloud-init's ``pwd``/``grp`` lookups see in the chroot (read bounded, no link followed)."""
+    try:
+        data = files.read(guest, limit=MAX_USER_DB)
+    except FileRefused as exc:
+        raise BackendError(f"cannot read the user database: {exc}") from None
+    entries: dict[str, list[str]] = {}
+    for line in (data or b"").decode(errors="replace").splitlines():
+        fields = line.split(":")
+        entries.setdefault(fields[0], fields)
+    return entries
+
+
+def user_items(document: dict[str, Any]) -> list[tuple[Part, dict[str, Any]]]:
+    """The users the document configures as objects (``users[i]``, ``user``), where each is."""
+    items: list[tuple[Part, dict[str, Any]]] = [
+        (("users", i), item) for i, item in enumerate(document.get("users") or []) if isinstance(item, dict)]
+    if isinstance(document.get("user"), dict):
+        items.append((("user",), document["user"]))
+    return items
+
+
+def home_of(item: dict[str, Any], passwd: dict[str, list[str]]) -> str:
+    """Where cloud-init puts the user's keys: her home if she exists, else the one useradd makes."""
+    name = item["name"]
+    entry = passwd.get(name)
+    if entry is not None and len(entry) == 7:
+        return entry[5]
+    return str(item.get("homedir") or f"/home/{name}")
+
+
+def check_paths(files: GuestRoot, document: dict[str, Any], *, done: frozenset[Part] = frozenset(),
+                resumed: bool = False) -> None:
     """Where each path of the document leads on the VM: cloud-init writes as root and follows
     links, so a path whose existing part crosses a user's directory (where she could put a
-    link between this check and the write) or resolves into a protected place is refused."""
+    link between this check and the write) or resolves into a protected place is refused. The
+    keys of ``users[].ssh_authorized_keys`` are such a path too (cloud-init 22.4 writes
+    ``~/.ssh/authorized_keys`` as root and follows a link there). ``done``: the parts an
+    interrupted run of this document finished, which cloud-init is not given again."""
+    hint = RESUMED if resumed else ""
     targets = [(where("write_files", i, "path"), item["path"])
-               for i, item in enumerate(document.get("write_files") or [])]
-    for i, item in enumerate(document.get("users") or []):
-        if isinstance(item, dict) and "homedir" in item:
-            targets.append((where("users", i, "homedir"), item["homedir"]))
+               for i, item in enumerate(document.get("write_files") or []) if ("write_files", i) not in done]
+    targets += [(where(*part, "homedir"), item["homedir"]) for part, item in user_items(document) if "homedir" in item]
     for field, path in targets:
         try:
             resolved, users = files.resolve(path)
         except FileRefused as exc:
-            raise _fail(field, f"{path!r}: {exc}") from None
+            raise _fail(field, f"{path!r}: {exc}; refused{hint}") from None
         if users:
             raise _fail(field, f"{path!r} is in a directory that uid {min(users)} controls: cloud-init would follow "
-                               "a link she puts there; refused")
+                               f"a link she puts there; refused{hint}")
         why = protected(resolved)
         if why is not None:
             raise _fail(field, f"{path!r} leads to {resolved} ({why}); refused")
+    passwd: dict[str, list[str]] | None = None
+    for part, item in user_items(document):
+        if not item.get("ssh_authorized_keys") or (*part, "ssh_authorized_keys") in done:
+            continue
+        field = where(*part, "ssh_authorized_keys")
+        if not isinstance(item.get("name"), str):
+            raise _fail(field, f"needs {where(*part, 'name')}: the keys go to the home of the user it names")
+        passwd = account_db(files, "/etc/passwd") if passwd is None else passwd
+        keys = posixpath.join(home_of(item, passwd), ".ssh/authorized_keys")
+        try:
+            _, users = files.resolve(keys)
+        except FileRefused as exc:
+            raise _fail(field, f"go to {keys!r}: {exc}; refused{hint}") from None
+        if users:
+            raise _fail(field, f"go to {keys!r}, in a directory that uid {min(users)} controls: cloud-init writes "
+                               f"them as root and would follow a link she puts there; refused{hint}; the [ssh] "
+                               "backend adds keys for an existing user without following her links")
