@@ -242,9 +242,9 @@ class _Session:
                 code = AlertCode(message.code)
             except ValueError:
                 code = AlertCode.INTERNAL
-            # The peer's words reach terminals and logs: one line of printable ASCII, every other
-            # byte escaped visibly (latin-1 maps each byte to one character, so \xNN is the byte).
-            text = printable(message.detail.decode("latin-1"))
+            # The peer's words reach terminals and logs: one printable line, every non-printable
+            # character escaped visibly; bytes that are not UTF-8 read as \xNN.
+            text = printable(message.detail.decode("utf-8", "backslashreplace"))
             raise RemoteProtocolError(code, f"peer refused: {text}", from_peer=True)
         handler, next_state = self._step(message.TYPE)
         events: list[Event] = getattr(self, handler)(message, body)
