@@ -10,7 +10,7 @@
 #           - tests/test_dependency_range.py: it builds its own clean venv with the newest
 #             releases whichever interpreter runs it, so a second run proves nothing new;
 #           - the kill -9 tests of the backend applies (tests/test_crashpoints.py, ssh, x509,
-#             kerberos, cloudinit: about 2 minutes on 2 cores): they test the backends
+#             kerberos, cloudinit: about 2 minutes on 2 cores): they test the backends'
 #             durable writes, which use no declared dependency; the backends' own tests
 #             (tests/test_backend_*.py, cryptography in x509 included) and the kill -9 tests of
 #             the bind (owner store, TLS, crypto, requests) do run here.
