@@ -74,6 +74,31 @@ def _vm_hwm(pid: int) -> int:
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return 0
+    return _hwm_bytes(status)
+
+
+# The agent reports its own VmHWM when it exits: wait4's ru_maxrss would include the RSS of the
+# pytest process it was forked from (Linux carries the pre-exec high-water mark into it).
+_HWM_PRELUDE = """
+import atexit, runpy, sys
+_out = sys.argv.pop(1)
+def _report():
+    with open("/proc/self/status") as status, open(_out, "w") as out:
+        out.write(next(line for line in status if line.startswith("VmHWM:")))
+atexit.register(_report)
+sys.argv[0] = "imprint-agent"
+runpy.run_module("imprint.guest", run_name="__main__")
+"""
+
+
+def _reported_hwm(path: Path) -> int:
+    try:
+        return _hwm_bytes(path.read_text())
+    except OSError:
+        return 0  # killed (after READY, sampled then) or never got that far
+
+
+def _hwm_bytes(status: str) -> int:
     match = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
     return int(match.group(1)) * 1024 if match else 0
 
@@ -87,7 +112,8 @@ def run_agent(root: Path, *extra: str, env: dict[str, str] | None = None) -> Out
     log_path = root.parent / f"{root.name}-agent.log"
     environment = {**os.environ, **(env or {}), "NOTIFY_SOCKET": sock_path, "PYTHONUNBUFFERED": "1"}
     environment.pop("CREDENTIALS_DIRECTORY", None)
-    command = [sys.executable, "-m", "imprint.guest", "run", "--root", str(root), "--listen", "127.0.0.1:0",
+    hwm_file = Path(sock_dir) / "hwm"
+    command = [sys.executable, "-c", _HWM_PRELUDE, str(hwm_file), "run", "--root", str(root), "--listen", "127.0.0.1:0",
                "--announce-interval", "3600", *extra]
     started = time.monotonic()
     with log_path.open("wb") as log:
@@ -115,14 +141,15 @@ def run_agent(root: Path, *extra: str, env: dict[str, str] | None = None) -> Out
         elapsed = time.monotonic() - started
         if not exited:  # through the pidfd: Popen.kill() would poll(), reaping it before wait4
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-        _, status, usage = os.wait4(proc.pid, 0)
+        _, status, _ = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
     finally:
         os.close(pidfd)
         notify.close()
+        hwm = max(hwm, _reported_hwm(hwm_file))
         shutil.rmtree(sock_dir, ignore_errors=True)
     return Outcome(ready=ready, timed_out=not (ready or exited), returncode=proc.returncode,
-                   peak_rss=max(hwm, usage.ru_maxrss * 1024), elapsed=elapsed, log=log_path.read_text())
+                   peak_rss=hwm, elapsed=elapsed, log=log_path.read_text())
 
 
 def assert_prompt(outcome: Outcome) -> None:
