@@ -258,8 +258,11 @@ def assert_bound_and_clean(world: World, *extra_dirs: Path) -> None:
         assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
         pin = db.execute("SELECT state, vm_fingerprint FROM pins WHERE vm = ?", (VM,)).fetchone()
         token = db.execute("SELECT state FROM tokens WHERE vm = ? ORDER BY id DESC LIMIT 1", (VM,)).fetchone()
+        outcomes = [row[0] for row in db.execute("SELECT outcome FROM audit WHERE vm = ? AND action = 'bind'", (VM,))]
     finally:
         db.close()
+    # The "bound" entry is written in the pin's own transaction: no kill can bind without it.
+    assert outcomes.count("bound") == 1, f"the audit log's bind outcomes are {outcomes}"
     assert pin is not None and pin[0] == "bound", f"the owner's pin is {pin}"
     assert token == ("consumed",), f"the owner's token is {token} after the bind"
     status = world.owner_run("status", VM, "--address", world.address, "--json")

@@ -56,8 +56,11 @@ def bind(home: OwnerHome, store: Store, vm: str, address: str, vm_token_text: st
         if store.vm_exists(vm):
             store.audit(vm, "bind", address, type(exc).__name__, str(exc))
         raise
-    store.audit(vm, "bind", address, "bound", f"VM key {result.vm_fingerprint}, {result.mode} mode")
-    return result
+    return result  # audited "bound" by confirm_pin, in the pin's own transaction
+
+
+def _bound_detail(result: BindResult) -> str:
+    return f"VM key {result.vm_fingerprint}, {result.mode} mode"
 
 
 def _bind(home: OwnerHome, store: Store, vm: str, address: str, vm_token_text: str | None) -> BindResult:
@@ -79,7 +82,8 @@ def _bind(home: OwnerHome, store: Store, vm: str, address: str, vm_token_text: s
         else:
             result = _result(vm, address, pin.mode, pin.vm_cert_pem, owner_key, status,
                              ["recovered: the key pinned by an earlier exchange answered over mutual TLS"])
-            store.confirm_pin(vm, address)  # also spends the token: the VM consumed it when it pinned us
+            # Also spends the token: the VM consumed it when it pinned us.
+            store.confirm_pin(vm, address, audit_detail=_bound_detail(result))
             return result
 
     row = store.current_token(vm)
@@ -117,7 +121,7 @@ def _bind(home: OwnerHome, store: Store, vm: str, address: str, vm_token_text: s
                         "channel") from None
     proved.append("mutual TLS 1.3: the VM accepted only this owner's key and showed only the pinned VM key")
     result = _result(vm, address, token.mode.value, vm_cert_pem, owner_key, status, proved)
-    store.confirm_pin(vm, address)
+    store.confirm_pin(vm, address, audit_detail=_bound_detail(result))
     return result
 
 

@@ -90,7 +90,6 @@ def cmd_token_new(home: OwnerHome, args: argparse.Namespace) -> int:
         note = "not secret: it is the hash of your owner key; the site needs integrity only"
     text = token.encode()
     store.issue_token(name, args.mode, token.token_id.hex(), text)
-    store.audit(name, "token", None, "issued", f"{args.mode} token id {token.token_id.hex()}")
     _emit(args, {"vm": name, "mode": args.mode, "token_id": token.token_id.hex(), "token": text},
           [f"{args.mode} token for {name} (id {token.token_id.hex()}; {note})",
            "the site builds the boot-channel artefact with: imprint-site seed --channel NAME --token-file FILE",

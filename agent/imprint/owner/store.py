@@ -157,6 +157,7 @@ class Store:
         return [row[0] for row in self._db.execute("SELECT name FROM vms ORDER BY name")]
 
     def issue_token(self, vm: str, mode: str, token_id: str, token_text: str) -> None:
+        """A new token for ``vm``, superseding (and wiping) any issued one; audited with it."""
         now = time.time()
         with self.transaction() as db:
             db.execute("INSERT OR IGNORE INTO vms (name, created_at) VALUES (?, ?)", (vm, now))
@@ -170,6 +171,7 @@ class Store:
                 "VALUES (?, ?, ?, ?, 'issued', ?)",
                 (vm, mode, token_id, token_text, now),
             )
+            _insert_audit(db, vm, "token", None, "issued", f"{mode} token id {token_id}")
         self._checkpoint()  # a superseded K was wiped
 
     def current_token(self, vm: str) -> TokenRow | None:
@@ -202,7 +204,7 @@ class Store:
             _consume_tokens(db, vm)
         self._checkpoint()
 
-    def confirm_pin(self, vm: str, address: str | None = None) -> None:
+    def confirm_pin(self, vm: str, address: str | None = None, *, audit_detail: str | None = None) -> None:
         """The pinned mutual-TLS channel answered (at ``address``, if given) with the exchanged
         keys: the pin is final, and every token issued for the VM is spent with it, in the same
         transaction. A VM binds once, and the pinned channel proves this one did: a bind recovered
@@ -212,6 +214,8 @@ class Store:
             db.execute("UPDATE pins SET state = 'bound', pinned_at = ?, address = COALESCE(?, address) "
                        "WHERE vm = ?", (time.time(), address, vm))
             _consume_tokens(db, vm)
+            if audit_detail is not None:  # in the same transaction: a kill -9 cannot lose the "bound" entry
+                _insert_audit(db, vm, "bind", address, "bound", audit_detail)
         self._checkpoint()
 
     def update_address(self, vm: str, address: str) -> None:
@@ -228,10 +232,7 @@ class Store:
 
     # -- audit
     def audit(self, vm: str, action: str, address: str | None, outcome: str, detail: str) -> None:
-        self._db.execute(
-            "INSERT INTO audit (at, vm, action, address, outcome, detail) VALUES (?, ?, ?, ?, ?, ?)",
-            (time.time(), vm, action, address, outcome, detail),
-        )
+        _insert_audit(self._db, vm, action, address, outcome, detail)
 
     def audit_log(self, vm: str | None = None) -> list[AuditRow]:
         query = "SELECT id, at, vm, action, address, outcome, detail FROM audit"
@@ -245,3 +246,9 @@ def _consume_tokens(db: sqlite3.Connection, vm: str) -> None:
         "UPDATE tokens SET state = 'consumed', token_text = NULL, closed_at = ? WHERE vm = ? AND state = 'issued'",
         (time.time(), vm),
     )
+
+
+def _insert_audit(db: sqlite3.Connection, vm: str, action: str, address: str | None, outcome: str,
+                  detail: str) -> None:
+    db.execute("INSERT INTO audit (at, vm, action, address, outcome, detail) VALUES (?, ?, ?, ?, ?, ?)",
+               (time.time(), vm, action, address, outcome, detail))
