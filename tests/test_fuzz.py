@@ -31,8 +31,7 @@ HAVE_ATHERIS = importlib.util.find_spec("atheris") is not None
 # Crash inputs found in code this file's owner does not own, until the owner's fix lands:
 # "<target>/<file>" -> who and what. Strict: once fixed, the replay passes, the xfail fails, and
 # the entry must go (the input stays in crashes/ as the regression test).
-KNOWN_OPEN: dict[str, str] = {
-}
+KNOWN_OPEN: dict[str, str] = {}
 
 
 def _replay_params() -> list[object]:
@@ -122,7 +121,9 @@ def test_fuzz_briefly(name: str, tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "tests.fuzz.run", name, f"-max_total_time={FUZZ_SECONDS}", f"-runs={FUZZ_RUNS}",
            f"-artifact_prefix={crashes}/", str(work), str(run.corpus_dir(name))]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    found = sorted(crashes.iterdir()) if crashes.is_dir() else []
+    # A slow unit (one input over 10 s) is libFuzzer's note, not a failure: on 2 shared cores a
+    # heavy input can get there; the campaign table lists them.
+    found = sorted(p for p in crashes.iterdir() if not p.name.startswith("slow-unit-")) if crashes.is_dir() else []
     detail = "\n".join(f"{p.name}: base64 {base64.b64encode(p.read_bytes()[:4096]).decode()}" for p in found)
     assert result.returncode == 0 and not found, (
         f"fuzzing {name} exited {result.returncode}; save each input below as tests/fuzz/crashes/{name}/<name> "

@@ -6,7 +6,9 @@ Each target runs through tests.fuzz.run, one at a time (libFuzzer uses one core 
 seed corpus in a fresh working corpus, so the figures are what the repository's seeds give in that
 time. Crashes are written to tests/fuzz/crashes/<name>/ as in any run. Prints one Markdown row per
 target: executions, seconds, coverage (libFuzzer's cov: edges and ft: features at the end),
-corpus size, peak RSS and the crash files written. ``--keep DIR`` keeps the grown corpora (to merge
+corpus size, peak RSS, the crash files written (crash-, timeout-, oom-, leak-) and the slow units
+(``slow-unit-``: one input that took over libFuzzer's -report_slow_units, 10 s by default; not a
+failure, but worth a look in a parser that faces hostile bytes). ``--keep DIR`` keeps the grown corpora (to merge
 the useful ones into the seeds with -merge=1).
 """
 
@@ -27,8 +29,8 @@ _DONE = re.compile(r"Done (\d+) runs in (\d+) second")
 
 
 def campaign(names: list[str], flags: list[str], keep: Path | None) -> list[str]:
-    rows = ["| target | executions | seconds | exec/s | cov | ft | corpus | rss MB | exit | crashes |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    rows = ["| target | executions | seconds | exec/s | cov | ft | corpus | rss MB | exit | crashes | slow units |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for name in names:
         with tempfile.TemporaryDirectory(prefix=f"imprint-campaign-{name}-") as scratch:
             work = (keep / name) if keep else Path(scratch)
@@ -45,10 +47,12 @@ def campaign(names: list[str], flags: list[str], keep: Path | None) -> list[str]
         if done:
             execs = done.group(1)
         after = set(crashes.iterdir()) if crashes.is_dir() else set()
-        new = sorted(p.name for p in after - before)
+        new = sorted(p.name for p in after - before if not p.name.startswith("slow-unit-"))
+        slow = sorted(p.name for p in after - before if p.name.startswith("slow-unit-"))
         rate = f"{int(execs) / elapsed:.0f}" if execs.isdigit() and elapsed else "?"
         rows.append(f"| {name} | {execs} | {elapsed:.0f} | {rate} | {cov} | {ft} | {corpus} | {rss} | "
-                    f"{result.returncode} | {len(new)}{': ' + ', '.join(new) if new else ''} |")
+                    f"{result.returncode} | {len(new)}{': ' + ', '.join(new) if new else ''} | "
+                    f"{len(slow)}{': ' + ', '.join(slow) if slow else ''} |")
         print(rows[-1], flush=True)
         if result.returncode != 0:
             print(result.stderr[-4000:], file=sys.stderr)
@@ -69,7 +73,8 @@ def main(argv: list[str]) -> int:
         return 2
     rows = campaign(names, flags, keep)
     print("\n".join(rows))
-    return 0 if all(row.endswith("| 0 | 0 |") for row in rows[2:]) else 1
+    columns = [[c.strip() for c in row.strip("|").split("|")] for row in rows[2:]]
+    return 0 if all(c[8] == "0" and c[9] == "0" for c in columns) else 1  # exit and crashes
 
 
 if __name__ == "__main__":
