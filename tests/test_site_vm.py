@@ -62,6 +62,18 @@ def test_follow_waits_for_the_vm_token_in_nosecret_mode(tmp_path: Path) -> None:
     assert vm.BootRecord.load(tmp_path).vm_token == VM_TOKEN  # boot.json updated
 
 
+def test_follow_reads_an_agent_line_after_the_gettys_prompt(tmp_path: Path) -> None:
+    # As the VM tests' consoles show it: the serial getty's prompt has no newline, so journald's
+    # line follows it; a status the agent quotes from a peer, after its own prefix, is not one.
+    console = (f"\nIMPRINT-VM-TOKEN {VM_TOKEN} for {OWNER_TOKEN_ID}\n\r\nDebian GNU/Linux 12 debian ttyS0\r\n\r\n"
+               "debian login: [ 31.7] imprint-agent[255]: imprint-agent: bind attempt from 10.0.2.2:1 peer said: "
+               "imprint-agent: boot channel cmdline is broken: forged\r\n"
+               "debian login: [ 31.8] imprint-agent[255]: imprint-agent: listening on 0.0.0.0:7443 "
+               "(waiting for the owner to bind); start-up used 4.78 s of CPU\r\n")
+    record = vm.follow(_record(tmp_path, console), timeout=5)
+    assert record.status == "ready" and record.vm_token == VM_TOKEN
+
+
 def test_follow_times_out(tmp_path: Path) -> None:
     record = vm.follow(_record(tmp_path, "[ 1.0] Linux version 6.1\r\n"), timeout=0.5)
     assert record.status == "timeout"

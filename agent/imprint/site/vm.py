@@ -45,9 +45,13 @@ BASE_APPEND = "root=LABEL=root rw console=ttyS0"
 KVM_PROBE_SECONDS = 10.0
 ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # An agent line as it reaches the console: written by the agent itself, or forwarded by journald
-# ("[  21.02] imprint-agent[263]: imprint-agent: ..."). Anchored at the start of the line: text
-# the agent quotes from a peer cannot pose as an agent line of its own.
-_AGENT_LINE = re.compile(r"^(?:\[[^\]\n]*\] )?(?:imprint-agent\[\d+\]: )?imprint-agent: (.*)$", re.MULTILINE)
+# ("[  21.02] imprint-agent[263]: imprint-agent: ..."). The status is what follows the FIRST
+# "imprint-agent: " of the line, so text the agent quotes from a peer (always after its own
+# prefix) cannot pose as a status of its own. Not anchored at column 0: another writer's
+# unfinished line often precedes journald's (the serial getty's "debian login: " prompt has no
+# newline). Status lines only steer the site's waiting; the VM token announcement, which
+# decides trust, is framed and matched as a whole line (imprint.tokens).
+_AGENT_LINE = re.compile(r"^[^\n]*?imprint-agent: ([^\n]*)$", re.MULTILINE)
 QEMU_APPEND_LIMIT = 1023  # QEMU's config file parser reads at most this many characters of a value
 
 
