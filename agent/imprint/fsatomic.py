@@ -34,22 +34,24 @@ def temp_name(name: str, pid: int) -> str:
     return f".{name}{TEMP_MARK}{pid}"
 
 
-def _remove_stale_temps(dir_fd: int, name: str) -> None:
-    """Temp files of ``name`` that a crash left between write and rename, by writers that are
-    gone (a live writer's temp, e.g. a second `imprint` process, is left alone)."""
+def remove_stale_temps_at(dir_fd: int, name: str) -> None:
+    """Temp files of ``name`` in the opened directory that a crash left between write and rename,
+    by writers that are gone, or that are no writer's at all (a name no PID ends, planted by a
+    user in her directory): unlinking a name in the opened directory is harmless whatever it
+    points at. A live writer's temp (e.g. a second `imprint` process) is left alone."""
     prefix = f".{name}{TEMP_MARK}"
     with contextlib.suppress(OSError), os.scandir(dir_fd) as entries:
         for entry in entries:
-            pid = entry.name[len(prefix):]
-            if not entry.name.startswith(prefix) or not pid.isdigit() or entry.is_dir(follow_symlinks=False):
+            if not entry.name.startswith(prefix) or entry.is_dir(follow_symlinks=False):
                 continue
-            if int(pid) != os.getpid() and _alive(int(pid)):
+            pid = entry.name[len(prefix):]
+            if pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid)):
                 continue
             with contextlib.suppress(OSError):
                 os.unlink(entry.name, dir_fd=dir_fd)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -71,7 +73,7 @@ def remove_stale_temps(directory: Path) -> None:
     dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
         for name in names:
-            _remove_stale_temps(dir_fd, name)
+            remove_stale_temps_at(dir_fd, name)
     finally:
         os.close(dir_fd)
 
@@ -95,7 +97,7 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o600, sync_dir: bool =
     flags = os.O_RDONLY | os.O_DIRECTORY | (os.O_NOFOLLOW if dir_nofollow else 0)
     dir_fd = os.open(path.parent, flags)
     try:
-        _remove_stale_temps(dir_fd, path.name)
+        remove_stale_temps_at(dir_fd, path.name)
         tmp = temp_name(path.name, os.getpid())
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode, dir_fd=dir_fd)
         try:

@@ -72,7 +72,7 @@ from typing import Any, TypeVar
 from imprint.backends import BackendContext, BackendError, BackendResult, check_keys, cloudpolicy, get_typed
 from imprint.backends.cloudpolicy import Part
 from imprint.backends.rootfs import _READ_FLAGS, FileRefused, GuestRoot, Parent, read_bounded
-from imprint.fsatomic import TEMP_MARK, _alive
+from imprint.fsatomic import TEMP_MARK, pid_alive
 
 PYTHON = "/usr/bin/python3"
 STATE = "/var/lib/imprint/cloud-config/applied"
@@ -301,7 +301,7 @@ def _sweep_scratch(files: GuestRoot) -> None:
         stale: list[str] = []
         with contextlib.suppress(OSError), os.scandir(parent.fd) as entries:
             stale = [e.name for e in entries if not e.is_dir(follow_symlinks=False)
-                     and (m := SCRATCH_RE.match(e.name)) is not None and not _alive(int(m.group(1)))]
+                     and (m := SCRATCH_RE.match(e.name)) is not None and not pid_alive(int(m.group(1)))]
         for name in stale:
             with contextlib.suppress(OSError):
                 os.unlink(name, dir_fd=parent.fd)

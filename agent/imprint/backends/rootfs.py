@@ -44,7 +44,7 @@ from pathlib import Path
 
 from imprint.boundedio import InputError, read_fd
 from imprint.faults import crashpoint
-from imprint.fsatomic import TEMP_MARK, temp_name
+from imprint.fsatomic import remove_stale_temps_at, temp_name
 
 MAX_FILE = 1 << 20  # the default bound of a read: every file a backend reads is a config, key or keytab
 MAX_HOPS = 32
@@ -406,7 +406,7 @@ def write_at(parent: Parent, name: str, data: bytes, *, mode: int, uid: int | No
         raise FileRefused(f"{where} is a symlink; refusing to write through it")
     if st is not None and not stat.S_ISREG(st.st_mode):
         raise FileRefused(f"{where} exists and is {kind(st.st_mode)}, not a regular file")
-    _remove_temps(parent.fd, name)
+    remove_stale_temps_at(parent.fd, name)
     tmp = temp_name(name, os.getpid())
     try:
         # O_EXCL: a name planted since the sweep (a hard link to /etc/shadow) fails the create, never
@@ -440,27 +440,3 @@ def write_at(parent: Parent, name: str, data: bytes, *, mode: int, uid: int | No
     except OSError as exc:
         raise FileRefused(f"cannot sync the directory of {where}: {exc.strerror}") from None
     crashpoint(f"{point}.synced")
-
-
-def _remove_temps(dir_fd: int, name: str) -> None:
-    """Temp files of ``name`` left by an earlier writer that crashed (or planted by a user):
-    unlinking a name in the opened directory is harmless whatever it points at."""
-    prefix = f".{name}{TEMP_MARK}"
-    with contextlib.suppress(OSError), os.scandir(dir_fd) as entries:
-        for entry in entries:
-            if entry.name.startswith(prefix) and not entry.is_dir(follow_symlinks=False):
-                pid = entry.name[len(prefix):]
-                if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
-                    continue  # another live writer's (the agent runs one apply at a time; a test may not)
-                with contextlib.suppress(OSError):
-                    os.unlink(entry.name, dir_fd=dir_fd)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
