@@ -249,9 +249,12 @@ GARBAGE_SERVERS: list[tuple[str, bytes]] = [
 def test_plain_tcp_server_sending_garbage_fails_clearly(owner: Owner, kind: str, garbage: bytes) -> None:
     def serve(conn: socket.socket) -> None:
         assert conn.recv(4096)[:1] == b"\x16"  # the CLI's ClientHello arrived
-        conn.sendall(garbage)
-        conn.shutdown(socket.SHUT_WR)
-        drain(conn)  # close only after the client did: no reset, the CLI reads all the garbage
+        # The CLI may refuse on the first bytes and close before the rest is sent: then this
+        # side's send or shutdown fails (EPIPE, ENOTCONN), which is the CLI being quick, not wrong.
+        with contextlib.suppress(OSError):
+            conn.sendall(garbage)
+            conn.shutdown(socket.SHUT_WR)
+            drain(conn)  # close only after the client did: no reset, the CLI reads all the garbage
 
     owner.token("web1", "shared")
     with one_shot_server(serve) as port:
