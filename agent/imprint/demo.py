@@ -71,9 +71,15 @@ def _run_mode(mode: str, home: Path, work: Path) -> None:
         print(f"   imprint-agent read the token, made its key and listens on {agent.address}")
         bind_args = ["bind", name, "--address", agent.address]
         if mode == "nosecret":
-            line = (root / "dev" / "console").read_text().strip().splitlines()[-1]
+            from imprint import tokens
+            from imprint.site import reverse
+
+            # What the site does: only the agent's whole announcement line counts (imprint-site reverse).
+            answers = tokens.parse(token).token_id.hex()
+            vm_token = reverse.extract(root / "dev" / "console", answers=answers)
+            line = tokens.vm_token_line(vm_token, tokens.parse(token))
             print(f"   the VM printed on its console, and the site relays it to the owner:\n     {line}")
-            bind_args += ["--vm-token", line.split()[-1]]
+            bind_args += ["--vm-token", vm_token.encode()]
         _say(f"{mode} mode: the owner binds; the exchange runs inside TLS 1.3 bound to the VM's certificate")
         _owner(home, *bind_args)
         print("   what the agent proved and recorded:")
