@@ -61,9 +61,9 @@ CRASH = textwrap.dedent("""
     os.replace = replace
     import json
     from imprint import backends
-    from imprint.guest.paths import GuestPaths
+    from imprint.guest.distro import Distro
     backends.BUILTIN.update(json.loads(sys.argv[3]))
-    print(backends.run_backend(GuestPaths(Path(sys.argv[1])), sys.argv[4], json.loads(sys.argv[5])))
+    print(backends.run_backend(Distro(Path(sys.argv[1])), sys.argv[4], json.loads(sys.argv[5])))
 """)
 
 

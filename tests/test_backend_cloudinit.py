@@ -27,7 +27,7 @@ import pytest
 from imprint.backends import run_backend
 from imprint.faults import TARGET_ENV, TRACE_ENV
 from imprint.fsatomic import TEMP_MARK
-from imprint.guest.paths import GuestPaths
+from imprint.guest.distro import Distro
 
 from tests.conftest import AgentFactory, Owner
 from tests.sshkit import seed_root
@@ -128,7 +128,7 @@ def test_bind_then_cloud_init_applies_write_files_and_users(agents: AgentFactory
 
 
 def apply_doc(root: Path, config: dict[str, Any]) -> dict[str, Any]:
-    result = run_backend(GuestPaths(root), "cloudinit", config)
+    result = run_backend(Distro(root), "cloudinit", config)
     json.dumps(result)
     return result
 
@@ -300,8 +300,8 @@ DIGEST = hashlib.sha256(DOCUMENT.encode()).hexdigest()
 CHILD = """import json, sys
 from pathlib import Path
 from imprint.backends import run_backend
-from imprint.guest.paths import GuestPaths
-print(json.dumps(run_backend(GuestPaths(Path(sys.argv[1])), "cloudinit", json.loads(sys.argv[2]))))
+from imprint.guest.distro import Distro
+print(json.dumps(run_backend(Distro(Path(sys.argv[1])), "cloudinit", json.loads(sys.argv[2]))))
 """
 
 

@@ -16,7 +16,7 @@ import pytest
 from imprint import backends
 from imprint.backends import BackendContext, BackendError, apply_document, load, run_backend
 from imprint.fsatomic import write_atomic
-from imprint.guest.paths import GuestPaths
+from imprint.guest.distro import Distro
 
 from tests.backend_samples import SAMPLES, crash_between_write_and_rename
 from tests.conftest import AgentFactory, Owner
@@ -29,7 +29,7 @@ def samples(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _ctx(root: Path) -> BackendContext:
-    return BackendContext(name="test", paths=GuestPaths(root), log=backends.log)
+    return BackendContext(name="test", paths=Distro(root), log=backends.log)
 
 
 def _identity(path: Path) -> tuple[int, int, int, int]:
@@ -71,7 +71,7 @@ def test_each_failure_is_reported_and_the_others_still_run(tmp_path: Path, sampl
         "Bad Name": {},
         "note": {"text": "hello"},
     }
-    results = apply_document(GuestPaths(tmp_path), document)["results"]
+    results = apply_document(Distro(tmp_path), document)["results"]
     assert list(results) == list(document)
     reasons = {name: r["summary"] for name, r in results.items() if not r["ok"]}
     assert reasons["refuses"] == "refuses.reason: this backend always refuses"
@@ -89,7 +89,7 @@ def test_each_failure_is_reported_and_the_others_still_run(tmp_path: Path, sampl
 
 
 def test_config_errors_name_the_field(tmp_path: Path, samples: None) -> None:
-    paths = GuestPaths(tmp_path)
+    paths = Distro(tmp_path)
     assert run_backend(paths, "note", {"txt": "x"})["summary"] == "note: unknown key(s) txt; known: mode, text"
     assert run_backend(paths, "note", {"text": 3})["summary"] == "note.text must be str, not int"
     assert run_backend(paths, "note", {"text": "x", "mode": True})["summary"] == \
@@ -99,7 +99,7 @@ def test_config_errors_name_the_field(tmp_path: Path, samples: None) -> None:
 
 
 def test_running_twice_changes_nothing(tmp_path: Path, samples: None) -> None:
-    paths = GuestPaths(tmp_path)
+    paths = Distro(tmp_path)
     first = run_backend(paths, "note", {"text": "one"})
     assert first["changed"] is True and first["changes"] == [f"created {tmp_path}/etc", f"wrote {tmp_path}/etc/note"]
     before = _identity(tmp_path / "etc/note")
@@ -151,7 +151,7 @@ def test_context_refuses_symlinks(tmp_path: Path) -> None:
 
 def test_a_failure_between_write_and_rename_leaves_the_old_file(tmp_path: Path, samples: None,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    paths = GuestPaths(tmp_path)
+    paths = Distro(tmp_path)
     assert run_backend(paths, "note", {"text": "old"})["ok"]
 
     def failing_replace(*args: object, **kwargs: object) -> None:
@@ -166,7 +166,7 @@ def test_a_failure_between_write_and_rename_leaves_the_old_file(tmp_path: Path, 
 
 
 def test_a_crash_between_write_and_rename_leaves_the_old_file(tmp_path: Path, samples: None) -> None:
-    paths = GuestPaths(tmp_path)
+    paths = Distro(tmp_path)
     assert run_backend(paths, "note", {"text": "old"})["ok"]
     crash_between_write_and_rename(tmp_path, "note", "note", {"text": "new"})
     assert (tmp_path / "etc/note").read_text() == "old"

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from imprint.backends import run_backend
 from imprint.backends.kerberos import merge_keytabs, parse_keytab, serialize_keytab
-from imprint.guest.paths import GuestPaths
+from imprint.guest.distro import Distro
 
 from tests.backend_samples import crash_between_write_and_rename
 from tests.conftest import AgentFactory, Owner
@@ -53,7 +53,7 @@ def klist(path: Path) -> list[tuple[int, str, str]]:
 
 
 def apply_kerberos(root: Path, config: dict[str, Any]) -> dict[str, Any]:
-    result = run_backend(GuestPaths(root), "kerberos", config)
+    result = run_backend(Distro(root), "kerberos", config)
     json.dumps(result)
     return result
 

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from imprint.backends import run_backend
 from imprint.backends.rootfs import MAX_HOPS, FileRefused, GuestRoot
-from imprint.guest.paths import GuestPaths
+from imprint.guest.distro import Distro
 
 from tests.sshkit import keygen, needs_root, seed_root
 
@@ -30,8 +30,8 @@ CHILD = """
 import json, sys
 from pathlib import Path
 from imprint.backends import apply_document
-from imprint.guest.paths import GuestPaths
-report = apply_document(GuestPaths(Path(sys.argv[1])), json.loads(sys.argv[2]))
+from imprint.guest.distro import Distro
+report = apply_document(Distro(Path(sys.argv[1])), json.loads(sys.argv[2]))
 # VmHWM, the peak RSS of this program (ru_maxrss would include the forking parent's, kept across exec).
 with open("/proc/self/status") as f:
     report["maxrss_kib"] = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
@@ -63,7 +63,7 @@ def apply_in_child(root: Path, document: dict[str, Any], python: str = sys.execu
 
 def alice(root: Path) -> tuple[int, int, Path]:
     """alice, created by the ssh backend: (uid, gid, her ~/.ssh)."""
-    assert run_backend(GuestPaths(root), "ssh", {"users": [{"name": "alice"}]})["ok"]
+    assert run_backend(Distro(root), "ssh", {"users": [{"name": "alice"}]})["ok"]
     fields = next(line.split(":") for line in (root / "etc/passwd").read_text().splitlines()
                   if line.startswith("alice:"))
     return int(fields[2]), int(fields[3]), root / "home/alice/.ssh"
@@ -115,7 +115,7 @@ def test_a_hard_link_to_shadow_is_not_read_or_handed_to_the_user(root: Path, key
     keys = ssh_dir / "authorized_keys"
     os.link(root / "etc/shadow", keys)  # what alice can do where fs.protected_hardlinks is 0
     shadow = (root / "etc/shadow").stat()
-    result = run_backend(GuestPaths(root), "ssh", {"users": [{"name": "alice", "authorized_keys": [key]}]})
+    result = run_backend(Distro(root), "ssh", {"users": [{"name": "alice", "authorized_keys": [key]}]})
     assert result["ok"] is False
     assert result["summary"] == (f"/home/alice/.ssh/authorized_keys is owned by uid 0, not by the user who controls "
                                  f"its directory (uid {uid}); refusing to read it"), result["summary"]
@@ -132,7 +132,7 @@ def test_her_own_hard_linked_file_is_refused_too(root: Path, key: str) -> None:
     mine.write_text("alice's notes\n")
     as_user(mine, uid, gid)
     os.link(mine, ssh_dir / "authorized_keys")
-    result = run_backend(GuestPaths(root), "ssh", {"users": [{"name": "alice", "authorized_keys": [key]}]})
+    result = run_backend(Distro(root), "ssh", {"users": [{"name": "alice", "authorized_keys": [key]}]})
     assert result["ok"] is False and result["summary"] == (
         "/home/alice/.ssh/authorized_keys has 2 hard links (it may be another file); refusing to read it")
 
@@ -145,14 +145,14 @@ def test_symlinks_from_authorized_keys_and_from_ssh_are_refused(root: Path, key:
     as_user(keys, uid, gid)
     before = (root / "etc/shadow").read_bytes()
     config = {"users": [{"name": "alice", "authorized_keys": [key]}]}
-    result = run_backend(GuestPaths(root), "ssh", config)
+    result = run_backend(Distro(root), "ssh", config)
     assert result["ok"] is False and result["summary"] == \
         "/home/alice/.ssh/authorized_keys is a symlink; refusing to follow it"
     keys.unlink()
     ssh_dir.rmdir()
     (root / "home/alice/.ssh").symlink_to(root / "etc")
     as_user(root / "home/alice/.ssh", uid, gid)
-    result = run_backend(GuestPaths(root), "ssh", config)
+    result = run_backend(Distro(root), "ssh", config)
     assert result["ok"] is False and result["summary"] == "/home/alice/.ssh is a symlink; refusing to follow it"
     assert (root / "etc/shadow").read_bytes() == before and not (root / "etc/authorized_keys").exists()
 
@@ -177,12 +177,12 @@ def test_a_profile_path_through_a_users_symlink_is_refused(root: Path) -> None:
     link = root / "home/alice/tls"
     link.symlink_to(root / "etc/ssl")
     as_user(link, uid, gid)
-    result = run_backend(GuestPaths(root), "x509", {"dns_names": ["vm"], "include_addresses": False,
+    result = run_backend(Distro(root), "x509", {"dns_names": ["vm"], "include_addresses": False,
                                                     "key_path": "/home/alice/tls/private/imprint.key"})
     assert result["ok"] is False and result["summary"] == (
         f"/home/alice/tls is a symlink in a directory that uid {uid} controls; refusing to follow it"), result
     assert list((root / "etc/ssl/private").iterdir()) == []
-    keytab = run_backend(GuestPaths(root), "kerberos", {"principals": ["host/vm@TEST"],
+    keytab = run_backend(Distro(root), "kerberos", {"principals": ["host/vm@TEST"],
                                                         "keytab_path": "/home/alice/tls/krb5.keytab"})
     assert keytab["ok"] is False and "/home/alice/tls is a symlink in a directory that uid" in keytab["summary"]
 
@@ -196,7 +196,7 @@ def test_a_root_symlink_resolves_inside_the_root(root: Path) -> None:
     (root / "etc/certs-abs").symlink_to(unique)
     (root / "etc/certs-rel").symlink_to("../../../../../.." + unique)
     for name in ("certs-abs", "certs-rel"):
-        result = run_backend(GuestPaths(root), "x509", {"dns_names": ["vm"], "include_addresses": False,
+        result = run_backend(Distro(root), "x509", {"dns_names": ["vm"], "include_addresses": False,
                                                         "key_path": f"/etc/{name}/{name}.key"})
         assert result["ok"], result["summary"]
         assert stat.S_IMODE((root / unique.lstrip("/") / f"{name}.key").stat().st_mode) == 0o600

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from imprint.backends import run_backend
-from imprint.guest.paths import GuestPaths
+from imprint.guest.distro import Distro
 
 from tests.backend_samples import crash_between_write_and_rename
 from tests.conftest import AgentFactory, Owner
@@ -39,7 +39,7 @@ def sshds(tmp_path: Path) -> Iterator[SshdFactory]:
 
 
 def apply_ssh(root: Path, config: dict[str, Any]) -> dict[str, Any]:
-    result = run_backend(GuestPaths(root), "ssh", config)
+    result = run_backend(Distro(root), "ssh", config)
     json.dumps(result)
     return result
 

@@ -21,7 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from imprint.backends import run_backend
-from imprint.guest.paths import GuestPaths
+from imprint.guest.distro import Distro
 from imprint.owner.apply import ApplyContext
 from imprint.owner.home import OwnerHome
 from imprint.owner.store import Store
@@ -301,7 +301,7 @@ def test_profile_addresses_are_single_hosts(owner: Owner) -> None:
 
 
 def apply_x509(root: Path, config: dict[str, Any]) -> dict[str, Any]:
-    result = run_backend(GuestPaths(root), "x509", config)
+    result = run_backend(Distro(root), "x509", config)
     json.dumps(result)
     return result
 

@@ -16,7 +16,7 @@ import pytest
 from imprint import metadisk, tokens
 from imprint.guest.channels import ChannelBroken, credentials, find_token, fwcfg
 from imprint.guest.channels import metadisk as metadisk_channel
-from imprint.guest.paths import GuestPaths
+from imprint.guest.distro import Distro
 
 GOOD = tokens.Token(tokens.TokenKind.SHARED, bytes(range(32)))
 OTHER = tokens.Token(tokens.TokenKind.SHARED, bytes(range(1, 33)))
@@ -34,8 +34,8 @@ def _corruptions(text: str) -> dict[str, tuple[str, str]]:
 
 
 @pytest.fixture
-def paths(tmp_path: Path) -> GuestPaths:
-    return GuestPaths(tmp_path)
+def paths(tmp_path: Path) -> Distro:
+    return Distro(tmp_path)
 
 
 def _site_seed(channel: str, token: str, out: Path) -> subprocess.CompletedProcess[str]:
@@ -45,12 +45,12 @@ def _site_seed(channel: str, token: str, out: Path) -> subprocess.CompletedProce
 
 # -- cmdline
 
-def _write_cmdline(paths: GuestPaths, text: str) -> None:
+def _write_cmdline(paths: Distro, text: str) -> None:
     paths.cmdline.parent.mkdir(parents=True, exist_ok=True)
     paths.cmdline.write_text(text)
 
 
-def test_cmdline_good_absent_and_site_fragment(paths: GuestPaths, tmp_path: Path) -> None:
+def test_cmdline_good_absent_and_site_fragment(paths: Distro, tmp_path: Path) -> None:
     assert find_token(paths) is None
     _write_cmdline(paths, "root=LABEL=root ro console=ttyS0\n")
     assert find_token(paths) is None
@@ -62,7 +62,7 @@ def test_cmdline_good_absent_and_site_fragment(paths: GuestPaths, tmp_path: Path
 
 
 @pytest.mark.parametrize("case", list(_corruptions(GOOD.encode())))
-def test_cmdline_corrupt(paths: GuestPaths, case: str) -> None:
+def test_cmdline_corrupt(paths: Distro, case: str) -> None:
     text, fault = _corruptions(GOOD.encode())[case]
     _write_cmdline(paths, f"ro imprint.token={text}\n")
     with pytest.raises(ChannelBroken, match=fault) as info:
@@ -71,13 +71,13 @@ def test_cmdline_corrupt(paths: GuestPaths, case: str) -> None:
     assert GOOD.encode()[10:] not in str(info.value)
 
 
-def test_cmdline_two_different_tokens(paths: GuestPaths) -> None:
+def test_cmdline_two_different_tokens(paths: Distro) -> None:
     _write_cmdline(paths, f"imprint.token={GOOD.encode()} imprint.token={OTHER.encode()}\n")
     with pytest.raises(ChannelBroken, match="2 times with different values"):
         find_token(paths)
 
 
-def test_vm_token_on_a_boot_channel_is_refused(paths: GuestPaths) -> None:
+def test_vm_token_on_a_boot_channel_is_refused(paths: Distro) -> None:
     vm_token = tokens.Token(tokens.TokenKind.VM, bytes(32))
     _write_cmdline(paths, f"imprint.token={vm_token.encode()}\n")
     with pytest.raises(ChannelBroken, match="VM token where the owner's token belongs"):
@@ -86,7 +86,7 @@ def test_vm_token_on_a_boot_channel_is_refused(paths: GuestPaths) -> None:
 
 # -- systemd credentials
 
-def test_credentials_from_system_dir_and_env(paths: GuestPaths, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_credentials_from_system_dir_and_env(paths: Distro, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
     assert credentials.read(paths) is None
     system = paths.under("/run/credentials/@system")
@@ -102,7 +102,7 @@ def test_credentials_from_system_dir_and_env(paths: GuestPaths, monkeypatch: pyt
 
 
 @pytest.mark.parametrize("case", list(_corruptions(GOOD.encode())))
-def test_credentials_corrupt(paths: GuestPaths, case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_credentials_corrupt(paths: Distro, case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
     text, fault = _corruptions(GOOD.encode())[case]
     system = paths.under("/run/credentials/@system")
@@ -113,7 +113,7 @@ def test_credentials_corrupt(paths: GuestPaths, case: str, monkeypatch: pytest.M
     assert info.value.channel == "credentials"
 
 
-def test_credentials_binary_or_huge_file_is_broken(paths: GuestPaths, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_credentials_binary_or_huge_file_is_broken(paths: Distro, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
     system = paths.under("/run/credentials/@system")
     system.mkdir(parents=True)
@@ -127,13 +127,13 @@ def test_credentials_binary_or_huge_file_is_broken(paths: GuestPaths, monkeypatc
 
 # -- fw_cfg
 
-def _fw_cfg_raw(paths: GuestPaths) -> Path:
+def _fw_cfg_raw(paths: Distro) -> Path:
     raw = paths.fw_cfg / "by_name" / fwcfg.ENTRY / "raw"
     raw.parent.mkdir(parents=True)
     return raw
 
 
-def test_fw_cfg_good_and_absent(paths: GuestPaths, tmp_path: Path) -> None:
+def test_fw_cfg_good_and_absent(paths: Distro, tmp_path: Path) -> None:
     assert fwcfg.read(paths) is None
     out = tmp_path / "fwcfg-token"
     result = _site_seed("fw_cfg", GOOD.encode(), out)
@@ -145,7 +145,7 @@ def test_fw_cfg_good_and_absent(paths: GuestPaths, tmp_path: Path) -> None:
     assert found is not None and found.channel == "fw_cfg" and found.token == GOOD
 
 
-def test_fw_cfg_corrupt(paths: GuestPaths) -> None:
+def test_fw_cfg_corrupt(paths: Distro) -> None:
     _fw_cfg_raw(paths).write_text(GOOD.encode()[:-4])
     with pytest.raises(ChannelBroken, match="fw_cfg is broken: .*truncated"):
         find_token(paths)
@@ -153,13 +153,13 @@ def test_fw_cfg_corrupt(paths: GuestPaths) -> None:
 
 # -- metadata disk
 
-def _attach_disk(paths: GuestPaths, image: Path) -> None:
+def _attach_disk(paths: Distro, image: Path) -> None:
     link = paths.by_id(metadisk_channel.DEVICE_ID)
     link.parent.mkdir(parents=True, exist_ok=True)
     link.symlink_to(image)
 
 
-def test_metadisk_good_reply_and_consume(paths: GuestPaths, tmp_path: Path) -> None:
+def test_metadisk_good_reply_and_consume(paths: Distro, tmp_path: Path) -> None:
     assert metadisk_channel.read(paths) is None
     image = tmp_path / "meta.img"
     _site_seed("metadata-disk", GOOD.encode(), image)
@@ -188,7 +188,7 @@ def test_metadisk_good_reply_and_consume(paths: GuestPaths, tmp_path: Path) -> N
     (lambda b: b[:12] + b"\x7f\xff" + b[14:], "exceeds 256"),
     (lambda b: b[:40], "too small"),
 ])
-def test_metadisk_corrupt(paths: GuestPaths, tmp_path: Path, damage: object, fault: str) -> None:
+def test_metadisk_corrupt(paths: Distro, tmp_path: Path, damage: object, fault: str) -> None:
     image = tmp_path / "meta.img"
     good = metadisk.build(GOOD.encode())
     assert callable(damage)
@@ -199,7 +199,7 @@ def test_metadisk_corrupt(paths: GuestPaths, tmp_path: Path, damage: object, fau
     assert info.value.channel == "metadata-disk"
 
 
-def test_metadisk_with_corrupt_token_inside_valid_header(paths: GuestPaths, tmp_path: Path) -> None:
+def test_metadisk_with_corrupt_token_inside_valid_header(paths: Distro, tmp_path: Path) -> None:
     image = tmp_path / "meta.img"
     image.write_bytes(metadisk.build(GOOD.encode()[:-2] + "zz"))
     _attach_disk(paths, image)
@@ -232,7 +232,7 @@ def test_reverse_refuses_two_different_vm_tokens(tmp_path: Path) -> None:
 
 # -- detection order and disagreement
 
-def test_channels_agreeing_are_all_recorded(paths: GuestPaths, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_channels_agreeing_are_all_recorded(paths: Distro, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
     _write_cmdline(paths, f"imprint.token={GOOD.encode()}\n")
     _fw_cfg_raw(paths).write_text(GOOD.encode())
@@ -241,14 +241,14 @@ def test_channels_agreeing_are_all_recorded(paths: GuestPaths, monkeypatch: pyte
     assert found.channels == ("cmdline", "fw_cfg")
 
 
-def test_channels_disagreeing_are_refused(paths: GuestPaths) -> None:
+def test_channels_disagreeing_are_refused(paths: Distro) -> None:
     _write_cmdline(paths, f"imprint.token={GOOD.encode()}\n")
     _fw_cfg_raw(paths).write_text(OTHER.encode())
     with pytest.raises(ChannelBroken, match="cmdline\\+fw_cfg is broken: the channels disagree"):
         find_token(paths)
 
 
-def test_broken_channel_stops_the_search(paths: GuestPaths) -> None:
+def test_broken_channel_stops_the_search(paths: Distro) -> None:
     """A corrupt cmdline token must not fall through to a good token on a later channel."""
     _write_cmdline(paths, f"imprint.token={GOOD.encode()[:-1]}\n")
     _fw_cfg_raw(paths).write_text(GOOD.encode())
@@ -257,14 +257,14 @@ def test_broken_channel_stops_the_search(paths: GuestPaths) -> None:
     assert info.value.channel == "cmdline"
 
 
-def test_only_narrows_the_search(paths: GuestPaths) -> None:
+def test_only_narrows_the_search(paths: Distro) -> None:
     _write_cmdline(paths, f"imprint.token={GOOD.encode()[:-1]}\n")
     _fw_cfg_raw(paths).write_text(GOOD.encode())
     found = find_token(paths, only=["fw_cfg"])
     assert found is not None and found.channel == "fw_cfg"
 
 
-def test_unreadable_channel_is_broken_not_absent(paths: GuestPaths) -> None:
+def test_unreadable_channel_is_broken_not_absent(paths: Distro) -> None:
     if os.geteuid() == 0:
         # root reads through permission bits; make the read fail another way: a directory.
         paths.cmdline.mkdir(parents=True)

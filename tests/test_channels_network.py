@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from imprint.guest.channels import ChannelBroken, Found, find_token, imds, publish_vm_token
 from imprint.guest.channels import cloudinit as ci
-from imprint.guest.paths import GuestPaths
+from imprint.guest.distro import Distro
 from imprint.tokens import Token, TokenKind, vm_token_line
 
 from tests.conftest import AgentFactory, Owner
@@ -49,8 +49,8 @@ def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeIMDS]:
 
 
 @pytest.fixture
-def paths(tmp_path: Path) -> GuestPaths:
-    return GuestPaths(tmp_path / "root")
+def paths(tmp_path: Path) -> Distro:
+    return Distro(tmp_path / "root")
 
 
 def closed_port() -> int:
@@ -63,7 +63,7 @@ def closed_port() -> int:
 # --- HTTP metadata service, EC2 style -----------------------------------------------------------
 
 
-def test_imdsv2_session_then_tag(server: FakeIMDS, paths: GuestPaths) -> None:
+def test_imdsv2_session_then_tag(server: FakeIMDS, paths: Distro) -> None:
     token = new_token()
     server.site.tag = token
     found = imds.read(paths)
@@ -73,7 +73,7 @@ def test_imdsv2_session_then_tag(server: FakeIMDS, paths: GuestPaths) -> None:
 
 
 @pytest.mark.parametrize("refusal", [403, 404, 405])
-def test_imdsv1_fallback_when_the_session_put_is_refused(server: FakeIMDS, paths: GuestPaths,
+def test_imdsv1_fallback_when_the_session_put_is_refused(server: FakeIMDS, paths: Distro,
                                                           refusal: int) -> None:
     token = new_token(TokenKind.NOSECRET)
     server.site.tag = token
@@ -84,7 +84,7 @@ def test_imdsv1_fallback_when_the_session_put_is_refused(server: FakeIMDS, paths
     assert found is not None and found.encode() == token
 
 
-def test_session_refused_but_required_is_broken(server: FakeIMDS, paths: GuestPaths) -> None:
+def test_session_refused_but_required_is_broken(server: FakeIMDS, paths: Distro) -> None:
     server.site.tag = new_token()
     server.site.sessions = False  # PUT gets 405, yet every GET without a session gets 401
     with pytest.raises(ChannelBroken) as caught:
@@ -101,7 +101,7 @@ def test_session_refused_but_required_is_broken(server: FakeIMDS, paths: GuestPa
     (b"\xff\xfeimprint", "not ASCII text"),
     ("a" * 5000, "5000 bytes"),
 ])
-def test_reachable_service_with_a_bad_token_is_broken(server: FakeIMDS, paths: GuestPaths,
+def test_reachable_service_with_a_bad_token_is_broken(server: FakeIMDS, paths: Distro,
                                                       body: str | bytes, fault: str) -> None:
     server.site.tag = corrupt(new_token()) if body == "corrupt" else body
     with pytest.raises(ChannelBroken) as caught:
@@ -111,7 +111,7 @@ def test_reachable_service_with_a_bad_token_is_broken(server: FakeIMDS, paths: G
     assert str(server.site.tag) not in caught.value.fault or body == ""  # the token is never echoed
 
 
-def test_http_500_after_retries_is_broken(server: FakeIMDS, paths: GuestPaths,
+def test_http_500_after_retries_is_broken(server: FakeIMDS, paths: Distro,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(imds, "RETRY_PAUSE", 0.01)
     server.site.tag = new_token()
@@ -122,7 +122,7 @@ def test_http_500_after_retries_is_broken(server: FakeIMDS, paths: GuestPaths,
     assert server.site.requests == [("PUT", SESSION_PATH)] * imds.ATTEMPTS
 
 
-def test_one_500_then_success_is_retried(server: FakeIMDS, paths: GuestPaths,
+def test_one_500_then_success_is_retried(server: FakeIMDS, paths: Distro,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(imds, "RETRY_PAUSE", 0.01)
     token = new_token()
@@ -139,44 +139,44 @@ def test_one_500_then_success_is_retried(server: FakeIMDS, paths: GuestPaths,
     assert found is not None and found.encode() == token
 
 
-def test_slow_service_is_absent(server: FakeIMDS, paths: GuestPaths, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_slow_service_is_absent(server: FakeIMDS, paths: Distro, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(imds, "READ_TIMEOUT", 0.3)
     server.site.tag = new_token()
     server.site.delay = 1.5
     assert imds.read(paths) is None
 
 
-def test_nothing_listening_is_absent(paths: GuestPaths, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_nothing_listening_is_absent(paths: Distro, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(imds.BASE_URL_ENV, f"http://127.0.0.1:{closed_port()}")
     assert imds.read(paths) is None
     assert imds.reply(paths, "IMPRINT-VM-TOKEN x") is False
 
 
-def test_no_tag_and_not_openstack_is_absent(server: FakeIMDS, paths: GuestPaths) -> None:
+def test_no_tag_and_not_openstack_is_absent(server: FakeIMDS, paths: Distro) -> None:
     assert imds.read(paths) is None
     assert ("GET", OPENSTACK_PATH) in server.site.requests
 
 
-def test_test_root_never_asks_the_default_service(paths: GuestPaths, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_test_root_never_asks_the_default_service(paths: Distro, monkeypatch: pytest.MonkeyPatch) -> None:
     # A test root is not the machine the agent runs on: without IMPRINT_METADATA_URL the
     # link-local default (here pointed at a live server to see whether it is asked) is left alone.
     with FakeIMDS(Site(tag=new_token())) as fake:
         monkeypatch.delenv(imds.BASE_URL_ENV, raising=False)
         monkeypatch.setattr(imds, "DEFAULT_BASE_URL", fake.url)
         assert imds.read(paths) is None
-        assert imds.read(GuestPaths(Path("/"))) is not None
+        assert imds.read(Distro(Path("/"))) is not None
         assert fake.site.requests[0] == ("PUT", SESSION_PATH)
         assert len([r for r in fake.site.requests if r[0] == "PUT"]) == 1
 
 
 @pytest.mark.parametrize("url", ["https://169.254.169.254", "169.254.169.254", "http://h:99999", "http://h/?q"])
-def test_bad_base_url_is_broken(paths: GuestPaths, monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+def test_bad_base_url_is_broken(paths: Distro, monkeypatch: pytest.MonkeyPatch, url: str) -> None:
     monkeypatch.setenv(imds.BASE_URL_ENV, url)
     with pytest.raises(ChannelBroken, match=imds.BASE_URL_ENV):
         imds.read(paths)
 
 
-def test_base_url_with_a_path_prefix(paths: GuestPaths, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_base_url_with_a_path_prefix(paths: Distro, monkeypatch: pytest.MonkeyPatch) -> None:
     with FakeIMDS(Site(tag=new_token())) as fake:
         monkeypatch.setenv(imds.BASE_URL_ENV, fake.url + "/")
         assert imds.read(paths) is not None
@@ -214,7 +214,7 @@ def openstack(server: FakeIMDS) -> FakeIMDS:
     return server
 
 
-def test_openstack_meta(openstack: FakeIMDS, paths: GuestPaths) -> None:
+def test_openstack_meta(openstack: FakeIMDS, paths: Distro) -> None:
     token = new_token(TokenKind.NOSECRET)
     openstack.site.openstack = openstack_meta_data({"imprint-token": token, "role": "web"})
     found = imds.read(paths)
@@ -229,7 +229,7 @@ def test_openstack_meta(openstack: FakeIMDS, paths: GuestPaths) -> None:
     ({"meta": {"imprint-token": 7}}, "not a string"),
     ({"meta": {"imprint-token": "corrupt"}}, "check digits do not match"),
 ])
-def test_openstack_broken(openstack: FakeIMDS, paths: GuestPaths, document: Any, fault: str) -> None:
+def test_openstack_broken(openstack: FakeIMDS, paths: Distro, document: Any, fault: str) -> None:
     if isinstance(document, dict) and document["meta"] == {"imprint-token": "corrupt"}:
         document = openstack_meta_data({"imprint-token": corrupt(new_token())})
     openstack.site.openstack = document
@@ -239,7 +239,7 @@ def test_openstack_broken(openstack: FakeIMDS, paths: GuestPaths, document: Any,
     assert fault in caught.value.fault
 
 
-def test_openstack_without_the_key_is_absent(openstack: FakeIMDS, paths: GuestPaths) -> None:
+def test_openstack_without_the_key_is_absent(openstack: FakeIMDS, paths: Distro) -> None:
     openstack.site.openstack = openstack_meta_data({"role": "web"})
     assert imds.read(paths) is None
     del openstack.site.openstack["meta"]
@@ -249,7 +249,7 @@ def test_openstack_without_the_key_is_absent(openstack: FakeIMDS, paths: GuestPa
 # --- the reverse channel -----------------------------------------------------------------------
 
 
-def test_reply_puts_the_vm_token_line(server: FakeIMDS, paths: GuestPaths) -> None:
+def test_reply_puts_the_vm_token_line(server: FakeIMDS, paths: Distro) -> None:
     server.site.tag = new_token(TokenKind.NOSECRET)
     found = imds.read(paths)
     assert found is not None
@@ -261,13 +261,13 @@ def test_reply_puts_the_vm_token_line(server: FakeIMDS, paths: GuestPaths) -> No
     assert headers["X-aws-ec2-metadata-token"] in server.site.issued
 
 
-def test_reply_only_when_the_token_came_from_the_service(server: FakeIMDS, paths: GuestPaths) -> None:
+def test_reply_only_when_the_token_came_from_the_service(server: FakeIMDS, paths: Distro) -> None:
     token = Token(TokenKind.NOSECRET, secrets.token_bytes(32))
     assert publish_vm_token(paths, Found("cmdline", token), "IMPRINT-VM-TOKEN x") == []
     assert server.site.requests == []
 
 
-def test_reply_refused_is_logged_not_fatal(server: FakeIMDS, paths: GuestPaths,
+def test_reply_refused_is_logged_not_fatal(server: FakeIMDS, paths: Distro,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     server.site.require_session = True
     server.site.sessions = False  # so the reply PUT, without a session, gets 401
@@ -281,7 +281,7 @@ def test_reply_refused_is_logged_not_fatal(server: FakeIMDS, paths: GuestPaths,
 # --- through the registry and the real agent ---------------------------------------------------
 
 
-def test_find_token_falls_back_to_the_network_channel(server: FakeIMDS, paths: GuestPaths) -> None:
+def test_find_token_falls_back_to_the_network_channel(server: FakeIMDS, paths: Distro) -> None:
     token = new_token()
     server.site.tag = token
     found = find_token(paths)  # an empty root: every local channel is absent
@@ -370,8 +370,8 @@ def run_in_namespace(ns: str, code: str, base_url: str | None = None) -> list[st
 
 FIND_OVER_HTTP = (
     "from imprint.guest.channels import find_token\n"
-    "from imprint.guest.paths import GuestPaths\n"
-    "found = find_token(GuestPaths(), only=['http-metadata'])\n"
+    "from imprint.guest.distro import Distro\n"
+    "found = find_token(Distro(), only=['http-metadata'])\n"
     "print(found and found.channel, found and found.token.encode())\n"
 )
 
@@ -397,8 +397,8 @@ def test_default_address_in_network_namespaces(namespaces: tuple[str, str]) -> N
 
         line = vm_token_line(Token(TokenKind.VM, secrets.token_bytes(32)))
         reply = ("from imprint.guest.channels import imds\n"
-                 "from imprint.guest.paths import GuestPaths\n"
-                 f"print(imds.reply(GuestPaths(), {line!r}))\n")
+                 "from imprint.guest.distro import Distro\n"
+                 f"print(imds.reply(Distro(), {line!r}))\n")
         assert run_in_namespace(vm_ns, reply) == ["True"]
         assert server.stdout.readline().strip() == f"PUT {imds.REPLY_PATH} {line}"
     finally:
@@ -449,7 +449,7 @@ def ec2(tags: dict[str, Any]) -> dict[str, Any]:
             "dynamic": {"instance-identity": {"document": {"region": "eu-west-1"}}}}
 
 
-def write_instance_data(paths: GuestPaths, data: dict[str, Any] | str | bytes) -> None:
+def write_instance_data(paths: Distro, data: dict[str, Any] | str | bytes) -> None:
     target = paths.cloud_init_instance_data
     target.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(data, dict):
@@ -457,14 +457,14 @@ def write_instance_data(paths: GuestPaths, data: dict[str, Any] | str | bytes) -
     target.write_bytes(data.encode() if isinstance(data, str) else data)
 
 
-def write_user_data(paths: GuestPaths, text: str, instance_id: str = "iid-web1") -> None:
+def write_user_data(paths: Distro, text: str, instance_id: str = "iid-web1") -> None:
     target = paths.cloud_init_user_data(instance_id)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(text)
 
 
 @pytest.mark.parametrize("shape", ["nocloud", "configdrive", "ec2"])
-def test_cloudinit_metadata(paths: GuestPaths, shape: str) -> None:
+def test_cloudinit_metadata(paths: Distro, shape: str) -> None:
     token = new_token()
     ds = {"nocloud": nocloud, "configdrive": configdrive, "ec2": ec2}[shape]({"imprint-token": token})
     write_instance_data(paths, instance_data(ds))
@@ -479,7 +479,7 @@ def test_cloudinit_metadata(paths: GuestPaths, shape: str) -> None:
     "#cloud-config\nimprint-token: |\n  {token}\nusers: []\n",
     "#cloud-config\nimprint-token: {token} # trailing comment",
 ])
-def test_cloudinit_user_data(paths: GuestPaths, text: str) -> None:
+def test_cloudinit_user_data(paths: Distro, text: str) -> None:
     token = new_token()
     write_instance_data(paths, instance_data(nocloud({})))
     write_user_data(paths, text.format(token=token))
@@ -494,20 +494,20 @@ def test_cloudinit_user_data(paths: GuestPaths, text: str) -> None:
     "#cloud-config\nimprint-tokens: {token}\n",
     "#cloud-config\n#imprint-token: {token}\n",
 ])
-def test_cloudinit_user_data_without_a_top_level_key_is_absent(paths: GuestPaths, text: str) -> None:
+def test_cloudinit_user_data_without_a_top_level_key_is_absent(paths: Distro, text: str) -> None:
     write_instance_data(paths, instance_data(nocloud({})))
     write_user_data(paths, text.format(token=new_token()))
     assert ci.read(paths) is None
 
 
-def test_cloudinit_user_data_of_another_instance_is_ignored(paths: GuestPaths) -> None:
+def test_cloudinit_user_data_of_another_instance_is_ignored(paths: Distro) -> None:
     # An image made from a booted VM keeps /var/lib/cloud/instances/<old id>: not this boot's.
     write_instance_data(paths, instance_data(nocloud({}), instance_id="iid-new"))
     write_user_data(paths, f"#cloud-config\nimprint-token: {new_token()}\n", instance_id="iid-old")
     assert ci.read(paths) is None
 
 
-def test_cloudinit_missing_file_or_key_is_absent(paths: GuestPaths) -> None:
+def test_cloudinit_missing_file_or_key_is_absent(paths: Distro) -> None:
     assert ci.read(paths) is None
     write_instance_data(paths, instance_data(nocloud({"role": "web"})))
     assert ci.read(paths) is None
@@ -517,7 +517,7 @@ def test_cloudinit_missing_file_or_key_is_absent(paths: GuestPaths) -> None:
     assert ci.read(paths) is None
 
 
-def test_cloudinit_corrupt_json_is_broken(paths: GuestPaths, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cloudinit_corrupt_json_is_broken(paths: Distro, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ci, "REREAD_PAUSE", 0.01)
     write_instance_data(paths, '{"ds": {"meta_data": {"imprint-token": "imprint1s-')
     with pytest.raises(ChannelBroken) as caught:
@@ -530,7 +530,7 @@ def test_cloudinit_corrupt_json_is_broken(paths: GuestPaths, monkeypatch: pytest
         ci.read(paths)
 
 
-def test_cloudinit_file_being_written_is_absent(paths: GuestPaths, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cloudinit_file_being_written_is_absent(paths: Distro, monkeypatch: pytest.MonkeyPatch) -> None:
     # Half-written JSON that is complete when read again: the next poll reads the whole file.
     whole = json.dumps(instance_data(nocloud({"imprint-token": new_token()})))
     write_instance_data(paths, whole[:100])
@@ -545,7 +545,7 @@ def test_cloudinit_file_being_written_is_absent(paths: GuestPaths, monkeypatch: 
     (ec2({"imprint-token": ""}), "ds/meta-data/tags/instance/imprint-token: token is empty"),
     (nocloud({"imprint-token": ["x"]}), "ds/meta_data/imprint-token is list"),
 ])
-def test_cloudinit_corrupt_token_is_broken(paths: GuestPaths, ds: dict[str, Any], fault: str) -> None:
+def test_cloudinit_corrupt_token_is_broken(paths: Distro, ds: dict[str, Any], fault: str) -> None:
     if ds.get("meta_data", {}).get("imprint-token") == "corrupt":
         ds["meta_data"]["imprint-token"] = corrupt(new_token())
     write_instance_data(paths, instance_data(ds))
@@ -554,7 +554,7 @@ def test_cloudinit_corrupt_token_is_broken(paths: GuestPaths, ds: dict[str, Any]
     assert fault in caught.value.fault
 
 
-def test_cloudinit_corrupt_user_data_token_is_broken(paths: GuestPaths) -> None:
+def test_cloudinit_corrupt_user_data_token_is_broken(paths: Distro) -> None:
     write_instance_data(paths, instance_data(nocloud({})))
     write_user_data(paths, f"#cloud-config\nimprint-token: {corrupt(new_token())}\n")
     with pytest.raises(ChannelBroken, match=r"user-data.txt \(#cloud-config imprint-token\): token is corrupt"):
@@ -564,7 +564,7 @@ def test_cloudinit_corrupt_user_data_token_is_broken(paths: GuestPaths) -> None:
         ci.read(paths)
 
 
-def test_cloudinit_metadata_and_user_data_disagree(paths: GuestPaths) -> None:
+def test_cloudinit_metadata_and_user_data_disagree(paths: Distro) -> None:
     token = new_token()
     write_instance_data(paths, instance_data(nocloud({"imprint-token": token})))
     write_user_data(paths, f"#cloud-config\nimprint-token: {token}\n")
@@ -575,7 +575,7 @@ def test_cloudinit_metadata_and_user_data_disagree(paths: GuestPaths) -> None:
         ci.read(paths)
 
 
-def test_cloudinit_base64_encoded_value(paths: GuestPaths) -> None:
+def test_cloudinit_base64_encoded_value(paths: Distro) -> None:
     import base64
 
     token = new_token()
@@ -606,7 +606,7 @@ def test_real_cloudinit_nocloud_meta_data(tmp_path: Path) -> None:
     (seed / "meta-data").write_text(f"instance-id: iid-web1\nlocal-hostname: web1\nimprint-token: {token}\n")
     (seed / "user-data").write_text("#cloud-config\npackages: [curl]\n")
     assert "datasource NoCloud iid-web1" in run_cloudinit(root, "NoCloud")
-    found = ci.read(GuestPaths(root))
+    found = ci.read(Distro(root))
     assert found is not None and found.encode() == token
 
 
@@ -618,7 +618,7 @@ def test_real_cloudinit_nocloud_user_data(tmp_path: Path) -> None:
     (seed / "meta-data").write_text("instance-id: iid-web1\n")
     (seed / "user-data").write_text(f"#cloud-config\nhostname: web1\nimprint-token: {token}\n")
     run_cloudinit(root, "NoCloud")
-    found = ci.read(GuestPaths(root))
+    found = ci.read(Distro(root))
     assert found is not None and found.encode() == token
 
 
@@ -629,7 +629,7 @@ def test_real_cloudinit_configdrive(tmp_path: Path) -> None:
     token = new_token()
     (latest / "meta_data.json").write_text(json.dumps(openstack_meta_data({"imprint-token": token})))
     assert "datasource ConfigDrive" in run_cloudinit(root, "ConfigDrive")
-    found = ci.read(GuestPaths(root))
+    found = ci.read(Distro(root))
     assert found is not None and found.encode() == token
 
 
@@ -641,7 +641,7 @@ def test_real_cloudinit_ec2_crawls_the_fake_service(tmp_path: Path) -> None:
     with FakeIMDS(Site(tag=token, require_session=False)) as fake:
         out = run_cloudinit(root, "Ec2", "--network", "--metadata-url", fake.url)
     assert "datasource Ec2 i-0123456789abcdef0" in out
-    found = ci.read(GuestPaths(root))
+    found = ci.read(Distro(root))
     assert found is not None and found.encode() == token
 
 

@@ -30,7 +30,7 @@ from imprint.guest.channels import (
     nocloud,
     seed,
 )
-from imprint.guest.paths import GuestPaths
+from imprint.guest.distro import Distro
 
 GOOD = tokens.Token(tokens.TokenKind.SHARED, bytes(range(32)))
 OTHER = tokens.Token(tokens.TokenKind.NOSECRET, bytes(range(1, 33)))
@@ -40,13 +40,13 @@ Files = dict[str, bytes]
 
 
 @pytest.fixture
-def paths(tmp_path: Path) -> GuestPaths:
+def paths(tmp_path: Path) -> Distro:
     root = tmp_path / "root"
     root.mkdir()
-    return GuestPaths(root)
+    return Distro(root)
 
 
-def attach(paths: GuestPaths, label: str, image: Path) -> None:
+def attach(paths: Distro, label: str, image: Path) -> None:
     link = paths.by_label(label)
     link.parent.mkdir(parents=True, exist_ok=True)
     link.symlink_to(image)
@@ -70,7 +70,7 @@ def config2_files(token: str, *, meta: dict[str, object] | None = None) -> Files
     return {"openstack/latest/meta_data.json": json.dumps(document).encode()}
 
 
-Reader = Callable[[GuestPaths], tokens.Token | None]
+Reader = Callable[[Distro], tokens.Token | None]
 
 # channel -> (reader, ISO label, vfat label, files, site channel prefix)
 CHANNELS: dict[str, tuple[Reader, str, str, Callable[[str], Files], str]] = {
@@ -142,7 +142,7 @@ def make(channel: str, maker: str, token: str, out: Path) -> tuple[str, Path]:
     return vfat_label, site_seed(f"{prefix}-vfat", token, out)
 
 
-def read(channel: str, paths: GuestPaths) -> tokens.Token | None:
+def read(channel: str, paths: Distro) -> tokens.Token | None:
     return CHANNELS[channel][0](paths)
 
 
@@ -160,7 +160,7 @@ def test_registry_order() -> None:
 
 @pytest.mark.parametrize("maker", MAKERS)
 @pytest.mark.parametrize("channel", list(CHANNELS))
-def test_good_token_is_found(paths: GuestPaths, tmp_path: Path, channel: str, maker: str) -> None:
+def test_good_token_is_found(paths: Distro, tmp_path: Path, channel: str, maker: str) -> None:
     label, image = make(channel, maker, GOOD.encode(), tmp_path / "seed.img")
     attach(paths, label, image)
     assert read(channel, paths) == GOOD
@@ -171,7 +171,7 @@ def test_good_token_is_found(paths: GuestPaths, tmp_path: Path, channel: str, ma
 
 
 @pytest.mark.parametrize("channel", list(CHANNELS))
-def test_absent_without_the_label(paths: GuestPaths, tmp_path: Path, channel: str) -> None:
+def test_absent_without_the_label(paths: Distro, tmp_path: Path, channel: str) -> None:
     assert read(channel, paths) is None
     assert find_token(paths, only=[channel]) is None
     # A seed for another channel does not count, and a dangling link is a device that went away.
@@ -192,7 +192,7 @@ def _garbage(out: Path) -> Path:
 
 
 @pytest.mark.parametrize("channel", list(CHANNELS))
-def test_garbage_under_the_label_is_broken(paths: GuestPaths, tmp_path: Path, channel: str) -> None:
+def test_garbage_under_the_label_is_broken(paths: Distro, tmp_path: Path, channel: str) -> None:
     attach(paths, CHANNELS[channel][1], _garbage(tmp_path / "garbage.img"))
     with pytest.raises(ChannelBroken, match="neither an ISO9660 nor a FAT filesystem") as info:
         find_token(paths, only=[channel])
@@ -200,7 +200,7 @@ def test_garbage_under_the_label_is_broken(paths: GuestPaths, tmp_path: Path, ch
 
 
 @pytest.mark.parametrize("channel", list(CHANNELS))
-def test_empty_device_is_broken(paths: GuestPaths, tmp_path: Path, channel: str) -> None:
+def test_empty_device_is_broken(paths: Distro, tmp_path: Path, channel: str) -> None:
     empty = tmp_path / "empty.img"
     empty.write_bytes(b"")
     attach(paths, CHANNELS[channel][1], empty)
@@ -210,7 +210,7 @@ def test_empty_device_is_broken(paths: GuestPaths, tmp_path: Path, channel: str)
 
 @pytest.mark.parametrize("maker", ["genisoimage", "site-iso"])
 @pytest.mark.parametrize("channel", list(CHANNELS))
-def test_truncated_iso_is_broken(paths: GuestPaths, tmp_path: Path, channel: str, maker: str) -> None:
+def test_truncated_iso_is_broken(paths: Distro, tmp_path: Path, channel: str, maker: str) -> None:
     label, image = make(channel, maker, GOOD.encode(), tmp_path / "seed.iso")
     image.write_bytes(image.read_bytes()[: 0x8000 + 4096])  # the descriptors survive, the files do not
     attach(paths, label, image)
@@ -218,7 +218,7 @@ def test_truncated_iso_is_broken(paths: GuestPaths, tmp_path: Path, channel: str
         read(channel, paths)
 
 
-def test_iso_with_corrupt_directory_record_names_pycdlib_reason(paths: GuestPaths, tmp_path: Path) -> None:
+def test_iso_with_corrupt_directory_record_names_pycdlib_reason(paths: Distro, tmp_path: Path) -> None:
     label, image = make("nocloud", "genisoimage", GOOD.encode(), tmp_path / "seed.iso")
     data = bytearray(image.read_bytes())
     # The root directory record in the primary volume descriptor: its both-endian extent disagrees.
@@ -229,7 +229,7 @@ def test_iso_with_corrupt_directory_record_names_pycdlib_reason(paths: GuestPath
         read("nocloud", paths)
 
 
-def test_truncated_vfat_is_broken(paths: GuestPaths, tmp_path: Path) -> None:
+def test_truncated_vfat_is_broken(paths: Distro, tmp_path: Path) -> None:
     label, image = make("imprint-seed", "site-vfat", GOOD.encode(), tmp_path / "seed.img")
     image.write_bytes(image.read_bytes()[:4096])
     attach(paths, label, image)
@@ -237,7 +237,7 @@ def test_truncated_vfat_is_broken(paths: GuestPaths, tmp_path: Path) -> None:
         read("imprint-seed", paths)
 
 
-def test_vfat_that_mtools_cannot_open_is_broken(paths: GuestPaths, tmp_path: Path) -> None:
+def test_vfat_that_mtools_cannot_open_is_broken(paths: Distro, tmp_path: Path) -> None:
     label, image = make("config-2", "site-vfat", GOOD.encode(), tmp_path / "seed.img")
     data = bytearray(image.read_bytes())
     data[22:24] = b"\0\0"  # sectors per FAT of a FAT12 volume: 0
@@ -252,7 +252,7 @@ def _corrupt(token: str) -> str:
 
 
 @pytest.mark.parametrize("maker", ["genisoimage", "xorriso", "mkfs.vfat"])
-def test_nocloud_meta_data_with_corrupt_token(paths: GuestPaths, tmp_path: Path, maker: str) -> None:
+def test_nocloud_meta_data_with_corrupt_token(paths: Distro, tmp_path: Path, maker: str) -> None:
     label, image = make("nocloud", maker, _corrupt(GOOD.encode()), tmp_path / "seed.img")
     attach(paths, label, image)
     with pytest.raises(ChannelBroken, match="meta-data: imprint-token is not a valid token: token is corrupt") as info:
@@ -262,7 +262,7 @@ def test_nocloud_meta_data_with_corrupt_token(paths: GuestPaths, tmp_path: Path,
 
 
 @pytest.mark.parametrize("maker", ["xorriso", "mkfs.vfat"])
-def test_config2_with_corrupt_token(paths: GuestPaths, tmp_path: Path, maker: str) -> None:
+def test_config2_with_corrupt_token(paths: Distro, tmp_path: Path, maker: str) -> None:
     label, image = make("config-2", maker, _corrupt(GOOD.encode()), tmp_path / "seed.img")
     attach(paths, label, image)
     fault = "openstack/latest/meta_data.json: meta.imprint-token is not a valid token: token is corrupt"
@@ -279,7 +279,7 @@ def test_config2_with_corrupt_token(paths: GuestPaths, tmp_path: Path, maker: st
     (b'{"meta": {"imprint-token": 42}}', "meta.imprint-token is not a string"),
 ])
 @pytest.mark.parametrize("maker", ["xorriso", "mkfs.vfat"])
-def test_config2_invalid_meta_data_json(paths: GuestPaths, tmp_path: Path, maker: str, content: bytes,
+def test_config2_invalid_meta_data_json(paths: Distro, tmp_path: Path, maker: str, content: bytes,
                                         fault: str) -> None:
     files = {"openstack/latest/meta_data.json": content}
     image = xorriso("config-2", files, tmp_path / "seed.iso") if maker == "xorriso" \
@@ -291,7 +291,7 @@ def test_config2_invalid_meta_data_json(paths: GuestPaths, tmp_path: Path, maker
 
 
 @pytest.mark.parametrize("maker", ["genisoimage", "mkfs.vfat"])
-def test_imprint_seed_without_token_file_is_broken(paths: GuestPaths, tmp_path: Path, maker: str) -> None:
+def test_imprint_seed_without_token_file_is_broken(paths: Distro, tmp_path: Path, maker: str) -> None:
     files = {"README": b"not a token\n"}
     image = genisoimage("IMPRINT", files, tmp_path / "s.iso", "-rock") if maker == "genisoimage" \
         else mkfs_vfat("IMPRINT", files, tmp_path / "s.img")
@@ -301,7 +301,7 @@ def test_imprint_seed_without_token_file_is_broken(paths: GuestPaths, tmp_path: 
 
 
 @pytest.mark.parametrize("maker", ["genisoimage", "mkfs.vfat"])
-def test_oversized_file_is_refused(paths: GuestPaths, tmp_path: Path, maker: str) -> None:
+def test_oversized_file_is_refused(paths: Distro, tmp_path: Path, maker: str) -> None:
     big = b"instance-id: x\n" + b"# padding\n" * 8000
     files = {"meta-data": big, "user-data": b""}
     image = genisoimage("cidata", files, tmp_path / "s.iso", "-rock") if maker == "genisoimage" \
@@ -312,7 +312,7 @@ def test_oversized_file_is_refused(paths: GuestPaths, tmp_path: Path, maker: str
 
 
 @pytest.mark.parametrize("maker", ["xorriso", "mkfs.vfat"])
-def test_directory_where_the_file_belongs_is_broken(paths: GuestPaths, tmp_path: Path, maker: str) -> None:
+def test_directory_where_the_file_belongs_is_broken(paths: Distro, tmp_path: Path, maker: str) -> None:
     files = {"token/inside": b"x\n"}
     image = xorriso("IMPRINT", files, tmp_path / "s.iso") if maker == "xorriso" \
         else mkfs_vfat("IMPRINT", files, tmp_path / "s.img")
@@ -325,7 +325,7 @@ def test_directory_where_the_file_belongs_is_broken(paths: GuestPaths, tmp_path:
 
 
 @pytest.mark.parametrize("maker", ["genisoimage", "mkfs.vfat"])
-def test_nocloud_seed_without_imprint_token_is_absent(paths: GuestPaths, tmp_path: Path, maker: str) -> None:
+def test_nocloud_seed_without_imprint_token_is_absent(paths: Distro, tmp_path: Path, maker: str) -> None:
     files = {"meta-data": b"instance-id: someone-else\nlocal-hostname: theirs\n",
              "user-data": b"#cloud-config\npackages: [htop]\n"}
     image = genisoimage("cidata", files, tmp_path / "s.iso", "-joliet", "-rock") if maker == "genisoimage" \
@@ -336,7 +336,7 @@ def test_nocloud_seed_without_imprint_token_is_absent(paths: GuestPaths, tmp_pat
 
 
 @pytest.mark.parametrize("meta", [None, {}, {"role": "web"}])
-def test_config2_without_imprint_token_is_absent(paths: GuestPaths, tmp_path: Path,
+def test_config2_without_imprint_token_is_absent(paths: Distro, tmp_path: Path,
                                                  meta: dict[str, object] | None) -> None:
     document: dict[str, object] = {"uuid": "u", "hostname": "h"}
     if meta is not None:
@@ -346,7 +346,7 @@ def test_config2_without_imprint_token_is_absent(paths: GuestPaths, tmp_path: Pa
     assert read("config-2", paths) is None
 
 
-def test_config2_without_meta_data_json_is_absent(paths: GuestPaths, tmp_path: Path) -> None:
+def test_config2_without_meta_data_json_is_absent(paths: Distro, tmp_path: Path) -> None:
     files = {"openstack/latest/user_data": b"#cloud-config\n"}
     attach(paths, "config-2", xorriso("config-2", files, tmp_path / "s.iso"))
     assert read("config-2", paths) is None
@@ -356,7 +356,7 @@ def test_config2_without_meta_data_json_is_absent(paths: GuestPaths, tmp_path: P
 
 
 @pytest.mark.parametrize("maker", ["genisoimage", "genisoimage-plain", "mkfs.vfat"])
-def test_nocloud_imprint_file_at_the_root(paths: GuestPaths, tmp_path: Path, maker: str) -> None:
+def test_nocloud_imprint_file_at_the_root(paths: Distro, tmp_path: Path, maker: str) -> None:
     files = {"meta-data": b"instance-id: x\n", "user-data": b"", "imprint": f"{GOOD.encode()}\n".encode()}
     if maker == "mkfs.vfat":
         image, label = mkfs_vfat("CIDATA", files, tmp_path / "s.img"), "CIDATA"
@@ -367,20 +367,20 @@ def test_nocloud_imprint_file_at_the_root(paths: GuestPaths, tmp_path: Path, mak
     assert read("nocloud", paths) == GOOD
 
 
-def test_nocloud_meta_data_and_imprint_file_must_agree(paths: GuestPaths, tmp_path: Path) -> None:
+def test_nocloud_meta_data_and_imprint_file_must_agree(paths: Distro, tmp_path: Path) -> None:
     files = {**nocloud_files(GOOD.encode()), "imprint": OTHER.encode().encode()}
     attach(paths, "cidata", genisoimage("cidata", files, tmp_path / "s.iso", "-rock"))
     with pytest.raises(ChannelBroken, match="meta-data's imprint-token .* and the imprint file .* disagree"):
         read("nocloud", paths)
 
 
-def test_nocloud_json_meta_data(paths: GuestPaths, tmp_path: Path) -> None:
+def test_nocloud_json_meta_data(paths: Distro, tmp_path: Path) -> None:
     meta = json.dumps({"instance-id": "x", "imprint-token": GOOD.encode()}).encode()
     attach(paths, "cidata", genisoimage("cidata", {"meta-data": meta, "user-data": b""}, tmp_path / "s.iso", "-rock"))
     assert read("nocloud", paths) == GOOD
 
 
-def test_nocloud_cidata_and_CIDATA_disagreeing_are_broken(paths: GuestPaths, tmp_path: Path) -> None:
+def test_nocloud_cidata_and_CIDATA_disagreeing_are_broken(paths: Distro, tmp_path: Path) -> None:
     attach(paths, *make("nocloud", "site-iso", GOOD.encode(), tmp_path / "a.iso"))
     attach(paths, *make("nocloud", "site-vfat", OTHER.encode(), tmp_path / "b.img"))
     with pytest.raises(ChannelBroken, match="two seeds labelled cidata and CIDATA disagree") as info:
@@ -388,7 +388,7 @@ def test_nocloud_cidata_and_CIDATA_disagreeing_are_broken(paths: GuestPaths, tmp
     assert GOOD.token_id.hex() in str(info.value) and OTHER.token_id.hex() in str(info.value)
 
 
-def test_nocloud_cidata_and_CIDATA_one_without_token_are_broken(paths: GuestPaths, tmp_path: Path) -> None:
+def test_nocloud_cidata_and_CIDATA_one_without_token_are_broken(paths: Distro, tmp_path: Path) -> None:
     attach(paths, *make("nocloud", "site-iso", GOOD.encode(), tmp_path / "a.iso"))
     theirs = {"meta-data": b"instance-id: theirs\n", "user-data": b""}
     attach(paths, "CIDATA", mkfs_vfat("CIDATA", theirs, tmp_path / "b.img"))
@@ -396,13 +396,13 @@ def test_nocloud_cidata_and_CIDATA_one_without_token_are_broken(paths: GuestPath
         read("nocloud", paths)
 
 
-def test_nocloud_cidata_and_CIDATA_agreeing(paths: GuestPaths, tmp_path: Path) -> None:
+def test_nocloud_cidata_and_CIDATA_agreeing(paths: Distro, tmp_path: Path) -> None:
     attach(paths, *make("nocloud", "site-iso", GOOD.encode(), tmp_path / "a.iso"))
     attach(paths, *make("nocloud", "mkfs.vfat", GOOD.encode(), tmp_path / "b.img"))
     assert read("nocloud", paths) == GOOD
 
 
-def test_config2_and_CONFIG2_disagreeing_are_broken(paths: GuestPaths, tmp_path: Path) -> None:
+def test_config2_and_CONFIG2_disagreeing_are_broken(paths: Distro, tmp_path: Path) -> None:
     attach(paths, *make("config-2", "xorriso", GOOD.encode(), tmp_path / "a.iso"))
     attach(paths, *make("config-2", "site-vfat", OTHER.encode(), tmp_path / "b.img"))
     with pytest.raises(ChannelBroken, match="two seeds labelled config-2 and CONFIG-2 disagree"):
@@ -458,7 +458,7 @@ def test_meta_data_forms_not_read_are_refused(text: str, fault: str) -> None:
         nocloud.meta_data_value(text, "imprint-token")
 
 
-def test_meta_data_refusal_is_a_broken_channel(paths: GuestPaths, tmp_path: Path) -> None:
+def test_meta_data_refusal_is_a_broken_channel(paths: Distro, tmp_path: Path) -> None:
     files = {"meta-data": f"imprint-token: |\n  {T}\n".encode(), "user-data": b""}
     attach(paths, "cidata", genisoimage("cidata", files, tmp_path / "s.iso", "-rock"))
     with pytest.raises(ChannelBroken, match="meta-data: imprint-token is written in a YAML form"):
@@ -468,7 +468,7 @@ def test_meta_data_refusal_is_a_broken_channel(paths: GuestPaths, tmp_path: Path
 # -- consuming K from the IMPRINT seed
 
 
-def test_consume_wipes_k_from_a_writable_vfat_seed(paths: GuestPaths, tmp_path: Path) -> None:
+def test_consume_wipes_k_from_a_writable_vfat_seed(paths: Distro, tmp_path: Path) -> None:
     label, image = make("imprint-seed", "site-vfat", GOOD.encode(), tmp_path / "seed.img")
     attach(paths, label, image)
     found = find_token(paths, only=["imprint-seed"])
@@ -485,7 +485,7 @@ def test_consume_wipes_k_from_a_writable_vfat_seed(paths: GuestPaths, tmp_path: 
     assert check.returncode == 0, check.stdout + check.stderr
 
 
-def test_consume_on_a_vfat_seed_made_by_mtools_with_a_long_file(paths: GuestPaths, tmp_path: Path) -> None:
+def test_consume_on_a_vfat_seed_made_by_mtools_with_a_long_file(paths: Distro, tmp_path: Path) -> None:
     # A token file spanning several clusters (with padding lines after the token): all are zeroed.
     content = f"{GOOD.encode()}\n".encode() + b"#" * 9000
     image = mkfs_vfat("IMPRINT", {"token": content}, tmp_path / "s.img")
@@ -498,7 +498,7 @@ def test_consume_on_a_vfat_seed_made_by_mtools_with_a_long_file(paths: GuestPath
         assert volume.read("/token") == seed.CONSUMED_MARKER
 
 
-def test_consume_leaves_an_iso_seed_alone(paths: GuestPaths, tmp_path: Path) -> None:
+def test_consume_leaves_an_iso_seed_alone(paths: Distro, tmp_path: Path) -> None:
     label, image = make("imprint-seed", "site-iso", GOOD.encode(), tmp_path / "seed.iso")
     attach(paths, label, image)
     before = image.read_bytes()
@@ -507,11 +507,11 @@ def test_consume_leaves_an_iso_seed_alone(paths: GuestPaths, tmp_path: Path) -> 
     assert read("imprint-seed", paths) == GOOD
 
 
-def test_consume_without_a_seed(paths: GuestPaths) -> None:
+def test_consume_without_a_seed(paths: Distro) -> None:
     assert seed.consume(paths) is False
 
 
-def test_consume_on_a_read_only_vfat_seed(paths: GuestPaths, tmp_path: Path) -> None:
+def test_consume_on_a_read_only_vfat_seed(paths: Distro, tmp_path: Path) -> None:
     label, image = make("imprint-seed", "site-vfat", GOOD.encode(), tmp_path / "seed.img")
     image.chmod(0o400)
     immutable = False
@@ -530,7 +530,7 @@ def test_consume_on_a_read_only_vfat_seed(paths: GuestPaths, tmp_path: Path) -> 
             subprocess.run(["chattr", "-i", str(image)], check=True)
 
 
-def test_interrupted_wipe_is_broken_not_k(paths: GuestPaths, tmp_path: Path) -> None:
+def test_interrupted_wipe_is_broken_not_k(paths: Distro, tmp_path: Path) -> None:
     image = mkfs_vfat("IMPRINT", {"token": bytes(75)}, tmp_path / "s.img")
     attach(paths, "IMPRINT", image)
     with pytest.raises(ChannelBroken, match="only zero bytes"):
@@ -555,7 +555,7 @@ def test_write_file_creates_directories(tmp_path: Path) -> None:
 # -- channels together
 
 
-def test_nocloud_and_config2_disagreeing_are_refused(paths: GuestPaths, tmp_path: Path) -> None:
+def test_nocloud_and_config2_disagreeing_are_refused(paths: Distro, tmp_path: Path) -> None:
     attach(paths, *make("nocloud", "site-iso", GOOD.encode(), tmp_path / "a.iso"))
     attach(paths, *make("config-2", "site-iso", OTHER.encode(), tmp_path / "b.iso"))
     with pytest.raises(ChannelBroken, match="the channels disagree") as info:
@@ -564,7 +564,7 @@ def test_nocloud_and_config2_disagreeing_are_refused(paths: GuestPaths, tmp_path
     assert GOOD.token_id.hex() in info.value.fault and OTHER.token_id.hex() in info.value.fault
 
 
-def test_agreeing_channels_are_all_recorded_in_order(paths: GuestPaths, tmp_path: Path) -> None:
+def test_agreeing_channels_are_all_recorded_in_order(paths: Distro, tmp_path: Path) -> None:
     attach(paths, *make("config-2", "site-vfat", GOOD.encode(), tmp_path / "c.img"))
     attach(paths, *make("nocloud", "xorriso", GOOD.encode(), tmp_path / "n.iso"))
     attach(paths, *make("imprint-seed", "site-iso", GOOD.encode(), tmp_path / "i.iso"))
@@ -573,7 +573,7 @@ def test_agreeing_channels_are_all_recorded_in_order(paths: GuestPaths, tmp_path
     assert found.channels == ("imprint-seed", "nocloud", "config-2")
 
 
-def test_broken_channel_first_in_order_stops_the_search(paths: GuestPaths, tmp_path: Path) -> None:
+def test_broken_channel_first_in_order_stops_the_search(paths: Distro, tmp_path: Path) -> None:
     attach(paths, "IMPRINT", _garbage(tmp_path / "garbage.img"))
     attach(paths, *make("nocloud", "site-iso", GOOD.encode(), tmp_path / "n.iso"))
     with pytest.raises(ChannelBroken) as info:
@@ -581,7 +581,7 @@ def test_broken_channel_first_in_order_stops_the_search(paths: GuestPaths, tmp_p
     assert info.value.channel == "imprint-seed"
 
 
-def test_broken_channel_later_in_order_is_not_skipped(paths: GuestPaths, tmp_path: Path) -> None:
+def test_broken_channel_later_in_order_is_not_skipped(paths: Distro, tmp_path: Path) -> None:
     attach(paths, *make("imprint-seed", "site-iso", GOOD.encode(), tmp_path / "i.iso"))
     label, image = make("config-2", "xorriso", _corrupt(GOOD.encode()), tmp_path / "c.iso")
     attach(paths, label, image)

@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 from imprint import metadisk, tokens
 from imprint.guest.channels import ChannelBroken, cloudinit, configdrive, imds, nocloud
-from imprint.guest.paths import GuestPaths
+from imprint.guest.distro import Distro
 
 from tests import agentroot
 from tests.fake_imds import FakeIMDS
@@ -340,18 +340,18 @@ def test_fifo_is_refused_at_once(tmp_path: Path, case: str) -> None:
 DEEP_JSON = b"[" * DEEP + b"]" * DEEP
 
 
-def _write_instance_data(paths: GuestPaths, data: bytes) -> None:
+def _write_instance_data(paths: Distro, data: bytes) -> None:
     paths.cloud_init_instance_data.parent.mkdir(parents=True, exist_ok=True)
     paths.cloud_init_instance_data.write_bytes(data)
 
 
 @pytest.fixture
-def paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> GuestPaths:
+def paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Distro:
     monkeypatch.setattr(cloudinit, "REREAD_PAUSE", 0.01)
-    return GuestPaths(tmp_path / "root")
+    return Distro(tmp_path / "root")
 
 
-def test_deep_cloudinit_instance_data_is_broken_not_a_recursion_error(paths: GuestPaths) -> None:
+def test_deep_cloudinit_instance_data_is_broken_not_a_recursion_error(paths: Distro) -> None:
     _write_instance_data(paths, b'{"ds": {"meta_data": {"x": ' + DEEP_JSON + b"}}}")
     with pytest.raises(ChannelBroken, match=rf"invalid JSON \(nested {DEEP + 3} levels deep \(at most 64\)\)"):
         cloudinit.read(paths)
@@ -359,23 +359,23 @@ def test_deep_cloudinit_instance_data_is_broken_not_a_recursion_error(paths: Gue
 
 def test_deep_cloudinit_instance_data_stops_the_agent_without_traceback(tmp_path: Path) -> None:
     root = make_root(tmp_path)
-    _write_instance_data(GuestPaths(root), DEEP_JSON)
+    _write_instance_data(Distro(root), DEEP_JSON)
     assert_refused(run_agent(root), r"boot channel cloud-init is broken: .*nested \d+ levels deep")
 
 
-def test_nul_in_the_instance_id_is_broken_not_a_value_error(paths: GuestPaths) -> None:
+def test_nul_in_the_instance_id_is_broken_not_a_value_error(paths: Distro) -> None:
     _write_instance_data(paths, _instance_data("iid\u0000../../etc"))
     with pytest.raises(ChannelBroken, match="a string holds a NUL character"):
         cloudinit.read(paths)
 
 
-def test_control_characters_in_the_instance_id_are_broken(paths: GuestPaths) -> None:
+def test_control_characters_in_the_instance_id_are_broken(paths: Distro) -> None:
     _write_instance_data(paths, _instance_data("iid\u001b[2J"))
     with pytest.raises(ChannelBroken, match=r"v1/instance_id iid\\x1b\[2J cannot name a directory"):
         cloudinit.read(paths)
 
 
-def test_duplicate_key_is_broken_not_the_last_one_wins(paths: GuestPaths) -> None:
+def test_duplicate_key_is_broken_not_the_last_one_wins(paths: Distro) -> None:
     other = tokens.Token(tokens.TokenKind.SHARED, bytes(32)).encode()
     _write_instance_data(paths, f'{{"ds": {{"meta_data": {{"imprint-token": "{other}", '
                                 f'"imprint-token": "{GOOD.encode()}"}}}}}}'.encode())
@@ -389,7 +389,7 @@ def test_deep_config2_meta_data_is_broken(tmp_path: Path) -> None:
                         tmp_path / "c2.iso", "-J", "-R")
     attach(root, "label", "config-2", image)
     with pytest.raises(ChannelBroken, match=r"meta_data.json is not valid JSON: nested \d+ levels deep"):
-        configdrive.read(GuestPaths(root))
+        configdrive.read(Distro(root))
 
 
 def test_deep_nocloud_json_meta_data_names_the_depth() -> None:
@@ -538,7 +538,7 @@ def service(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeIMDS]:
         yield fake
 
 
-def _timed_read(paths: GuestPaths, bound: float) -> tuple[float, tokens.Token | None | BaseException]:
+def _timed_read(paths: Distro, bound: float) -> tuple[float, tokens.Token | None | BaseException]:
     """imds.read in a thread, so that a poll that never ends fails the test instead of hanging it."""
     result: list[tokens.Token | None | BaseException] = []
 
@@ -560,7 +560,7 @@ def test_trickling_answer_ends_within_the_deadline(service: FakeIMDS, tmp_path: 
     service.site.tag = GOOD.encode()
     service.site.trickle = 0.2  # ~150 bytes: 30 s per answer, each byte well within a per-read timeout
     bound = imds.CONNECT_TIMEOUT + imds.READ_TIMEOUT + 2.0
-    elapsed, outcome = _timed_read(GuestPaths(tmp_path), bound)
+    elapsed, outcome = _timed_read(Distro(tmp_path), bound)
     assert outcome is None  # no complete answer in time: absent for this poll, asked again later
     assert elapsed >= imds.READ_TIMEOUT * 0.9
 
@@ -571,7 +571,7 @@ def test_the_whole_poll_is_bounded(service: FakeIMDS, tmp_path: Path, monkeypatc
     service.site.sessions = False
     service.site.session_refusal = 404
     service.site.require_session = False
-    elapsed, outcome = _timed_read(GuestPaths(tmp_path), 1.5 + 1.5)
+    elapsed, outcome = _timed_read(Distro(tmp_path), 1.5 + 1.5)
     assert outcome is None
     assert [path for _, path in service.site.requests][:2] == [imds.SESSION_PATH, imds.TAG_PATH]
 
@@ -607,7 +607,7 @@ def test_endless_headers_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyP
     server = _EndlessHeaders()
     try:
         monkeypatch.setenv(imds.BASE_URL_ENV, server.url)
-        _, outcome = _timed_read(GuestPaths(tmp_path), imds.CONNECT_TIMEOUT + imds.READ_TIMEOUT + 2.0)
+        _, outcome = _timed_read(Distro(tmp_path), imds.CONNECT_TIMEOUT + imds.READ_TIMEOUT + 2.0)
     finally:
         server.close()
     assert isinstance(outcome, ChannelBroken), outcome
@@ -620,7 +620,7 @@ def test_deep_openstack_json_is_broken_not_a_recursion_error(service: FakeIMDS, 
     service.site.require_session = False
     service.site.openstack = b'{"meta": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
     with pytest.raises(ChannelBroken, match=r"meta_data.json: invalid JSON \(nested \d+ levels deep"):
-        imds.read(GuestPaths(tmp_path))
+        imds.read(Distro(tmp_path))
 
 
 def test_huge_directory_is_refused_without_reading_it(tmp_path: Path) -> None:
@@ -634,7 +634,7 @@ def test_huge_directory_is_refused_without_reading_it(tmp_path: Path) -> None:
     attach(root, "label", "cidata", image)
     with pytest.raises(ChannelBroken, match=r"the root directory is 536870912 bytes \(a seed's directories hold "
                                             r"at most \d+\)"):
-        nocloud.read(GuestPaths(root))
+        nocloud.read(Distro(root))
 
 
 def test_vfat_seed_without_mtools_is_a_clear_refusal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -643,4 +643,4 @@ def test_vfat_seed_without_mtools_is_a_clear_refusal(tmp_path: Path, monkeypatch
     attach(root, "label", "CIDATA", image)
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     with pytest.raises(ChannelBroken, match=r"mdir is not installed \(mtools is needed to read a vfat seed\)"):
-        nocloud.read(GuestPaths(root))
+        nocloud.read(Distro(root))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from imprint.fsatomic import write_atomic
-from imprint.guest.paths import GuestPaths
+from imprint.guest.distro import Distro
 from imprint.guest.state import AgentState, StateError
 from imprint.owner.store import Store
 
@@ -33,7 +33,7 @@ def test_write_atomic_keeps_old_file_when_the_write_fails(tmp_path: Path, monkey
 
 
 def test_corrupt_agent_state_is_refused(tmp_path: Path) -> None:
-    state = AgentState(GuestPaths(tmp_path).state_dir)
+    state = AgentState(Distro(tmp_path).state_dir)
     state.dir.mkdir(parents=True)
     state.record_file.write_text("{not json")
     with pytest.raises(StateError, match="state.json is corrupt"):

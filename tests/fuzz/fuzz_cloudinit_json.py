@@ -14,14 +14,14 @@ import tempfile
 from pathlib import Path
 
 from imprint.guest.channels import ChannelBroken, cloudinit
-from imprint.guest.paths import GuestPaths
+from imprint.guest.distro import Distro
 
 SEPARATOR = b"\n\0user-data\0\n"
 FLAGS = ["-max_len=8192"]
 cloudinit.REREAD_PAUSE = 0.0  # a file that does not change between reads: no waiting for it
 
 _ROOT = Path(tempfile.mkdtemp(prefix="cloudinit-"))  # under the runner's private TMPDIR
-PATHS = GuestPaths(_ROOT)
+PATHS = Distro(_ROOT)
 PATHS.cloud_init_instance_data.parent.mkdir(parents=True)
 USER_DATA = PATHS.cloud_init_user_data("fuzz")
 USER_DATA.parent.mkdir(parents=True)

@@ -43,7 +43,7 @@ from typing import Any
 
 from imprint.backends.rootfs import MAX_FILE, FileRefused, GuestRoot, check_guest_path, kind
 from imprint.guest import log as agent_log
-from imprint.guest.paths import GuestPaths
+from imprint.guest.distro import Distro
 
 GROUP = "imprint.backends"
 # Shipped with imprint. Also registered as entry points; listed here so a source checkout that
@@ -85,7 +85,7 @@ class BackendContext:
     """What a backend gets: the guest paths, a logger, and helpers that keep the contract."""
 
     name: str
-    paths: GuestPaths
+    paths: Distro
     log: logging.Logger
     changes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -281,7 +281,7 @@ def load(name: str, registry: Mapping[str, set[str]] | None = None) -> Backend:
 
 
 # -- running
-def run_backend(paths: GuestPaths, name: str, config: Any, registry: Mapping[str, set[str]] | None = None,
+def run_backend(paths: Distro, name: str, config: Any, registry: Mapping[str, set[str]] | None = None,
                 ) -> dict[str, Any]:
     """Run one backend; never raises. Returns the result as the owner receives it."""
     ctx = BackendContext(name=name, paths=paths, log=log)
@@ -311,7 +311,7 @@ def run_backend(paths: GuestPaths, name: str, config: Any, registry: Mapping[str
             "changes": ctx.changes, "warnings": ctx.warnings, "seconds": seconds}
 
 
-def apply_document(paths: GuestPaths, backends: Mapping[str, Any]) -> dict[str, Any]:
+def apply_document(paths: Distro, backends: Mapping[str, Any]) -> dict[str, Any]:
     """Run every backend named in ``backends`` ({name: config}) in order; one failing does not
     stop the others."""
     registry = registered()

@@ -28,8 +28,8 @@ from imprint.guest.channels import (
     find_token,
     publish_vm_token,
 )
+from imprint.guest.distro import Distro
 from imprint.guest.notify import notify_status
-from imprint.guest.paths import GuestPaths
 from imprint.guest.state import AgentState, StateError
 from imprint.tokens import Mode, Token
 
@@ -73,7 +73,7 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _wait_for_token(paths: GuestPaths, only: list[str] | None, wait: float | None) -> Found:
+def _wait_for_token(paths: Distro, only: list[str] | None, wait: float | None) -> Found:
 
     pause = threading.Event()
     started = time.monotonic()
@@ -140,7 +140,7 @@ def _preload() -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    paths = GuestPaths(args.root)
+    paths = Distro(args.root)
     state = AgentState(paths.state_dir)
     try:
         record = state.load_record()

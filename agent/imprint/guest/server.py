@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from imprint import tls
 from imprint.guest import log as agent_log
 from imprint.guest.connections import Connection, ConnectionTable
-from imprint.guest.paths import GuestPaths
+from imprint.guest.distro import Distro
 from imprint.guest.state import AgentState, BindRecord
 from imprint.tokens import Token
 
@@ -57,7 +57,7 @@ class AgentServer:
         *,
         token: Token | None,
         record: BindRecord,
-        paths: GuestPaths,
+        paths: Distro,
         on_bound: Callable[[], None] = lambda: None,
     ) -> None:
         self._state = state

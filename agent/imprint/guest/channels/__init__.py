@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
-from imprint.guest.paths import GuestPaths
+from imprint.guest.distro import Distro
 from imprint.tokens import Token, TokenKind
 
 
@@ -59,7 +59,7 @@ class Found:
         return (self.channel, *self.also_on)
 
 
-Reader = Callable[[GuestPaths], Token | None]
+Reader = Callable[[Distro], Token | None]
 
 
 def channel_names() -> list[str]:
@@ -70,11 +70,11 @@ def _reader(spec: ChannelSpec) -> Reader:
     return cast(Reader, importlib.import_module(spec.module).read)
 
 
-def _optional(spec: ChannelSpec, hook: str) -> Callable[[GuestPaths, str], bool] | None:
-    return cast("Callable[[GuestPaths, str], bool] | None", getattr(importlib.import_module(spec.module), hook, None))
+def _optional(spec: ChannelSpec, hook: str) -> Callable[[Distro, str], bool] | None:
+    return cast("Callable[[Distro, str], bool] | None", getattr(importlib.import_module(spec.module), hook, None))
 
 
-def publish_vm_token(paths: GuestPaths, found: Found, line: str) -> list[str]:
+def publish_vm_token(paths: Distro, found: Found, line: str) -> list[str]:
     """Write the VM token line to every reverse channel the site offers: each local channel with
     a reply area that is present, and a network channel only if the token came from it."""
     written = []
@@ -87,27 +87,27 @@ def publish_vm_token(paths: GuestPaths, found: Found, line: str) -> list[str]:
     return written
 
 
-def consume_token(paths: GuestPaths, found: Found) -> list[str]:
+def consume_token(paths: Distro, found: Found) -> list[str]:
     """After a shared-mode bind: wipe K from every channel that carried it and can be written."""
     wiped = []
     for spec in CHANNELS:
         if spec.name not in found.channels:
             continue
-        consume = cast("Callable[[GuestPaths], bool] | None",
+        consume = cast("Callable[[Distro], bool] | None",
                        getattr(importlib.import_module(spec.module), "consume", None))
         if consume is not None and consume(paths):
             wiped.append(spec.name)
     return wiped
 
 
-def _read(spec: ChannelSpec, paths: GuestPaths) -> Token | None:
+def _read(spec: ChannelSpec, paths: Distro) -> Token | None:
     token = _reader(spec)(paths)
     if token is not None and token.kind is TokenKind.VM:
         raise ChannelBroken(spec.name, "it carries a VM token where the owner's token belongs")
     return token
 
 
-def find_token(paths: GuestPaths, only: list[str] | None = None) -> Found | None:
+def find_token(paths: Distro, only: list[str] | None = None) -> Found | None:
     """The token on the boot channels; None when every channel searched is absent."""
     selected = [spec for spec in CHANNELS if only is None or spec.name in only]
     for network in (False, True):

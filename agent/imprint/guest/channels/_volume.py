@@ -14,7 +14,7 @@ from pathlib import Path
 from imprint import tokens
 from imprint.guest import volumes
 from imprint.guest.channels import ChannelBroken
-from imprint.guest.paths import GuestPaths
+from imprint.guest.distro import Distro
 
 
 class SeedFault(Exception):
@@ -24,7 +24,7 @@ class SeedFault(Exception):
 VolumeReader = Callable[[volumes.Volume], tokens.Token | None]
 
 
-def labelled(paths: GuestPaths, labels: Sequence[str]) -> list[tuple[str, Path]]:
+def labelled(paths: Distro, labels: Sequence[str]) -> list[tuple[str, Path]]:
     """(label, device) for each label present, one entry per device."""
     found: list[tuple[str, Path]] = []
     seen: set[Path] = set()
@@ -62,7 +62,7 @@ def _describe(label: str, token: tokens.Token | None) -> str:
     return f"{label} carries token {token.token_id.hex()}"
 
 
-def read_labelled(channel: str, paths: GuestPaths, labels: Sequence[str], reader: VolumeReader) -> tokens.Token | None:
+def read_labelled(channel: str, paths: Distro, labels: Sequence[str], reader: VolumeReader) -> tokens.Token | None:
     """The token on the volume(s) with one of ``labels``; None when none is present or the one
     present carries no imprint token (someone else's seed)."""
     results: list[tuple[str, tokens.Token | None]] = []

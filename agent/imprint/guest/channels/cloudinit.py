@@ -51,7 +51,7 @@ from typing import Any
 from imprint import boundedio, tokens
 from imprint.guest.channels import ChannelBroken
 from imprint.guest.channels._common import load_json, read_bounded
-from imprint.guest.paths import GuestPaths
+from imprint.guest.distro import Distro
 from imprint.safetext import printable
 
 NAME = "cloud-init"
@@ -218,7 +218,7 @@ def _instance_id(path: Path, data: dict[str, Any]) -> str | None:
     return instance_id
 
 
-def _user_data_tokens(paths: GuestPaths, data: dict[str, Any]) -> list[tuple[str, tokens.Token]]:
+def _user_data_tokens(paths: Distro, data: dict[str, Any]) -> list[tuple[str, tokens.Token]]:
     instance_id = _instance_id(paths.cloud_init_instance_data, data)
     if instance_id is None:
         return []
@@ -230,7 +230,7 @@ def _user_data_tokens(paths: GuestPaths, data: dict[str, Any]) -> list[tuple[str
     return [(where, _parse(where, values[0]))] if values else []
 
 
-def read(paths: GuestPaths) -> tokens.Token | None:
+def read(paths: Distro) -> tokens.Token | None:
     path = paths.cloud_init_instance_data
     data = _load(path)
     if data is None:

@@ -5,14 +5,14 @@ from __future__ import annotations
 from imprint import tokens
 from imprint.guest.channels import ChannelBroken
 from imprint.guest.channels._common import read_bounded
-from imprint.guest.paths import GuestPaths
+from imprint.guest.distro import Distro
 
 PARAMETER = "imprint.token"
 # The kernel's limit is 2 KiB on x86 (COMMAND_LINE_SIZE), up to 4 KiB elsewhere.
 MAX_CMDLINE = 64 * 1024
 
 
-def read(paths: GuestPaths) -> tokens.Token | None:
+def read(paths: Distro) -> tokens.Token | None:
     raw = read_bounded("cmdline", paths.cmdline, MAX_CMDLINE, ": not a kernel command line")
     if raw is None:
         return None

@@ -17,7 +17,7 @@ from __future__ import annotations
 from imprint import boundedio, tokens
 from imprint.guest import volumes
 from imprint.guest.channels._volume import SeedFault, parse, read_labelled
-from imprint.guest.paths import GuestPaths
+from imprint.guest.distro import Distro
 
 NAME = "config-2"
 LABELS = ("config-2", "CONFIG-2")
@@ -50,5 +50,5 @@ def _read_volume(volume: volumes.Volume) -> tokens.Token | None:
     return parse(value, f"{_WHAT}: meta.{KEY}")
 
 
-def read(paths: GuestPaths) -> tokens.Token | None:
+def read(paths: Distro) -> tokens.Token | None:
     return read_labelled(NAME, paths, LABELS, _read_volume)

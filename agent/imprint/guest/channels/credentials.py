@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from imprint import tokens
 from imprint.guest.channels._common import read_token_file
-from imprint.guest.paths import GuestPaths
+from imprint.guest.distro import Distro
 
 NAME = "credentials"
 CREDENTIAL = "imprint.token"
 
 
-def read(paths: GuestPaths) -> tokens.Token | None:
+def read(paths: Distro) -> tokens.Token | None:
     for directory in paths.credential_dirs:
         token = read_token_file(NAME, directory / CREDENTIAL)
         if token is not None:

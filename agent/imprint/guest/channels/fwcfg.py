@@ -7,7 +7,7 @@ import subprocess
 
 from imprint import tokens
 from imprint.guest.channels._common import read_token_file
-from imprint.guest.paths import GuestPaths
+from imprint.guest.distro import Distro
 
 NAME = "fw_cfg"
 ENTRY = "opt/org.imprint/token"
@@ -16,7 +16,7 @@ ENTRY = "opt/org.imprint/token"
 _tried_modprobe = False
 
 
-def _load_module(paths: GuestPaths) -> None:
+def _load_module(paths: Distro) -> None:
     # The Debian cloud kernel builds qemu_fw_cfg as a module; on -M pc it usually autoloads.
     # Tried once per process: the agent polls channels while it waits for a late token.
     global _tried_modprobe
@@ -26,6 +26,6 @@ def _load_module(paths: GuestPaths) -> None:
     subprocess.run(["modprobe", "-q", "qemu_fw_cfg"], check=False, capture_output=True, timeout=10)
 
 
-def read(paths: GuestPaths) -> tokens.Token | None:
+def read(paths: Distro) -> tokens.Token | None:
     _load_module(paths)
     return read_token_file(NAME, paths.fw_cfg / "by_name" / ENTRY / "raw")

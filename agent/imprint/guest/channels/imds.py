@@ -57,7 +57,7 @@ from typing import Any, Protocol
 from imprint import boundedio, tokens
 from imprint.guest import log as agent_log
 from imprint.guest.channels import ChannelBroken
-from imprint.guest.paths import GuestPaths
+from imprint.guest.distro import Distro
 from imprint.safetext import printable
 
 NAME = "http-metadata"
@@ -189,7 +189,7 @@ class _Answer:
     url: str
 
 
-def _service(paths: GuestPaths) -> _Service | None:
+def _service(paths: Distro) -> _Service | None:
     configured = os.environ.get(BASE_URL_ENV, "").strip()
     if not configured:
         if not paths.is_real_root:
@@ -365,7 +365,7 @@ def _session(service: _Service, poll: _Deadline) -> str | None:
                                   MAX_TOKEN_BODY, poll))
 
 
-def read(paths: GuestPaths) -> tokens.Token | None:
+def read(paths: Distro) -> tokens.Token | None:
     service = _service(paths)
     if service is None:
         return None
@@ -381,7 +381,7 @@ def read(paths: GuestPaths) -> tokens.Token | None:
     return token
 
 
-def reply(paths: GuestPaths, line: str) -> bool:
+def reply(paths: Distro, line: str) -> bool:
     """PUT the VM token line to the guest-attributes path; False when it did not land there.
 
     Never fatal: the console carries the same line, and most services do not offer the path.

@@ -11,13 +11,13 @@ from pathlib import Path
 
 from imprint import boundedio, metadisk, tokens
 from imprint.guest.channels import ChannelBroken
-from imprint.guest.paths import GuestPaths
+from imprint.guest.distro import Distro
 
 NAME = "metadata-disk"
 DEVICE_ID = "virtio-imprint"
 
 
-def _device(paths: GuestPaths) -> str | None:
+def _device(paths: Distro) -> str | None:
     path = paths.by_id(DEVICE_ID)
     return str(path) if path.exists() else None
 
@@ -49,7 +49,7 @@ def _header(device: str) -> tuple[metadisk.Header, int]:
         raise ChannelBroken(NAME, str(exc)) from None
 
 
-def read(paths: GuestPaths) -> tokens.Token | None:
+def read(paths: Distro) -> tokens.Token | None:
     device = _device(paths)
     if device is None:
         return None
@@ -71,7 +71,7 @@ def _write(device: str, offset: int, data: bytes) -> None:
         os.close(fd)
 
 
-def reply(paths: GuestPaths, line: str) -> bool:
+def reply(paths: Distro, line: str) -> bool:
     """Write the VM token line into the reply area; False when there is no metadata disk."""
     device = _device(paths)
     if device is None:
@@ -87,7 +87,7 @@ def reply(paths: GuestPaths, line: str) -> bool:
     return True
 
 
-def consume(paths: GuestPaths) -> bool:
+def consume(paths: Distro) -> bool:
     """Wipe K from the disk and mark it consumed; False when there is no disk to wipe."""
     device = _device(paths)
     if device is None:

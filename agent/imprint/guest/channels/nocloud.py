@@ -25,7 +25,7 @@ import re
 from imprint import boundedio, tokens
 from imprint.guest import volumes
 from imprint.guest.channels._volume import SeedFault, parse, parse_file, read_labelled
-from imprint.guest.paths import GuestPaths
+from imprint.guest.distro import Distro
 
 NAME = "nocloud"
 LABELS = ("cidata", "CIDATA")
@@ -163,5 +163,5 @@ def _read_volume(volume: volumes.Volume) -> tokens.Token | None:
     return from_meta_data or from_file
 
 
-def read(paths: GuestPaths) -> tokens.Token | None:
+def read(paths: Distro) -> tokens.Token | None:
     return read_labelled(NAME, paths, LABELS, _read_volume)

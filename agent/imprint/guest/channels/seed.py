@@ -15,7 +15,7 @@ from __future__ import annotations
 from imprint import tokens
 from imprint.guest import volumes
 from imprint.guest.channels._volume import SeedFault, parse_file, read_labelled
-from imprint.guest.paths import GuestPaths
+from imprint.guest.distro import Distro
 
 NAME = "imprint-seed"
 LABEL = "IMPRINT"
@@ -35,11 +35,11 @@ def _read_volume(volume: volumes.Volume) -> tokens.Token:
     return parse_file(data, "token file")
 
 
-def read(paths: GuestPaths) -> tokens.Token | None:
+def read(paths: Distro) -> tokens.Token | None:
     return read_labelled(NAME, paths, (LABEL,), _read_volume)
 
 
-def consume(paths: GuestPaths) -> bool:
+def consume(paths: Distro) -> bool:
     """Wipe K from a writable vfat seed; False when there is none (absent, ISO, read-only).
 
     Errors are raised as OSError, which the caller logs: the bind has already happened.

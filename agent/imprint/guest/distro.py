@@ -1,15 +1,39 @@
-"""Every guest path imprint touches, in one place, resolved under a root prefix (``--root``)."""
+"""The guest's distribution, in one place: every guest path imprint reads or writes (resolved
+under a root prefix, ``--root``) and every helper program the agent runs.
+
+Like Ignition's ``distro`` package: the defaults are Debian's; another distribution, or a test,
+makes its own ``Distro(root=..., programs=Programs(useradd="/opt/bin/useradd"))`` instead of
+patching. Nothing else in the agent names a guest path or a program: add it here and use it
+through the ``Distro`` the agent was started with (``ctx.paths`` in a backend, ``paths`` in a
+channel).
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
 @dataclass(frozen=True)
-class GuestPaths:
+class Programs:
+    """Helper programs the agent runs, by name (found on PATH) or absolute path."""
+
+    ssh_keygen: str = "ssh-keygen"      # openssh-client: host keys, fingerprints, certificates
+    systemctl: str = "systemctl"        # reload sshd after a change
+    useradd: str = "useradd"            # passwd: users the ssh backend creates
+    chroot: str = "chroot"              # run the guest's own cloud-init under a --root
+    python3: str = "/usr/bin/python3"   # the guest's interpreter, for its cloud-init
+    modprobe: str = "modprobe"          # kmod: load qemu_fw_cfg for the fw_cfg channel
+    mdir: str = "mdir"                  # mtools: FAT volumes (read without mounting)
+    mtype: str = "mtype"
+    mcopy: str = "mcopy"
+
+
+@dataclass(frozen=True)
+class Distro:
     root: Path = Path("/")
+    programs: Programs = field(default_factory=Programs)
 
     def under(self, absolute: str) -> Path:
         """``absolute`` (a guest path like /proc/cmdline) inside this root."""
