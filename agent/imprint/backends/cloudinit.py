@@ -74,7 +74,6 @@ from imprint.backends.cloudpolicy import Part
 from imprint.backends.rootfs import _READ_FLAGS, FileRefused, GuestRoot, Parent, read_bounded
 from imprint.fsatomic import TEMP_MARK, pid_alive
 
-PYTHON = "/usr/bin/python3"
 STATE = "/var/lib/imprint/cloud-config/applied"
 STARTED = "/var/lib/imprint/cloud-config/started"  # written ahead: the digest of the run under way
 WORK = "/run/imprint-cloud-config"  # the document for the child (0600 in 0700: it may hold password hashes)
@@ -241,13 +240,14 @@ def _validate(ctx: BackendContext, document: dict[str, Any]) -> None:
 
 
 def _python(ctx: BackendContext) -> list[str]:
+    python = ctx.paths.programs.python3
     if ctx.paths.is_real_root:
-        return [PYTHON]
+        return [python]
     root = ctx.paths.root.resolve()
-    if not (root / PYTHON.lstrip("/")).exists():
+    if not (root / python.lstrip("/")).exists():
         raise BackendError(f"cloud-init's modules act on the system they run in: under --root {root} they run "
-                           f"with chroot, and {root}{PYTHON} does not exist")
-    return ["chroot", str(root), PYTHON]
+                           f"with chroot, and {root}{python} does not exist")
+    return [ctx.paths.programs.chroot, str(root), python]
 
 
 def _in_order(ctx: BackendContext, modules: list[str]) -> list[str]:

@@ -64,7 +64,6 @@ MAX_LINE = 16384
 MAX_AUTHORIZED_KEYS = 1 << 20  # a user's authorized_keys: thousands of keys; a local user's sparse 4 GiB is refused
 MAX_USER_DB = 16 << 20         # /etc/passwd under a root
 MAX_USERS = 100
-DEFAULT_RELOAD = ["systemctl", "try-reload-or-restart", "ssh.service"]
 _FINGERPRINT_RE = re.compile(r"^\d+ (SHA256:[A-Za-z0-9+/]+) ")
 HOST_KEY_TYPES = {"ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521"}
 
@@ -93,7 +92,7 @@ class Certificate:
 
 def apply(ctx: BackendContext, config: dict[str, Any]) -> BackendResult:
     check_keys(config, ("users", "trusted_user_ca_keys", "host_certificates", "reload_command"), "ssh")
-    _require_ssh_keygen()
+    _require_ssh_keygen(ctx)
     users = _parse_users(ctx, config)
     user_ca = get_str_list(config, "trusted_user_ca_keys", "ssh", max_items=16)
     user_ca_lines = [_one_line(line, f"ssh.trusted_user_ca_keys[{i}]") for i, line in enumerate(user_ca or [])]
@@ -157,9 +156,9 @@ def apply(ctx: BackendContext, config: dict[str, Any]) -> BackendResult:
 
 
 # -- validation
-def _require_ssh_keygen() -> None:
-    if shutil.which("ssh-keygen") is None:
-        raise BackendError("ssh-keygen is not installed in the VM (Debian: openssh-client)")
+def _require_ssh_keygen(ctx: BackendContext) -> None:
+    if shutil.which(ctx.paths.programs.ssh_keygen) is None:
+        raise BackendError(f"{ctx.paths.programs.ssh_keygen} is not installed in the VM (Debian: openssh-client)")
 
 
 def _one_line(line: str, where: str) -> str:
@@ -180,7 +179,7 @@ def _quote(line: str) -> str:
 def _fingerprint(ctx: BackendContext, line: str, where: str) -> str:
     """``ssh-keygen -l`` on one authorized_keys-format line: its SHA256 fingerprint, or a
     BackendError naming the line."""
-    proc = ctx.run(["ssh-keygen", "-l", "-f", "-"], input=line + "\n", check=False)
+    proc = ctx.run([ctx.paths.programs.ssh_keygen, "-l", "-f", "-"], input=line + "\n", check=False)
     match = _FINGERPRINT_RE.match(proc.stdout)
     if proc.returncode != 0 or not match:
         raise BackendError(f"{where} is not a valid public key: {_quote(line)} (ssh-keygen: "
@@ -193,7 +192,7 @@ def _fingerprints_in(ctx: BackendContext, text: str) -> set[str]:
     lines it cannot parse; those stay in the file untouched)."""
     if not text.strip():
         return set()
-    proc = ctx.run(["ssh-keygen", "-l", "-f", "-"], input=text, check=False)
+    proc = ctx.run([ctx.paths.programs.ssh_keygen, "-l", "-f", "-"], input=text, check=False)
     return {m.group(1) for line in proc.stdout.splitlines() if (m := _FINGERPRINT_RE.match(line))}
 
 
@@ -235,7 +234,7 @@ def _parse_users(ctx: BackendContext, config: dict[str, Any]) -> list[UserSpec]:
 
 
 def _parse_certificate(ctx: BackendContext, line: str, where: str) -> Certificate:
-    proc = ctx.run(["ssh-keygen", "-L", "-f", "-"], input=line + "\n", check=False)
+    proc = ctx.run([ctx.paths.programs.ssh_keygen, "-L", "-f", "-"], input=line + "\n", check=False)
     if proc.returncode != 0:
         raise BackendError(f"{where} is not an OpenSSH certificate: {_quote(line)}")
     if not re.search(r"^\s*Type: \S+ host certificate$", proc.stdout, re.M):
@@ -252,12 +251,13 @@ def _ensure_host_keys(ctx: BackendContext) -> tuple[list[HostKey], bool]:
     generated = not _host_key_files(ctx)
     if generated:
         ctx.ensure_dir(ssh_dir, mode=0o755, uid=0, gid=0, fix_existing=False, parents=True)
-        argv = ["ssh-keygen", "-A"] if ctx.paths.is_real_root else ["ssh-keygen", "-A", "-f", str(ctx.paths.root)]
+        keygen = ctx.paths.programs.ssh_keygen
+        argv = [keygen, "-A"] if ctx.paths.is_real_root else [keygen, "-A", "-f", str(ctx.paths.root)]
         ctx.run(argv)
         ctx.note_change("generated host keys with ssh-keygen -A")
     keys = []
     for guest_path in _host_key_files(ctx):
-        proc = ctx.run(["ssh-keygen", "-y", "-f", str(ctx.path(guest_path))])
+        proc = ctx.run([ctx.paths.programs.ssh_keygen, "-y", "-f", str(ctx.path(guest_path))])
         fields = proc.stdout.split()
         if len(fields) < 2 or fields[0] not in HOST_KEY_TYPES:
             raise BackendError(f"{guest_path}: ssh-keygen -y gave no usable public key")
@@ -323,11 +323,12 @@ def _write_snippet(ctx: BackendContext, installed: list[tuple[HostKey, Certifica
 
 def _reload(ctx: BackendContext, command: list[str] | None) -> bool:
     if command is None:
-        if not ctx.paths.is_real_root or shutil.which(DEFAULT_RELOAD[0]) is None:
+        systemctl = ctx.paths.programs.systemctl
+        if not ctx.paths.is_real_root or shutil.which(systemctl) is None:
             ctx.warn("sshd's configuration changed; no reload command (not the real root, or no systemctl): "
                      "restart sshd to use it")
             return False
-        command = DEFAULT_RELOAD
+        command = [systemctl, "try-reload-or-restart", "ssh.service"]
     if not command:
         return False
     proc = ctx.run(command, check=False, timeout=60)
@@ -371,7 +372,7 @@ def _lookup(ctx: BackendContext, name: str) -> _Account | None:
 
 def _create_user(ctx: BackendContext, user: UserSpec) -> None:
     shell = user.shell or ("/bin/bash" if ctx.path("/bin/bash").exists() else "/bin/sh")
-    argv = ["useradd"]
+    argv = [ctx.paths.programs.useradd]
     if not ctx.paths.is_real_root:
         argv += ["--root", str(ctx.paths.root.resolve())]
     argv += ["--create-home", "--user-group", "--shell", shell, "--password", "*", "--comment", "imprint", user.name]

@@ -3,9 +3,10 @@ under a root prefix, ``--root``) and every helper program the agent runs.
 
 Like Ignition's ``distro`` package: the defaults are Debian's; another distribution, or a test,
 makes its own ``Distro(root=..., programs=Programs(useradd="/opt/bin/useradd"))`` instead of
-patching. Nothing else in the agent names a guest path or a program: add it here and use it
-through the ``Distro`` the agent was started with (``ctx.paths`` in a backend, ``paths`` in a
-channel).
+patching. A new guest path or program belongs here, used through the ``Distro`` the agent was started
+with (``ctx.paths`` in a backend, ``paths`` in a channel). Not yet moved here (issue 10): the
+backends' own file paths (their module constants) and mtools, which guest/volumes.py runs for
+the agent and the site alike.
 """
 
 from __future__ import annotations
@@ -25,9 +26,6 @@ class Programs:
     chroot: str = "chroot"              # run the guest's own cloud-init under a --root
     python3: str = "/usr/bin/python3"   # the guest's interpreter, for its cloud-init
     modprobe: str = "modprobe"          # kmod: load qemu_fw_cfg for the fw_cfg channel
-    mdir: str = "mdir"                  # mtools: FAT volumes (read without mounting)
-    mtype: str = "mtype"
-    mcopy: str = "mcopy"
 
 
 @dataclass(frozen=True)

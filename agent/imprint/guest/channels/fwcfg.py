@@ -23,7 +23,7 @@ def _load_module(paths: Distro) -> None:
     if _tried_modprobe or paths.fw_cfg.exists() or not paths.is_real_root:
         return
     _tried_modprobe = True
-    subprocess.run(["modprobe", "-q", "qemu_fw_cfg"], check=False, capture_output=True, timeout=10)
+    subprocess.run([paths.programs.modprobe, "-q", "qemu_fw_cfg"], check=False, capture_output=True, timeout=10)
 
 
 def read(paths: Distro) -> tokens.Token | None:
