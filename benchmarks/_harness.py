@@ -1,34 +1,26 @@
-"""Shared pieces of the benchmarks: real `imprint-agent` processes with systemd-style readiness,
-/proc memory readings, and small statistics and table helpers.
-
-Agents are started exactly like tests/conftest.py does: `python -m imprint.guest run` with a
-NOTIFY_SOCKET this process listens on; "READY=1" (with the port) arrives there. No sleeps.
+"""Shared pieces of the benchmarks: /proc memory readings, the agents' environment, and small
+statistics and table helpers. Agents are started by the tests' own harness (tests/helpers/agents.py:
+`python -m imprint.guest run` with a NOTIFY_SOCKET this process listens on; "READY=1", with the
+port, arrives there; no sleeps).
 """
 
 from __future__ import annotations
 
 import os
-import re
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 READY_TIMEOUT = 60.0
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO))  # run as `python benchmarks/bench_x.py`: the harness is tests.helpers
 
-from imprint.owner.home import OwnerHome  # noqa: E402
-from imprint.owner.store import Store  # noqa: E402
-
-from tests.agentroot import make_root  # noqa: E402, F401  (re-exported for the benchmarks)
-
-AGENT_SOURCES = REPO / "agent"
+from tests.helpers.agentroot import make_root  # noqa: E402, F401  (re-exported for the benchmarks)
+from tests.helpers.agents import AGENT_MODULE, Agent, AgentFactory, start_notifying  # noqa: E402, F401  (re-exported)
+from tests.helpers.owner import issue_token  # noqa: E402, F401  (re-exported for the benchmarks)
 
 
 def agent_env(*, bytecode_cache: Path | None) -> dict[str, str]:
@@ -49,97 +41,15 @@ def agent_env(*, bytecode_cache: Path | None) -> dict[str, str]:
     return env
 
 
-def issue_token(home: OwnerHome, store: Store, vm: str, mode: str) -> str:
-    """What `imprint token new VM --mode MODE` does, in-process."""
-    token = home.new_token(mode)
-    text = token.encode()
-    store.issue_token(vm, mode, token.token_id.hex(), text)
-    return text
-
-
-@dataclass
-class Agent:
-    root: Path
-    proc: subprocess.Popen[bytes]
-    port: int
-    ready_seconds: float
-    log_path: Path
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def vm_token(self) -> str:
-        console = (self.root / "dev" / "console").read_text()
-        found = re.findall(r"IMPRINT-VM-TOKEN (imprint1v-[a-z2-7]+)", console)
-        if not found:
-            raise RuntimeError(f"no VM token on the console; agent log:\n{self.log_path.read_text()}")
-        return str(found[-1])
-
-    def memory(self) -> dict[str, int]:
-        return proc_memory(self.proc.pid)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=20)
-
-
-def agent_command(root: Path, *extra: str, python_flags: Sequence[str] = (),
-                  launcher: Sequence[str] = ("-m", "imprint.guest")) -> list[str]:
-    return [sys.executable, *python_flags, *launcher, "run", "--root", str(root),
-            "--listen", "127.0.0.1:0", "--announce-interval", "3600", *extra]
-
-
 def start_agent(root: Path, log_dir: Path, env: Mapping[str, str], *extra: str,
-                python_flags: Sequence[str] = (), launcher: Sequence[str] = ("-m", "imprint.guest")) -> Agent:
-    """Start an agent on a free loopback port; return once it sent READY=1.
-
-    ``ready_seconds`` runs from just before Popen to the arrival of READY=1: fork and exec,
-    interpreter start-up, imports, key generation (first boot), listen, and the notification.
-    ``launcher`` replaces ``-m imprint.guest`` (e.g. ``-c CODE`` that patches something first).
-    """
-    log_path = log_dir / f"{root.name}-{time.monotonic_ns()}.log"
-    proc, ready, message = start_notifying(agent_command(root, *extra, python_flags=python_flags, launcher=launcher),
-                                           log_path, env)
-    match = re.search(r"listening on [^ ]+:(\d+)", message)
-    if not match:
-        proc.kill()
-        proc.wait()
-        raise RuntimeError(f"READY without a port: {message!r}")
-    return Agent(root=root, proc=proc, port=int(match.group(1)), ready_seconds=ready, log_path=log_path)
-
-
-def start_notifying(cmd: Sequence[str], log_path: Path,
-                    env: Mapping[str, str]) -> tuple[subprocess.Popen[bytes], float, str]:
-    """Run ``cmd`` with a NOTIFY_SOCKET; return (process, seconds from Popen to READY=1, message)."""
-    sock_dir = Path(os.environ.get("XDG_RUNTIME_DIR") or "/tmp")
-    sock_path = sock_dir / f"imprint-bench-notify-{os.getpid()}-{time.monotonic_ns()}"
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(sock_path))
-    notify.settimeout(READY_TIMEOUT)
-    child_env = dict(env, NOTIFY_SOCKET=str(sock_path))
-    try:
-        with log_path.open("wb") as log:
-            started = time.perf_counter()
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env)
-        try:
-            while True:
-                try:
-                    message = notify.recv(4096).decode()
-                except TimeoutError:
-                    raise RuntimeError(f"not ready in {READY_TIMEOUT} s:\n{log_path.read_text()}") from None
-                if "READY=1" in message:
-                    return proc, time.perf_counter() - started, message
-                if "STATUS=failed" in message:
-                    raise RuntimeError(f"agent failed: {message}\n{log_path.read_text()}")
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
-    finally:
-        notify.close()
-        sock_path.unlink(missing_ok=True)
+                python_flags: Sequence[str] = (), launcher: Sequence[str] = AGENT_MODULE) -> Agent:
+    """An agent on a free loopback port, returned once it sent READY=1 (the benchmarks' longer
+    READY timeout: a loaded machine). ``ready_seconds`` runs from just before Popen to READY=1:
+    fork and exec, interpreter start-up, imports, key generation (first boot), listen, the
+    notification. ``launcher`` replaces ``-m imprint.guest`` (e.g. ``-c CODE`` that patches first)."""
+    factory = AgentFactory(root.parent, env=env, ready_timeout=READY_TIMEOUT)
+    return factory.start(root, *extra, log=log_dir / f"{root.name}-{time.monotonic_ns()}.log",
+                         python_flags=python_flags, launcher=launcher)
 
 
 def proc_memory(pid: int) -> dict[str, int]:

@@ -64,12 +64,12 @@ def cycle(home: OwnerHome, store: Store, base: Path, logs: Path, env: dict[str, 
     root = h.make_root(base, vm, h.issue_token(home, store, vm, mode))
     agent = h.start_agent(root, logs, env)
     try:
-        ready_mem = agent.memory()
+        ready_mem = h.proc_memory(agent.proc.pid)
         vm_token = agent.vm_token() if mode == "nosecret" else None
         bind(home, store, vm, agent.address, vm_token)
-        bound_mem = agent.memory()
+        bound_mem = h.proc_memory(agent.proc.pid)
     finally:
-        agent.stop()
+        agent.kill()
     if samples is not None:
         samples.add_start(f"first boot, {mode}", agent.ready_seconds)
         samples.add_memory(f"{mode}: ready", ready_mem)
@@ -77,7 +77,7 @@ def cycle(home: OwnerHome, store: Store, base: Path, logs: Path, env: dict[str, 
 
     again = h.start_agent(root, logs, env)
     try:
-        restart_mem = again.memory()
+        restart_mem = h.proc_memory(again.proc.pid)
         pin = store.pin(vm)
         assert pin is not None and pin.state == "bound"
         client = PinnedClient(home, vm, pin.vm_cert_pem, again.address)
@@ -86,9 +86,9 @@ def cycle(home: OwnerHome, store: Store, base: Path, logs: Path, env: dict[str, 
         finally:
             client.close()
         assert status["state"] == "bound", status
-        status_mem = again.memory()
+        status_mem = h.proc_memory(again.proc.pid)
     finally:
-        again.stop()
+        again.kill()
     if samples is not None:
         samples.add_start(f"restart (bound), {mode}", again.ready_seconds)
         samples.add_memory(f"{mode}: restart", restart_mem)
@@ -99,7 +99,8 @@ def floor(base: Path, env: dict[str, str], runs: int) -> list[float]:
     """The same interpreter doing nothing but sending READY=1: what any Python agent pays."""
     out: list[float] = []
     for i in range(runs):
-        proc, seconds, _ = h.start_notifying([sys.executable, "-c", FLOOR_SCRIPT], base / f"floor-{i}.log", env)
+        proc, seconds, _ = h.start_notifying([sys.executable, "-c", FLOOR_SCRIPT], base / f"floor-{i}.log", env,
+                                           h.READY_TIMEOUT)
         proc.wait(timeout=20)
         out.append(seconds)
     return out
@@ -136,11 +137,11 @@ def profile(home: OwnerHome, store: Store, base: Path) -> dict[str, Any]:
         try:
             bind(home, store, vm, agent.address, agent.vm_token() if mode == "nosecret" else None)
         finally:
-            agent.stop()
+            agent.kill()
         result[f"first boot, {mode}"] = import_tree(agent.log_path.read_text())
         if mode == "shared":
             again = h.start_agent(root, logs, env, python_flags=["-X", "importtime"])
-            again.stop()
+            again.kill()
             result["restart (bound)"] = import_tree(again.log_path.read_text())
     return result
 

@@ -124,7 +124,8 @@ class Baseline:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--serve-baseline", str(directory)]
         if nodelay:
             cmd.append("--nodelay")
-        self.proc, _, message = h.start_notifying(cmd, logs / f"{directory.name}.log", dict(os.environ))
+        self.proc, _, message = h.start_notifying(cmd, logs / f"{directory.name}.log", dict(os.environ),
+                                                   h.READY_TIMEOUT)
         self.url = f"https://{message.rsplit('listening on ', 1)[1].strip()}/v1/status"
 
     def request(self) -> dict[str, Any]:
@@ -264,7 +265,7 @@ class Binder:
                 if profiler is not None:
                     profiler.disable()
         finally:
-            agent.stop()
+            agent.kill()
         assert result.status.get("state") == "bound", result.status
         phases["total"] = total
         phases["other"] = total - phases.get("exchange", 0.0) - phases.get("status", 0.0)
@@ -276,7 +277,7 @@ class Binder:
         try:
             bind_module.bind(self.home, self.store, vm, agent.address, vm_token)
         finally:
-            agent.stop()
+            agent.kill()
         after_ready = agent.log_path.read_text().split("imprint-agent: listening on", 1)[1]
         out: dict[str, float] = {}
         for line in after_ready.splitlines():

@@ -40,7 +40,8 @@ sys.path.insert(0, str(REPO))
 from imprint.site import vm  # noqa: E402
 from imprint.site.isoseeds import iso_image  # noqa: E402
 
-from tests.vm import Image, OwnerCli, ensure_image  # noqa: E402
+from tests.helpers.owner import Owner  # noqa: E402
+from tests.helpers.vm import Image, ensure_image  # noqa: E402
 
 
 def ssh_banner_time(port: int, started: float, stop: threading.Event, out: dict[str, float]) -> None:
@@ -79,7 +80,7 @@ def ssh_login(port: int, identity: Path, known_hosts: Path | None, deadline: flo
 
 
 def boot_once(image: Image, variant: str, run_dir: Path, accel: str, cpus: int, tmp: Path) -> dict[str, Any]:
-    owner: OwnerCli | None = None
+    owner: Owner | None = None
     channel = token = None
     append = ""
     extra: list[str] = []
@@ -87,7 +88,7 @@ def boot_once(image: Image, variant: str, run_dir: Path, accel: str, cpus: int, 
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(identity)], check=True)
     public = identity.with_suffix(".pub").read_text().strip()
     if variant == "imprint":
-        owner = OwnerCli(tmp / f"owner-{run_dir.name}")
+        owner = Owner.create(tmp / f"owner-{run_dir.name}")
         token = owner.token("vm", "nosecret")
         channel = "cmdline"
         profile = tmp / f"profile-{run_dir.name}.toml"

@@ -29,7 +29,7 @@ from imprint.faults import TARGET_ENV, TRACE_ENV
 from imprint.fsatomic import TEMP_MARK
 from imprint.guest.distro import Distro
 
-from tests.conftest import AgentFactory, Owner
+from tests.helpers import AgentFactory, Owner
 from tests.sshkit import seed_root
 
 needs_chroot = pytest.mark.skipif(

@@ -19,7 +19,7 @@ from imprint.fsatomic import write_atomic
 from imprint.guest.distro import Distro
 
 from tests.backend_samples import SAMPLES, crash_between_write_and_rename
-from tests.conftest import AgentFactory, Owner
+from tests.helpers import AgentFactory, Owner
 from tests.sshkit import needs_root
 
 

@@ -19,7 +19,7 @@ from imprint.backends.kerberos import merge_keytabs, parse_keytab, serialize_key
 from imprint.guest.distro import Distro
 
 from tests.backend_samples import crash_between_write_and_rename
-from tests.conftest import AgentFactory, Owner
+from tests.helpers import AgentFactory, Owner
 from tests.krb5kit import ADMIN, PW, PW_ADMIN, REALM, Realm, needs_krb5
 
 HOST = f"host/web1.test.imprint@{REALM}"

@@ -16,7 +16,7 @@ from imprint.backends import run_backend
 from imprint.guest.distro import Distro
 
 from tests.backend_samples import crash_between_write_and_rename
-from tests.conftest import AgentFactory, Owner
+from tests.helpers import AgentFactory, Owner
 from tests.sshkit import SshdFactory, keygen, needs_root, needs_root_and_sshd, seed_root, ssh
 
 

@@ -27,7 +27,7 @@ from imprint.owner.home import OwnerHome
 from imprint.owner.store import Store
 
 from tests.backend_samples import crash_between_write_and_rename
-from tests.conftest import AgentFactory, Owner
+from tests.helpers import AgentFactory, Owner
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: network namespaces (ip netns), file owners")
 ADDRESSES = {"eth0": ["192.0.2.10", "2001:db8::10"], "eth1": ["198.51.100.7"]}

@@ -38,7 +38,7 @@ from imprint.protocol.messages import (
     encode_frame,
 )
 
-from tests.conftest import Agent, AgentFactory, Owner
+from tests.helpers import Agent, AgentFactory, Owner
 
 IO_TIMEOUT = 15.0
 B32 = "abcdefghijklmnopqrstuvwxyz234567"

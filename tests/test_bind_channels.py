@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from imprint.site import seeds
 
-from tests.conftest import AgentFactory, Owner
+from tests.helpers import AgentFactory, Owner
 
 # channel -> how a test root exposes the artefact `imprint-site seed` built
 Attach = Callable[[Path, Path], None]

@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from tests.conftest import AgentFactory, Owner
+from tests.helpers import AgentFactory, Owner
 
 
 @pytest.mark.parametrize("mode", ["shared", "nosecret"])

@@ -23,7 +23,7 @@ from imprint import crypto, tokens
 from imprint.owner.store import Store
 from imprint.protocol.messages import OwnerProof, VmConfirm, encode_frame
 
-from tests.conftest import Agent, AgentFactory, Owner
+from tests.helpers import Agent, AgentFactory, Owner
 
 IO_TIMEOUT = 15.0
 TLS_HEADER = 5

@@ -22,8 +22,8 @@ from imprint.guest.channels import cloudinit as ci
 from imprint.guest.distro import Distro
 from imprint.tokens import Token, TokenKind, vm_token_line
 
-from tests.conftest import AgentFactory, Owner
 from tests.fake_imds import OPENSTACK_PATH, SESSION_PATH, FakeIMDS, Site
+from tests.helpers import AgentFactory, Owner
 
 REPO = Path(__file__).resolve().parent.parent
 FAKE_IMDS = REPO / "tests" / "fake_imds.py"

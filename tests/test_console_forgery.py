@@ -24,8 +24,7 @@ from imprint import crypto, tls, tokens
 from imprint.protocol.messages import Alert, encode_frame
 from imprint.site import reverse, vm
 
-from tests import agentproc
-from tests.conftest import Agent, AgentFactory, Owner
+from tests.helpers import Agent, AgentFactory, Owner
 
 IO_TIMEOUT = 15.0
 MARKER = tokens.VM_TOKEN_LINE_PREFIX
@@ -33,7 +32,7 @@ MARKER = tokens.VM_TOKEN_LINE_PREFIX
 
 def start_on_console(agents: AgentFactory, root: Path, console: Path) -> Agent:
     """The agent with stdout, stderr and --console all appending to ``console``."""
-    return agentproc.launch(agents, root, console, "--console", str(console))
+    return agents.start(root, "--console", str(console), log=console)
 
 
 def genuine_vm_token(root: Path) -> tokens.Token:

@@ -39,7 +39,8 @@ from imprint.faults import TARGET_ENV, TRACE_ENV
 from imprint.fsatomic import TEMP_MARK
 from imprint.guest.state import AgentState
 
-from tests.conftest import READY_TIMEOUT, Agent, AgentFactory, Owner
+from tests.helpers import READY_TIMEOUT, Agent, AgentFactory, Owner
+from tests.helpers.agents import listening_port
 from tests.krb5kit import ADMIN, REALM, Realm, needs_krb5
 from tests.sshkit import keygen, needs_root, seed_root
 from tests.test_backend_cloudinit import DOCUMENT, KEY, make_chroot, needs_chroot
@@ -101,7 +102,7 @@ def _ready_or_dead(agent: Agent) -> int | None:
                         return None
                     message = agent.notify.recv(4096).decode()
                     if "READY=1" in message:
-                        return int(message.split("listening on ", 1)[1].split(" ", 1)[0].rsplit(":", 1)[1])
+                        return listening_port(message)
                     if "STATUS=failed" in message:
                         raise AssertionError(f"agent failed: {message}\n{agent.log()}")
     finally:
@@ -212,11 +213,10 @@ class World:
 
 
 def make_world(base: Path, agents: AgentFactory, mode: str) -> World:
-    from tests import agentroot
+    from tests.helpers import agentroot
 
     base.mkdir(parents=True)
-    owner = Owner(base / "owner-home")
-    owner.run("init")
+    owner = Owner.create(base / "owner-home")
     token = owner.token(VM, mode)
     return World(base, owner, agentroot.make_root(base, "vm", token), agents, mode, token)
 

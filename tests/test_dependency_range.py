@@ -15,17 +15,13 @@ import ast
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests import agentroot
-from tests.conftest import Agent, AgentFactory
+from tests.helpers import Agent, AgentFactory
 
 REPO = Path(__file__).resolve().parent.parent
 PROBE_SECONDS = 20
@@ -90,15 +86,11 @@ def test_the_venv_is_clean_and_has_every_declared_dependency(clean_venv: Path) -
     print(versions.stdout)
 
 
-@pytest.fixture
-def agent_root(tmp_path: Path) -> Iterator[Path]:
-    yield agentroot.make_root(tmp_path, "vm", None)
-
-
 @needs_genisoimage
 @pytest.mark.parametrize("maker", ["genisoimage", "imprint-site"])
 def test_installed_agent_reads_an_iso_seed_and_the_installed_owner_binds(clean_venv: Path, tmp_path: Path,
-                                                                        agent_root: Path, maker: str) -> None:
+                                                                        agents: AgentFactory, maker: str) -> None:
+    agent_root = agents.make_root(None)
     home = tmp_path / "owner-home"
     _run(clean_venv, "imprint", "--home", str(home), "init")
     token = _run(clean_venv, "imprint", "--home", str(home), "token", "new", "web1",
@@ -117,7 +109,7 @@ def test_installed_agent_reads_an_iso_seed_and_the_installed_owner_binds(clean_v
     link.parent.mkdir(parents=True)
     link.symlink_to(iso)
 
-    agent = _start_installed_agent(clean_venv, agent_root)
+    agent = _start_installed_agent(agents, clean_venv, agent_root)
     try:
         bound = _run(clean_venv, "imprint", "--home", str(home), "bind", "web1", "--address", agent.address)
         assert "bound web1" in bound.stdout
@@ -127,7 +119,6 @@ def test_installed_agent_reads_an_iso_seed_and_the_installed_owner_binds(clean_v
         assert "Traceback" not in agent.log()
     finally:
         agent.kill(signal.SIGTERM)
-        agent.notify.close()
 
 
 def test_x509_addresses_come_from_the_installed_pyroute2(clean_venv: Path) -> None:
@@ -136,26 +127,8 @@ def test_x509_addresses_come_from_the_installed_pyroute2(clean_venv: Path) -> No
     assert isinstance(ast.literal_eval(listed.stdout.strip()), list)
 
 
-def _start_installed_agent(venv: Path, root: Path) -> Agent:
-    sock_dir = tempfile.mkdtemp(prefix="imprint-notify-")  # AF_UNIX paths are short
-    sock_path = os.path.join(sock_dir, "n")
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(sock_path)
-    notify.settimeout(30)
-    log_path = root.parent / "agent.log"
+def _start_installed_agent(agents: AgentFactory, venv: Path, root: Path) -> Agent:
+    """The venv's own `imprint-agent` script, run from the venv (no PYTHONPATH to this checkout)."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
-    env.update(NOTIFY_SOCKET=sock_path, PYTHONUNBUFFERED="1")
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen([str(venv / "bin/imprint-agent"), "run", "--root", str(root), "--listen",
-                                 "127.0.0.1:0", "--channels", "imprint-seed", "--token-wait", "30"],
-                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=venv)
-    agent = Agent(root=root, proc=proc, port=0, log_path=log_path, notify=notify)
-    try:
-        agent.port = AgentFactory(root.parent).await_ready(agent)
-    except BaseException:
-        agent.kill()
-        raise
-    finally:
-        os.unlink(sock_path)
-        os.rmdir(sock_dir)
-    return agent
+    return agents.start(root, "--channels", "imprint-seed", "--token-wait", "30",
+                        program=[str(venv / "bin/imprint-agent")], env=env, cwd=venv, log=root.parent / "agent.log")

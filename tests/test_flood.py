@@ -33,7 +33,7 @@ from typing import Any, Literal
 import pytest
 from imprint import crypto, tls
 
-from tests.conftest import Agent, AgentFactory, Owner
+from tests.helpers import Agent, AgentFactory, Owner
 
 Kind = Literal["garbage", "slowhello", "rushhello"]
 

@@ -36,8 +36,8 @@ from imprint import metadisk, tokens
 from imprint.guest.channels import ChannelBroken, cloudinit, configdrive, imds, nocloud
 from imprint.guest.distro import Distro
 
-from tests import agentroot
 from tests.fake_imds import FakeIMDS
+from tests.helpers import agentroot
 
 GOOD = tokens.Token(tokens.TokenKind.SHARED, bytes(range(32)))
 NOSECRET = tokens.Token(tokens.TokenKind.NOSECRET, bytes(range(7, 39)))

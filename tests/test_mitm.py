@@ -43,7 +43,7 @@ from imprint.protocol import (
 )
 from imprint.protocol.messages import Alert, FrameBuffer, OwnerHello, WireMode, decode_body, encode_frame
 
-from tests.conftest import Agent, AgentFactory, Owner
+from tests.helpers import Agent, AgentFactory, Owner
 
 IO_TIMEOUT = 15.0  # upper bound on any single socket wait inside the MITM
 JOIN_TIMEOUT = 10.0

@@ -21,7 +21,7 @@ import pytest
 from imprint import lastresort, tokens
 from imprint.guest import log as agent_log
 
-from tests.conftest import AgentFactory, Owner
+from tests.helpers import AgentFactory, Owner
 
 TIMEOUT = 60
 

@@ -26,7 +26,7 @@ from imprint.owner.client import MAX_ANSWER, TIMEOUT, PinnedClient
 from imprint.owner.errors import Unreachable
 from imprint.owner.home import OwnerHome
 
-from tests.conftest import AgentFactory, Owner
+from tests.helpers import AgentFactory, Owner
 
 PACE = 0.5  # seconds between the bytes of a trickle
 DEADLINE = 2.0  # seconds: the deadline injected into PinnedClient calls

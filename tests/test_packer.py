@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.vm import REPO, OwnerCli, Site, console_tail, ensure_image, qemu_problem
+from tests.helpers.owner import Owner
+from tests.helpers.vm import REPO, Site, console_tail, ensure_image, qemu_problem
 
 TEMPLATE = REPO / "packer" / "imprint.pkr.hcl"
 
@@ -93,7 +94,7 @@ def test_packer_build_bakes_an_image_that_binds(tmp_path: Path) -> None:
     raw.unlink()
 
     site = Site(tmp_path / "runs")
-    owner = OwnerCli(tmp_path / "owner")
+    owner = Owner.create(tmp_path / "owner")
     token = owner.token("vm", "nosecret")
     try:
         run_dir = site.new_run_dir("packer")

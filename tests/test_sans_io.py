@@ -47,7 +47,7 @@ from imprint.protocol.messages import (
 )
 from imprint.tokens import Token, TokenKind
 
-from tests.conftest import AgentFactory, Owner
+from tests.helpers import AgentFactory, Owner
 
 IO_TIMEOUT = 20.0  # upper bound on a socket wait in the hand-made peers below
 

@@ -13,7 +13,7 @@ from imprint.guest.distro import Distro
 from imprint.guest.state import AgentState, StateError
 from imprint.owner.store import Store
 
-from tests.conftest import AgentFactory, Owner
+from tests.helpers import AgentFactory, Owner
 
 
 def test_write_atomic_keeps_old_file_when_the_write_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

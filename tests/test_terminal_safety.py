@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from imprint.safetext import printable
 
-from tests import agentproc
-from tests.conftest import AgentFactory, Owner
+from tests.helpers import AgentFactory, Owner
+from tests.helpers.agents import with_prelude
 
 HOSTILE = [
     "\x1b[2J\x1b]0;pwned\x07",          # clear screen, set the window title
@@ -107,7 +107,7 @@ def bound_vm(agents: AgentFactory, owner: Owner, tmp_path: Path) -> Path:
 def test_status_fields_from_the_vm_are_rendered(agents: AgentFactory, owner: Owner, bound_vm: Path,
                                                 tmp_path: Path) -> None:
     fields = {"mode": ESCAPES, "agent_version": ESCAPES, "uptime_seconds": ESCAPES, "state": ESCAPES}
-    agent = agentproc.launch(agents, bound_vm, tmp_path / "agent.log", prelude=_compromised(fields))
+    agent = agents.start(bound_vm, log=tmp_path / "agent.log", launcher=with_prelude(_compromised(fields)))
     result = owner.run("status", "vm1", "--address", agent.address)
     _safe_for_a_terminal(result.stdout + result.stderr)
     assert "\\x1b]0;owned\\x07\\x1b[2J" in result.stdout  # shown, escaped: not silently dropped
@@ -118,8 +118,8 @@ def test_status_fields_from_the_vm_are_rendered(agents: AgentFactory, owner: Own
 
 def test_error_texts_from_the_vm_are_rendered(agents: AgentFactory, owner: Owner, bound_vm: Path,
                                               tmp_path: Path) -> None:
-    agent = agentproc.launch(agents, bound_vm, tmp_path / "agent.log",
-                             prelude=_compromised({"owner_fingerprint": ESCAPES}))
+    agent = agents.start(bound_vm, log=tmp_path / "agent.log",
+                         launcher=with_prelude(_compromised({"owner_fingerprint": ESCAPES})))
     refused = owner.run("status", "vm1", "--address", agent.address, check=3)
     _safe_for_a_terminal(refused.stdout + refused.stderr)
     assert "\\x1b]0;owned" in refused.stderr

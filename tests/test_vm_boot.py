@@ -24,8 +24,9 @@ from typing import Any
 import pytest
 from imprint.site.vm import ANSI_RE
 
+from tests.helpers.owner import Owner
+from tests.helpers.vm import REPO, Image, Site, console_tail, ensure_image, qemu_problem, sha256_file
 from tests.sshkit import keygen, ssh
-from tests.vm import REPO, Image, OwnerCli, Site, console_tail, ensure_image, qemu_problem, sha256_file
 
 # The module's image build (cold: package downloads) and the boots exceed pytest.ini's 300 s.
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(1800)]
@@ -85,7 +86,7 @@ def _ssh_profile(tmp: Path) -> tuple[Path, Path]:
     return identity, profile
 
 
-def _ssh_checks(site: Site, owner: OwnerCli, boot: Result, identity: Path, board: KnownHostsBoard,
+def _ssh_checks(site: Site, owner: Owner, boot: Result, identity: Path, board: KnownHostsBoard,
                 name: str) -> Result:
     """Log in with OpenSSH trusting only the attested key (by `imprint ssh` and by plain ssh), and,
     for the checker, try another VM's attested key for this address."""
@@ -122,7 +123,7 @@ def _bind_scenario(site: Site, image: Image, tmp: Path, name: str, channel: str,
 
 def _bind_scenario_body(site: Site, image: Image, tmp: Path, name: str, channel: str, mode: str,
                         board: KnownHostsBoard) -> Result:
-    owner = OwnerCli(tmp / "owner")
+    owner = Owner.create(tmp / "owner")
     token = owner.token("vm", mode)
     boot = site.boot(image, name, "--channel", channel, "--token-file", str(_token_file(tmp, token)),
                      "--mode", mode)
@@ -161,7 +162,7 @@ def _bind_scenario_body(site: Site, image: Image, tmp: Path, name: str, channel:
 
 def _corrupt_scenario(site: Site, image: Image, tmp: Path) -> Result:
     tmp.mkdir(parents=True)
-    owner = OwnerCli(tmp / "owner")
+    owner = Owner.create(tmp / "owner")
     token = owner.token("vm", "shared")
     kind, body = token.split("-", 1)
     corrupt = f"{kind}-{'b' if body[5] != 'b' else 'c'}{body[:5]}{body[6:]}"  # one substituted character
@@ -173,7 +174,7 @@ def _corrupt_scenario(site: Site, image: Image, tmp: Path) -> Result:
 def _late_scenario(site: Site, image: Image, tmp: Path) -> Result:
     """No token at boot: the agent waits and says so; the site hot-plugs the metadata disk."""
     tmp.mkdir(parents=True)
-    owner = OwnerCli(tmp / "owner")
+    owner = Owner.create(tmp / "owner")
     token = owner.token("vm", "shared")
     boot = site.boot(image, "late")
     run_dir = Path(boot["run_dir"])

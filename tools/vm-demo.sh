@@ -22,7 +22,7 @@ py="$here/.venv/bin/python"
 say() { printf '\n== %s\n' "$*"; }
 
 say "1. the image (built from Debian packages, or reused from the cache when its inputs did not change)"
-img=$("$py" -c 'from tests.vm import ensure_image; print(ensure_image().dir)')
+img=$("$py" -c 'from tests.helpers.vm import ensure_image; print(ensure_image().dir)')
 echo "$img/base.qcow2  sha256 $(sha256sum "$img/base.qcow2" | cut -c1-16)…  (no token, key or site address inside)"
 
 work=$(mktemp -d /tmp/imprint-demo.XXXXXX)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 IMAGE_INPUTS = ("image-build/build.sh", "image-build/customize.sh", "image-build/bake-existing.sh",
                 "image-build/files", "systemd/imprint-agent.service", "pyproject.toml", "agent/imprint")
 KEEP_IMAGES = 3
@@ -193,26 +193,3 @@ def console_tail(run_dir: Path, lines: int = 40) -> str:
 
     text = vm.console_text(run_dir / "console.log")
     return "--- console tail ---\n" + "\n".join(text.splitlines()[-lines:])
-
-
-class OwnerCli:
-    """The owner CLI with its own home (one per scenario: scenarios run in parallel)."""
-
-    def __init__(self, home: Path) -> None:
-        self.home = home
-        self.run("init")
-
-    def run(self, *args: str, check: int | None = 0) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run([sys.executable, "-m", "imprint.owner", "--home", str(self.home), *args],
-                                capture_output=True, text=True, timeout=120)
-        if check is not None and result.returncode != check:
-            raise AssertionError(f"imprint {' '.join(args)} exited {result.returncode}, expected {check}\n"
-                                 f"{result.stdout}\n{result.stderr}")
-        return result
-
-    def token(self, name: str, mode: str) -> str:
-        return self.run("token", "new", name, "--mode", mode).stdout.strip().splitlines()[-1]
-
-    def json(self, *args: str, check: int | None = 0) -> dict[str, Any]:
-        data: dict[str, Any] = json.loads(self.run(*args, "--json", check=check).stdout)
-        return data

@@ -1,4 +1,4 @@
-"""A guest root for `imprint-agent run --root`, shared by tests/conftest.py and benchmarks/."""
+"""A guest root for `imprint-agent run --root`: proc/cmdline and dev/, the least an agent reads."""
 
 from __future__ import annotations
 
