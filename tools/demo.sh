@@ -4,4 +4,4 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 bash tools/bootstrap.sh
-exec "$here/.venv/bin/python" -m imprint.demo "$@"
+exec "$here/.venv/bin/python" tools/demo.py "$@"
