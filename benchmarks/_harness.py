@@ -18,9 +18,12 @@ READY_TIMEOUT = 60.0
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as `python benchmarks/bench_x.py`: the harness is tests.helpers
 
-from tests.helpers.agentroot import make_root  # noqa: E402, F401  (re-exported for the benchmarks)
-from tests.helpers.agents import AGENT_MODULE, Agent, AgentFactory, start_notifying  # noqa: E402, F401  (re-exported)
-from tests.helpers.owner import issue_token  # noqa: E402, F401  (re-exported for the benchmarks)
+# Re-exported: the benchmarks reach the harness as h.NAME.
+from tests.helpers.agentroot import make_root as make_root  # noqa: E402
+from tests.helpers.agents import AGENT_MODULE, AgentFactory  # noqa: E402
+from tests.helpers.agents import Agent as Agent  # noqa: E402
+from tests.helpers.agents import start_notifying as start_notifying  # noqa: E402
+from tests.helpers.owner import issue_token as issue_token  # noqa: E402
 
 
 def agent_env(*, bytecode_cache: Path | None) -> dict[str, str]:

@@ -160,7 +160,7 @@ def main() -> int:
                 results.append(result)
 
     def median(variant: str, key: str) -> float:
-        return statistics.median(r[key] for r in results if r["variant"] == variant)
+        return float(statistics.median(r[key] for r in results if r["variant"] == variant))
 
     if {"no-imprint", "imprint", "cloud-init"} - set(args.variants.split(",")):
         for variant in args.variants.split(","):

@@ -59,24 +59,7 @@ site="/usr/local/lib/python$pyver/dist-packages"
 say "unpacking $(basename "$wheel") into $site"
 mkdir -p "$root$site" "$root/usr/local/bin"
 # The wheel is pure Python: unpacking it is a complete install (pip would do the same plus RECORD).
-"${PYTHON:-/usr/bin/python3}" - "$wheel" "$root" "$site" <<'PY'
-import configparser, pathlib, sys, zipfile
-wheel, root, site = sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3]
-target = root / site.lstrip("/")
-with zipfile.ZipFile(wheel) as zf:
-    zf.extractall(target)
-    eps = [n for n in zf.namelist() if n.endswith(".dist-info/entry_points.txt")]
-    text = zf.read(eps[0]).decode() if eps else ""
-parser = configparser.ConfigParser()
-parser.read_string(text)
-if parser.has_section("console_scripts"):
-    for name, spec in parser.items("console_scripts"):
-        module, func = (part.strip() for part in spec.split(":"))
-        script = root / "usr/local/bin" / name
-        script.write_text(f"#!/usr/bin/python3\nimport sys\nfrom {module} import {func}\nsys.exit({func}())\n")
-        script.chmod(0o755)
-        print(f"bake-existing: wrote /usr/local/bin/{name}")
-PY
+"${PYTHON:-/usr/bin/python3}" "$(dirname "$0")/unpack_wheel.py" "$wheel" "$root" "$site"
 in_target python3 -m compileall -q --invalidation-mode checked-hash "$site/imprint" >/dev/null
 
 say "installing the unit $(basename "$unit")"

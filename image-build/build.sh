@@ -113,23 +113,6 @@ base_bytes=$(du -sb "$rootfs" | cut -f1)
 for f in base.qcow2 bare.qcow2 vmlinuz initrd.img; do mv -f "$work/$f" "$out/$f"; done
 cp "$wheel_file" "$out/"
 cp "$work/packages.txt" "$out/packages.txt"
-"$py" - "$out" "$SOURCE_DATE_EPOCH" "$bare_bytes" "$base_bytes" "$suite" "$(basename "$wheel_file")" <<'PY'
-import hashlib, json, os, sys
-out, epoch, bare, base, suite, wheel = sys.argv[1:]
-def sha(name):
-    h = hashlib.sha256()
-    with open(os.path.join(out, name), "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-files = ["base.qcow2", "bare.qcow2", "vmlinuz", "initrd.img", wheel, "packages.txt"]
-manifest = {"suite": suite, "source_date_epoch": int(epoch), "wheel": wheel,
-            "rootfs_bytes": {"bare": int(bare), "base": int(base), "imprint": int(base) - int(bare)},
-            "files": {f: {"bytes": os.path.getsize(os.path.join(out, f)), "sha256": sha(f)} for f in files},
-            "append": "root=LABEL=root rw console=ttyS0"}
-with open(os.path.join(out, "manifest.json"), "w") as f:
-    json.dump(manifest, f, indent=2)
-    f.write("\n")
-PY
+"$py" "$here/write_manifest.py" "$out" "$SOURCE_DATE_EPOCH" "$bare_bytes" "$base_bytes" "$suite" "$(basename "$wheel_file")"
 step "done: $out/{base.qcow2,bare.qcow2,vmlinuz,initrd.img,manifest.json}"
 ls -l "$out" | sed 's/^/  /'

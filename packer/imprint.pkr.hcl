@@ -45,6 +45,11 @@ variable "bake_script" {
   type    = string
   default = "image-build/bake-existing.sh"
 }
+variable "unpack_script" {
+  type        = string
+  default     = "image-build/unpack_wheel.py"
+  description = "run by bake_script from its own directory: it unpacks the wheel"
+}
 variable "output_dir" {
   type    = string
   default = "output-imprint"
@@ -102,11 +107,15 @@ build {
     source      = var.bake_script
     destination = "/tmp/bake-existing.sh"
   }
+  provisioner "file" {
+    source      = var.unpack_script
+    destination = "/tmp/unpack_wheel.py"
+  }
   provisioner "shell" {
     inline = [
       "cloud-init status --wait >/dev/null 2>&1 || true",
       "bash /tmp/bake-existing.sh --wheel /tmp/imprint.whl --unit /tmp/imprint-agent.service --generalize --apt",
-      "rm -f /tmp/imprint.whl /tmp/imprint-agent.service /tmp/bake-existing.sh /root/.ssh/authorized_keys",
+      "rm -f /tmp/imprint.whl /tmp/imprint-agent.service /tmp/bake-existing.sh /tmp/unpack_wheel.py /root/.ssh/authorized_keys",
       "/usr/local/bin/imprint-agent --help >/dev/null && echo 'imprint baked in'",
     ]
   }

@@ -25,7 +25,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE_INPUTS = ("image-build/build.sh", "image-build/customize.sh", "image-build/bake-existing.sh",
-                "image-build/files", "systemd/imprint-agent.service", "pyproject.toml", "agent/imprint")
+                "image-build/write_manifest.py", "image-build/unpack_wheel.py", "image-build/files",
+                "systemd/imprint-agent.service", "pyproject.toml", "agent/imprint")
 KEEP_IMAGES = 3
 
 
@@ -52,11 +53,8 @@ def inputs_hash() -> str:
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def qemu_problem() -> str | None:
