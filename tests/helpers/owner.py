@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,11 +29,13 @@ class Owner:
         owner.run("init")
         return owner
 
-    def run(self, *args: str, check: int | None = 0) -> subprocess.CompletedProcess[str]:
-        """Run the CLI; with ``check``, assert it exited with that code."""
+    def run(self, *args: str, check: int | None = 0,
+            env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """Run the CLI (in ``env``, default this process's); with ``check``, assert it exited
+        with that code."""
         result = subprocess.run(
             [sys.executable, "-m", "imprint.owner", "--home", str(self.home), *args],
-            capture_output=True, text=True, timeout=CLI_TIMEOUT,
+            capture_output=True, text=True, timeout=CLI_TIMEOUT, env=env,
         )
         if check is not None:
             assert result.returncode == check, (

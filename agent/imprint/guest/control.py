@@ -18,6 +18,7 @@ import ssl
 from collections.abc import Callable
 from typing import Any, BinaryIO, Protocol
 
+from imprint import timeouts
 from imprint.guest import log as agent_log
 
 log = agent_log.get("imprint.agent")
@@ -25,7 +26,7 @@ log = agent_log.get("imprint.agent")
 MAX_LINE = 4096
 MAX_HEADERS = 64
 MAX_BODY = 1 << 20
-REQUEST_DEADLINE = 30.0  # waiting for the next request and reading all of it
+REQUEST_DEADLINE = timeouts.seconds("IMPRINT_AGENT_REQUEST_SECONDS", 30.0)  # waiting for the next request, reading it
 REPLY_DEADLINE = 30.0  # for the peer to take the whole reply
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
             413: "Payload Too Large", 500: "Internal Server Error"}

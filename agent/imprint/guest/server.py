@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from imprint import tls
+from imprint import timeouts, tls
 from imprint.guest import log as agent_log
 from imprint.guest.connections import Connection, ConnectionTable
 from imprint.guest.distro import Distro
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 log = agent_log.get("imprint.agent")
 
 # All counted from the accept: a trickling peer cannot extend them.
-HANDSHAKE_DEADLINE = 10.0
+HANDSHAKE_DEADLINE = timeouts.seconds("IMPRINT_AGENT_HANDSHAKE_SECONDS", 10.0)
 EXCHANGE_DEADLINE = 20.0  # the whole bind connection, handshake included
 LINGER = 2.0  # after a refused handshake, for the peer to read our alert (within the deadline)
 MAX_PREAUTH = 64  # connections that have not proved the pinned owner key (all of them before binding)

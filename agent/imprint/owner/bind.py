@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from imprint import crypto, tls, tokens
+from imprint import crypto, timeouts, tls, tokens
 from imprint.owner.client import PinnedClient
 from imprint.owner.errors import AuthenticationFailed, OwnerError, Unreachable, UsageError
 from imprint.owner.home import OwnerHome
@@ -23,7 +23,7 @@ from imprint.protocol import (
     VmAuthenticated,
 )
 
-CONNECT_TIMEOUT = 10.0
+CONNECT_TIMEOUT = timeouts.seconds("IMPRINT_OWNER_CONNECT_SECONDS", 10.0)
 EXCHANGE_DEADLINE = 20.0
 
 

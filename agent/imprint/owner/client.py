@@ -26,13 +26,14 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPSConnection
 from urllib3.connectionpool import HTTPSConnectionPool
 
-from imprint import crypto, tls
+from imprint import crypto, timeouts, tls
 from imprint.owner.errors import Unreachable
 from imprint.owner.home import OwnerHome
 from imprint.owner.tlsfailures import owner_error
 from imprint.safetext import printable
 
-TIMEOUT = 10.0  # seconds for a whole request and its answer, unless the caller gives another
+# Seconds for a whole request and its answer, unless the caller gives another.
+TIMEOUT = timeouts.seconds("IMPRINT_OWNER_REQUEST_SECONDS", 10.0)
 MAX_ANSWER = 1 << 20  # bytes of an answer's body: /v1/status is ~300 bytes, an apply's results a few KiB
 _READ_CHUNK = 64 * 1024
 
