@@ -14,7 +14,6 @@ import contextlib
 import select
 import socket
 import sqlite3
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from imprint.owner.store import Store
 from imprint.protocol.messages import OwnerProof, VmConfirm, encode_frame
 
 from tests.helpers import Agent, AgentFactory, Owner
+from tests.helpers.servers import LoopbackServer
 
 IO_TIMEOUT = 15.0
 TLS_HEADER = 5
@@ -47,29 +47,20 @@ class DropVmConfirm:
         self.confirm_length = record_length(VmConfirm, mode)
         self.dropped: list[int] = []
         self.forwarded = {"to_agent": 0, "to_owner": 0}
-        self.errors: list[BaseException] = []
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
-        self._thread = threading.Thread(target=self._serve, daemon=True, name="drop-vmconfirm")
+        self._server = LoopbackServer(self._serve, connections=1, io_timeout=IO_TIMEOUT, accept_timeout=IO_TIMEOUT,
+                                      name="drop-vmconfirm")
+        self.address = self._server.address
+        self.errors = self._server.errors  # a proxy failure, even a socket's, fails the test
 
     @contextlib.contextmanager
     def running(self) -> Iterator[DropVmConfirm]:
-        self._thread.start()
-        try:
+        with self._server:
             yield self
-        finally:
-            with contextlib.suppress(OSError):
-                self._listener.shutdown(socket.SHUT_RDWR)
-            self._listener.close()
-            self._thread.join(IO_TIMEOUT)
-            assert not self._thread.is_alive(), "the proxy did not stop"
 
-    def _serve(self) -> None:
+    def _serve(self, owner_end: socket.socket) -> None:
         try:
-            self._listener.settimeout(IO_TIMEOUT)
-            owner_end, _ = self._listener.accept()
             agent_end = socket.create_connection(("127.0.0.1", self.agent.port), timeout=IO_TIMEOUT)
-            with owner_end, agent_end:
+            with agent_end:
                 self._relay(owner_end, agent_end)
         except OSError as exc:
             self.errors.append(exc)

@@ -35,6 +35,7 @@ import pytest
 from imprint import crypto, tls
 
 from tests.helpers import Agent, AgentFactory, Owner
+from tests.helpers.servers import LoopbackServer
 
 Kind = Literal["garbage", "slowhello", "rushhello"]
 
@@ -365,49 +366,8 @@ def test_the_owners_idle_connections_make_room_for_its_next_request(
 # ---- the owner's side: unreachable is not "man in the middle" --------------------------------
 
 
-class FakeAgent:
-    """A loopback listener that treats every connection the same way, in one thread."""
-
-    def __init__(self, behaviour: Any) -> None:
-        self._behaviour = behaviour
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
-        self.connections = 0
-        self.errors: list[BaseException] = []
-        self._thread = threading.Thread(target=self._serve, daemon=True, name="fake-agent")
-
-    @contextlib.contextmanager
-    def running(self) -> Iterator[FakeAgent]:
-        self._thread.start()
-        try:
-            yield self
-        finally:
-            with contextlib.suppress(OSError):
-                self._listener.shutdown(socket.SHUT_RDWR)
-            self._listener.close()
-            self._thread.join(15)
-            assert not self._thread.is_alive()
-            assert not self.errors, self.errors
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return
-            self.connections += 1
-            with conn:
-                conn.settimeout(10)
-                try:
-                    self._behaviour(conn)
-                except OSError:
-                    pass  # the owner hung up: its side is what the test checks
-                except Exception as exc:  # reported at teardown
-                    self.errors.append(exc)
-
-
 def close_at_once(conn: socket.socket) -> None:
-    pass  # closed by FakeAgent on return: the owner's ClientHello is never read
+    pass  # closed by the server on return: the owner's ClientHello is never read
 
 
 def reset_after_hello(conn: socket.socket) -> None:
@@ -477,7 +437,7 @@ def test_status_against_an_agent_that_drops_the_connection_is_unreachable(
 ) -> None:
     owner, _ = bound_owner
     behaviour, reasons = TRANSPORT_FAILURES[case]
-    with FakeAgent(behaviour).running() as fake:
+    with LoopbackServer(behaviour, name="fake-agent") as fake:
         result = owner.run("status", "web1", "--address", fake.address, check=4)
     assert fake.connections == 1
     assert any(reason in result.stderr for reason in reasons), result.stderr
@@ -489,7 +449,7 @@ def test_status_against_an_agent_that_drops_the_connection_is_unreachable(
 def test_bind_against_an_agent_that_drops_the_connection_is_unreachable(owner: Owner, case: str) -> None:
     owner.token("web1", "shared")
     behaviour, reasons = TRANSPORT_FAILURES[case]
-    with FakeAgent(behaviour).running() as fake:
+    with LoopbackServer(behaviour, name="fake-agent") as fake:
         result = owner.run("bind", "web1", "--address", fake.address, check=4)
     assert any(reason in result.stderr for reason in reasons), result.stderr
     assert "man in the middle" not in result.stderr and "Traceback" not in result.stderr, result.stderr
@@ -505,7 +465,7 @@ def the_vm_state(owner: Owner) -> object:
 def test_bind_against_a_tls_peer_that_closes_mid_exchange_is_unreachable(owner: Owner, tmp_path: Path) -> None:
     owner.token("web1", "shared")
     context = tls.agent_bind_context(*identity(tmp_path, "impostor"))
-    with FakeAgent(tls_server(context, read_request_then_close)).running() as fake:
+    with LoopbackServer(tls_server(context, read_request_then_close), name="fake-agent") as fake:
         result = owner.run("bind", "web1", "--address", fake.address, check=4)
     assert "closed mid-exchange" in result.stderr and "nothing was pinned by this side" in result.stderr
     assert "man in the middle" not in result.stderr, result.stderr
@@ -516,7 +476,7 @@ def test_status_against_another_key_is_authentication_failed(
 ) -> None:
     owner, _ = bound_owner
     context = tls.agent_bind_context(*identity(tmp_path, "another-vm"))
-    with FakeAgent(tls_server(context, read_request_then_close)).running() as fake:
+    with LoopbackServer(tls_server(context, read_request_then_close), name="fake-agent") as fake:
         result = owner.run("status", "web1", "--address", fake.address, check=3)
     assert "did not prove the pinned VM key" in result.stderr and "man in the middle" in result.stderr
 
@@ -529,7 +489,7 @@ def test_status_refused_by_the_pinned_vm_key_is_authentication_failed(
     state = agent.root / "var/lib/imprint"
     other_owner_cert = Path(identity(tmp_path, "other-owner")[0]).read_text()
     context = tls.agent_pinned_context(str(state / "vm.crt"), str(state / "vm.key"), other_owner_cert)
-    with FakeAgent(tls_server(context, read_request_then_close)).running() as fake:
+    with LoopbackServer(tls_server(context, read_request_then_close), name="fake-agent") as fake:
         result = owner.run("status", "web1", "--address", fake.address, check=3)
     assert "refused this owner's key" in result.stderr, result.stderr
 
@@ -540,7 +500,7 @@ def test_status_from_the_pinned_key_that_closes_without_answering_is_unreachable
     owner, agent = bound_owner
     state = agent.root / "var/lib/imprint"
     context = tls.agent_bind_context(str(state / "vm.crt"), str(state / "vm.key"))
-    with FakeAgent(tls_server(context, read_request_then_close)).running() as fake:
+    with LoopbackServer(tls_server(context, read_request_then_close), name="fake-agent") as fake:
         result = owner.run("status", "web1", "--address", fake.address, check=4)
     assert "closed before the agent answered" in result.stderr, result.stderr
     assert "man in the middle" not in result.stderr

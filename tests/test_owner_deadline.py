@@ -28,6 +28,7 @@ from imprint.owner.errors import Unreachable
 from imprint.owner.home import OwnerHome
 
 from tests.helpers import AgentFactory, Owner
+from tests.helpers.servers import LoopbackServer
 
 PACE = 0.5  # seconds between the bytes of a trickle
 DEADLINE = 2.0  # seconds: the deadline injected into PinnedClient calls
@@ -76,43 +77,29 @@ class CompromisedVm:
     behaviour: Behaviour
     stop: threading.Event = field(default_factory=threading.Event)
     seen: list[Seen] = field(default_factory=list)
-    errors: list[BaseException] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.context = self.pinned.server_context()
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
         self.end = time.monotonic() + SERVER_BOUND
-        self._thread = threading.Thread(target=self._serve, daemon=True, name="compromised-vm")
-        self._thread.start()
+        self._server = LoopbackServer(self._serve, name="compromised-vm").start()
+        self.address = self._server.address
+        self.errors = self._server.errors
 
     def close(self) -> None:
         self.stop.set()
-        with contextlib.suppress(OSError):
-            self._listener.shutdown(socket.SHUT_RDWR)
-        self._listener.close()
-        self._thread.join(SERVER_BOUND + 5)
-        assert not self._thread.is_alive(), "the compromised VM did not stop"
-        assert not self.errors, self.errors
+        self._server.close()
 
-    def _serve(self) -> None:
-        while not self.stop.is_set() and time.monotonic() < self.end:
-            try:
-                raw, _ = self._listener.accept()
-            except OSError:
-                return  # closed at teardown
-            seen = Seen(accepted=time.monotonic())
-            self.seen.append(seen)
-            with raw:
-                raw.settimeout(10)
-                try:
-                    self.behaviour(self, raw, seen)
-                except OSError:
-                    seen.dropped = seen.dropped or time.monotonic()
-                except Exception as exc:  # reported at teardown
-                    self.errors.append(exc)
-                finally:
-                    seen.over.set()
+    def _serve(self, raw: socket.socket) -> bool:
+        """One connection; False (no more) once stopped or past SERVER_BOUND."""
+        seen = Seen(accepted=time.monotonic())
+        self.seen.append(seen)
+        try:
+            self.behaviour(self, raw, seen)
+        except OSError:
+            seen.dropped = seen.dropped or time.monotonic()
+        finally:
+            seen.over.set()
+        return not self.stop.is_set() and time.monotonic() < self.end
 
     # -- what behaviours are made of
     def handshake_and_read_request(self, raw: socket.socket) -> ssl.SSLSocket:
