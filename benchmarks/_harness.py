@@ -7,6 +7,7 @@ port, arrives there; no sleeps).
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -53,6 +54,14 @@ def start_agent(root: Path, log_dir: Path, env: Mapping[str, str], *extra: str,
     factory = AgentFactory(root.parent, env=env, ready_timeout=READY_TIMEOUT)
     return factory.start(root, *extra, log=log_dir / f"{root.name}-{time.monotonic_ns()}.log",
                          python_flags=python_flags, launcher=launcher)
+
+
+def end_work_dir(base: Path, *, keep: bool) -> None:
+    """A run's temporary directory: removed, or with ``keep`` left and named on stderr."""
+    if keep:
+        print(f"kept {base}", file=sys.stderr)
+    else:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def proc_memory(pid: int) -> dict[str, int]:

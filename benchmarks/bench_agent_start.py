@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -290,10 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         store.close()
         print(json.dumps(out, sort_keys=True))
     finally:
-        if args.keep:
-            print(f"kept {base}", file=sys.stderr)
-        else:
-            shutil.rmtree(base, ignore_errors=True)
+        h.end_work_dir(base, keep=args.keep)
     return 0
 
 

@@ -419,10 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for baseline in baselines.values():
             baseline.close()
-        if args.keep:
-            print(f"kept {base}", file=sys.stderr)
-        else:
-            shutil.rmtree(base, ignore_errors=True)
+        h.end_work_dir(base, keep=args.keep)
     return 0
 
 
