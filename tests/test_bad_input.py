@@ -39,6 +39,7 @@ from imprint.protocol.messages import (
 )
 
 from tests.helpers import Agent, AgentFactory, Owner
+from tests.helpers.servers import LoopbackServer
 
 IO_TIMEOUT = 15.0
 B32 = "abcdefghijklmnopqrstuvwxyz234567"
@@ -82,31 +83,11 @@ def closed_port() -> Iterator[int]:
         sock.close()
 
 
-@contextlib.contextmanager
-def one_shot_server(serve: Callable[[socket.socket], None]) -> Iterator[int]:
-    """A loopback TCP server that hands its first connection to ``serve`` in a thread."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(IO_TIMEOUT)
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            conn, _ = listener.accept()
-            with conn:
-                conn.settimeout(IO_TIMEOUT)
-                serve(conn)
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    try:
-        yield listener.getsockname()[1]
-    finally:
-        listener.close()
-        thread.join(IO_TIMEOUT + 5)
-        assert not thread.is_alive()
-    assert not errors, errors
+def one_shot_server(serve: Callable[[socket.socket], None]) -> LoopbackServer:
+    """A loopback TCP server that hands its first connection to ``serve`` (the garbage servers:
+    any error of theirs, a hang-up included, fails the test)."""
+    return LoopbackServer(serve, connections=1, io_timeout=IO_TIMEOUT, accept_timeout=IO_TIMEOUT,
+                          hangup_is_error=True, name="garbage-server")
 
 
 def drain(sock: socket.socket) -> bytes:
@@ -262,8 +243,9 @@ def test_plain_tcp_server_sending_garbage_fails_clearly(owner: Owner, kind: str,
             drain(conn)  # close only after the client did: no reset, the CLI reads all the garbage
 
     owner.token("web1", "shared")
-    with one_shot_server(serve) as port:
-        result = owner.run("bind", "web1", "--address", f"127.0.0.1:{port}", check=None)
+    with one_shot_server(serve) as server:
+        result = owner.run("bind", "web1", "--address", server.address, check=None)
+    assert server.connections == 1  # the CLI did reach the garbage server
     assert result.returncode in (3, 4), result
     assert "TLS 1.3 handshake" in result.stderr and "is an imprint agent listening?" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr

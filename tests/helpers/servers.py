@@ -2,7 +2,8 @@
 handler (a fake agent, a compromised VM, a proxy to a real agent).
 
 A handler's OSError is the peer hanging up (what the tests check is the peer's side, so it is
-not an error here); anything else it raises is kept in ``errors`` and fails :meth:`close`. The
+not an error here) unless the server is made with ``hangup_is_error``; anything else it raises
+is kept in ``errors`` and fails :meth:`close`. The
 server stops at close (the listener is shut down from outside the thread), after
 ``connections`` connections, or when its handler returns False for "no more".
 """
@@ -21,7 +22,7 @@ IO_TIMEOUT = 10.0
 class LoopbackServer:
     def __init__(self, handle: Callable[[socket.socket], object], *, connections: int | None = None,
                  io_timeout: float = IO_TIMEOUT, accept_timeout: float | None = None,
-                 name: str = "loopback-server") -> None:
+                 hangup_is_error: bool = False, name: str = "loopback-server") -> None:
         """``handle(conn)`` serves one connection (closed when it returns; it returns False to
         stop the server); ``io_timeout`` bounds every call on a connection, ``accept_timeout``
         the wait for the next one (None: until close)."""
@@ -29,6 +30,7 @@ class LoopbackServer:
         self._limit = connections
         self.io_timeout = io_timeout
         self._accept_timeout = accept_timeout
+        self._hangup_is_error = hangup_is_error
         self.connections = 0
         self.errors: list[BaseException] = []
         self._listener = socket.create_server(("127.0.0.1", 0))
@@ -70,7 +72,9 @@ class LoopbackServer:
                 conn.settimeout(self.io_timeout)
                 try:
                     more = self._handle(conn)
-                except OSError:
+                except OSError as exc:
+                    if self._hangup_is_error:
+                        self.errors.append(exc)
                     continue
                 except Exception as exc:  # reported at close
                     self.errors.append(exc)
