@@ -40,6 +40,7 @@ from imprint.protocol.messages import (
 
 from tests.helpers import Agent, AgentFactory, Owner
 from tests.helpers.servers import LoopbackServer
+from tests.helpers.tlsbytes import client_hello
 
 IO_TIMEOUT = 15.0
 B32 = "abcdefghijklmnopqrstuvwxyz234567"
@@ -136,17 +137,6 @@ def owner_hello(token_id: bytes, seen_cert_sha256: bytes, mode: int = WireMode.S
     return OwnerHello(mode=mode, token_id=token_id, owner_nonce=os.urandom(32),
                       owner_cert=crypto.certificate_der(key.self_signed_certificate("x")),
                       seen_server_cert_sha256=seen_cert_sha256)
-
-
-def client_hello() -> bytes:
-    """The bytes of a genuine TLS 1.3 ClientHello, as the owner would send it."""
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    conn = tls.owner_bind_context().wrap_bio(incoming, outgoing)
-    with pytest.raises(ssl.SSLWantReadError):
-        conn.do_handshake()
-    hello = outgoing.read()
-    assert hello[0] == 0x16 and len(hello) > 100  # a handshake record
-    return hello
 
 
 # ---- (a) the CLI -------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -44,17 +46,22 @@ def test_token_is_single_use_but_owner_reconnects(agents: AgentFactory, owner: O
     owner.run("bind", "web1", "--address", agent.address, *vm_args)
 
     # A second owner record holding the same token (e.g. a copy of K) cannot bind again.
-    other = Owner(owner.home.parent / "other-home")
-    other.run("init")
-    if mode == "shared":
-        other.run("token", "new", "web1", "--mode", "shared")
-        _replace_token(other, "web1", token)
-    else:
-        other.run("token", "new", "web1", "--mode", "nosecret")
-    second = other.run("bind", "web1", "--address", agent.address, *vm_args, check=3)
+    second = _bind_as_another_owner(owner.home.parent / "other-home", token, mode, agent.address, vm_args)
     assert "already bound" in second.stderr
     # The genuine owner still talks to its VM without K.
     assert owner.json("status", "web1")["state"] == "bound"
+
+
+def _bind_as_another_owner(home: Path, token: str, mode: str, address: str,
+                           vm_args: list[str]) -> subprocess.CompletedProcess[str]:
+    """A second owner (its own home) binds web1 at ``address`` holding the same token (in shared
+    mode a copy of K; in no-secrets mode its own token): refused as authentication (exit 3)."""
+    other = Owner(home)
+    other.run("init")
+    other.run("token", "new", "web1", "--mode", mode)
+    if mode == "shared":
+        _replace_token(other, "web1", token)
+    return other.run("bind", "web1", "--address", address, *vm_args, check=3)
 
 
 def _replace_token(owner: Owner, vm: str, token: str) -> None:
@@ -111,14 +118,7 @@ def test_restart_after_kill_keeps_key_and_pin(agents: AgentFactory, owner: Owner
     assert status["vm_fingerprint"] == bound["vm_fingerprint"]
     assert status["owner_fingerprint"] == bound["owner_fingerprint"]
     # The token on the boot channel stays consumed across the restart.
-    other = Owner(owner.home.parent / "again")
-    other.run("init")
-    if mode == "shared":
-        other.run("token", "new", "web1", "--mode", "shared")
-        _replace_token(other, "web1", token)
-    else:
-        other.run("token", "new", "web1", "--mode", "nosecret")
-    other.run("bind", "web1", "--address", restarted.address, *vm_args, check=3)
+    _bind_as_another_owner(owner.home.parent / "again", token, mode, restarted.address, vm_args)
 
 
 def test_restart_before_bind_keeps_key(agents: AgentFactory, owner: Owner) -> None:

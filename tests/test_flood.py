@@ -36,6 +36,7 @@ from imprint import crypto, tls
 
 from tests.helpers import Agent, AgentFactory, Owner
 from tests.helpers.servers import LoopbackServer
+from tests.helpers.tlsbytes import client_hello
 
 Kind = Literal["garbage", "slowhello", "rushhello"]
 
@@ -47,17 +48,6 @@ GARBAGE = b"GET / HTTP/1.1\r\nHost: imprint\r\n\r\n"
 # The agent's deadlines in the deadline test (production: 10 s and 30 s), whole seconds as its
 # log names them, well above a loaded machine's handshake and past LINGER and the 1 s pace.
 SHORT_DEADLINES = {"IMPRINT_AGENT_HANDSHAKE_SECONDS": 4.0, "IMPRINT_AGENT_REQUEST_SECONDS": 5.0}
-
-
-def client_hello() -> bytes:
-    """The first flight of a real TLS 1.3 client: a ClientHello record."""
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls_obj = tls.owner_bind_context().wrap_bio(incoming, outgoing)
-    with contextlib.suppress(ssl.SSLWantReadError):
-        tls_obj.do_handshake()
-    hello = outgoing.read()
-    assert hello[:1] == b"\x16", "not a TLS handshake record"
-    return hello
 
 
 @dataclass
