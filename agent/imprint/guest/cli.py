@@ -31,9 +31,9 @@ from imprint.guest.channels import (
 from imprint.guest.distro import Distro
 from imprint.guest.notify import notify_status
 from imprint.guest.state import AgentState, StateError
+from imprint.ports import AGENT_PORT
 from imprint.tokens import Mode, Token
 
-DEFAULT_PORT = 7443
 log = agent_log.get("imprint.agent")
 
 
@@ -44,7 +44,7 @@ class AgentFailure(Exception):
 def parse_listen(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep:
-        host, port = value, str(DEFAULT_PORT)
+        host, port = value, str(AGENT_PORT)
     host = host.strip("[]") or "0.0.0.0"
     try:
         number = int(port)
@@ -60,8 +60,8 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="find the token, bind to the owner, serve the pinned channel")
     run.add_argument("--root", type=Path, default=Path("/"), help="prefix for every guest path (default /)")
-    run.add_argument("--listen", type=parse_listen, default=("0.0.0.0", DEFAULT_PORT),
-                     help=f"HOST:PORT to listen on (default 0.0.0.0:{DEFAULT_PORT})")
+    run.add_argument("--listen", type=parse_listen, default=("0.0.0.0", AGENT_PORT),
+                     help=f"HOST:PORT to listen on (default 0.0.0.0:{AGENT_PORT})")
     run.add_argument("--console", type=Path, help="where to print the VM token (default <root>/dev/console)")
     run.add_argument("--channels",
                      help=f"comma-separated channels to search (default all: {','.join(channel_names())})")

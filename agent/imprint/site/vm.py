@@ -36,11 +36,11 @@ from typing import Any
 
 from imprint import tokens
 from imprint.fsatomic import write_atomic
+from imprint.ports import AGENT_PORT
 from imprint.site import reverse, seeds
 from imprint.site.artefact import Artefact
 
 QEMU = "qemu-system-x86_64"
-AGENT_PORT = 7443
 BASE_APPEND = "root=LABEL=root rw console=ttyS0"
 KVM_PROBE_SECONDS = 10.0
 ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
