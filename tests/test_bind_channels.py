@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from imprint.site import seeds
+from imprint.channels import fwcfg
 
 from tests.helpers import AgentFactory, Owner
 
@@ -28,7 +28,7 @@ def _attach_cmdline(root: Path, artefact: Path) -> None:
 
 
 def _attach_fw_cfg(root: Path, artefact: Path) -> None:
-    raw = root / "sys/firmware/qemu_fw_cfg/by_name" / seeds.FW_CFG_ENTRY / "raw"
+    raw = root / "sys/firmware/qemu_fw_cfg/by_name" / fwcfg.ENTRY / "raw"
     raw.parent.mkdir(parents=True)
     raw.write_bytes(artefact.read_bytes())
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 from imprint import metadisk, tokens
-from imprint.guest.channels import ChannelBroken, credentials, find_token, fwcfg
-from imprint.guest.channels import metadisk as metadisk_channel
+from imprint.channels import ChannelBroken, credentials, find_token, fwcfg
+from imprint.channels import metadisk as metadisk_channel
 from imprint.guest.distro import Distro
 
 GOOD = tokens.Token(tokens.TokenKind.SHARED, bytes(range(32)))

@@ -20,8 +20,7 @@ from pathlib import Path
 
 import pytest
 from imprint import tokens
-from imprint.guest import volumes
-from imprint.guest.channels import (
+from imprint.channels import (
     ChannelBroken,
     channel_names,
     configdrive,
@@ -30,6 +29,7 @@ from imprint.guest.channels import (
     nocloud,
     seed,
 )
+from imprint.guest import volumes
 from imprint.guest.distro import Distro
 
 GOOD = tokens.Token(tokens.TokenKind.SHARED, bytes(range(32)))

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 from imprint import metadisk, tokens
-from imprint.guest.channels import ChannelBroken, cloudinit, configdrive, imds, nocloud
+from imprint.channels import ChannelBroken, cloudinit, configdrive, imds, nocloud
 from imprint.guest.distro import Distro
 
 from tests.fake_imds import FakeIMDS
@@ -345,16 +345,19 @@ def _write_instance_data(paths: Distro, data: bytes) -> None:
     paths.cloud_init_instance_data.write_bytes(data)
 
 
+# cloud-init's pause before it reads an invalid file again, shortened: each file here stays invalid.
+REREAD_PAUSE = 0.01
+
+
 @pytest.fixture
-def paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Distro:
-    monkeypatch.setattr(cloudinit, "REREAD_PAUSE", 0.01)
+def paths(tmp_path: Path) -> Distro:
     return Distro(tmp_path / "root")
 
 
 def test_deep_cloudinit_instance_data_is_broken_not_a_recursion_error(paths: Distro) -> None:
     _write_instance_data(paths, b'{"ds": {"meta_data": {"x": ' + DEEP_JSON + b"}}}")
     with pytest.raises(ChannelBroken, match=rf"invalid JSON \(nested {DEEP + 3} levels deep \(at most 64\)\)"):
-        cloudinit.read(paths)
+        cloudinit.read(paths, reread_pause=REREAD_PAUSE)
 
 
 def test_deep_cloudinit_instance_data_stops_the_agent_without_traceback(tmp_path: Path) -> None:
@@ -366,13 +369,13 @@ def test_deep_cloudinit_instance_data_stops_the_agent_without_traceback(tmp_path
 def test_nul_in_the_instance_id_is_broken_not_a_value_error(paths: Distro) -> None:
     _write_instance_data(paths, _instance_data("iid\u0000../../etc"))
     with pytest.raises(ChannelBroken, match="a string holds a NUL character"):
-        cloudinit.read(paths)
+        cloudinit.read(paths, reread_pause=REREAD_PAUSE)
 
 
 def test_control_characters_in_the_instance_id_are_broken(paths: Distro) -> None:
     _write_instance_data(paths, _instance_data("iid\u001b[2J"))
     with pytest.raises(ChannelBroken, match=r"v1/instance_id iid\\x1b\[2J cannot name a directory"):
-        cloudinit.read(paths)
+        cloudinit.read(paths, reread_pause=REREAD_PAUSE)
 
 
 def test_duplicate_key_is_broken_not_the_last_one_wins(paths: Distro) -> None:
@@ -380,7 +383,7 @@ def test_duplicate_key_is_broken_not_the_last_one_wins(paths: Distro) -> None:
     _write_instance_data(paths, f'{{"ds": {{"meta_data": {{"imprint-token": "{other}", '
                                 f'"imprint-token": "{GOOD.encode()}"}}}}}}'.encode())
     with pytest.raises(ChannelBroken, match="the key imprint-token is given twice in one object"):
-        cloudinit.read(paths)
+        cloudinit.read(paths, reread_pause=REREAD_PAUSE)
 
 
 def test_deep_config2_meta_data_is_broken(tmp_path: Path) -> None:
@@ -538,13 +541,14 @@ def service(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeIMDS]:
         yield fake
 
 
-def _timed_read(paths: Distro, bound: float) -> tuple[float, tokens.Token | None | BaseException]:
+def _timed_read(paths: Distro, bound: float, timeouts: imds.Timeouts = imds.DEFAULT_TIMEOUTS
+                ) -> tuple[float, tokens.Token | None | BaseException]:
     """imds.read in a thread, so that a poll that never ends fails the test instead of hanging it."""
     result: list[tokens.Token | None | BaseException] = []
 
     def poll() -> None:
         try:
-            result.append(imds.read(paths))
+            result.append(imds.read(paths, timeouts))
         except BaseException as exc:  # handed to the test
             result.append(exc)
 
@@ -565,13 +569,12 @@ def test_trickling_answer_ends_within_the_deadline(service: FakeIMDS, tmp_path: 
     assert elapsed >= imds.READ_TIMEOUT * 0.9
 
 
-def test_the_whole_poll_is_bounded(service: FakeIMDS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(imds, "POLL_TIMEOUT", 1.5)
+def test_the_whole_poll_is_bounded(service: FakeIMDS, tmp_path: Path) -> None:
     service.site.delay = 0.6  # each answer in time, but session + tag + OpenStack do not fit in the poll
     service.site.sessions = False
     service.site.session_refusal = 404
     service.site.require_session = False
-    elapsed, outcome = _timed_read(Distro(tmp_path), 1.5 + 1.5)
+    elapsed, outcome = _timed_read(Distro(tmp_path), 1.5 + 1.5, imds.Timeouts(poll=1.5))
     assert outcome is None
     assert [path for _, path in service.site.requests][:2] == [imds.SESSION_PATH, imds.TAG_PATH]
 

@@ -19,8 +19,7 @@ from pathlib import Path
 from types import FrameType
 
 from imprint import lastresort
-from imprint.guest import log as agent_log
-from imprint.guest.channels import (
+from imprint.channels import (
     ChannelBroken,
     Found,
     channel_names,
@@ -28,6 +27,7 @@ from imprint.guest.channels import (
     find_token,
     publish_vm_token,
 )
+from imprint.guest import log as agent_log
 from imprint.guest.distro import Distro
 from imprint.guest.notify import notify_status
 from imprint.guest.state import AgentState, StateError

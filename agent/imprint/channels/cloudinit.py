@@ -49,13 +49,12 @@ from pathlib import Path
 from typing import Any
 
 from imprint import boundedio, tokens
-from imprint.guest.channels import ChannelBroken
-from imprint.guest.channels._common import load_json, read_bounded
+from imprint.channels.channel import TOKEN_KEY, Channel, ChannelBroken, load_json, parse_token, read_bounded
 from imprint.guest.distro import Distro
 from imprint.safetext import printable
 
 NAME = "cloud-init"
-KEY = "imprint-token"
+KEY = TOKEN_KEY
 
 # Where the key may sit in the instance data, in order (see the module docstring).
 LOCATIONS: tuple[tuple[str, ...], ...] = (
@@ -74,7 +73,8 @@ MAX_LINE = 64 * 1024
 MAX_USER_DATA = 4 * 1024 * 1024
 # The instance id names a directory (NAME_MAX).
 MAX_INSTANCE_ID = 255
-# How long to wait before reading an invalid file again, to tell "being written" from corrupt.
+# How long to wait before reading an invalid file again, to tell "being written" from corrupt
+# (the default of read()'s reread_pause).
 REREAD_PAUSE = 0.2
 
 _BLOCK_SCALARS = {"|", "|-", "|+", ">", ">-", ">+"}
@@ -84,27 +84,20 @@ def _read_bytes(path: Path) -> bytes | None:
     return read_bounded(NAME, path, MAX_INSTANCE_DATA)
 
 
-def _load(path: Path) -> dict[str, Any] | None:
+def _load(path: Path, reread_pause: float) -> dict[str, Any] | None:
     raw = _read_bytes(path)
     if raw is None or not raw.strip():
         return None
     try:
         data = load_json(NAME, raw, path, MAX_INSTANCE_DATA)
     except ChannelBroken:
-        time.sleep(REREAD_PAUSE)
+        time.sleep(reread_pause)
         if _read_bytes(path) != raw:
             return None  # cloud-init is writing it; the next poll reads the whole file
         raise
     if not isinstance(data, dict):
         raise ChannelBroken(NAME, f"{path}: the JSON is not an object")
     return data
-
-
-def _parse(where: str, text: str) -> tokens.Token:
-    try:
-        return tokens.parse(text)
-    except tokens.TokenError as exc:
-        raise ChannelBroken(NAME, f"{where}: {exc}") from None
 
 
 def _metadata_tokens(path: Path, data: dict[str, Any]) -> list[tuple[str, tokens.Token]]:
@@ -128,7 +121,7 @@ def _metadata_tokens(path: Path, data: dict[str, Any]) -> list[tuple[str, tokens
                 value = base64.b64decode(value, validate=True).decode("ascii")
             except (binascii.Error, UnicodeDecodeError):
                 raise ChannelBroken(NAME, f"{where}: base64-encoded value is not an ASCII token") from None
-        found.append((where, _parse(where, value)))
+        found.append((where, parse_token(NAME, value, where)))
     return found
 
 
@@ -227,12 +220,12 @@ def _user_data_tokens(paths: Distro, data: dict[str, Any]) -> list[tuple[str, to
     where = f"{path} (#cloud-config {KEY})"
     if len(set(values)) > 1:
         raise ChannelBroken(NAME, f"{where} is given {len(values)} times with different values")
-    return [(where, _parse(where, values[0]))] if values else []
+    return [(where, parse_token(NAME, values[0], where))] if values else []
 
 
-def read(paths: Distro) -> tokens.Token | None:
+def read(paths: Distro, *, reread_pause: float = REREAD_PAUSE) -> tokens.Token | None:
     path = paths.cloud_init_instance_data
-    data = _load(path)
+    data = _load(path, reread_pause)
     if data is None:
         return None
     found = _metadata_tokens(path, data) + _user_data_tokens(paths, data)
@@ -244,3 +237,8 @@ def read(paths: Distro) -> tokens.Token | None:
             raise ChannelBroken(NAME, f"{first_where} and {where} carry different tokens "
                                       f"({first.token_id.hex()}, {token.token_id.hex()})")
     return first
+
+
+# No site artefact of its own: cloud-init's datasource is fed by the nocloud or config-2 seed, or
+# by the cloud's metadata.
+CHANNEL = Channel(NAME, read)
