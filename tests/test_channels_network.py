@@ -22,12 +22,12 @@ from imprint.channels import cloudinit as ci
 from imprint.guest.distro import Distro
 from imprint.tokens import Token, TokenKind, vm_token_line
 
-from tests.fake_imds import OPENSTACK_PATH, SESSION_PATH, FakeIMDS, Site
 from tests.helpers import AgentFactory, Owner
+from tests.helpers.fake_imds import OPENSTACK_PATH, SESSION_PATH, FakeIMDS, Site
 from tests.helpers.text import assert_not_echoed
 
 REPO = Path(__file__).resolve().parent.parent
-FAKE_IMDS = REPO / "tests" / "fake_imds.py"
+FAKE_IMDS = REPO / "tests" / "helpers" / "fake_imds.py"
 RUN_CLOUDINIT = REPO / "tests" / "run_cloudinit.py"
 TAG_URL_PATH = "/latest/meta-data/tags/instance/imprint-token"
 

@@ -36,8 +36,9 @@ from imprint import metadisk, tokens
 from imprint.channels import ChannelBroken, cloudinit, configdrive, imds, nocloud
 from imprint.guest.distro import Distro
 
-from tests.fake_imds import FakeIMDS
 from tests.helpers import agentroot
+from tests.helpers.fake_imds import FakeIMDS
+from tests.helpers.servers import LoopbackServer
 
 GOOD = tokens.Token(tokens.TokenKind.SHARED, bytes(range(32)))
 NOSECRET = tokens.Token(tokens.TokenKind.NOSECRET, bytes(range(7, 39)))
@@ -579,40 +580,18 @@ def test_the_whole_poll_is_bounded(service: FakeIMDS, tmp_path: Path) -> None:
     assert [path for _, path in service.site.requests][:2] == [imds.SESSION_PATH, imds.TAG_PATH]
 
 
-class _EndlessHeaders:
-    """A service whose answer never leaves its headers."""
-
-    def __init__(self) -> None:
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return
-            with conn:
-                conn.recv(65536)
-                try:
-                    conn.sendall(b"HTTP/1.1 200 OK\r\n")
-                    while True:
-                        conn.sendall(b"X-Padding: " + b"a" * 1000 + b"\r\n")
-                except OSError:
-                    continue
-
-    def close(self) -> None:
-        self._listener.close()
+def _endless_headers(conn: socket.socket) -> None:
+    """A service whose answer never leaves its headers (until the client hangs up)."""
+    conn.recv(65536)
+    conn.sendall(b"HTTP/1.1 200 OK\r\n")
+    while True:
+        conn.sendall(b"X-Padding: " + b"a" * 1000 + b"\r\n")
 
 
 def test_endless_headers_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    server = _EndlessHeaders()
-    try:
-        monkeypatch.setenv(imds.BASE_URL_ENV, server.url)
+    with LoopbackServer(_endless_headers, name="endless-headers") as server:
+        monkeypatch.setenv(imds.BASE_URL_ENV, f"http://{server.address}")
         _, outcome = _timed_read(Distro(tmp_path), imds.CONNECT_TIMEOUT + imds.READ_TIMEOUT + 2.0)
-    finally:
-        server.close()
     assert isinstance(outcome, ChannelBroken), outcome
     assert re.search(r"the answer is larger than \d+ bytes with its headers", outcome.fault)
 
