@@ -29,7 +29,7 @@ from imprint.channels import (
     nocloud,
     seed,
 )
-from imprint.channels.channel import Channel, ChannelBroken, SiteArtefact
+from imprint.channels.channel import Channel, ChannelBroken, SiteArtefact, agreeing
 from imprint.guest.distro import Distro
 from imprint.tokens import Token, TokenKind
 
@@ -111,14 +111,12 @@ def find_token(paths: Distro, only: list[str] | None = None, channels: Sequence[
             token = _read(channel, paths)
             if token is not None:
                 found.append((channel.name, token))
-        if found:
-            first_name, first = found[0]
-            for name, token in found[1:]:
-                if token != first:
-                    raise ChannelBroken(
-                        f"{first_name}+{name}",
-                        f"the channels disagree: {first_name} carries token {first.token_id.hex()}, "
-                        f"{name} carries token {token.token_id.hex()}",
-                    )
-            return Found(first_name, first, tuple(name for name, _ in found[1:]))
+        agreed = agreeing(found, _disagree)
+        if agreed is not None:
+            return Found(*agreed, also_on=tuple(name for name, _ in found[1:]))
     return None
+
+
+def _disagree(first_name: str, first: Token, name: str, token: Token) -> ChannelBroken:
+    return ChannelBroken(f"{first_name}+{name}", f"the channels disagree: {first_name} carries token "
+                                                 f"{first.token_id.hex()}, {name} carries token {token.token_id.hex()}")

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from imprint import tokens
-from imprint.channels.channel import Artefact, ChannelBroken, SiteArtefact
+from imprint.channels.channel import Artefact, ChannelBroken, SiteArtefact, agreeing
 from imprint.guest import volumes
 from imprint.guest.distro import Distro
 
@@ -89,14 +89,13 @@ def read_labelled(channel: str, paths: Distro, labels: Sequence[str], reader: Vo
         except ChannelBroken as exc:
             raise ChannelBroken(channel, f"{where}: {exc.fault}") from None
         results.append((label, token))
-    if not results:
-        return None
-    first_label, first = results[0]
-    for label, token in results[1:]:
-        if token != first:
-            raise ChannelBroken(channel, f"two seeds labelled {first_label} and {label} disagree: "
-                                         f"{_describe(first_label, first)}, {_describe(label, token)}")
-    return first
+
+    def refuse(first_label: str, first: tokens.Token | None, label: str, token: tokens.Token | None) -> ChannelBroken:
+        return ChannelBroken(channel, f"two seeds labelled {first_label} and {label} disagree: "
+                                      f"{_describe(first_label, first)}, {_describe(label, token)}")
+
+    agreed = agreeing(results, refuse)
+    return None if agreed is None else agreed[1]
 
 
 def seed_artefacts(channel: str, iso_label: str, vfat_label: str, files: FilesMaker, *, iso_note: str,

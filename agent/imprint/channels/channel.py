@@ -9,10 +9,10 @@ corrupt. Broken fails closed: the agent never falls through from a broken channe
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from imprint import boundedio, tokens
 from imprint.fsatomic import write_atomic
@@ -91,6 +91,23 @@ def parse_token(channel: str, text: str, what: str = "") -> tokens.Token:
         return tokens.parse(text)
     except tokens.TokenError as exc:
         raise ChannelBroken(channel, f"{what}: {exc}" if what else str(exc)) from None
+
+
+_Value = TypeVar("_Value")
+
+
+def agreeing(found: Sequence[tuple[str, _Value]],
+             refuse: Callable[[str, _Value, str, _Value], ChannelBroken]) -> tuple[str, _Value] | None:
+    """The first (where, value) of ``found`` when every other value equals it; None when nothing
+    was found. Two places that disagree are broken (``refuse(where, value, other where, other
+    value)`` says how): the agent cannot know which one the site meant."""
+    if not found:
+        return None
+    first_where, first = found[0]
+    for where, value in found[1:]:
+        if value != first:
+            raise refuse(first_where, first, where, value)
+    return found[0]
 
 
 def read_bounded(channel: str, path: Path, limit: int, what: str = "") -> bytes | None:

@@ -49,7 +49,15 @@ from pathlib import Path
 from typing import Any
 
 from imprint import boundedio, tokens
-from imprint.channels.channel import TOKEN_KEY, Channel, ChannelBroken, load_json, parse_token, read_bounded
+from imprint.channels.channel import (
+    TOKEN_KEY,
+    Channel,
+    ChannelBroken,
+    agreeing,
+    load_json,
+    parse_token,
+    read_bounded,
+)
 from imprint.guest.distro import Distro
 from imprint.safetext import printable
 
@@ -229,14 +237,13 @@ def read(paths: Distro, *, reread_pause: float = REREAD_PAUSE) -> tokens.Token |
     if data is None:
         return None
     found = _metadata_tokens(path, data) + _user_data_tokens(paths, data)
-    if not found:
-        return None
-    first_where, first = found[0]
-    for where, token in found[1:]:
-        if token != first:
-            raise ChannelBroken(NAME, f"{first_where} and {where} carry different tokens "
-                                      f"({first.token_id.hex()}, {token.token_id.hex()})")
-    return first
+
+    def refuse(first_where: str, first: tokens.Token, where: str, token: tokens.Token) -> ChannelBroken:
+        return ChannelBroken(NAME, f"{first_where} and {where} carry different tokens "
+                                   f"({first.token_id.hex()}, {token.token_id.hex()})")
+
+    agreed = agreeing(found, refuse)
+    return None if agreed is None else agreed[1]
 
 
 # No site artefact of its own: cloud-init's datasource is fed by the nocloud or config-2 seed, or
