@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from imprint.channels import fwcfg
+from imprint.site import seeds
 
 from tests.helpers import AgentFactory, Owner
 
@@ -64,6 +65,13 @@ CHANNELS: dict[str, Attach] = {
 }
 # the channel name the agent reports for each artefact
 CHANNEL_OF = {name: name.removesuffix("-iso").removesuffix("-vfat") for name in CHANNELS}
+
+
+def test_every_artefact_the_site_builds_is_bound_here() -> None:
+    # The artefacts come from the channel registry; a new one gets a bind test by being listed
+    # above. credentials-smbios cannot be attached to a test root (systemd reads it from the DMI
+    # tables); test_channels_local checks what it writes and that QEMU loads it.
+    assert set(seeds.ARTEFACTS) == {*CHANNELS, "credentials-smbios"}
 
 
 def _reverse(source: Path) -> str:
