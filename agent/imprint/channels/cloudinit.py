@@ -44,7 +44,7 @@ import binascii
 import io
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +82,7 @@ MAX_USER_DATA = 4 * 1024 * 1024
 # The instance id names a directory (NAME_MAX).
 MAX_INSTANCE_ID = 255
 # How long to wait before reading an invalid file again, to tell "being written" from corrupt
-# (the default of read()'s reread_pause).
+# (the default of read()'s reread_pause; its sleep waits it, a test acts during it instead).
 REREAD_PAUSE = 0.2
 
 _BLOCK_SCALARS = {"|", "|-", "|+", ">", ">-", ">+"}
@@ -92,14 +92,14 @@ def _read_bytes(path: Path) -> bytes | None:
     return read_bounded(NAME, path, MAX_INSTANCE_DATA)
 
 
-def _load(path: Path, reread_pause: float) -> dict[str, Any] | None:
+def _load(path: Path, reread_pause: float, sleep: Callable[[float], None]) -> dict[str, Any] | None:
     raw = _read_bytes(path)
     if raw is None or not raw.strip():
         return None
     try:
         data = load_json(NAME, raw, path, MAX_INSTANCE_DATA)
     except ChannelBroken:
-        time.sleep(reread_pause)
+        sleep(reread_pause)
         if _read_bytes(path) != raw:
             return None  # cloud-init is writing it; the next poll reads the whole file
         raise
@@ -231,9 +231,10 @@ def _user_data_tokens(paths: Distro, data: dict[str, Any]) -> list[tuple[str, to
     return [(where, parse_token(NAME, values[0], where))] if values else []
 
 
-def read(paths: Distro, *, reread_pause: float = REREAD_PAUSE) -> tokens.Token | None:
+def read(paths: Distro, *, reread_pause: float = REREAD_PAUSE,
+         sleep: Callable[[float], None] = time.sleep) -> tokens.Token | None:
     path = paths.cloud_init_instance_data
-    data = _load(path, reread_pause)
+    data = _load(path, reread_pause, sleep)
     if data is None:
         return None
     found = _metadata_tokens(path, data) + _user_data_tokens(paths, data)

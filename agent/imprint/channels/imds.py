@@ -52,6 +52,7 @@ import os
 import socket
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -92,12 +93,14 @@ RETRY_PAUSE = 0.2
 
 @dataclass(frozen=True)
 class Timeouts:
-    """The deadlines and pause of one poll (a test shortens them; the defaults are production's)."""
+    """The deadlines and pause of one poll (a test shortens them; the defaults are production's),
+    and how the pause is waited (a test acts during it)."""
 
     connect: float = CONNECT_TIMEOUT
     read: float = READ_TIMEOUT
     poll: float = POLL_TIMEOUT
     retry_pause: float = RETRY_PAUSE
+    sleep: Callable[[float], None] = time.sleep
 
 
 DEFAULT_TIMEOUTS = Timeouts()
@@ -254,7 +257,7 @@ def _exchange(service: _Service, method: str, path: str, headers: dict[str, str]
     for attempt in range(ATTEMPTS):
         try:
             if attempt:
-                time.sleep(min(timeouts.retry_pause, poll.left()))
+                timeouts.sleep(min(timeouts.retry_pause, poll.left()))
             conn = http.client.HTTPConnection(service.host, service.port, timeout=min(timeouts.connect, poll.left()))
         except TimeoutError:
             raise Absent(f"{url}: no complete answer within this poll's {timeouts.poll} s") from None
