@@ -10,6 +10,9 @@ A config drive without the file, without ``meta`` or without the key is someone 
 absent. Invalid JSON (nested deeper than the bound, duplicate keys or a NUL in a string count:
 :func:`imprint.boundedio.load_json`), a ``meta`` that is not an object, or a key that is not a
 valid token string make the channel broken.
+
+The site's ``config-2-iso``/``config-2-vfat`` artefact is a config drive cloud-init accepts
+(:func:`files`: a uuid, names, and the token in ``meta``).
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 The by-id link is followed (udev makes it); what it points to must be a block device (or an
 image file under a test root): a FIFO there is refused at once instead of blocking the agent.
+The site's ``metadata-disk`` artefact is a raw image with the serial set on its virtio-blk
+device; its reply area is the site's preferred reverse channel.
 """
 
 from __future__ import annotations

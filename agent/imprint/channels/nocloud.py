@@ -10,6 +10,9 @@ or the content of a file ``imprint`` at the root of the filesystem (which cloud-
 so K there does not end up in cloud-init's world-readable instance-data.json). When both are
 given they must carry the same token. A seed with neither is someone else's: absent.
 
+The site's ``nocloud-iso``/``nocloud-vfat`` artefact is a complete NoCloud seed (:func:`files`:
+meta-data with the token, an empty ``#cloud-config`` user-data), so cloud-init boots from it too.
+
 ``meta-data`` is YAML. The agent must not need PyYAML (nor pay for importing it), so only the
 subset a seed actually uses is read: top-level ``key: value`` lines with a plain, single- or
 double-quoted value, comments, and a document that is a JSON object (JSON is YAML too). When
