@@ -37,8 +37,8 @@ REPO = Path(__file__).resolve().parent.parent
 USER = "bench"
 sys.path.insert(0, str(REPO))
 
+from imprint.channels._images import iso_image  # noqa: E402
 from imprint.site import vm  # noqa: E402
-from imprint.site.isoseeds import iso_image  # noqa: E402
 
 from tests.helpers.owner import Owner  # noqa: E402
 from tests.helpers.vm import Image, ensure_image  # noqa: E402

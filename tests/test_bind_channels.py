@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from imprint.channels import fwcfg
 from imprint.site import seeds
 
 from tests.helpers import AgentFactory, Owner
@@ -28,7 +29,7 @@ def _attach_cmdline(root: Path, artefact: Path) -> None:
 
 
 def _attach_fw_cfg(root: Path, artefact: Path) -> None:
-    raw = root / "sys/firmware/qemu_fw_cfg/by_name" / seeds.FW_CFG_ENTRY / "raw"
+    raw = root / "sys/firmware/qemu_fw_cfg/by_name" / fwcfg.ENTRY / "raw"
     raw.parent.mkdir(parents=True)
     raw.write_bytes(artefact.read_bytes())
 
@@ -64,6 +65,13 @@ CHANNELS: dict[str, Attach] = {
 }
 # the channel name the agent reports for each artefact
 CHANNEL_OF = {name: name.removesuffix("-iso").removesuffix("-vfat") for name in CHANNELS}
+
+
+def test_every_artefact_the_site_builds_is_bound_here() -> None:
+    # The artefacts come from the channel registry; a new one gets a bind test by being listed
+    # above. credentials-smbios cannot be attached to a test root (systemd reads it from the DMI
+    # tables); test_channels_local checks what it writes and that QEMU loads it.
+    assert set(seeds.ARTEFACTS) == {*CHANNELS, "credentials-smbios"}
 
 
 def _reverse(source: Path) -> str:

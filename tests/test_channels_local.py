@@ -14,8 +14,18 @@ from pathlib import Path
 
 import pytest
 from imprint import metadisk, tokens
-from imprint.guest.channels import ChannelBroken, credentials, find_token, fwcfg
-from imprint.guest.channels import metadisk as metadisk_channel
+from imprint.channels import (
+    CHANNELS,
+    Channel,
+    ChannelBroken,
+    channel_names,
+    consume_token,
+    credentials,
+    find_token,
+    fwcfg,
+    publish_vm_token,
+)
+from imprint.channels import metadisk as metadisk_channel
 from imprint.guest.distro import Distro
 
 GOOD = tokens.Token(tokens.TokenKind.SHARED, bytes(range(32)))
@@ -239,6 +249,35 @@ def test_channels_agreeing_are_all_recorded(paths: Distro, monkeypatch: pytest.M
     found = find_token(paths)
     assert found is not None
     assert found.channels == ("cmdline", "fw_cfg")
+
+
+def test_a_channel_is_one_object_the_search_and_its_hooks_go_through(paths: Distro,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # A channel the registry does not know, given to the search as the registry's are: its
+    # reader is asked in its turn, and its reply and consume hooks run when it carried the token.
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    calls: list[str] = []
+
+    def reply(_: Distro, line: str) -> bool:
+        calls.append(f"reply {line}")
+        return True
+
+    def consume(_: Distro) -> bool:
+        calls.append("consume")
+        return True
+
+    extra = Channel("test-channel", lambda _: GOOD, reply=reply, consume=consume)
+    channels = (*CHANNELS, extra)
+    assert "test-channel" in channel_names(channels)
+    found = find_token(paths, channels=channels)
+    assert found is not None and found.channel == "test-channel" and found.token == GOOD
+    assert publish_vm_token(paths, found, "the line", channels) == ["test-channel"]
+    assert consume_token(paths, found, channels) == ["test-channel"]
+    assert calls == ["reply the line", "consume"]
+    # Another channel that carries a different token is refused, as for the registry's own.
+    _write_cmdline(paths, f"imprint.token={OTHER.encode()}\n")
+    with pytest.raises(ChannelBroken, match="cmdline\\+test-channel is broken: the channels disagree"):
+        find_token(paths, channels=channels)
 
 
 def test_channels_disagreeing_are_refused(paths: Distro) -> None:

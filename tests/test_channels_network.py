@@ -17,17 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from imprint.guest.channels import ChannelBroken, Found, find_token, imds, publish_vm_token
-from imprint.guest.channels import cloudinit as ci
+from imprint.channels import ChannelBroken, Found, find_token, imds, publish_vm_token
+from imprint.channels import cloudinit as ci
 from imprint.guest.distro import Distro
 from imprint.tokens import Token, TokenKind, vm_token_line
 
-from tests.fake_imds import OPENSTACK_PATH, SESSION_PATH, FakeIMDS, Site
 from tests.helpers import AgentFactory, Owner
+from tests.helpers.fake_imds import OPENSTACK_PATH, SESSION_PATH, FakeIMDS, Site
 from tests.helpers.text import assert_not_echoed
 
 REPO = Path(__file__).resolve().parent.parent
-FAKE_IMDS = REPO / "tests" / "fake_imds.py"
+FAKE_IMDS = REPO / "tests" / "helpers" / "fake_imds.py"
 RUN_CLOUDINIT = REPO / "tests" / "run_cloudinit.py"
 TAG_URL_PATH = "/latest/meta-data/tags/instance/imprint-token"
 
@@ -112,39 +112,32 @@ def test_reachable_service_with_a_bad_token_is_broken(server: FakeIMDS, paths: D
     assert_not_echoed(server.site.tag, caught.value.fault)  # the token is never echoed, str or bytes
 
 
-def test_http_500_after_retries_is_broken(server: FakeIMDS, paths: Distro,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(imds, "RETRY_PAUSE", 0.01)
+def test_http_500_after_retries_is_broken(server: FakeIMDS, paths: Distro) -> None:
     server.site.tag = new_token()
     server.site.fail_status = 500
     with pytest.raises(ChannelBroken) as caught:
-        imds.read(paths)
+        imds.read(paths, imds.Timeouts(retry_pause=0.01))
     assert f"{server.url}{SESSION_PATH}: HTTP 500 after {imds.ATTEMPTS} attempts" in caught.value.fault
     assert server.site.requests == [("PUT", SESSION_PATH)] * imds.ATTEMPTS
 
 
-def test_one_500_then_success_is_retried(server: FakeIMDS, paths: Distro,
-                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(imds, "RETRY_PAUSE", 0.01)
+def test_one_500_then_success_is_retried(server: FakeIMDS, paths: Distro) -> None:
     token = new_token()
     server.site.tag = token
     server.site.fail_status = 503
-    real_sleep = time.sleep
 
     def recover(seconds: float) -> None:  # the service comes back during the retry pause
         server.site.fail_status = None
-        real_sleep(seconds)
+        time.sleep(seconds)
 
-    monkeypatch.setattr(time, "sleep", recover)
-    found = imds.read(paths)
+    found = imds.read(paths, imds.Timeouts(retry_pause=0.01, sleep=recover))
     assert found is not None and found.encode() == token
 
 
-def test_slow_service_is_absent(server: FakeIMDS, paths: Distro, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(imds, "READ_TIMEOUT", 0.3)
+def test_slow_service_is_absent(server: FakeIMDS, paths: Distro) -> None:
     server.site.tag = new_token()
     server.site.delay = 1.5
-    assert imds.read(paths) is None
+    assert imds.read(paths, imds.Timeouts(read=0.3)) is None
 
 
 def test_nothing_listening_is_absent(paths: Distro, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -370,7 +363,7 @@ def run_in_namespace(ns: str, code: str, base_url: str | None = None) -> list[st
 
 
 FIND_OVER_HTTP = (
-    "from imprint.guest.channels import find_token\n"
+    "from imprint.channels import find_token\n"
     "from imprint.guest.distro import Distro\n"
     "found = find_token(Distro(), only=['http-metadata'])\n"
     "print(found and found.channel, found and found.token.encode())\n"
@@ -397,7 +390,7 @@ def test_default_address_in_network_namespaces(namespaces: tuple[str, str]) -> N
         assert run_in_namespace(vm_ns, FIND_OVER_HTTP) == ["http-metadata", token]
 
         line = vm_token_line(Token(TokenKind.VM, secrets.token_bytes(32)))
-        reply = ("from imprint.guest.channels import imds\n"
+        reply = ("from imprint.channels import imds\n"
                  "from imprint.guest.distro import Distro\n"
                  f"print(imds.reply(Distro(), {line!r}))\n")
         assert run_in_namespace(vm_ns, reply) == ["True"]
@@ -518,25 +511,24 @@ def test_cloudinit_missing_file_or_key_is_absent(paths: Distro) -> None:
     assert ci.read(paths) is None
 
 
-def test_cloudinit_corrupt_json_is_broken(paths: Distro, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ci, "REREAD_PAUSE", 0.01)
+def test_cloudinit_corrupt_json_is_broken(paths: Distro) -> None:
     write_instance_data(paths, '{"ds": {"meta_data": {"imprint-token": "imprint1s-')
     with pytest.raises(ChannelBroken) as caught:
-        ci.read(paths)
+        ci.read(paths, reread_pause=0.01)
     assert caught.value.channel == "cloud-init"
     assert str(paths.cloud_init_instance_data) in caught.value.fault
     assert "invalid JSON" in caught.value.fault
     write_instance_data(paths, "[]")
     with pytest.raises(ChannelBroken, match="not an object"):
-        ci.read(paths)
+        ci.read(paths, reread_pause=0.01)
 
 
-def test_cloudinit_file_being_written_is_absent(paths: Distro, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cloudinit_file_being_written_is_absent(paths: Distro) -> None:
     # Half-written JSON that is complete when read again: the next poll reads the whole file.
     whole = json.dumps(instance_data(nocloud({"imprint-token": new_token()})))
     write_instance_data(paths, whole[:100])
-    monkeypatch.setattr(time, "sleep", lambda _: write_instance_data(paths, whole))
-    assert ci.read(paths) is None
+    # cloud-init finishes its write during the pause before the second read.
+    assert ci.read(paths, sleep=lambda _: write_instance_data(paths, whole)) is None
     assert ci.read(paths) is not None
 
 

@@ -20,8 +20,7 @@ from pathlib import Path
 
 import pytest
 from imprint import tokens
-from imprint.guest import volumes
-from imprint.guest.channels import (
+from imprint.channels import (
     ChannelBroken,
     channel_names,
     configdrive,
@@ -30,7 +29,8 @@ from imprint.guest.channels import (
     nocloud,
     seed,
 )
-from imprint.guest.distro import Distro
+from imprint.guest import volumes
+from imprint.guest.distro import Distro, Programs
 
 GOOD = tokens.Token(tokens.TokenKind.SHARED, bytes(range(32)))
 OTHER = tokens.Token(tokens.TokenKind.NOSECRET, bytes(range(1, 33)))
@@ -483,6 +483,33 @@ def test_consume_wipes_k_from_a_writable_vfat_seed(paths: Distro, tmp_path: Path
     assert fsck is not None
     check = subprocess.run([fsck, "-n", str(image)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_a_vfat_seed_is_read_and_wiped_with_the_mtools_the_distro_names(tmp_path: Path) -> None:
+    # Each named program is a wrapper that logs its argv, then runs the real one: a distribution
+    # (or a test) that names other mtools gets those run, for reading and for the wipe alike.
+    tools = ("mdir", "mtype", "mshowfat", "mmd", "mcopy")
+    logs = {tool: tmp_path / f"{tool}.argv" for tool in tools}
+    named: dict[str, str] = {}
+    for tool in tools:
+        real = shutil.which(tool)
+        assert real is not None, f"{tool} is not installed"
+        wrapper = tmp_path / f"wrapped-{tool}"
+        wrapper.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> {logs[tool]}\nexec {real} "$@"\n')
+        wrapper.chmod(0o755)
+        named[tool] = str(wrapper)
+    paths = Distro(tmp_path / "root", programs=Programs(**named))
+    # A token file in a directory, so that writing it back needs mmd too.
+    image = mkfs_vfat("IMPRINT", {"token": f"{GOOD.encode()}\n".encode()}, tmp_path / "seed.img")
+    attach(paths, "IMPRINT", image)
+    assert seed.read(paths) == GOOD
+    assert logs["mdir"].exists() and logs["mtype"].exists()
+    assert seed.consume(paths)
+    assert logs["mshowfat"].exists() and logs["mcopy"].exists()
+    volumes.write_file(image, "/a/b.txt", b"x", paths.programs)
+    assert "::/a" in logs["mmd"].read_text().split()
+    with pytest.raises(ChannelBroken, match="consumed by an earlier bind"):
+        seed.read(paths)
 
 
 def test_consume_on_a_vfat_seed_made_by_mtools_with_a_long_file(paths: Distro, tmp_path: Path) -> None:

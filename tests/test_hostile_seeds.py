@@ -33,11 +33,12 @@ from pathlib import Path
 
 import pytest
 from imprint import metadisk, tokens
-from imprint.guest.channels import ChannelBroken, cloudinit, configdrive, imds, nocloud
+from imprint.channels import ChannelBroken, cloudinit, configdrive, imds, nocloud
 from imprint.guest.distro import Distro
 
-from tests.fake_imds import FakeIMDS
 from tests.helpers import agentroot
+from tests.helpers.fake_imds import FakeIMDS
+from tests.helpers.servers import LoopbackServer
 
 GOOD = tokens.Token(tokens.TokenKind.SHARED, bytes(range(32)))
 NOSECRET = tokens.Token(tokens.TokenKind.NOSECRET, bytes(range(7, 39)))
@@ -345,16 +346,19 @@ def _write_instance_data(paths: Distro, data: bytes) -> None:
     paths.cloud_init_instance_data.write_bytes(data)
 
 
+# cloud-init's pause before it reads an invalid file again, shortened: each file here stays invalid.
+REREAD_PAUSE = 0.01
+
+
 @pytest.fixture
-def paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Distro:
-    monkeypatch.setattr(cloudinit, "REREAD_PAUSE", 0.01)
+def paths(tmp_path: Path) -> Distro:
     return Distro(tmp_path / "root")
 
 
 def test_deep_cloudinit_instance_data_is_broken_not_a_recursion_error(paths: Distro) -> None:
     _write_instance_data(paths, b'{"ds": {"meta_data": {"x": ' + DEEP_JSON + b"}}}")
     with pytest.raises(ChannelBroken, match=rf"invalid JSON \(nested {DEEP + 3} levels deep \(at most 64\)\)"):
-        cloudinit.read(paths)
+        cloudinit.read(paths, reread_pause=REREAD_PAUSE)
 
 
 def test_deep_cloudinit_instance_data_stops_the_agent_without_traceback(tmp_path: Path) -> None:
@@ -366,13 +370,13 @@ def test_deep_cloudinit_instance_data_stops_the_agent_without_traceback(tmp_path
 def test_nul_in_the_instance_id_is_broken_not_a_value_error(paths: Distro) -> None:
     _write_instance_data(paths, _instance_data("iid\u0000../../etc"))
     with pytest.raises(ChannelBroken, match="a string holds a NUL character"):
-        cloudinit.read(paths)
+        cloudinit.read(paths, reread_pause=REREAD_PAUSE)
 
 
 def test_control_characters_in_the_instance_id_are_broken(paths: Distro) -> None:
     _write_instance_data(paths, _instance_data("iid\u001b[2J"))
     with pytest.raises(ChannelBroken, match=r"v1/instance_id iid\\x1b\[2J cannot name a directory"):
-        cloudinit.read(paths)
+        cloudinit.read(paths, reread_pause=REREAD_PAUSE)
 
 
 def test_duplicate_key_is_broken_not_the_last_one_wins(paths: Distro) -> None:
@@ -380,7 +384,7 @@ def test_duplicate_key_is_broken_not_the_last_one_wins(paths: Distro) -> None:
     _write_instance_data(paths, f'{{"ds": {{"meta_data": {{"imprint-token": "{other}", '
                                 f'"imprint-token": "{GOOD.encode()}"}}}}}}'.encode())
     with pytest.raises(ChannelBroken, match="the key imprint-token is given twice in one object"):
-        cloudinit.read(paths)
+        cloudinit.read(paths, reread_pause=REREAD_PAUSE)
 
 
 def test_deep_config2_meta_data_is_broken(tmp_path: Path) -> None:
@@ -538,13 +542,14 @@ def service(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeIMDS]:
         yield fake
 
 
-def _timed_read(paths: Distro, bound: float) -> tuple[float, tokens.Token | None | BaseException]:
+def _timed_read(paths: Distro, bound: float, timeouts: imds.Timeouts = imds.DEFAULT_TIMEOUTS
+                ) -> tuple[float, tokens.Token | None | BaseException]:
     """imds.read in a thread, so that a poll that never ends fails the test instead of hanging it."""
     result: list[tokens.Token | None | BaseException] = []
 
     def poll() -> None:
         try:
-            result.append(imds.read(paths))
+            result.append(imds.read(paths, timeouts))
         except BaseException as exc:  # handed to the test
             result.append(exc)
 
@@ -565,51 +570,28 @@ def test_trickling_answer_ends_within_the_deadline(service: FakeIMDS, tmp_path: 
     assert elapsed >= imds.READ_TIMEOUT * 0.9
 
 
-def test_the_whole_poll_is_bounded(service: FakeIMDS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(imds, "POLL_TIMEOUT", 1.5)
+def test_the_whole_poll_is_bounded(service: FakeIMDS, tmp_path: Path) -> None:
     service.site.delay = 0.6  # each answer in time, but session + tag + OpenStack do not fit in the poll
     service.site.sessions = False
     service.site.session_refusal = 404
     service.site.require_session = False
-    elapsed, outcome = _timed_read(Distro(tmp_path), 1.5 + 1.5)
+    elapsed, outcome = _timed_read(Distro(tmp_path), 1.5 + 1.5, imds.Timeouts(poll=1.5))
     assert outcome is None
     assert [path for _, path in service.site.requests][:2] == [imds.SESSION_PATH, imds.TAG_PATH]
 
 
-class _EndlessHeaders:
-    """A service whose answer never leaves its headers."""
-
-    def __init__(self) -> None:
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return
-            with conn:
-                conn.recv(65536)
-                try:
-                    conn.sendall(b"HTTP/1.1 200 OK\r\n")
-                    while True:
-                        conn.sendall(b"X-Padding: " + b"a" * 1000 + b"\r\n")
-                except OSError:
-                    continue
-
-    def close(self) -> None:
-        self._listener.close()
+def _endless_headers(conn: socket.socket) -> None:
+    """A service whose answer never leaves its headers (until the client hangs up)."""
+    conn.recv(65536)
+    conn.sendall(b"HTTP/1.1 200 OK\r\n")
+    while True:
+        conn.sendall(b"X-Padding: " + b"a" * 1000 + b"\r\n")
 
 
 def test_endless_headers_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    server = _EndlessHeaders()
-    try:
-        monkeypatch.setenv(imds.BASE_URL_ENV, server.url)
+    with LoopbackServer(_endless_headers, name="endless-headers") as server:
+        monkeypatch.setenv(imds.BASE_URL_ENV, f"http://{server.address}")
         _, outcome = _timed_read(Distro(tmp_path), imds.CONNECT_TIMEOUT + imds.READ_TIMEOUT + 2.0)
-    finally:
-        server.close()
     assert isinstance(outcome, ChannelBroken), outcome
     assert re.search(r"the answer is larger than \d+ bytes with its headers", outcome.fault)
 

@@ -1,5 +1,5 @@
 """cloud-init instance data (and the #cloud-config user-data it points at) through the cloud-init
-channel (imprint.guest.channels.cloudinit.read), on files in a private temporary root.
+channel (imprint.channels.cloudinit.read), on files in a private temporary root.
 
 The input is the instance data, optionally followed by ``\\n\\0user-data\\0\\n`` and the user-data
 file of the instance ``fuzz`` (empty without it: the same as no file to the channel). Only
@@ -13,12 +13,12 @@ import os
 import tempfile
 from pathlib import Path
 
-from imprint.guest.channels import ChannelBroken, cloudinit
+from imprint.channels import ChannelBroken, cloudinit
 from imprint.guest.distro import Distro
 
 SEPARATOR = b"\n\0user-data\0\n"
 FLAGS = ["-max_len=8192"]
-cloudinit.REREAD_PAUSE = 0.0  # a file that does not change between reads: no waiting for it
+REREAD_PAUSE = 0.0  # a file that does not change between reads: no waiting for it
 
 _ROOT = Path(tempfile.mkdtemp(prefix="cloudinit-"))  # under the runner's private TMPDIR
 PATHS = Distro(_ROOT)
@@ -38,6 +38,6 @@ def test_one_input(data: bytes) -> None:
     _rewrite(_FILES[0], instance_data)
     _rewrite(_FILES[1], user_data)
     try:
-        cloudinit.read(PATHS)
+        cloudinit.read(PATHS, reread_pause=REREAD_PAUSE)
     except ChannelBroken:
         pass

@@ -1,9 +1,10 @@
 """config-2 meta_data.json: the bounded JSON loader (imprint.boundedio.load_json) and the config-2
-channel's reading of a volume holding the input (imprint.guest.channels.configdrive).
+channel's reading of a volume holding the input (imprint.channels.configdrive).
 
-Only InputError (SeedFault for the volume) may leave. The loader agrees with the standard
-library's parser: what it accepts parses to the same document, and what the standard library
-refuses as not JSON it refuses too (it refuses more: depth, duplicate keys, NUL, NaN).
+Only InputError (SeedFault for the volume, or ChannelBroken for a value that is not a token)
+may leave. The loader agrees with the standard library's parser: what it accepts parses to the
+same document, and what the standard library refuses as not JSON it refuses too (it refuses
+more: depth, duplicate keys, NUL, NaN).
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from __future__ import annotations
 import json
 
 from imprint import boundedio
-from imprint.guest.channels import configdrive
-from imprint.guest.channels._volume import SeedFault
+from imprint.channels import configdrive
+from imprint.channels._volume import SeedFault
+from imprint.channels.channel import ChannelBroken
 
 LIMIT = 64 * 1024
 FLAGS = ["-max_len=8192"]
@@ -42,5 +44,5 @@ def test_one_input(data: bytes) -> None:
         assert _stdlib(data) == document
     try:
         configdrive._read_volume(_Volume(data))  # type: ignore[arg-type]
-    except SeedFault:
+    except (SeedFault, ChannelBroken):
         pass

@@ -1,4 +1,4 @@
-"""The metadata-service client's reading of an answer (imprint.guest.channels.imds), fed without a
+"""The metadata-service client's reading of an answer (imprint.channels.imds), fed without a
 network: the input's first byte picks the request answered (IMDSv2 session, EC2 tag, OpenStack
 meta_data.json), the rest is the raw HTTP answer as it would arrive on the socket.
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import http.client
 import io
 
-from imprint.guest.channels import ChannelBroken, imds
+from imprint.channels import ChannelBroken, imds
 
 FLAGS = ["-max_len=8192"]
 # The answer is parsed by http.client (status line, headers through email's parser, chunks): what

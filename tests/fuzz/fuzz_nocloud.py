@@ -1,7 +1,8 @@
-"""The NoCloud meta-data YAML subset (imprint.guest.channels.nocloud.meta_data_value), and a whole
+"""The NoCloud meta-data YAML subset (imprint.channels.nocloud.meta_data_value), and a whole
 NoCloud seed read from a volume holding the input as meta-data.
 
-Only MetaDataError (SeedFault for the volume) may leave. A value read is one line. When the value
+Only MetaDataError (SeedFault for the volume, or ChannelBroken for a value that is not a token)
+may leave. A value read is one line. When the value
 is a valid token, YAML itself (PyYAML, what cloud-init uses) must read the same value, if it
 reads the document at all: the subset may refuse what YAML takes, never read something else.
 """
@@ -11,8 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 from imprint import tokens
-from imprint.guest.channels import nocloud
-from imprint.guest.channels._volume import SeedFault
+from imprint.channels import nocloud
+from imprint.channels._volume import SeedFault
+from imprint.channels.channel import ChannelBroken
 
 KEY = "imprint-token"
 FLAGS = ["-max_len=4096"]
@@ -55,5 +57,5 @@ def test_one_input(data: bytes) -> None:
     meta, _, token_file = data.partition(b"\n\0imprint\0\n")
     try:
         nocloud._read_volume(_Volume(meta, token_file or None))  # type: ignore[arg-type]
-    except SeedFault:
+    except (SeedFault, ChannelBroken):
         pass

@@ -4,6 +4,7 @@ agents     real `imprint-agent run` processes, ready through NOTIFY_SOCKET (Agen
 agentroot  a guest root for `--root` (proc/cmdline with the token, dev/)
 owner      the real `imprint` CLI on an owner home (Owner), in-process token issue
 servers    loopback fake servers and proxies that serve each connection in a thread
+fake_imds  a fake site's metadata service (EC2 IMDSv2, OpenStack), in a thread or as a program
 tlsbytes   a genuine TLS 1.3 ClientHello, for tests below TLS
 text       assertions on what an error message may not contain (secrets never echoed)
 vm         real VMs: the cached image of image-build/build.sh, `imprint-site boot` runs (Site)

@@ -17,23 +17,21 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from imprint import lastresort
 from imprint.guest import log as agent_log
-from imprint.guest.channels import (
-    ChannelBroken,
-    Found,
-    channel_names,
-    consume_token,
-    find_token,
-    publish_vm_token,
-)
 from imprint.guest.distro import Distro
 from imprint.guest.notify import notify_status
 from imprint.guest.state import AgentState, StateError
+from imprint.ports import AGENT_PORT
 from imprint.tokens import Mode, Token
 
-DEFAULT_PORT = 7443
+# imprint.channels (every channel module, mtools' and the ISO reader's code) is imported only
+# where the agent looks at its boot channels: a bound restart never does, so it never loads them.
+if TYPE_CHECKING:
+    from imprint.channels import Found
+
 log = agent_log.get("imprint.agent")
 
 
@@ -44,7 +42,7 @@ class AgentFailure(Exception):
 def parse_listen(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep:
-        host, port = value, str(DEFAULT_PORT)
+        host, port = value, str(AGENT_PORT)
     host = host.strip("[]") or "0.0.0.0"
     try:
         number = int(port)
@@ -55,16 +53,29 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host, number
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Names the channels only when help is shown (the parser is built at every start)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = super()._get_help_string(action)
+        if text is not None and "{channels}" in text:
+            from imprint.channels import channel_names
+
+            text = text.replace("{channels}", ",".join(channel_names()))
+        return text
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imprint-agent", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="find the token, bind to the owner, serve the pinned channel")
+    run = sub.add_parser("run", help="find the token, bind to the owner, serve the pinned channel",
+                         formatter_class=_HelpFormatter)
     run.add_argument("--root", type=Path, default=Path("/"), help="prefix for every guest path (default /)")
-    run.add_argument("--listen", type=parse_listen, default=("0.0.0.0", DEFAULT_PORT),
-                     help=f"HOST:PORT to listen on (default 0.0.0.0:{DEFAULT_PORT})")
+    run.add_argument("--listen", type=parse_listen, default=("0.0.0.0", AGENT_PORT),
+                     help=f"HOST:PORT to listen on (default 0.0.0.0:{AGENT_PORT})")
     run.add_argument("--console", type=Path, help="where to print the VM token (default <root>/dev/console)")
     run.add_argument("--channels",
-                     help=f"comma-separated channels to search (default all: {','.join(channel_names())})")
+                     help="comma-separated channels to search (default all: {channels})")
     run.add_argument("--token-wait", type=float, default=None,
                      help="seconds to wait for a token before giving up (default: wait forever)")
     run.add_argument("--announce-interval", type=float, default=15.0,
@@ -74,6 +85,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _wait_for_token(paths: Distro, only: list[str] | None, wait: float | None) -> Found:
+    from imprint.channels import channel_names, find_token
 
     pause = threading.Event()
     started = time.monotonic()
@@ -148,6 +160,8 @@ def run(args: argparse.Namespace) -> int:
         raise AgentFailure(str(exc)) from None
     only = [c.strip() for c in args.channels.split(",")] if args.channels else None
     if only:
+        from imprint.channels import channel_names
+
         unknown = sorted(set(only) - set(channel_names()))
         if unknown:
             raise AgentFailure(f"unknown channel(s): {', '.join(unknown)}; known: {', '.join(channel_names())}")
@@ -157,6 +171,8 @@ def run(args: argparse.Namespace) -> int:
     if record.bound:
         log.info("already bound to owner %s; not looking for a token", record.owner_fingerprint)
     else:
+        from imprint.channels import ChannelBroken
+
         try:
             found = _wait_for_token(paths, only, args.token_wait)
         except ChannelBroken as exc:
@@ -183,6 +199,7 @@ def run(args: argparse.Namespace) -> int:
     announcer: _Announcer | None = None
     if found is not None and found.token.mode is Mode.NOSECRET:
         from imprint import crypto, tokens
+        from imprint.channels import publish_vm_token
 
         try:
             vm_spki = crypto.certificate_spki(state.cert_file.read_bytes())
@@ -205,6 +222,8 @@ def run(args: argparse.Namespace) -> int:
         if announcer is not None:
             announcer.bound.set()
         if found is not None and found.token.mode is Mode.SHARED:
+            from imprint.channels import consume_token
+
             try:
                 wiped = consume_token(paths, found)
             except (OSError, ValueError) as exc:

@@ -5,8 +5,8 @@ Like Ignition's ``distro`` package: the defaults are Debian's; another distribut
 makes its own ``Distro(root=..., programs=Programs(useradd="/opt/bin/useradd"))`` instead of
 patching. A new guest path or program belongs here, used through the ``Distro`` the agent was started
 with (``ctx.paths`` in a backend, ``paths`` in a channel). Not yet moved here (issue 10): the
-backends' own file paths (their module constants) and mtools, which guest/volumes.py runs for
-the agent and the site alike.
+backends' own file paths (their module constants). mtools is here: guest/volumes.py runs it for
+the agent, and the site's vfat seed builder (channels/_images.py) takes the same defaults.
 """
 
 from __future__ import annotations
@@ -26,6 +26,12 @@ class Programs:
     chroot: str = "chroot"              # run the guest's own cloud-init under a --root
     python3: str = "/usr/bin/python3"   # the guest's interpreter, for its cloud-init
     modprobe: str = "modprobe"          # kmod: load qemu_fw_cfg for the fw_cfg channel
+    # mtools: read a vfat seed (mdir, mtype, mshowfat) and wipe K from it (mmd, mcopy)
+    mdir: str = "mdir"
+    mtype: str = "mtype"
+    mshowfat: str = "mshowfat"
+    mmd: str = "mmd"
+    mcopy: str = "mcopy"
 
 
 @dataclass(frozen=True)

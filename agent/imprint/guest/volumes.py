@@ -10,7 +10,8 @@ a test root, where ``/dev/disk/by-label/<LABEL>`` is a symlink to an image file.
   whole tree on open loops on a directory cycle. Rock Ridge, Joliet and plain ISO9660 8.3 names
   (``META_DAT.;1``) are read, so images made by genisoimage, xorriso, pycdlib or a cloud's own
   tools are all read. (pycdlib stays on the site's side, which builds images.)
-- FAT (vfat) is read with mtools (``mdir``, ``mtype``); ``mcopy -o`` rewrites a file, which is
+- FAT (vfat) is read with mtools (``mdir``, ``mtype``; the names come from the caller's
+  :class:`~imprint.guest.distro.Programs`); ``mcopy -o`` rewrites a file, which is
   how K is wiped from a writable ``IMPRINT`` seed (see :func:`wipe_file`). Each run has an
   overall deadline and a bound on its output (:func:`imprint.boundedio.run_tool`), any complaint
   on stderr makes the volume corrupt (mtools reports a cluster chain loop and goes on), and the
@@ -41,12 +42,13 @@ from typing import Protocol
 from imprint import boundedio
 from imprint.fsatomic import fsync_path
 from imprint.guest import iso9660
-from imprint.guest.iso9660 import iso9660_name as iso9660_name  # the site's ISO builder names files with it
+from imprint.guest.distro import Programs
 from imprint.safetext import printable
 
 # Seed files are a few hundred bytes; a bound keeps a hostile or mistaken volume from making
 # the agent read megabytes into memory while it polls the boot channels.
 MAX_FILE = 64 * 1024
+DEFAULT_PROGRAMS = Programs()
 
 ISO_MAGIC = iso9660.ISO_MAGIC
 ISO_PVD_OFFSET = iso9660.DESCRIPTORS_OFFSET
@@ -254,9 +256,10 @@ _LISTED_FILES = re.compile(rb"^\s*(\d+) files?\s+([\d ]+) bytes\r?$", re.MULTILI
 class _FatVolume:
     kind = Kind.VFAT
 
-    def __init__(self, device: Path, geometry: FatGeometry) -> None:
+    def __init__(self, device: Path, geometry: FatGeometry, programs: Programs) -> None:
         self.device = device
         self.geometry = geometry
+        self.programs = programs
 
     @property
     def image(self) -> str:
@@ -269,7 +272,7 @@ class _FatVolume:
         ``mdir -a -f ::/x`` lists the directory itself when x is one, else x's own entry under its
         parent's heading. Any complaint (a cluster chain loop, a bad FAT entry) is corruption."""
         target = "::/" + "/".join(_components(path))
-        result = _mtools("mdir", "-a", "-f", "-i", self.image, target)
+        result = _mtools(self.programs.mdir, "-a", "-f", "-i", self.image, target)
         if result.returncode != 0:
             if _not_found(result):
                 return None
@@ -304,8 +307,8 @@ class _FatVolume:
             raise VolumeError(f"{path} is {declared} bytes, larger than the {limit} bytes a seed file may be")
         target = "::/" + "/".join(_components(path))
         try:
-            result = boundedio.run_tool(["mtype", "-i", self.image, target], limit=limit, timeout=TOOL_TIMEOUT,
-                                        env={**os.environ, **_MTOOLS_ENV})
+            result = boundedio.run_tool([self.programs.mtype, "-i", self.image, target], limit=limit,
+                                        timeout=TOOL_TIMEOUT, env={**os.environ, **_MTOOLS_ENV})
         except boundedio.TooLarge:
             raise VolumeError(f"{path} is larger than the {limit} bytes a seed file may be") from None
         except boundedio.ToolMissing as exc:
@@ -324,7 +327,7 @@ class _FatVolume:
     def clusters(self, path: str) -> list[int]:
         """The data clusters of the file at ``path`` (empty when absent or empty)."""
         target = "::/" + "/".join(_components(path))
-        result = _mtools("mshowfat", "-i", self.image, target)
+        result = _mtools(self.programs.mshowfat, "-i", self.image, target)
         if result.returncode != 0 or result.stderr.strip():
             if result.returncode != 0 and _not_found(result):
                 return []
@@ -341,23 +344,23 @@ class _FatVolume:
         return found
 
 
-def write_file(device: Path, path: str, data: bytes) -> None:
+def write_file(device: Path, path: str, data: bytes, programs: Programs = DEFAULT_PROGRAMS) -> None:
     """Create or replace the file at ``path`` on a vfat volume (``mcopy -o``), creating its
     directories; ISO9660 is read-only, so it raises VolumeError there."""
     head, size = _head(device)
     if _kind(head, size) is not Kind.VFAT:
         raise VolumeError("an ISO9660 volume is read-only")
-    volume = _FatVolume(device, _fat(head))
+    volume = _FatVolume(device, _fat(head), programs)
     image = volume.image
     parts = _components(path)
     for depth in range(1, len(parts)):
         directory = "/" + "/".join(parts[:depth])
         if volume.entry(directory) is None:
-            result = _mtools("mmd", "-i", image, "::" + directory)
+            result = _mtools(programs.mmd, "-i", image, "::" + directory)
             if result.returncode != 0:
                 raise VolumeError(_mtools_fault("mmd", result))
     # "-" makes mcopy read the content from stdin: no copy of it lands in a temporary file.
-    result = _mtools("mcopy", "-o", "-i", image, "-", "::/" + "/".join(parts), stdin=data)
+    result = _mtools(programs.mcopy, "-o", "-i", image, "-", "::/" + "/".join(parts), stdin=data)
     if result.returncode != 0:
         raise VolumeError(_mtools_fault("mcopy", result))
 
@@ -369,7 +372,7 @@ def _fat(head: bytes) -> FatGeometry:
     return geometry
 
 
-def wipe_file(device: Path, path: str, replacement: bytes) -> None:
+def wipe_file(device: Path, path: str, replacement: bytes, programs: Programs = DEFAULT_PROGRAMS) -> None:
     """Destroy the content of ``path`` on a vfat volume, then write ``replacement`` there.
 
     ``mcopy -o`` alone frees the old clusters without clearing them, so K would stay readable
@@ -382,7 +385,7 @@ def wipe_file(device: Path, path: str, replacement: bytes) -> None:
     if _kind(head, size) is not Kind.VFAT:
         raise VolumeError("an ISO9660 volume is read-only")
     geometry = _fat(head)
-    volume = _FatVolume(device, geometry)
+    volume = _FatVolume(device, geometry, programs)
     if volume.entry(path) == "file":
         offsets = [geometry.cluster_offset(c) for c in volume.clusters(path)]
         if any(offset + geometry.cluster_bytes > size for offset in offsets):
@@ -397,7 +400,7 @@ def wipe_file(device: Path, path: str, replacement: bytes) -> None:
             raise VolumeError(f"cannot write {device}: {exc.strerror}") from None
         finally:
             os.close(fd)
-    write_file(device, path, replacement)
+    write_file(device, path, replacement, programs)
     try:
         fsync_path(device)
     except OSError as exc:
@@ -415,8 +418,9 @@ def writable(device: Path) -> bool:
 
 
 @contextmanager
-def open_volume(device: Path) -> Iterator[Volume]:
-    """The filesystem on ``device`` (a block device or an image file), for reading files."""
+def open_volume(device: Path, programs: Programs = DEFAULT_PROGRAMS) -> Iterator[Volume]:
+    """The filesystem on ``device`` (a block device or an image file), for reading files; a vfat
+    one is read with ``programs``' mtools."""
     fd = _open_device(device)
     try:
         head, size = _head_of(fd, device)
@@ -430,6 +434,6 @@ def open_volume(device: Path) -> Iterator[Volume]:
         if declared > size:
             raise VolumeError(f"FAT filesystem is truncated: the volume declares {declared} bytes, "
                               f"the device has {size}")
-        yield _FatVolume(device, geometry)
+        yield _FatVolume(device, geometry, programs)
     finally:
         os.close(fd)

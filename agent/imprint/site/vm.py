@@ -35,12 +35,13 @@ from pathlib import Path
 from typing import Any
 
 from imprint import tokens
+from imprint.channels import metadisk
+from imprint.channels.channel import Artefact
 from imprint.fsatomic import write_atomic
+from imprint.ports import AGENT_PORT
 from imprint.site import reverse, seeds
-from imprint.site.artefact import Artefact
 
 QEMU = "qemu-system-x86_64"
-AGENT_PORT = 7443
 BASE_APPEND = "root=LABEL=root rw console=ttyS0"
 KVM_PROBE_SECONDS = 10.0
 ANSI_RE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -359,7 +360,7 @@ def _vm_token(record: BootRecord) -> tuple[str, str] | str:
     none yet. Raises :class:`reverse.Refused` when announcements contradict each other or answer
     another owner token than this VM was booted with."""
     sources = [(Path(record.console), "serial console")]
-    if record.channel == "metadata-disk" and record.artefact:
+    if record.channel == metadisk.NAME and record.artefact:
         sources.insert(0, (Path(record.artefact), "metadata disk reply area"))
     why = "no source"
     for source, name in sources:
@@ -489,8 +490,7 @@ def stop(run_dir: Path, *, graceful: bool = False, timeout: float = 60.0) -> str
     return how
 
 
-HOTPLUG_CHANNELS = ("metadata-disk", "imprint-seed-iso", "imprint-seed-vfat", "nocloud-iso", "nocloud-vfat",
-                    "config-2-iso", "config-2-vfat")
+HOTPLUG_CHANNELS = seeds.HOTPLUG
 
 
 def attach(run_dir: Path, channel: str, token: str) -> Artefact:
@@ -511,8 +511,8 @@ def attach(run_dir: Path, channel: str, token: str) -> Artefact:
                     **{"command-line": f"drive_add 0 file={file},if=none,id={ident},format=raw"
                                        f"{',readonly=on' if readonly else ''}"})
         device: dict[str, Any] = {"driver": "virtio-blk-pci", "drive": ident, "id": f"dev-{ident}"}
-        if channel == "metadata-disk":
-            device["serial"] = seeds.METADISK_SERIAL
+        if artefact.serial is not None:
+            device["serial"] = artefact.serial
         qmp.command("device_add", **device)
     finally:
         qmp.close()

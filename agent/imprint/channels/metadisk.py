@@ -1,7 +1,9 @@
-"""Raw metadata disk: a block device with by-id serial ``imprint`` (see imprint.metadisk).
+"""Raw metadata disk: a virtio-blk device with serial ``imprint`` (format: imprint.metadisk).
 
 The by-id link is followed (udev makes it); what it points to must be a block device (or an
 image file under a test root): a FIFO there is refused at once instead of blocking the agent.
+The site's ``metadata-disk`` artefact is a raw image with the serial set on its virtio-blk
+device; its reply area is the site's preferred reverse channel.
 """
 
 from __future__ import annotations
@@ -10,11 +12,12 @@ import os
 from pathlib import Path
 
 from imprint import boundedio, metadisk, tokens
-from imprint.guest.channels import ChannelBroken
+from imprint.channels.channel import Artefact, Channel, ChannelBroken, SiteArtefact, parse_token, write_private
 from imprint.guest.distro import Distro
 
 NAME = "metadata-disk"
-DEVICE_ID = "virtio-imprint"
+SERIAL = "imprint"
+DEVICE_ID = f"virtio-{SERIAL}"  # udev's /dev/disk/by-id name of a virtio disk with that serial
 
 
 def _device(paths: Distro) -> str | None:
@@ -56,10 +59,7 @@ def read(paths: Distro) -> tokens.Token | None:
     header, _ = _header(device)
     if header.consumed:
         raise ChannelBroken(NAME, "its token was consumed by an earlier bind (the disk says so)")
-    try:
-        return tokens.parse(header.token)
-    except tokens.TokenError as exc:
-        raise ChannelBroken(NAME, str(exc)) from None
+    return parse_token(NAME, header.token)
 
 
 def _write(device: str, offset: int, data: bytes) -> None:
@@ -94,3 +94,17 @@ def consume(paths: Distro) -> bool:
         return False
     _write(device, 0, metadisk.encode_header("", flags=metadisk.FLAG_CONSUMED))
     return True
+
+
+def build(token: str, out: Path) -> Artefact:
+    write_private(out, metadisk.build(token))
+    return Artefact(
+        NAME, out,
+        qemu_args=["-drive", f"file={out},if=none,id=imprint-meta,format=raw",
+                   "-device", f"virtio-blk-pci,drive=imprint-meta,serial={SERIAL}"],
+        note=f"the guest sees /dev/disk/by-id/{DEVICE_ID} and writes its VM token into the reply area",
+        serial=SERIAL,
+    )
+
+
+CHANNEL = Channel(NAME, read, reply=reply, consume=consume, artefacts=(SiteArtefact("", build, hotplug=True),))

@@ -10,6 +10,9 @@ or the content of a file ``imprint`` at the root of the filesystem (which cloud-
 so K there does not end up in cloud-init's world-readable instance-data.json). When both are
 given they must carry the same token. A seed with neither is someone else's: absent.
 
+The site's ``nocloud-iso``/``nocloud-vfat`` artefact is a complete NoCloud seed (:func:`files`:
+meta-data with the token, an empty ``#cloud-config`` user-data), so cloud-init boots from it too.
+
 ``meta-data`` is YAML. The agent must not need PyYAML (nor pay for importing it), so only the
 subset a seed actually uses is read: top-level ``key: value`` lines with a plain, single- or
 double-quoted value, comments, and a document that is a JSON object (JSON is YAML too). When
@@ -23,13 +26,24 @@ from __future__ import annotations
 import re
 
 from imprint import boundedio, tokens
+from imprint.channels._volume import (
+    CLOUD_INIT_COPIES,
+    Files,
+    SeedFault,
+    file_text,
+    instance_name,
+    not_a_token,
+    read_labelled,
+    seed_artefacts,
+)
+from imprint.channels.channel import TOKEN_KEY, Channel, parse_token
 from imprint.guest import volumes
-from imprint.guest.channels._volume import SeedFault, parse, parse_file, read_labelled
 from imprint.guest.distro import Distro
 
 NAME = "nocloud"
-LABELS = ("cidata", "CIDATA")
-KEY = "imprint-token"
+LABELS = ("cidata", "CIDATA")  # cloud-init looks for cidata and CIDATA
+KEY = TOKEN_KEY
+USER_DATA = "/user-data"
 META_DATA = "/meta-data"
 TOKEN_FILE = "/imprint"  # noqa: S105 (a file name, not a secret)
 
@@ -154,9 +168,10 @@ def _read_volume(volume: volumes.Volume) -> tokens.Token | None:
         except MetaDataError as exc:
             raise SeedFault(f"meta-data: {exc}") from None
         if value is not None:
-            from_meta_data = parse(value, f"meta-data: {KEY}")
+            from_meta_data = parse_token(NAME, value, not_a_token(f"meta-data: {KEY}"))
     raw = volume.read(TOKEN_FILE)
-    from_file = parse_file(raw, "the imprint file") if raw is not None else None
+    what = "the imprint file"
+    from_file = parse_token(NAME, file_text(raw, what), not_a_token(what)) if raw is not None else None
     if from_meta_data is not None and from_file is not None and from_meta_data != from_file:
         raise SeedFault(f"meta-data's {KEY} (token {from_meta_data.token_id.hex()}) and the imprint file "
                         f"(token {from_file.token_id.hex()}) disagree")
@@ -165,3 +180,16 @@ def _read_volume(volume: volumes.Volume) -> tokens.Token | None:
 
 def read(paths: Distro) -> tokens.Token | None:
     return read_labelled(NAME, paths, LABELS, _read_volume)
+
+
+def files(token: str) -> Files:
+    name = instance_name(token)
+    meta_data = f"instance-id: {name}\nlocal-hostname: {name}\n{KEY}: {token}\n"
+    # cloud-init requires user-data next to meta-data; an empty #cloud-config changes nothing.
+    return {META_DATA: meta_data.encode(), USER_DATA: b"#cloud-config\n{}\n"}
+
+
+_NOTE = f"cloud-init NoCloud seed; the guest reads meta-data key {KEY} ({CLOUD_INIT_COPIES})"
+
+CHANNEL = Channel(NAME, read, artefacts=seed_artefacts(NAME, LABELS[0], LABELS[1], files,
+                                                       iso_note=_NOTE, vfat_note=_NOTE))

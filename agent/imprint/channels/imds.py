@@ -27,7 +27,8 @@ the agent runs on, so it must never pick up that machine's own metadata (a devel
 
 Time and size are bounded per answer, not per read: an answer (status line, headers, body) must
 be complete within ``READ_TIMEOUT`` of the request, and all the requests of one poll within
-``POLL_TIMEOUT``, so a service that trickles its answer a byte at a time cannot hold the agent;
+``POLL_TIMEOUT`` (the defaults of :class:`Timeouts`, which ``read`` and ``reply`` take), so a
+service that trickles its answer a byte at a time cannot hold the agent;
 an answer's headers and body are bounded in bytes.
 
 Outcomes: nothing listening, no route, or no complete answer within the timeouts, and a 404 on both
@@ -44,24 +45,25 @@ from __future__ import annotations
 # three plain-HTTP requests on a link-local address. http.client rather than urllib.request:
 # it gives a connect timeout separate from the read timeout, and it never routes through an
 # http_proxy from the environment (a proxy cannot reach the VM's own link-local service, and
-# must not see the token).
-import http.client
+# must not see the token). Imported where it is used: the agent loads every channel module at
+# start, and http.client (with the email package) is only needed when no local channel has a token.
 import io
 import os
 import socket
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from imprint import boundedio, tokens
+from imprint.channels.channel import TOKEN_KEY, Channel, ChannelBroken, parse_token
 from imprint.guest import log as agent_log
-from imprint.guest.channels import ChannelBroken
 from imprint.guest.distro import Distro
 from imprint.safetext import printable
 
 NAME = "http-metadata"
-KEY = "imprint-token"
+KEY = TOKEN_KEY
 
 DEFAULT_BASE_URL = "http://169.254.169.254"
 BASE_URL_ENV = "IMPRINT_METADATA_URL"
@@ -86,6 +88,22 @@ POLL_TIMEOUT = 8.0
 # 5xx and a connection dropped mid-answer are retried: a service that is starting up.
 ATTEMPTS = 2
 RETRY_PAUSE = 0.2
+
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """The deadlines and pause of one poll (a test shortens them; the defaults are production's),
+    and how the pause is waited (a test acts during it)."""
+
+    connect: float = CONNECT_TIMEOUT
+    read: float = READ_TIMEOUT
+    poll: float = POLL_TIMEOUT
+    retry_pause: float = RETRY_PAUSE
+    sleep: Callable[[float], None] = time.sleep
+
+
+DEFAULT_TIMEOUTS = Timeouts()
 
 MAX_TOKEN_BODY = 4096
 # meta_data.json carries SSH keys, a random seed and all user metadata, so it is bigger than
@@ -159,18 +177,6 @@ class _BoundedSocket:
         self._sock.close()
 
 
-class _Connection(http.client.HTTPConnection):
-    def __init__(self, host: str, port: int, deadline: _Deadline, limit: int) -> None:
-        super().__init__(host, port, timeout=min(CONNECT_TIMEOUT, deadline.left()))
-        self._deadline, self._limit = deadline, limit
-        self.bounded: _BoundedSocket | None = None
-
-    def connect(self) -> None:
-        super().connect()
-        self.bounded = _BoundedSocket(self.sock, self._deadline.sooner(READ_TIMEOUT), self._limit)
-        self.sock = self.bounded
-
-
 @dataclass(frozen=True)
 class _Service:
     host: str
@@ -216,6 +222,8 @@ def receive(source: Readable, method: str, url: str, limit: int) -> _Answer:
     """The answer to one request: status and body of at most ``limit`` bytes. Raises
     ChannelBroken for an answer that is not HTTP or too large, TimeoutError or OSError when the
     connection fails, ConnectionError or IncompleteRead when it drops mid-answer."""
+    import http.client
+
     response = http.client.HTTPResponse(source, method=method)  # type: ignore[arg-type]
     try:
         response.begin()
@@ -240,29 +248,33 @@ def receive(source: Readable, method: str, url: str, limit: int) -> _Answer:
 
 
 def _exchange(service: _Service, method: str, path: str, headers: dict[str, str],
-              limit: int, poll: _Deadline, body: bytes | None = None) -> _Answer:
+              limit: int, poll: _Deadline, timeouts: Timeouts, body: bytes | None = None) -> _Answer:
     """One request with the bounded retries; raises Absent when nothing answers in time."""
+    import http.client
+
     url = service.url(path)
     dropped = ""
     for attempt in range(ATTEMPTS):
         try:
             if attempt:
-                time.sleep(min(RETRY_PAUSE, poll.left()))
-            conn = _Connection(service.host, service.port, poll, limit + MAX_HEADER_BYTES)
+                timeouts.sleep(min(timeouts.retry_pause, poll.left()))
+            conn = http.client.HTTPConnection(service.host, service.port, timeout=min(timeouts.connect, poll.left()))
         except TimeoutError:
-            raise Absent(f"{url}: no complete answer within this poll's {POLL_TIMEOUT} s") from None
+            raise Absent(f"{url}: no complete answer within this poll's {timeouts.poll} s") from None
         try:
             try:
                 conn.connect()
             except TimeoutError:
-                raise Absent(f"{url}: no connection within {CONNECT_TIMEOUT} s") from None
+                raise Absent(f"{url}: no connection within {timeouts.connect} s") from None
             except OSError as exc:
                 raise Absent(f"{url}: {exc.strerror or exc}") from None
+            # From here every send and read of the answer is under the answer's deadline.
+            bounded = _BoundedSocket(conn.sock, poll.sooner(timeouts.read), limit + MAX_HEADER_BYTES)
+            conn.sock = bounded
             conn.request(method, service.prefix + path, body=body, headers=headers)
-            assert conn.bounded is not None
-            answer = receive(conn.bounded, method, url, limit)
+            answer = receive(bounded, method, url, limit)
         except TimeoutError:
-            raise Absent(f"{url}: no complete answer within {READ_TIMEOUT} s") from None
+            raise Absent(f"{url}: no complete answer within {timeouts.read} s") from None
         except (ConnectionError, http.client.IncompleteRead) as exc:  # dropped mid-answer
             dropped = type(exc).__name__
             continue
@@ -305,13 +317,6 @@ def session_from(answer: _Answer) -> str | None:
     return session
 
 
-def _parse(url: str, text: str) -> tokens.Token:
-    try:
-        return tokens.parse(text)
-    except tokens.TokenError as exc:
-        raise ChannelBroken(NAME, f"{url}: {exc}") from None
-
-
 def tag_from(answer: _Answer, session: str | None) -> tokens.Token | None:
     """The token in the answer to the EC2 instance tag GET; None when there is no such tag."""
     if answer.status in (403, 404):  # no such tag; or tags (or the whole service) turned off
@@ -325,7 +330,7 @@ def tag_from(answer: _Answer, session: str | None) -> tokens.Token | None:
         text = answer.body.decode("ascii")
     except UnicodeDecodeError:
         raise ChannelBroken(NAME, f"{answer.url}: the answer is not ASCII text") from None
-    return _parse(answer.url, text)
+    return parse_token(NAME, text, answer.url)
 
 
 def openstack_from(answer: _Answer) -> tokens.Token | None:
@@ -350,7 +355,7 @@ def openstack_from(answer: _Answer) -> tokens.Token | None:
         return None
     if not isinstance(value, str):
         raise ChannelBroken(NAME, f"{answer.url}: meta '{KEY}' is not a string")
-    return _parse(f"{answer.url} meta '{KEY}'", value)
+    return parse_token(NAME, value, f"{answer.url} meta '{KEY}'")
 
 
 # -- the requests
@@ -360,28 +365,30 @@ def _headers(session: str | None) -> dict[str, str]:
     return {SESSION_HEADER: session} if session is not None else {}
 
 
-def _session(service: _Service, poll: _Deadline) -> str | None:
+def _session(service: _Service, poll: _Deadline, timeouts: Timeouts) -> str | None:
     return session_from(_exchange(service, "PUT", SESSION_PATH, {SESSION_TTL_HEADER: str(SESSION_TTL_SECONDS)},
-                                  MAX_TOKEN_BODY, poll))
+                                  MAX_TOKEN_BODY, poll, timeouts))
 
 
-def read(paths: Distro) -> tokens.Token | None:
+def read(paths: Distro, timeouts: Timeouts = DEFAULT_TIMEOUTS) -> tokens.Token | None:
     service = _service(paths)
     if service is None:
         return None
-    poll = _Deadline(POLL_TIMEOUT)
+    poll = _Deadline(timeouts.poll)
     try:
-        session = _session(service, poll)
-        token = tag_from(_exchange(service, "GET", TAG_PATH, _headers(session), MAX_TOKEN_BODY, poll), session)
+        session = _session(service, poll, timeouts)
+        token = tag_from(_exchange(service, "GET", TAG_PATH, _headers(session), MAX_TOKEN_BODY, poll, timeouts),
+                         session)
         if token is None:
-            token = openstack_from(_exchange(service, "GET", OPENSTACK_PATH, _headers(session), MAX_JSON_BODY, poll))
+            token = openstack_from(_exchange(service, "GET", OPENSTACK_PATH, _headers(session), MAX_JSON_BODY, poll,
+                                             timeouts))
     except Absent as exc:
         log.debug("metadata service absent: %s", exc)
         return None
     return token
 
 
-def reply(paths: Distro, line: str) -> bool:
+def reply(paths: Distro, line: str, timeouts: Timeouts = DEFAULT_TIMEOUTS) -> bool:
     """PUT the VM token line to the guest-attributes path; False when it did not land there.
 
     Never fatal: the console carries the same line, and most services do not offer the path.
@@ -390,10 +397,11 @@ def reply(paths: Distro, line: str) -> bool:
         service = _service(paths)
         if service is None:
             return False
-        poll = _Deadline(POLL_TIMEOUT)
-        session = _session(service, poll)
+        poll = _Deadline(timeouts.poll)
+        session = _session(service, poll, timeouts)
         headers = {**_headers(session), "Content-Type": "text/plain; charset=us-ascii"}
-        answer = _exchange(service, "PUT", REPLY_PATH, headers, MAX_TOKEN_BODY, poll, body=(line + "\n").encode())
+        answer = _exchange(service, "PUT", REPLY_PATH, headers, MAX_TOKEN_BODY, poll, timeouts,
+                           body=(line + "\n").encode())
     except Absent as exc:
         log.warning("cannot write the VM token to the metadata service: %s", exc)
         return False
@@ -404,3 +412,7 @@ def reply(paths: Distro, line: str) -> bool:
         log.warning("the metadata service did not take the VM token: %s: HTTP %d", answer.url, answer.status)
         return False
     return True
+
+
+# No site artefact: the site runs (or is) the metadata service.
+CHANNEL = Channel(NAME, read, network=True, reply=reply)

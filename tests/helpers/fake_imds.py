@@ -4,7 +4,7 @@ with instance tags), OpenStack ``meta_data.json``, and imprint's guest-attribute
 Used in a thread on loopback by tests/test_channels_network.py, and as a program inside a
 network namespace at 169.254.169.254::
 
-    python3 tests/fake_imds.py --listen 169.254.169.254:80 --tag TOKEN
+    python3 tests/helpers/fake_imds.py --listen 169.254.169.254:80 --tag TOKEN
 
 The program prints ``ready HOST:PORT`` once listening, then one ``PUT <path> <body>`` line per
 reply it stores, so the test that started it reads both from its stdout.

@@ -44,18 +44,25 @@ import binascii
 import io
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from imprint import boundedio, tokens
-from imprint.guest.channels import ChannelBroken
-from imprint.guest.channels._common import load_json, read_bounded
+from imprint.channels.channel import (
+    TOKEN_KEY,
+    Channel,
+    ChannelBroken,
+    agreeing,
+    load_json,
+    parse_token,
+    read_bounded,
+)
 from imprint.guest.distro import Distro
 from imprint.safetext import printable
 
 NAME = "cloud-init"
-KEY = "imprint-token"
+KEY = TOKEN_KEY
 
 # Where the key may sit in the instance data, in order (see the module docstring).
 LOCATIONS: tuple[tuple[str, ...], ...] = (
@@ -74,7 +81,8 @@ MAX_LINE = 64 * 1024
 MAX_USER_DATA = 4 * 1024 * 1024
 # The instance id names a directory (NAME_MAX).
 MAX_INSTANCE_ID = 255
-# How long to wait before reading an invalid file again, to tell "being written" from corrupt.
+# How long to wait before reading an invalid file again, to tell "being written" from corrupt
+# (the default of read()'s reread_pause; its sleep waits it, a test acts during it instead).
 REREAD_PAUSE = 0.2
 
 _BLOCK_SCALARS = {"|", "|-", "|+", ">", ">-", ">+"}
@@ -84,27 +92,20 @@ def _read_bytes(path: Path) -> bytes | None:
     return read_bounded(NAME, path, MAX_INSTANCE_DATA)
 
 
-def _load(path: Path) -> dict[str, Any] | None:
+def _load(path: Path, reread_pause: float, sleep: Callable[[float], None]) -> dict[str, Any] | None:
     raw = _read_bytes(path)
     if raw is None or not raw.strip():
         return None
     try:
         data = load_json(NAME, raw, path, MAX_INSTANCE_DATA)
     except ChannelBroken:
-        time.sleep(REREAD_PAUSE)
+        sleep(reread_pause)
         if _read_bytes(path) != raw:
             return None  # cloud-init is writing it; the next poll reads the whole file
         raise
     if not isinstance(data, dict):
         raise ChannelBroken(NAME, f"{path}: the JSON is not an object")
     return data
-
-
-def _parse(where: str, text: str) -> tokens.Token:
-    try:
-        return tokens.parse(text)
-    except tokens.TokenError as exc:
-        raise ChannelBroken(NAME, f"{where}: {exc}") from None
 
 
 def _metadata_tokens(path: Path, data: dict[str, Any]) -> list[tuple[str, tokens.Token]]:
@@ -128,7 +129,7 @@ def _metadata_tokens(path: Path, data: dict[str, Any]) -> list[tuple[str, tokens
                 value = base64.b64decode(value, validate=True).decode("ascii")
             except (binascii.Error, UnicodeDecodeError):
                 raise ChannelBroken(NAME, f"{where}: base64-encoded value is not an ASCII token") from None
-        found.append((where, _parse(where, value)))
+        found.append((where, parse_token(NAME, value, where)))
     return found
 
 
@@ -227,20 +228,25 @@ def _user_data_tokens(paths: Distro, data: dict[str, Any]) -> list[tuple[str, to
     where = f"{path} (#cloud-config {KEY})"
     if len(set(values)) > 1:
         raise ChannelBroken(NAME, f"{where} is given {len(values)} times with different values")
-    return [(where, _parse(where, values[0]))] if values else []
+    return [(where, parse_token(NAME, values[0], where))] if values else []
 
 
-def read(paths: Distro) -> tokens.Token | None:
+def read(paths: Distro, *, reread_pause: float = REREAD_PAUSE,
+         sleep: Callable[[float], None] = time.sleep) -> tokens.Token | None:
     path = paths.cloud_init_instance_data
-    data = _load(path)
+    data = _load(path, reread_pause, sleep)
     if data is None:
         return None
     found = _metadata_tokens(path, data) + _user_data_tokens(paths, data)
-    if not found:
-        return None
-    first_where, first = found[0]
-    for where, token in found[1:]:
-        if token != first:
-            raise ChannelBroken(NAME, f"{first_where} and {where} carry different tokens "
-                                      f"({first.token_id.hex()}, {token.token_id.hex()})")
-    return first
+
+    def refuse(first_where: str, first: tokens.Token, where: str, token: tokens.Token) -> ChannelBroken:
+        return ChannelBroken(NAME, f"{first_where} and {where} carry different tokens "
+                                   f"({first.token_id.hex()}, {token.token_id.hex()})")
+
+    agreed = agreeing(found, refuse)
+    return None if agreed is None else agreed[1]
+
+
+# No site artefact of its own: cloud-init's datasource is fed by the nocloud or config-2 seed, or
+# by the cloud's metadata.
+CHANNEL = Channel(NAME, read)

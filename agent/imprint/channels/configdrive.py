@@ -10,20 +10,35 @@ A config drive without the file, without ``meta`` or without the key is someone 
 absent. Invalid JSON (nested deeper than the bound, duplicate keys or a NUL in a string count:
 :func:`imprint.boundedio.load_json`), a ``meta`` that is not an object, or a key that is not a
 valid token string make the channel broken.
+
+The site's ``config-2-iso``/``config-2-vfat`` artefact is a config drive cloud-init accepts
+(:func:`files`: a uuid, names, and the token in ``meta``).
 """
 
 from __future__ import annotations
 
+import json
+
 from imprint import boundedio, tokens
+from imprint.channels._volume import (
+    CLOUD_INIT_COPIES,
+    Files,
+    SeedFault,
+    instance_name,
+    not_a_token,
+    read_labelled,
+    seed_artefacts,
+)
+from imprint.channels.channel import TOKEN_KEY, Channel, parse_token
 from imprint.guest import volumes
-from imprint.guest.channels._volume import SeedFault, parse, read_labelled
 from imprint.guest.distro import Distro
 
 NAME = "config-2"
-LABELS = ("config-2", "CONFIG-2")
-KEY = "imprint-token"
+LABELS = ("config-2", "CONFIG-2")  # cloud-init and nova: config-2 (CONFIG-2 is read too)
+KEY = TOKEN_KEY
 META_DATA = "/openstack/latest/meta_data.json"
 _WHAT = META_DATA.lstrip("/")
+_UUID_NAMESPACE = "5b0c6a39-8f5e-4d0a-9a57-2b0f8d1f6c11"  # imprint's, for config-2 uuids
 
 
 def _read_volume(volume: volumes.Volume) -> tokens.Token | None:
@@ -47,8 +62,28 @@ def _read_volume(volume: volumes.Volume) -> tokens.Token | None:
     value = meta[KEY]
     if not isinstance(value, str):
         raise SeedFault(f"{_WHAT}: meta.{KEY} is not a string")
-    return parse(value, f"{_WHAT}: meta.{KEY}")
+    return parse_token(NAME, value, not_a_token(f"{_WHAT}: meta.{KEY}"))
 
 
 def read(paths: Distro) -> tokens.Token | None:
     return read_labelled(NAME, paths, LABELS, _read_volume)
+
+
+def files(token: str) -> Files:
+    import uuid  # the site's only: not on the agent's start path
+
+    name = instance_name(token)
+    meta_data = {
+        "uuid": str(uuid.uuid5(uuid.UUID(_UUID_NAMESPACE), name)),  # cloud-init requires it (its instance-id)
+        "hostname": name,
+        "name": name,
+        "launch_index": 0,
+        "meta": {KEY: token},
+    }
+    return {META_DATA: (json.dumps(meta_data, indent=2) + "\n").encode()}
+
+
+_NOTE = f"OpenStack config drive; the guest reads meta.{KEY} ({CLOUD_INIT_COPIES})"
+
+CHANNEL = Channel(NAME, read, artefacts=seed_artefacts(NAME, LABELS[0], LABELS[1], files,
+                                                       iso_note=_NOTE, vfat_note=_NOTE))

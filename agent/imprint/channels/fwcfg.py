@@ -1,12 +1,13 @@
-"""QEMU fw_cfg: ``-fw_cfg name=opt/org.imprint/token,string=<token>`` appears at
+"""QEMU fw_cfg: ``-fw_cfg name=opt/org.imprint/token,file=<token file>`` appears at
 /sys/firmware/qemu_fw_cfg/by_name/opt/org.imprint/token/raw."""
 
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 from imprint import tokens
-from imprint.guest.channels._common import read_token_file
+from imprint.channels.channel import Artefact, Channel, SiteArtefact, read_token_file, write_private
 from imprint.guest.distro import Distro
 
 NAME = "fw_cfg"
@@ -29,3 +30,12 @@ def _load_module(paths: Distro) -> None:
 def read(paths: Distro) -> tokens.Token | None:
     _load_module(paths)
     return read_token_file(NAME, paths.fw_cfg / "by_name" / ENTRY / "raw")
+
+
+def build(token: str, out: Path) -> Artefact:
+    write_private(out, token.encode())
+    return Artefact(NAME, out, qemu_args=["-fw_cfg", f"name={ENTRY},file={out}"],
+                    note=f"the guest reads /sys/firmware/qemu_fw_cfg/by_name/{ENTRY}/raw (root only)")
+
+
+CHANNEL = Channel(NAME, read, artefacts=(SiteArtefact("", build),))

@@ -13,8 +13,9 @@ the seed as consumed. An ISO9660 seed is read-only and keeps K: the site should 
 from __future__ import annotations
 
 from imprint import tokens
+from imprint.channels._volume import Files, SeedFault, file_text, not_a_token, read_labelled, seed_artefacts
+from imprint.channels.channel import Channel, parse_token
 from imprint.guest import volumes
-from imprint.guest.channels._volume import SeedFault, parse_file, read_labelled
 from imprint.guest.distro import Distro
 
 NAME = "imprint-seed"
@@ -32,7 +33,7 @@ def _read_volume(volume: volumes.Volume) -> tokens.Token:
     if data and not data.strip(b"\0"):
         # What a wipe interrupted between zeroing and rewriting leaves behind.
         raise SeedFault("its token file holds only zero bytes (a wipe was interrupted)")
-    return parse_file(data, "token file")
+    return parse_token(NAME, file_text(data, "token file"), not_a_token("token file"))
 
 
 def read(paths: Distro) -> tokens.Token | None:
@@ -51,7 +52,18 @@ def consume(paths: Distro) -> bool:
     try:
         if volumes.detect(device) is not volumes.Kind.VFAT or not volumes.writable(device):
             return False
-        volumes.wipe_file(device, TOKEN_FILE, CONSUMED_MARKER)
+        volumes.wipe_file(device, TOKEN_FILE, CONSUMED_MARKER, paths.programs)
     except volumes.VolumeError as exc:
         raise OSError(f"cannot wipe K from the {LABEL} seed on {device}: {exc}") from None
     return True
+
+
+def files(token: str) -> Files:
+    return {TOKEN_FILE: f"{token}\n".encode()}
+
+
+CHANNEL = Channel(NAME, read, consume=consume, artefacts=seed_artefacts(
+    NAME, LABEL, LABEL, files,
+    iso_note="the guest reads the file token; an ISO is read-only, so K stays on it after the bind: detach it",
+    vfat_note="the guest reads the file token and, in shared mode, wipes K from it after the bind (attached writable)",
+    vfat_writable=True))
