@@ -69,7 +69,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from imprint.backends import BackendContext, BackendError, BackendResult, check_keys, cloudpolicy, get_typed
+from imprint.backends import BackendContext, BackendError, BackendResult, cloudpolicy
 from imprint.backends.cloudpolicy import Part
 from imprint.backends.rootfs import _READ_FLAGS, FileRefused, GuestRoot, Parent, read_bounded
 from imprint.fsatomic import TEMP_MARK, pid_alive
@@ -138,10 +138,10 @@ print(json.dumps({"order": order}))
 
 
 def apply(ctx: BackendContext, config: dict[str, Any]) -> BackendResult:
-    check_keys(config, ("document", "always"), "cloudinit")
+    """``config`` fits imprint.backends.cloudinit.schema (the framework checked it)."""
     raw = config.get("document")
     document = _parse(raw)
-    always = get_typed(config, "always", bool, "cloudinit", default=False)
+    always = config.get("always") is True
     _validate(ctx, document)
     # The child gets the text as sent (YAML tags such as !!binary survive); an object as JSON.
     text = raw if isinstance(raw, str) else json.dumps(document, sort_keys=True, separators=(",", ":"))

@@ -34,152 +34,21 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from imprint.backends import BackendContext, BackendError, BackendResult, check_keys, get_str_list, get_typed
+from imprint.backends import BackendContext, BackendError, BackendResult
+from imprint.backends.kerberos.keytab import (
+    HOST_RE,
+    MAX_KEYTAB,
+    KeytabEntry,
+    KeytabError,
+    merge_keytabs,
+    parse_keytab,
+    serialize_keytab,
+)
 
 KEYTAB_PATH = "/etc/krb5.keytab"
 KRB5_CONF = "/etc/krb5.conf"
 SNIPPET_DIR = "/etc/krb5.conf.d"
 SNIPPET = "/etc/krb5.conf.d/imprint.conf"
-MAX_KEYTAB = 1 << 20
-MAX_ENTRIES = 4096
-PRINCIPAL_RE = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*@[A-Za-z0-9._-]+\Z")
-REALM_RE = re.compile(r"^[A-Za-z0-9._-]{1,255}\Z")
-HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]{1,253})(:[0-9]{1,5})?\Z")
-ENCTYPES = {
-    16: "des3-cbc-sha1", 17: "aes128-cts-hmac-sha1-96", 18: "aes256-cts-hmac-sha1-96",
-    19: "aes128-cts-hmac-sha256-128", 20: "aes256-cts-hmac-sha384-192", 23: "arcfour-hmac",
-    25: "camellia128-cts-cmac", 26: "camellia256-cts-cmac",
-}
-
-
-class KeytabError(ValueError):
-    """Not a keytab, or not one we can merge safely."""
-
-
-@dataclass(frozen=True)
-class KeytabEntry:
-    principal: str
-    name_type: int
-    timestamp: int
-    kvno: int
-    enctype: int
-    key: bytes
-    raw: bytes  # the entry as it is on disk, without its size field: kept byte for byte
-
-    @property
-    def ident(self) -> tuple[str, int, int]:
-        return self.principal, self.kvno, self.enctype
-
-    def report(self) -> dict[str, Any]:
-        return {"principal": self.principal, "kvno": self.kvno,
-                "enctype": ENCTYPES.get(self.enctype, str(self.enctype)), "timestamp": self.timestamp}
-
-
-class _Reader:
-    def __init__(self, data: bytes, where: str) -> None:
-        self.data, self.pos, self.where = data, 0, where
-
-    def take(self, n: int) -> bytes:
-        if self.pos + n > len(self.data):
-            raise KeytabError(f"{self.where} is truncated")
-        out = self.data[self.pos:self.pos + n]
-        self.pos += n
-        return out
-
-    def u8(self) -> int:
-        return self.take(1)[0]
-
-    def u16(self) -> int:
-        return int.from_bytes(self.take(2), "big")
-
-    def u32(self) -> int:
-        return int.from_bytes(self.take(4), "big")
-
-    def text(self, what: str) -> str:
-        raw = self.take(self.u16())
-        try:
-            value = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise KeytabError(f"{self.where}: the {what} is not UTF-8") from None
-        if not value or any(c in value for c in "/@\0\n"):
-            raise KeytabError(f"{self.where}: the {what} {value[:80]!r} is not valid")
-        return value
-
-
-def parse_keytab(data: bytes) -> list[KeytabEntry]:
-    """Every entry of an MIT keytab (format 0x0502: big-endian, as MIT and Heimdal write it)."""
-    if len(data) > MAX_KEYTAB:
-        raise KeytabError(f"it is {len(data)} bytes; at most {MAX_KEYTAB}")
-    if len(data) < 2 or data[0] != 5:
-        raise KeytabError("it does not start with the keytab magic 0x05 (MIT keytab format 0x0502)")
-    if data[1] != 2:
-        raise KeytabError(f"keytab format 0x05{data[1]:02x} is not supported (only 0x0502)")
-    entries: list[KeytabEntry] = []
-    pos = 2
-    while pos < len(data):
-        if len(data) - pos < 4:
-            raise KeytabError(f"it is truncated at byte {pos}")
-        size = int.from_bytes(data[pos:pos + 4], "big", signed=True)
-        pos += 4
-        if size == 0:  # MIT stops reading at a zero size: the rest is unused space
-            break
-        if size < 0:  # a hole left by a removed entry
-            pos += -size
-            if pos > len(data):
-                raise KeytabError("a hole runs past the end of the file")
-            continue
-        if pos + size > len(data):
-            raise KeytabError(f"entry {len(entries)} is truncated ({size} bytes announced)")
-        entries.append(_parse_entry(data[pos:pos + size], f"entry {len(entries)}"))
-        pos += size
-        if len(entries) > MAX_ENTRIES:
-            raise KeytabError(f"it has more than {MAX_ENTRIES} entries")
-    return entries
-
-
-def _parse_entry(raw: bytes, where: str) -> KeytabEntry:
-    r = _Reader(raw, where)
-    count = r.u16()
-    if not 1 <= count <= 16:
-        raise KeytabError(f"{where}: {count} name components")
-    realm = r.text("realm")
-    components = [r.text("name component") for _ in range(count)]
-    name_type = r.u32()
-    timestamp = r.u32()
-    kvno = r.u8()
-    enctype = r.u16()
-    key = r.take(r.u16())
-    if not key:
-        raise KeytabError(f"{where}: an empty key")
-    if len(raw) - r.pos >= 4:  # the 32-bit kvno MIT appends; 0 means "use the 8-bit one"
-        kvno = r.u32() or kvno
-    return KeytabEntry(principal="/".join(components) + "@" + realm, name_type=name_type, timestamp=timestamp,
-                       kvno=kvno, enctype=enctype, key=key, raw=raw)
-
-
-def serialize_keytab(entries: list[KeytabEntry]) -> bytes:
-    return b"\x05\x02" + b"".join(len(e.raw).to_bytes(4, "big") + e.raw for e in entries)
-
-
-def merge_keytabs(existing: list[KeytabEntry], delivered: list[KeytabEntry]) -> tuple[list[KeytabEntry], int, int]:
-    """(merged, added, replaced): see the module docstring."""
-    wanted = {e.ident: e for e in delivered}
-    out: list[KeytabEntry] = []
-    present: set[tuple[str, int, int]] = set()
-    replaced = 0
-    for entry in existing:
-        new = wanted.get(entry.ident)
-        if new is None:
-            out.append(entry)
-        elif new.key == entry.key and entry.ident not in present:
-            out.append(entry)  # the same key: the existing entry stays as it is
-            present.add(entry.ident)
-        else:
-            replaced += 1
-    added = [e for e in wanted.values() if e.ident not in present]
-    return out + added, len(added) - replaced, replaced
-
-
 # -- the backend
 @dataclass
 class _Conf:
@@ -191,14 +60,11 @@ class _Conf:
 
 
 def apply(ctx: BackendContext, config: dict[str, Any]) -> BackendResult:
-    check_keys(config, ("principals", "keytab", "keytab_path", "krb5_conf"), "kerberos")
-    principals = get_str_list(config, "principals", "kerberos", max_items=64)
+    """``config`` fits imprint.backends.kerberos.schema (the framework checked it)."""
+    principals: list[str] = config.get("principals") or []
     if not principals:
         raise BackendError("kerberos.principals must list at least one principal")
-    for i, name in enumerate(principals):
-        if not PRINCIPAL_RE.match(name):
-            raise BackendError(f"kerberos.principals[{i}] {name[:80]!r} is not a principal (name/host@REALM)")
-    keytab_guest = get_typed(config, "keytab_path", str, "kerberos", default=KEYTAB_PATH)
+    keytab_guest: str = config.get("keytab_path") or KEYTAB_PATH
     path = ctx.path(keytab_guest)
     delivered = _delivered(config, principals)
     conf = _parse_conf(config.get("krb5_conf"))
@@ -230,7 +96,7 @@ def apply(ctx: BackendContext, config: dict[str, Any]) -> BackendResult:
 
 
 def _delivered(config: dict[str, Any], principals: list[str]) -> list[KeytabEntry] | None:
-    text = get_typed(config, "keytab", str, "kerberos")
+    text: str | None = config.get("keytab")
     if text is None:
         return None
     try:
@@ -250,27 +116,22 @@ def _delivered(config: dict[str, Any], principals: list[str]) -> list[KeytabEntr
     return entries
 
 
-def _parse_conf(raw: Any) -> _Conf | None:
+def _parse_conf(raw: dict[str, Any] | None) -> _Conf | None:
     if raw is None:
         return None
     where = "kerberos.krb5_conf"
-    if not isinstance(raw, dict):
-        raise BackendError(f"{where} must be an object, not {type(raw).__name__}")
-    check_keys(raw, ("realm", "kdc", "admin_server", "default_realm", "domain_realm"), where)
-    realm = get_typed(raw, "realm", str, where)
-    if realm is None or not REALM_RE.match(realm):
-        raise BackendError(f"{where}.realm {realm!r} is not a realm name")
-    kdc = get_str_list(raw, "kdc", where, max_items=16) or []
-    admin = get_typed(raw, "admin_server", str, where)
+    realm: str = raw["realm"]
+    kdc: list[str] = raw.get("kdc") or []
+    admin: str | None = raw.get("admin_server")
     for host in [*kdc, *([admin] if admin else [])]:
         if not HOST_RE.match(host):
             raise BackendError(f"{where}: {host[:80]!r} is not a host[:port]")
-    domain_realm = get_str_list(raw, "domain_realm", where, max_items=64) or []
+    domain_realm: list[str] = raw.get("domain_realm") or []
     for host in domain_realm:
         if not HOST_RE.match(host) or ":" in host:
             raise BackendError(f"{where}.domain_realm: {host[:80]!r} is not a host name")
     return _Conf(realm=realm, kdc=kdc, admin_server=admin,
-                 default_realm=bool(get_typed(raw, "default_realm", bool, where, default=True)),
+                 default_realm=raw.get("default_realm") is not False,
                  domain_realm=domain_realm)
 
 
