@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from imprint.backends.cloudinit.schema import SCHEMA
 from imprint.backends.plugin import Backend
+from imprint.guest.distro import BackendFiles
 
 if TYPE_CHECKING:
     from imprint.backends.plugin import GuestHalf, OwnerHalf
@@ -27,8 +28,8 @@ def _owner() -> OwnerHalf:
     return owner
 
 
+_FILES = BackendFiles()  # the defaults (a Distro may name others)
 BACKEND = Backend(
     name="cloudinit", guest=_guest, owner=_owner, schema=SCHEMA, rounds=1,
-    writes=("/var/lib/imprint/cloud-config/applied", "/var/lib/imprint/cloud-config/started",
-            "/run/imprint-cloud-config"),
+    writes=(_FILES.cloud_config_applied, _FILES.cloud_config_started, _FILES.cloud_config_work),
 )

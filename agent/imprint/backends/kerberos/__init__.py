@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from imprint.backends.kerberos.schema import SCHEMA
 from imprint.backends.plugin import Backend
+from imprint.guest.distro import BackendFiles
 
 if TYPE_CHECKING:
     from imprint.backends.plugin import GuestHalf, OwnerHalf
@@ -28,7 +29,8 @@ def _owner() -> OwnerHalf:
     return owner
 
 
+_FILES = BackendFiles()  # the defaults (a Distro may name others)
 BACKEND = Backend(
     name="kerberos", guest=_guest, owner=_owner, schema=SCHEMA, rounds=2,
-    writes=("/etc/krb5.keytab", "/etc/krb5.conf.d/imprint.conf", "/etc/krb5.conf"),
+    writes=(_FILES.krb5_keytab, _FILES.krb5_snippet, _FILES.krb5_conf),
 )

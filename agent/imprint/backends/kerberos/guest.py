@@ -45,10 +45,7 @@ from imprint.backends.kerberos.keytab import (
     serialize_keytab,
 )
 
-KEYTAB_PATH = "/etc/krb5.keytab"
-KRB5_CONF = "/etc/krb5.conf"
-SNIPPET_DIR = "/etc/krb5.conf.d"
-SNIPPET = "/etc/krb5.conf.d/imprint.conf"
+
 # -- the backend
 @dataclass
 class _Conf:
@@ -64,7 +61,7 @@ def apply(ctx: BackendContext, config: dict[str, Any]) -> BackendResult:
     principals: list[str] = config.get("principals") or []
     if not principals:
         raise BackendError("kerberos.principals must list at least one principal")
-    keytab_guest: str = config.get("keytab_path") or KEYTAB_PATH
+    keytab_guest: str = config.get("keytab_path") or ctx.paths.files.krb5_keytab
     path = ctx.path(keytab_guest)
     delivered = _delivered(config, principals)
     conf = _parse_conf(config.get("krb5_conf"))
@@ -91,7 +88,7 @@ def apply(ctx: BackendContext, config: dict[str, Any]) -> BackendResult:
     kvnos = {p: max((e.kvno for e in final if e.principal == p), default=None) for p in principals}
     parts.append(", ".join(f"{p} kvno {k if k is not None else 'none'}" for p, k in kvnos.items()))
     if conf is not None:
-        parts.append(f"realm {conf.realm} in {SNIPPET}")
+        parts.append(f"realm {conf.realm} in {ctx.paths.files.krb5_snippet}")
     return ctx.result("; ".join(parts), entries=entries, keytab_path=keytab_guest, added=added, replaced=replaced)
 
 
@@ -149,20 +146,22 @@ def snippet_text(conf: _Conf) -> str:
     return "\n".join(lines) + "\n"
 
 
-INCLUDE_RE = re.compile(rb"^\s*includedir\s+/etc/krb5\.conf\.d/?\s*$", re.M)
+def _include_re(snippet_dir: str) -> re.Pattern[bytes]:
+    return re.compile(rb"^\s*includedir\s+" + re.escape(snippet_dir.encode()) + rb"/?\s*$", re.M)
 
 
 def _write_conf(ctx: BackendContext, conf: _Conf) -> None:
-    snippet = ctx.path(SNIPPET)
+    files = ctx.paths.files
+    snippet = ctx.path(files.krb5_snippet)
     ctx.ensure_dir(snippet.parent, mode=0o755, uid=0, gid=0, fix_existing=False, parents=True)
     ctx.write_file(snippet, snippet_text(conf).encode(), mode=0o644, uid=0, gid=0)
     # krb5.conf reads a directory only where it says `includedir`. The line goes first, because
     # for a relation given twice MIT uses the first one it reads: so the snippet's default_realm
     # and realm wins over the image's (Debian's krb5-config writes a default_realm).
-    main = ctx.path(KRB5_CONF)
+    main = ctx.path(files.krb5_conf)
     old = ctx.read_file(main)
-    if old is not None and INCLUDE_RE.search(old):
+    if old is not None and _include_re(files.krb5_snippet_dir).search(old):
         return
-    head = b"# Added by imprint's kerberos backend: read /etc/krb5.conf.d/ (imprint.conf) first.\n" \
-           b"includedir /etc/krb5.conf.d/\n"
+    head = (f"# Added by imprint's kerberos backend: read {files.krb5_snippet_dir}/ (imprint.conf) first.\n"
+            f"includedir {files.krb5_snippet_dir}/\n").encode()
     ctx.write_file(main, head + (b"\n" + old if old else b""), mode=0o644, uid=0, gid=0)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from imprint.backends.plugin import Backend
 from imprint.backends.x509.schema import SCHEMA
+from imprint.guest.distro import BackendFiles
 
 if TYPE_CHECKING:
     from imprint.backends.plugin import GuestHalf, OwnerCli, OwnerHalf
@@ -34,8 +35,8 @@ def _cli() -> OwnerCli:
     return CLI
 
 
+_FILES = BackendFiles()  # the defaults (a Distro may name others)
 BACKEND = Backend(
     name="x509", guest=_guest, owner=_owner, schema=SCHEMA, cli=_cli, rounds=2,
-    writes=("/etc/ssl/private/imprint.key", "/etc/ssl/certs/imprint.pem", "/etc/ssl/certs/imprint-chain.pem",
-            "/etc/ssl/certs/imprint-fullchain.pem"),
+    writes=(_FILES.tls_key, _FILES.tls_cert, _FILES.tls_chain, _FILES.tls_fullchain),
 )

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from imprint.backends import BackendContext, BackendError, BackendResult
 from imprint.backends.x509.schema import MAX_PEM
+from imprint.guest.distro import BackendFiles
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -47,10 +48,6 @@ if TYPE_CHECKING:
     # The key types this backend makes and signs CSRs with (cryptography 38 names no such union).
     Key = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
 
-KEY_PATH = "/etc/ssl/private/imprint.key"
-CERT_PATH = "/etc/ssl/certs/imprint.pem"
-CHAIN_PATH = "/etc/ssl/certs/imprint-chain.pem"
-FULLCHAIN_PATH = "/etc/ssl/certs/imprint-fullchain.pem"
 IFNAME_RE = re.compile(r"^[!-~]{1,15}\Z")  # printable ASCII, no space (the kernel refuses '/' and space)
 MAX_CHAIN_PEM = 9 * MAX_PEM  # the chain files: up to 8 CA certificates (and the leaf)
 
@@ -72,7 +69,7 @@ class _Config:
 
 
 def apply(ctx: BackendContext, config: dict[str, Any]) -> BackendResult:
-    cfg = _parse(config)
+    cfg = _parse(config, ctx.paths.files)
     leaf, chain = _parse_certificates(cfg)
     key_file = ctx.path(cfg.key_path)
     key_pem = ctx.read_file(key_file, limit=MAX_PEM)
@@ -167,11 +164,12 @@ def _reload(ctx: BackendContext, command: list[str] | None) -> bool:
 
 
 # -- validation
-def _parse(config: dict[str, Any]) -> _Config:
-    """What imprint.backends.x509.schema (checked by the framework) cannot say."""
+def _parse(config: dict[str, Any], files: BackendFiles) -> _Config:
+    """What imprint.backends.x509.schema (checked by the framework) cannot say; the paths'
+    defaults are the distribution's (imprint.guest.distro)."""
     paths = {}
-    for key, default in (("key_path", KEY_PATH), ("cert_path", CERT_PATH), ("chain_path", CHAIN_PATH),
-                         ("fullchain_path", FULLCHAIN_PATH)):
+    for key, default in (("key_path", files.tls_key), ("cert_path", files.tls_cert), ("chain_path", files.tls_chain),
+                         ("fullchain_path", files.tls_fullchain)):
         value: str = default if config.get(key) is None else config[key]
         if value and (not value.startswith("/") or ".." in value.split("/") or value.endswith("/")):
             raise BackendError(f"x509.{key} {value!r} is not an absolute file path")
