@@ -62,26 +62,19 @@ def test_a_third_party_plugin_with_both_halves_runs_on_a_real_agent(agents: Agen
     assert again["results"]["motd"]["changed"] is False  # type: ignore[index]
 
 
-def test_the_agent_checks_the_same_schema_on_receipt(agents: AgentFactory, owner: Owner) -> None:
-    """A config the owner's check would have refused, sent anyway: the agent refuses it alike."""
-    from imprint.owner.client import PinnedClient
-    from imprint.owner.home import OwnerHome
+def test_the_agent_checks_the_same_schema_on_receipt(tmp_path: Path) -> None:
+    """A config the owner's check would have refused, sent anyway: the agent's side refuses it
+    alike, naming the field, before the guest half runs."""
+    from imprint.backends import apply_document
+    from imprint.guest.distro import Distro
 
-    agent = agents.start(agents.make_root(owner.token("web1", "shared")))
-    owner.run("bind", "web1", "--address", agent.address)
-    home = OwnerHome(owner.home)
-    pin = home.store().pin("web1")
-    assert pin is not None
-    client = PinnedClient(home, "web1", pin.vm_cert_pem, agent.address)
-    try:
-        reply = client.post("/v1/apply", {"backends": {"motd": {"text": "hi", "vm": "web1", "colour": "red"},
-                                                       "ssh": {"users": [{"name": "alice"}, {"name": "Bob"}]}}})
-    finally:
-        client.close()
-    results = reply["results"]
+    results = apply_document(Distro(tmp_path), {
+        "motd": {"text": "hi", "vm": "web1", "colour": "red"},
+        "ssh": {"users": [{"name": "alice"}, {"name": "Bob"}]},
+    })["results"]
     assert results["motd"]["summary"] == "motd: unknown key(s) colour; known: text, vm"
     assert results["ssh"]["summary"].startswith("ssh.users[1].name 'Bob' is not a user name")
-    assert not (agent.root / "etc/motd.d").exists()
+    assert not (tmp_path / "etc/motd.d").exists() and not (tmp_path / "etc/ssh").exists()
 
 
 def _identifiers_and_imports(path: Path) -> tuple[set[str], set[str]]:
