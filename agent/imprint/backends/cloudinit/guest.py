@@ -1,7 +1,7 @@
 """The cloudinit backend: a cloud-config document from the owner, validated by cloud-init's own
 schema validator and applied by cloud-init's own module runner. The site never sees it.
 
-Config (the owner's half, ``imprint.owner.cloudinit``, reads the document from a file)::
+Config (the owner's half, ``imprint.backends.cloudinit.owner``, reads the document from a file)::
 
     document: "#cloud-config\\n..." (YAML text, as user-data) or an object (already parsed)
     always:   false: a document applied before (same SHA-256) is not run again; true: run it

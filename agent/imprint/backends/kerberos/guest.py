@@ -1,7 +1,7 @@
 """The kerberos backend: install a host keytab the owner extracted from its realm, merged into
 ``/etc/krb5.keytab``, and a krb5.conf snippet that names the realm.
 
-Config (the owner's half, ``imprint.owner.kerberos``, builds it)::
+Config (the owner's half, ``imprint.backends.kerberos.owner``, builds it)::
 
     principals:  ["host/web1.example.org@EXAMPLE.ORG", ...]   required: the principals this
                  backend is about; their entries are reported, and a delivered keytab may hold

@@ -1,7 +1,7 @@
 """The x509 backend: a private key born in the VM (it never leaves it), a CSR with the VM's names
 and addresses for the owner's CA, and the signed certificate and chain installed next to it.
 
-Config (the owner's half, ``imprint.owner.x509``, builds it)::
+Config (the owner's half, ``imprint.backends.x509.owner``, builds it)::
 
     key_path:          guest path, default /etc/ssl/private/imprint.key (0600 root)
     cert_path:         default /etc/ssl/certs/imprint.pem (the leaf, 0644)
@@ -12,7 +12,7 @@ Config (the owner's half, ``imprint.owner.x509``, builds it)::
     include_addresses: true: the VM's global-scope addresses as IP SANs, enumerated with pyroute2
     interfaces:        [ifname, ...] only these interfaces' addresses (default: all)
     allowed_addresses: [CIDR, ...] the owner's CA signs only addresses inside these (its SAN
-                       policy, imprint.owner.x509): the CSR names no other, and the ones left
+                       policy, imprint.backends.x509.owner): the CSR names no other, and the ones left
                        out are reported as a warning. Absent: every enumerated address.
     certificate:       PEM: install it (round two); without it the backend only reports
     chain:             [PEM, ...] the issuing CA first
