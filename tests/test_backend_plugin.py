@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import ast
 import json
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -111,18 +115,26 @@ def test_the_owner_core_names_no_backend() -> None:
     assert "BUILTIN" not in names
 
 
-def test_ssh_targets_of_an_existing_home_move_to_backend_data(tmp_path: Path) -> None:
-    path = tmp_path / "imprint.db"
+OLD_HOME_SQL = """
+    CREATE TABLE vms (name TEXT PRIMARY KEY, created_at REAL NOT NULL);
+    CREATE TABLE ssh_targets (vm TEXT PRIMARY KEY REFERENCES vms(name), host TEXT NOT NULL,
+                              port INTEGER NOT NULL, updated_at REAL NOT NULL);
+    INSERT INTO vms VALUES ('web1', 1.0), ('web2', 1.0);
+    INSERT INTO ssh_targets VALUES ('web1', 'web1.example', 2222, 5.0), ('web2', '192.0.2.7', 22, 6.0);
+"""
+
+
+def _old_home_db(path: Path) -> None:
+    """A database as a home made before backend_data has it."""
     old = sqlite3.connect(path)
-    old.executescript("""
-        CREATE TABLE vms (name TEXT PRIMARY KEY, created_at REAL NOT NULL);
-        CREATE TABLE ssh_targets (vm TEXT PRIMARY KEY REFERENCES vms(name), host TEXT NOT NULL,
-                                  port INTEGER NOT NULL, updated_at REAL NOT NULL);
-        INSERT INTO vms VALUES ('web1', 1.0), ('web2', 1.0);
-        INSERT INTO ssh_targets VALUES ('web1', 'web1.example', 2222, 5.0), ('web2', '192.0.2.7', 22, 6.0);
-    """)
+    old.executescript(OLD_HOME_SQL)
     old.commit()
     old.close()
+
+
+def test_ssh_targets_of_an_existing_home_move_to_backend_data(tmp_path: Path) -> None:
+    path = tmp_path / "imprint.db"
+    _old_home_db(path)
     store = Store(path)
     try:
         assert store.backend_data("web1", "ssh") == {"host": "web1.example", "port": 2222}
@@ -141,6 +153,28 @@ def test_ssh_targets_of_an_existing_home_move_to_backend_data(tmp_path: Path) ->
         ("web1", "ssh", {"host": "web1.example", "port": 2222}, 5.0),
         ("web2", "ssh", {"host": "192.0.2.7", "port": 22}, 6.0)]
     Store(path).close()  # opened again: nothing left to migrate, nothing lost
+
+
+def test_a_kill_during_the_migration_loses_no_target(tmp_path: Path) -> None:
+    """kill -9 just before the migration's COMMIT: the old table is all there, and the next open
+    moves it."""
+    path = tmp_path / "imprint.db"
+    _old_home_db(path)
+    code = "import sys; from pathlib import Path; from imprint.owner.store import Store; Store(Path(sys.argv[1]))"
+    killed = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "IMPRINT_CRASHPOINT": "store.commit.before"}, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    db = sqlite3.connect(path)
+    try:
+        assert db.execute("SELECT count(*) FROM ssh_targets").fetchone() == (2,)
+    finally:
+        db.close()
+    store = Store(path)
+    try:
+        assert store.backend_data("web1", "ssh") == {"host": "web1.example", "port": 2222}
+        assert store.backend_data("web2", "ssh") == {"host": "192.0.2.7", "port": 22}
+    finally:
+        store.close()
 
 
 def test_imprint_ssh_uses_a_migrated_target(owner: Owner) -> None:
