@@ -37,7 +37,9 @@ REPO = Path(__file__).resolve().parent.parent
 USER = "bench"
 sys.path.insert(0, str(REPO))
 
+from imprint.backends.ssh.owner import known_hosts_file  # noqa: E402
 from imprint.channels._images import iso_image  # noqa: E402
+from imprint.owner.home import OwnerHome  # noqa: E402
 from imprint.site import vm  # noqa: E402
 
 from tests.helpers.owner import Owner  # noqa: E402
@@ -127,7 +129,7 @@ def boot_once(image: Image, variant: str, run_dir: Path, accel: str, cpus: int, 
         if "sshd" not in times:
             raise RuntimeError(f"{variant}: no SSH banner within 600 s")
         if variant != "no-imprint":
-            known_hosts = owner.home / "known_hosts" / "vm" if owner is not None else None
+            known_hosts = known_hosts_file(OwnerHome(owner.home), "vm") if owner is not None else None
             ssh_login(record.ssh_port, identity, known_hosts, deadline)
             times["ssh_login"] = time.time() - record.started_at
         if variant == "cloud-init":

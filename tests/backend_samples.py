@@ -11,25 +11,33 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from imprint.backends import BackendContext, BackendError, BackendResult, check_keys, get_typed
+from imprint.backends import BackendContext, BackendError, BackendResult
+from imprint.backends.plugin import Backend
+from imprint.backends.schema import Int, Obj, Str
 
+# As entry points would register them (name -> "module:attribute" of a Backend).
 SAMPLES = {
-    "note": "tests.backend_samples:note",
-    "refuses": "tests.backend_samples:refuses",
-    "crashes": "tests.backend_samples:crashes",
-    "returns-junk": "tests.backend_samples:returns_junk",
-    "not-callable": "tests.backend_samples:not_callable",
-    "unimportable": "tests.no_such_module:apply",
+    "note": "tests.backend_samples:NOTE",
+    "refuses": "tests.backend_samples:REFUSES",
+    "crashes": "tests.backend_samples:CRASHES",
+    "returns-junk": "tests.backend_samples:RETURNS_JUNK",
+    "not-callable": "tests.backend_samples:NOT_CALLABLE",
+    "not-a-backend": "tests.backend_samples:not_a_backend",
+    "misnamed": "tests.backend_samples:NOTE",
+    "unimportable": "tests.no_such_module:BACKEND",
 }
+
+
+def registered_with_samples(found: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The installed backends and the samples (what ``imprint.backends.registered`` would find
+    if the samples were installed)."""
+    return {**found, **{name: {value} for name, value in SAMPLES.items()}}
 
 
 def note(ctx: BackendContext, config: dict[str, Any]) -> BackendResult:
     """Writes config["text"] to /etc/note (0640) and reports it."""
-    check_keys(config, ("text", "mode"), "note")
-    text = get_typed(config, "text", str, "note")
-    if text is None:
-        raise BackendError("note.text is required")
-    mode = get_typed(config, "mode", int, "note", default=0o640)
+    text: str = config["text"]
+    mode: int = config.get("mode", 0o640)
     ctx.ensure_dir(ctx.path("/etc"), mode=0o755, fix_existing=False)
     ctx.write_file(ctx.path("/etc/note"), text.encode(), mode=mode)
     return ctx.result(f"note is {len(text)} bytes", length=len(text))
@@ -47,7 +55,13 @@ def returns_junk(ctx: BackendContext, config: dict[str, Any]) -> BackendResult:
     return {"ok": True}  # type: ignore[return-value]
 
 
-not_callable = 42
+not_a_backend = 42
+
+NOTE = Backend(name="note", guest=lambda: note, schema=Obj({"text": Str(required=True), "mode": Int()}))
+REFUSES = Backend(name="refuses", guest=lambda: refuses)
+CRASHES = Backend(name="crashes", guest=lambda: crashes)
+RETURNS_JUNK = Backend(name="returns-junk", guest=lambda: returns_junk)
+NOT_CALLABLE = Backend(name="not-callable", guest=lambda: 42)  # type: ignore[arg-type,return-value]
 
 
 CRASH = textwrap.dedent("""
@@ -62,14 +76,16 @@ CRASH = textwrap.dedent("""
     import json
     from imprint import backends
     from imprint.guest.distro import Distro
-    backends.BUILTIN.update(json.loads(sys.argv[3]))
+    from tests.backend_samples import registered_with_samples
+    installed = backends.registered
+    backends.registered = lambda: registered_with_samples(installed())
     print(backends.run_backend(Distro(Path(sys.argv[1])), sys.argv[4], json.loads(sys.argv[5])))
 """)
 
 
 def crash_between_write_and_rename(root: Path, filename: str, backend: str, config: dict[str, object]) -> None:
     """Run one backend in a process that is SIGKILLed just before it renames ``filename``."""
-    proc = subprocess.run([sys.executable, "-c", CRASH, str(root), filename, json.dumps(SAMPLES), backend,
+    proc = subprocess.run([sys.executable, "-c", CRASH, str(root), filename, "-", backend,
                            json.dumps(config)], capture_output=True, text=True, timeout=120, check=False,
                           cwd=Path(__file__).parent.parent)
     assert proc.returncode == -signal.SIGKILL, proc.stderr

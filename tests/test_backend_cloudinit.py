@@ -257,7 +257,7 @@ def test_paths_that_lead_through_a_users_directory_or_a_link_are_refused(tmp_pat
 
 
 def test_the_owner_refuses_a_table_document_before_the_bind(tmp_path: Path) -> None:
-    from imprint.owner.cloudinit import prepare
+    from imprint.backends.cloudinit.owner import prepare
     from imprint.owner.errors import UsageError
 
     with pytest.raises(UsageError, match=r"^cloudinit\.document\.bootcmd is refused: runs commands"):

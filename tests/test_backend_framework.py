@@ -18,14 +18,15 @@ from imprint.backends import BackendContext, BackendError, apply_document, load,
 from imprint.fsatomic import write_atomic
 from imprint.guest.distro import Distro
 
-from tests.backend_samples import SAMPLES, crash_between_write_and_rename
+from tests.backend_samples import crash_between_write_and_rename, registered_with_samples
 from tests.helpers import AgentFactory, Owner
 from tests.sshkit import needs_root
 
 
 @pytest.fixture
 def samples(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(backends, "BUILTIN", {**backends.BUILTIN, **SAMPLES})
+    installed = backends.registered
+    monkeypatch.setattr(backends, "registered", lambda: registered_with_samples(installed()))
 
 
 def _ctx(root: Path) -> BackendContext:
@@ -40,15 +41,15 @@ def _identity(path: Path) -> tuple[int, int, int, int]:
 # -- discovery
 def test_ssh_is_registered_as_an_entry_point() -> None:
     found = {ep.name: ep.value for ep in entry_points(group=backends.GROUP)}
-    assert found.get("ssh") == "imprint.backends.ssh:apply", "reinstall: pip install --no-build-isolation -e ."
+    assert found.get("ssh") == "imprint.backends.ssh:BACKEND", "reinstall: pip install --no-build-isolation -e ."
     from imprint.backends import ssh
 
-    assert load("ssh") is ssh.apply
+    assert load("ssh") is ssh.BACKEND
 
 
 def test_a_name_registered_twice_is_refused() -> None:
     with pytest.raises(BackendError, match="registered more than once"):
-        load("ssh", {"ssh": {"imprint.backends.ssh:apply", "evil_vendor:apply"}})
+        load("ssh", {"ssh": {"imprint.backends.ssh:BACKEND", "evil_vendor:BACKEND"}})
 
 
 def test_agent_start_up_imports_no_backend_code() -> None:
@@ -66,6 +67,8 @@ def test_each_failure_is_reported_and_the_others_still_run(tmp_path: Path, sampl
         "crashes": {},
         "returns-junk": {},
         "not-callable": {},
+        "not-a-backend": {},
+        "misnamed": {},
         "unimportable": {},
         "no-such-backend": {},
         "Bad Name": {},
@@ -78,6 +81,8 @@ def test_each_failure_is_reported_and_the_others_still_run(tmp_path: Path, sampl
     assert reasons["crashes"] == "internal error in backend 'crashes': RuntimeError: a bug in the backend"
     assert "returned dict, not a BackendResult" in reasons["returns-junk"]
     assert "is not callable" in reasons["not-callable"]
+    assert "is int, not an imprint Backend" in reasons["not-a-backend"]
+    assert "declares the name 'note'" in reasons["misnamed"]
     assert "cannot be loaded: ModuleNotFoundError" in reasons["unimportable"]
     assert reasons["no-such-backend"].startswith("no backend named 'no-such-backend' is installed in the VM; "
                                                  "installed:")
@@ -180,17 +185,21 @@ def test_a_crash_between_write_and_rename_leaves_the_old_file(tmp_path: Path, sa
 
 # -- a third-party backend, installed the way a vendor would ship it, in a real agent
 HELLO = textwrap.dedent('''
-    """A vendor's backend: writes /etc/hello/greeting."""
-    from imprint.backends import BackendError, check_keys
+    """A vendor's backend with a guest half only and no schema: writes /etc/hello/greeting."""
+    from imprint.backends import BackendError
+    from imprint.backends.plugin import Backend
 
     def apply(ctx, config):
-        check_keys(config, ("greeting",), "hello")
+        if set(config) != {"greeting"}:
+            raise BackendError("hello: the one key is greeting")
         greeting = config.get("greeting")
         if not isinstance(greeting, str) or not greeting:
             raise BackendError("hello.greeting must be a non-empty string")
         ctx.ensure_dir(ctx.path("/etc/hello"), mode=0o755, parents=True)
         ctx.write_file(ctx.path("/etc/hello/greeting"), (greeting + "\\n").encode(), mode=0o644)
         return ctx.result(f"greeting set to {greeting!r}", greeting=greeting)
+
+    BACKEND = Backend(name="hello", guest=lambda: apply, writes=("/etc/hello/greeting",))
 ''')
 
 
@@ -202,7 +211,7 @@ def third_party_package(where: Path) -> Path:
     info = site / "imprint_hello-1.0.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: imprint-hello\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text("[imprint.backends]\nhello = imprint_hello:apply\n")
+    (info / "entry_points.txt").write_text("[imprint.backends]\nhello = imprint_hello:BACKEND\n")
     (info / "RECORD").write_text("")
     return site
 
@@ -276,10 +285,10 @@ def test_apply_route_refuses_malformed_documents(agents: AgentFactory, owner: Ow
 
 def test_the_owners_files_are_read_bounded_and_a_fifo_does_not_block(tmp_path: Path) -> None:
     """A profile (or a file it names) that is a FIFO, a device or huge: refused at once, named."""
+    from imprint.backends.cloudinit.owner import prepare
+    from imprint.backends.x509.owner import load_ca
     from imprint.owner.apply import load_profile
-    from imprint.owner.cloudinit import prepare
     from imprint.owner.errors import UsageError
-    from imprint.owner.x509 import load_ca
 
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)

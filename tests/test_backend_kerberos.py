@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from imprint.backends import run_backend
-from imprint.backends.kerberos import merge_keytabs, parse_keytab, serialize_keytab
+from imprint.backends.kerberos.keytab import merge_keytabs, parse_keytab, serialize_keytab
 from imprint.guest.distro import Distro
 
 from tests.backend_samples import crash_between_write_and_rename

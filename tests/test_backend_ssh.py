@@ -399,7 +399,7 @@ def test_host_certificates_and_the_user_ca(vm: Vm, keys: dict[str, str], tmp_pat
 
 
 def test_known_hosts_patterns() -> None:
-    from imprint.owner.ssh import host_pattern, valid_public_key
+    from imprint.backends.ssh.owner import host_pattern, valid_public_key
 
     assert host_pattern("10.0.0.5", 22) == "10.0.0.5"
     assert host_pattern("10.0.0.5", 2222) == "[10.0.0.5]:2222"

@@ -57,7 +57,7 @@ class Netns:
         subprocess.run(["ip", "-n", self.name, *args], check=True, capture_output=True)
 
     def pyroute2_addresses(self, *interfaces: str) -> list[str]:
-        code = ("import json, sys; from imprint.backends.x509 import enumerate_addresses; "
+        code = ("import json, sys; from imprint.backends.x509.guest import enumerate_addresses; "
                 "print(json.dumps(enumerate_addresses(sys.argv[1:] or None)))")
         out = subprocess.run([str(self.python), "-c", code, *interfaces], capture_output=True, text=True, check=True)
         addresses: list[str] = json.loads(out.stdout)
@@ -205,7 +205,7 @@ def test_bind_sign_verify_renew_in_a_network_namespace(netns: Netns, agents: Age
 def ca_context(owner: Owner, address: str = "192.0.2.10:4433", ssh_host: str | None = None) -> ApplyContext:
     owner.run("ca", "init", "--x509")
     return ApplyContext(home=OwnerHome(owner.home), store=cast(Store, None), vm="web1", address=address,
-                        ssh_host=ssh_host or address.rpartition(":")[0].strip("[]"), ssh_port=22)
+                        options={"ssh_host": ssh_host or address.rpartition(":")[0].strip("[]"), "ssh_port": 22})
 
 
 def csr_pem(names: list[x509.GeneralName], cn: str = "evil.example") -> str:
@@ -218,7 +218,7 @@ def csr_pem(names: list[x509.GeneralName], cn: str = "evil.example") -> str:
 
 def sign_csr(ctx: ApplyContext, section: dict[str, Any], names: list[x509.GeneralName],
              cn: str = "evil.example") -> x509.Certificate:
-    from imprint.owner.x509 import review
+    from imprint.backends.x509.owner import review
 
     out = review(ctx, section, {"data": {"csr": csr_pem(names, cn)}}, 1)
     assert out.follow_up is not None
@@ -288,8 +288,8 @@ def test_a_loopback_or_named_agent_address_vouches_for_nothing(owner: Owner) -> 
 
 
 def test_profile_addresses_are_single_hosts(owner: Owner) -> None:
+    from imprint.backends.x509.owner import settings
     from imprint.owner.errors import UsageError
-    from imprint.owner.x509 import settings
 
     ctx = ca_context(owner)
     for value, message in (("10.0.0.0/8", "is not an IP address (one host: no /mask)"),

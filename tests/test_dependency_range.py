@@ -122,7 +122,7 @@ def test_installed_agent_reads_an_iso_seed_and_the_installed_owner_binds(clean_v
 
 
 def test_x509_addresses_come_from_the_installed_pyroute2(clean_venv: Path) -> None:
-    code = "from imprint.backends.x509 import enumerate_addresses; print(enumerate_addresses())"
+    code = "from imprint.backends.x509.guest import enumerate_addresses; print(enumerate_addresses())"
     listed = _run(clean_venv, "python", "-c", code)
     assert isinstance(ast.literal_eval(listed.stdout.strip()), list)
 

@@ -42,3 +42,18 @@ def test_a_missing_program_is_named_in_the_refusal(tmp_path: Path) -> None:
     result = run_backend(Distro(tmp_path, programs=Programs(ssh_keygen=missing)), "ssh", {"users": []})
     assert not result["ok"]
     assert f"{missing} is not installed" in result["summary"]
+
+
+def test_the_backends_write_the_files_the_distro_names(tmp_path: Path) -> None:
+    """The built-in backends' own files come from Distro.files: another layout is written there,
+    and cloudinit's policy protects what the distro says the backends install."""
+    from imprint.backends import cloudpolicy
+    from imprint.guest.distro import BackendFiles
+
+    files = BackendFiles(tls_key="/opt/tls/vm.key", tls_cert="/opt/tls/vm.pem")
+    result = run_backend(Distro(tmp_path, files=files), "x509", {"dns_names": ["web1"], "include_addresses": False})
+    assert result["ok"], result
+    assert (tmp_path / "opt/tls/vm.key").is_file()
+    assert not (tmp_path / "etc/ssl/private/imprint.key").exists()
+    protected = {path for path, _ in cloudpolicy.PROTECTED}
+    assert set(BackendFiles().installed) <= protected and BackendFiles().cloud_config_work in protected

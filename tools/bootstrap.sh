@@ -23,7 +23,20 @@ quiet() { "$@" 2>&1 | { grep -v '^WARNING: Location' || true; }; }
 
 venv="$here/.venv"
 stamp="$venv/.imprint-stamp"
-want="$(sha256sum pyproject.toml tools/requirements-dev.txt | sha256sum | cut -c1-16)"
+# The third-party backend the tests install as a vendor would (tests/plugins/imprint-motd): any
+# change of its files reinstalls it.
+plugin="tests/plugins/imprint-motd"
+want="$(sha256sum pyproject.toml tools/requirements-dev.txt $(find "$plugin" -type f -not -name '*.pyc' | sort) |
+        sha256sum | cut -c1-16)"
+# Not editable, from a copy: pip builds in the source directory, and the tests must find the
+# plugin only as installed (its entry point), never by its path.
+install_plugin() {
+  local copy
+  copy=$(mktemp -d /tmp/imprint-motd-build.XXXXXX)
+  cp -r "$here/$plugin/." "$copy"
+  quiet "$1/bin/pip" install -q --disable-pip-version-check --no-build-isolation --no-deps --force-reinstall "$copy"
+  rm -rf "$copy"
+}
 if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "bootstrap: preparing $venv on /usr/bin/python3"
   # Updated in place (never deleted) so a change of pyproject.toml does not pull the venv from
@@ -31,6 +44,7 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
   [ -x "$venv/bin/python" ] || /usr/bin/python3 -m venv --system-site-packages "$venv"
   quiet "$venv/bin/pip" install -q --disable-pip-version-check -r tools/requirements-dev.txt
   quiet "$venv/bin/pip" install -q --disable-pip-version-check --no-build-isolation -e .
+  install_plugin "$venv"
   echo "$want" > "$stamp"
 fi
 
@@ -42,7 +56,8 @@ if [ ! -x "$newest/bin/python" ] || [ "$(cat "$nstamp" 2>/dev/null)" != "$nwant"
   [ -x "$newest/bin/python" ] || /usr/bin/python3 -m venv --system-site-packages "$newest"
   pip_newest() { quiet "$newest/bin/pip" install -q --disable-pip-version-check --timeout 30 --retries 2 "$@"; }
   if pip_newest -r tools/requirements-dev.txt &&
-     pip_newest --upgrade --upgrade-strategy eager --no-build-isolation -e .; then
+     pip_newest --upgrade --upgrade-strategy eager --no-build-isolation -e . &&
+     install_plugin "$newest"; then
     echo "$nwant" > "$nstamp"
   elif [ "$(cut -d' ' -f1 "$nstamp" 2>/dev/null)" = "$want" ]; then
     # Same declared range, only the daily refresh failed (PyPI unreachable): say so and go on.

@@ -1,11 +1,11 @@
-"""Contextualization backends: what the owner's profile makes of a bound VM.
+"""Contextualization backends: what the owner's profile makes of a bound VM; the framework
+both halves share (the context a guest half writes through, discovery, running).
 
-A backend is one module with one entry point::
-
-    def apply(ctx: BackendContext, config: dict[str, Any]) -> BackendResult
-
-registered in the entry-point group ``imprint.backends`` (``ssh = "imprint.backends.ssh:apply"``
-in pyproject.toml), so an appliance vendor ships its own as an ordinary Python distribution.
+A backend is one package declaring one :class:`imprint.backends.plugin.Backend` (its guest half,
+owner half, schema and metadata), registered in the one entry-point group ``imprint.backends``
+(``ssh = "imprint.backends.ssh:BACKEND"`` in pyproject.toml), so an appliance vendor ships its
+own as an ordinary Python distribution (docs/backends.md). The built-in ones are the packages
+next to this file: ssh, kerberos, x509, cloudinit, each ``{__init__, guest, owner, schema}``.
 The owner sends ``{"backends": {name: config}}`` over the pinned channel (``POST /v1/apply``);
 the agent runs each named backend in the document's order and answers with one result each.
 
@@ -36,25 +36,18 @@ import re
 import stat
 import subprocess
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from imprint.backends.plugin import Backend, GuestHalf
 from imprint.backends.rootfs import MAX_FILE, FileRefused, GuestRoot, check_guest_path, kind
+from imprint.backends.schema import ConfigError
 from imprint.guest import log as agent_log
 from imprint.guest.distro import Distro
 
-GROUP = "imprint.backends"
-# Shipped with imprint. Also registered as entry points; listed here so a source checkout that
-# is not installed still has them, and so a third party cannot silently replace one (a second,
-# different registration of a name is refused, not preferred).
-BUILTIN: dict[str, str] = {
-    "ssh": "imprint.backends.ssh:apply",
-    "kerberos": "imprint.backends.kerberos:apply",
-    "x509": "imprint.backends.x509:apply",
-    "cloudinit": "imprint.backends.cloudinit:apply",
-}
+GROUP = "imprint.backends"  # the one group: its entry points yield Backend objects
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}\Z")
 # Names that end up in system files (passwd, sudoers, krb5.conf, certificates): anchored with \Z,
 # not $, which would let one trailing newline through.
@@ -75,9 +68,6 @@ class BackendResult:
     changed: bool = False
     summary: str = ""
     data: dict[str, Any] = field(default_factory=dict)
-
-
-Backend = Callable[["BackendContext", dict[str, Any]], BackendResult]
 
 
 @dataclass
@@ -214,51 +204,19 @@ def _tail(text: str, limit: int = 400) -> str:
     return text[-limit:] if text else "no error output"
 
 
-# -- config helpers shared by backends
-def check_keys(config: Mapping[str, Any], allowed: Iterable[str], where: str) -> None:
-    unknown = sorted(set(config) - set(allowed))
-    if unknown:
-        raise BackendError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(allowed))}")
-
-
-def get_typed(config: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str,
-              default: Any = None) -> Any:
-    """``config[key]`` if it has type ``kind``; ``default`` if absent; BackendError otherwise."""
-    if key not in config or config[key] is None:
-        return default
-    value = config[key]
-    if isinstance(value, bool) and kind is int:
-        raise BackendError(f"{where}.{key} must be an integer, not a boolean")
-    if not isinstance(value, kind):
-        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise BackendError(f"{where}.{key} must be {names}, not {type(value).__name__}")
-    return value
-
-
-def get_str_list(config: Mapping[str, Any], key: str, where: str, *, max_items: int = 1000) -> list[str] | None:
-    value = get_typed(config, key, list, where)
-    if value is None:
-        return None
-    if len(value) > max_items:
-        raise BackendError(f"{where}.{key} has {len(value)} items; at most {max_items}")
-    for i, item in enumerate(value):
-        if not isinstance(item, str):
-            raise BackendError(f"{where}.{key}[{i}] must be a string, not {type(item).__name__}")
-    return list(value)
-
-
 # -- discovery
 def registered() -> dict[str, set[str]]:
     """Backend name -> the entry-point values registering it (more than one is a conflict)."""
     from importlib.metadata import entry_points
 
-    found: dict[str, set[str]] = {name: {value} for name, value in BUILTIN.items()}
+    found: dict[str, set[str]] = {}
     for ep in entry_points(group=GROUP):
         found.setdefault(ep.name, set()).add(ep.value.replace(" ", ""))
     return found
 
 
 def load(name: str, registry: Mapping[str, set[str]] | None = None) -> Backend:
+    """The Backend registered as ``name``; BackendError if none, several, or not a Backend."""
     from importlib.metadata import EntryPoint
 
     registry = registered() if registry is None else registry
@@ -274,10 +232,37 @@ def load(name: str, registry: Mapping[str, set[str]] | None = None) -> Backend:
         loaded = EntryPoint(name=name, value=value, group=GROUP).load()
     except Exception as exc:
         raise BackendError(f"backend '{name}' ({value}) cannot be loaded: {type(exc).__name__}: {exc}") from None
-    if not callable(loaded):
-        raise BackendError(f"backend '{name}' ({value}) is not callable")
-    backend: Backend = loaded
-    return backend
+    if not isinstance(loaded, Backend):
+        raise BackendError(f"backend '{name}' ({value}) is {type(loaded).__name__}, not an imprint Backend")
+    if loaded.name != name:
+        raise BackendError(f"backend '{name}' ({value}) declares the name '{loaded.name}'")
+    return loaded
+
+
+def find(name: str, registry: Mapping[str, set[str]] | None = None) -> Backend | None:
+    """The Backend registered as ``name``, or None if nothing is (a conflict still raises)."""
+    registry = registered() if registry is None else registry
+    return load(name, registry) if name in registry else None
+
+
+def guest_half(backend: Backend) -> GuestHalf:
+    try:
+        half = backend.guest()
+    except Exception as exc:
+        raise BackendError(f"backend '{backend.name}' cannot load its guest half: {type(exc).__name__}: {exc}"
+                           ) from None
+    if not callable(half):
+        raise BackendError(f"backend '{backend.name}': its guest half is not callable")
+    return half
+
+
+def check_config(backend: Backend, config: Any) -> None:
+    """The config fits the backend's schema (the same check the owner made before sending)."""
+    if backend.schema is not None:
+        try:
+            backend.schema.check(config, backend.name)
+        except ConfigError as exc:
+            raise BackendError(str(exc)) from None
 
 
 # -- running
@@ -292,7 +277,8 @@ def run_backend(paths: Distro, name: str, config: Any, registry: Mapping[str, se
         if not isinstance(config, dict):
             raise BackendError(f"the config of backend '{name}' must be an object, not {type(config).__name__}")
         backend = load(name, registry)
-        result = backend(ctx, config)
+        check_config(backend, config)
+        result = guest_half(backend)(ctx, config)
         if not isinstance(result, BackendResult):
             raise BackendError(f"backend '{name}' returned {type(result).__name__}, not a BackendResult")
         result.changed = result.changed or ctx.changed

@@ -47,6 +47,7 @@ from typing import Any
 
 from imprint.backends import HOST_NAME_RE, USER_NAME_RE, BackendError
 from imprint.backends.rootfs import FileRefused, GuestRoot
+from imprint.guest.distro import BackendFiles
 
 MAX_DECODED = 64 << 20  # a write_files entry after gzip: a 1 MiB document must not unpack to gigabytes
 USER_RE = USER_NAME_RE
@@ -104,13 +105,11 @@ REFUSED_KEYS: dict[str, str] = {
 # Guest paths a document may not write (nor be a user's home), as (prefix, why).
 _SYSTEMD_DIRS = ("/etc/systemd/system", "/run/systemd/system", "/usr/local/lib/systemd/system",
                  "/lib/systemd/system", "/usr/lib/systemd/system")
-_BACKEND_FILES = ("/etc/krb5.keytab", "/etc/krb5.conf.d/imprint.conf", "/etc/ssl/private/imprint.key",
-                  "/etc/ssl/certs/imprint.pem", "/etc/ssl/certs/imprint-chain.pem",
-                  "/etc/ssl/certs/imprint-fullchain.pem")
+_FILES = BackendFiles()  # the distribution's defaults (imprint.guest.distro)
 PROTECTED: tuple[tuple[str, str], ...] = (
     ("/var/lib/imprint", "imprint's state: the agent's key and the owner it is bound to"),
     ("/etc/imprint", "imprint's configuration"),
-    ("/run/imprint-cloud-config", "this backend's scratch directory"),
+    (_FILES.cloud_config_work, "this backend's scratch directory"),
     ("/run/credentials", "systemd's credentials (a boot channel of imprint)"),
     ("/usr/local/bin/imprint", "imprint's programs"), ("/usr/local/bin/imprint-agent", "imprint's programs"),
     ("/usr/local/bin/imprint-site", "imprint's programs"),
@@ -120,7 +119,7 @@ PROTECTED: tuple[tuple[str, str], ...] = (
     ("/run/cloud-init", "cloud-init's run-time state"),
     ("/proc", "the kernel's interface"), ("/sys", "the kernel's interface"), ("/dev", "devices"),
     ("/boot", "the boot loader and kernel"),
-    *((path, "a file another imprint backend installs and reports") for path in _BACKEND_FILES),
+    *((path, "a file another imprint backend installs and reports") for path in _FILES.installed),
 )
 
 

@@ -4,9 +4,9 @@ under a root prefix, ``--root``) and every helper program the agent runs.
 Like Ignition's ``distro`` package: the defaults are Debian's; another distribution, or a test,
 makes its own ``Distro(root=..., programs=Programs(useradd="/opt/bin/useradd"))`` instead of
 patching. A new guest path or program belongs here, used through the ``Distro`` the agent was started
-with (``ctx.paths`` in a backend, ``paths`` in a channel). Not yet moved here (issue 10): the
-backends' own file paths (their module constants). mtools is here: guest/volumes.py runs it for
-the agent, and the site's vfat seed builder (channels/_images.py) takes the same defaults.
+with (``ctx.paths`` in a backend, ``paths`` in a channel); the built-in backends' own files are
+``Distro.files`` (:class:`BackendFiles`). mtools is here too: guest/volumes.py runs it for the
+agent, and the site's vfat seed builder (channels/_images.py) takes the same defaults.
 """
 
 from __future__ import annotations
@@ -35,9 +35,37 @@ class Programs:
 
 
 @dataclass(frozen=True)
+class BackendFiles:
+    """The built-in backends' own guest files, as the guest names them (they also appear inside
+    files the guest reads, and in results). The ssh backend's are the ``Distro`` paths below."""
+
+    krb5_keytab: str = "/etc/krb5.keytab"            # kerberos: the default keytab_path
+    krb5_conf: str = "/etc/krb5.conf"                # kerberos: gets an includedir of the snippets
+    krb5_snippet_dir: str = "/etc/krb5.conf.d"
+    tls_key: str = "/etc/ssl/private/imprint.key"    # x509: the defaults of key_path, cert_path, ...
+    tls_cert: str = "/etc/ssl/certs/imprint.pem"
+    tls_chain: str = "/etc/ssl/certs/imprint-chain.pem"
+    tls_fullchain: str = "/etc/ssl/certs/imprint-fullchain.pem"
+    cloud_config_applied: str = "/var/lib/imprint/cloud-config/applied"  # cloudinit: the digests applied
+    cloud_config_started: str = "/var/lib/imprint/cloud-config/started"  # ... and the run under way
+    cloud_config_work: str = "/run/imprint-cloud-config"  # the document for cloud-init (0700)
+
+    @property
+    def krb5_snippet(self) -> str:
+        return f"{self.krb5_snippet_dir}/imprint.conf"
+
+    @property
+    def installed(self) -> tuple[str, ...]:
+        """The files a backend installs and reports, which no other may write (a cloud-config's
+        write_files: imprint.backends.cloudpolicy)."""
+        return (self.krb5_keytab, self.krb5_snippet, self.tls_key, self.tls_cert, self.tls_chain, self.tls_fullchain)
+
+
+@dataclass(frozen=True)
 class Distro:
     root: Path = Path("/")
     programs: Programs = field(default_factory=Programs)
+    files: BackendFiles = field(default_factory=BackendFiles)
 
     def under(self, absolute: str) -> Path:
         """``absolute`` (a guest path like /proc/cmdline) inside this root."""

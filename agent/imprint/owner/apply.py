@@ -8,32 +8,34 @@ and configures it::
     host_certificate = true     # sign the VM's host keys with the owner's SSH CA
     trusted_user_ca = false     # trust the owner's SSH CA for user certificates
 
-A backend with an owner half (``OWNER_SIDES``) turns its table into the config the agent gets
-(``prepare``, which runs before anything reaches the VM, so ``bind --profile`` refuses a bad
-profile before it spends the token) and reviews each answer (``review``), which may ask for
-another round: ssh's first round brings the VM's host keys back, the owner writes them to its
-known_hosts and signs them, and the second round installs the certificates. A table without an
-owner half goes to the agent as it is, so a third-party backend needs nothing on this side.
+Each table names a backend found through the entry-point group ``imprint.backends`` (the same
+:class:`imprint.backends.plugin.Backend` the agent loads); this module names none. A backend
+with an owner half turns its table into the config the agent gets (``prepare``, which runs
+before anything reaches the VM, so ``bind --profile`` refuses a bad profile before it spends the
+token) and reviews each answer (``review``), which may ask for another round, up to the rounds
+the backend declares: ssh's first round brings the VM's host keys back, the owner writes them
+to its known_hosts and signs them, and the second round installs the certificates. Every config
+is checked against the backend's schema before it is sent. A table that names no backend
+installed here goes to the agent as it is (the VM may have one the owner has not).
 Every round is one ``POST /v1/apply``; a round carries only the backends that asked for it.
 """
 
 from __future__ import annotations
 
-import importlib
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
+from imprint import backends
+from imprint.backends.plugin import Backend, OwnerHalf
 from imprint.boundedio import InputError, read_file
 from imprint.owner.client import PinnedClient
 from imprint.owner.errors import OwnerError, Unreachable, UsageError
 from imprint.owner.home import OwnerHome
 from imprint.owner.store import Store
 
-OWNER_SIDES: dict[str, str] = {"ssh": "imprint.owner.ssh", "kerberos": "imprint.owner.kerberos",
-                               "x509": "imprint.owner.x509", "cloudinit": "imprint.owner.cloudinit"}
-MAX_ROUNDS = 3
+MAX_ROUNDS = 3  # the most any backend may declare (a bound on one apply's requests)
 MAX_PROFILE = 4 << 20  # a profile may inline a cloud-config document (1 MiB) and certificates
 APPLY_TIMEOUT = 300.0  # a backend may generate keys or create users; the agent runs them in turn
 
@@ -44,8 +46,9 @@ class ApplyContext:
     store: Store
     vm: str
     address: str   # the agent's HOST:PORT
-    ssh_host: str
-    ssh_port: int
+    # What the backends' command-line options gave (imprint.backends.plugin.OwnerCli.apply_options),
+    # e.g. ssh's {"ssh_host": ..., "ssh_port": ...}.
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -53,12 +56,6 @@ class Review:
     follow_up: dict[str, Any] | None = None  # the config of one more round, if any
     notes: list[str] = field(default_factory=list)
     data: dict[str, Any] = field(default_factory=dict)
-
-
-class OwnerSide(Protocol):
-    def prepare(self, ctx: ApplyContext, section: dict[str, Any]) -> dict[str, Any]: ...
-
-    def review(self, ctx: ApplyContext, section: dict[str, Any], result: dict[str, Any], round: int) -> Review: ...
 
 
 @dataclass
@@ -139,18 +136,35 @@ def load_profile(path: Path) -> dict[str, dict[str, Any]]:
     return cast(dict[str, dict[str, Any]], profile)
 
 
-def _owner_side(name: str) -> OwnerSide | None:
-    module = OWNER_SIDES.get(name)
-    return cast(OwnerSide, importlib.import_module(module)) if module else None
+def _backend(name: str) -> Backend | None:
+    try:
+        return backends.find(name)
+    except backends.BackendError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _owner_half(backend: Backend | None) -> OwnerHalf | None:
+    return backend.owner() if backend is not None and backend.owner is not None else None
+
+
+def _checked(backend: Backend | None, config: dict[str, Any]) -> dict[str, Any]:
+    """The config as the agent will check it: refused here first, before it is sent."""
+    if backend is not None:
+        try:
+            backends.check_config(backend, config)
+        except backends.BackendError as exc:
+            raise UsageError(str(exc)) from None
+    return config
 
 
 def prepare(ctx: ApplyContext, profile: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """The first round's configs; a UsageError for anything wrong in the profile."""
     configs: dict[str, dict[str, Any]] = {}
     for name, section in profile.items():
-        side = _owner_side(name)
         try:
-            configs[name] = side.prepare(ctx, section) if side else dict(section)
+            backend = _backend(name)
+            side = _owner_half(backend)
+            configs[name] = _checked(backend, side.prepare(ctx, section) if side else dict(section))
         except UsageError as exc:
             raise UsageError(f"profile [{name}]: {exc}") from None
     return configs
@@ -160,10 +174,11 @@ def run(ctx: ApplyContext, client: PinnedClient, profile: dict[str, dict[str, An
         first: dict[str, dict[str, Any]]) -> ApplyReport:
     """Send the rounds; an agent that cannot be reached raises, a failing backend does not."""
     outcomes = {name: Outcome() for name in first}
+    found = {name: _backend(name) for name in first}
     pending = first
-    for round_no in range(1, MAX_ROUNDS + 1):
-        if not pending:
-            break
+    round_no = 0
+    while pending:  # each backend stops at the rounds it declares
+        round_no += 1
         reply = client.post("/v1/apply", {"backends": pending}, timeout=APPLY_TIMEOUT)
         results = reply.get("results")
         if not isinstance(results, dict):
@@ -180,23 +195,26 @@ def run(ctx: ApplyContext, client: PinnedClient, profile: dict[str, dict[str, An
             _merge(outcome, result)
             if not result["ok"]:
                 continue
-            side = _owner_side(name)
+            backend = found[name]
+            side = _owner_half(backend)
             if side is None:
                 continue
+            rounds = min(backend.rounds, MAX_ROUNDS) if backend is not None else 1
             try:
                 review = side.review(ctx, profile[name], result, round_no)
+                follow_up = None if review.follow_up is None else _checked(backend, review.follow_up)
             except OwnerError as exc:
                 outcome.ok = False
                 outcome.summaries.append(f"owner side: {exc}")
                 continue
             outcome.owner += review.notes
             outcome.owner_data.update(review.data)
-            if review.follow_up is not None:
-                if round_no == MAX_ROUNDS:
+            if follow_up is not None:
+                if round_no >= rounds:
                     outcome.ok = False
-                    outcome.summaries.append(f"still unfinished after {MAX_ROUNDS} rounds")
+                    outcome.summaries.append(f"still unfinished after {rounds} rounds")
                 else:
-                    following[name] = review.follow_up
+                    following[name] = follow_up
         pending = following
     return ApplyReport(vm=ctx.vm, address=ctx.address, results=outcomes)
 

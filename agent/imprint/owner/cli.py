@@ -30,12 +30,16 @@ from imprint.owner.home import OwnerHome, default_home
 from imprint.safetext import printable
 
 if TYPE_CHECKING:
+    from imprint.backends.plugin import Backend, OwnerCli
     from imprint.owner.apply import ApplyContext
     from imprint.owner.store import PinRow, Store
 
 Printer = Callable[[str], None]
 PROG = "imprint"
 LINE_LIMIT = 4000
+# Commands that take nothing from a backend: they skip loading the backends' command-line hooks
+# (importlib.metadata and every plugin's declaration, tens of milliseconds on each run).
+CORE_ONLY = frozenset({"init", "token", "status", "list", "audit"})
 
 
 def _out(line: str) -> None:
@@ -97,24 +101,29 @@ def cmd_token_new(home: OwnerHome, args: argparse.Namespace) -> int:
     return 0
 
 
-def _ssh_port(value: str) -> int:
-    try:
-        port = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"port '{value}' is not a number") from None
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"port {port} is out of range")
-    return port
-
-
 def _apply_context(home: OwnerHome, store: Store, name: str, address: str, args: argparse.Namespace) -> ApplyContext:
     from imprint.owner.apply import ApplyContext
-    from imprint.owner.bind import split_address
 
-    previous = store.ssh_target(name)
-    host = args.ssh_host or (previous[0] if previous else split_address(address)[0])
-    port = args.ssh_port or (previous[1] if previous else 22)
-    return ApplyContext(home=home, store=store, vm=name, address=address, ssh_host=host, ssh_port=port)
+    options: dict[str, Any] = {}
+    for _, hook in _backend_clis():
+        options.update(hook.apply_options(store, name, address, args))
+    return ApplyContext(home=home, store=store, vm=name, address=address, options=options)
+
+
+def _backend_clis() -> list[tuple[Backend, OwnerCli]]:
+    """The installed backends' command-line hooks, by name (imprint.backends.plugin.OwnerCli).
+    A backend that cannot be loaded adds nothing here; a profile naming it is refused with why."""
+    from imprint import backends
+
+    found = []
+    for name in sorted(backends.registered()):
+        try:
+            backend = backends.find(name)
+        except backends.BackendError:
+            continue
+        if backend is not None and backend.cli is not None:
+            found.append((backend, backend.cli()))
+    return found
 
 
 def cmd_bind(home: OwnerHome, args: argparse.Namespace) -> int:
@@ -191,42 +200,14 @@ def cmd_apply(home: OwnerHome, args: argparse.Namespace) -> int:
 
 
 def cmd_ca_init(home: OwnerHome, args: argparse.Namespace) -> int:
-    from imprint.owner.ssh import ca_init
-
-    if args.x509 or args.cert or args.key:
-        return _ca_init_x509(home, args)
-    public, created = ca_init(home)
-    verb = "created" if created else "already exists"
-    _emit(args, {"ssh_ca_key": str(home.ssh_ca_key), "ssh_ca_public_key": public, "created": created},
-          [f"SSH CA {verb}: {home.ssh_ca_key}", public])
-    return 0
-
-
-def _ca_init_x509(home: OwnerHome, args: argparse.Namespace) -> int:
-    from imprint.owner.x509 import ca_init
-
-    if not args.x509:
-        raise UsageError("--cert and --key import an X.509 CA: add --x509")
-    path, fingerprint, created = ca_init(home, args.cert, args.key)
-    verb = ("imported" if args.cert else "created") if created else "already exists"
-    _emit(args, {"x509_ca_certificate": str(path), "sha256_fingerprint": fingerprint, "created": created},
-          [f"X.509 CA {verb}: {path}", f"SHA-256 fingerprint: {fingerprint}"])
-    return 0
-
-
-def cmd_ssh(home: OwnerHome, args: argparse.Namespace) -> int:
-    from imprint.owner.ssh import exec_ssh, quoted, ssh_command
-
-    name = _valid_name(args.name)
-    store = home.store()
-    _bound_pin(store, name)
-    argv = ssh_command(home, store, name, args.user, list(args.ssh_args))
-    store.close()
-    if args.print:
-        _out(quoted(argv))
-        return 0
-    exec_ssh(argv)
-    return 0  # not reached
+    """The CA whose backend's options were given, else the default backend's."""
+    hooks = _backend_clis()
+    for default in (False, True):
+        for backend, hook in hooks:
+            if backend.default_ca == default and (made := hook.ca_init(home, args, default=default)) is not None:
+                _emit(args, *made)
+                return 0
+    raise UsageError("no backend installed here makes a CA")
 
 
 def cmd_status(home: OwnerHome, args: argparse.Namespace) -> int:
@@ -289,7 +270,7 @@ def cmd_audit(home: OwnerHome, args: argparse.Namespace) -> int:
     return 0
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def _build_parser(*, with_backends: bool = True) -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print JSON instead of text")
     parser = argparse.ArgumentParser(prog=PROG, description="Bind VMs to their owner without trusting the site.")
@@ -297,6 +278,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--home", type=Path, help="owner state directory (default $IMPRINT_HOME or "
                                                     "$XDG_DATA_HOME/imprint)")
     sub = parser.add_subparsers(dest="command", required=True)
+    hooks = _backend_clis() if with_backends else []
     p = sub.add_parser("init", parents=[common], help="create the owner identity (once)")
     p.set_defaults(func=cmd_init)
     tok = sub.add_parser("token", help="make tokens").add_subparsers(dest="token_command", required=True)
@@ -309,7 +291,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", required=True, help="HOST:PORT of the agent")
     p.add_argument("--vm-token", help="no-secrets mode: the VM token the site relayed back")
     p.add_argument("--profile", type=Path, help="apply this profile (TOML) right after a successful bind")
-    _ssh_target_args(p)
+    for _, hook in hooks:
+        hook.add_apply_options(p)
     p.set_defaults(func=cmd_bind)
     p = sub.add_parser("status", parents=[common], help="ask a bound VM over the pinned channel")
     p.add_argument("name")
@@ -319,52 +302,56 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--profile", type=Path, required=True, help="what the VM gets (TOML; see docs/backends.md)")
     p.add_argument("--address", help="HOST:PORT if the VM moved (default: the address it was bound at)")
-    _ssh_target_args(p)
+    for _, hook in hooks:
+        hook.add_apply_options(p)
     p.set_defaults(func=cmd_apply)
-    p = sub.add_parser("ssh", help="run OpenSSH to a VM, trusting only the host keys its agent attested")
-    p.add_argument("name")
-    p.add_argument("-l", "--user", help="remote user")
-    p.add_argument("--print", action="store_true", help="print the ssh command instead of running it")
-    p.add_argument("ssh_args", nargs="*", metavar="-- ARGS", help="passed to ssh after the host (options, command)")
-    p.set_defaults(func=cmd_ssh)
     ca = sub.add_parser("ca", help="the owner's certificate authorities").add_subparsers(dest="ca_command",
                                                                                          required=True)
-    p = ca.add_parser("init", parents=[common], help="create the owner's SSH CA (ed25519) once")
-    p.add_argument("--x509", action="store_true", help="the owner's X.509 CA instead (EC P-256, for [x509])")
-    p.add_argument("--cert", type=Path, help="with --x509: import this CA certificate (PEM) instead of making one")
-    p.add_argument("--key", type=Path, help="with --x509: the key (PEM, unencrypted) of --cert")
+    p = ca.add_parser("init", parents=[common], help="create the owner's CA once (the default backend's; "
+                                                     "an option names another)")
+    for _, hook in hooks:
+        hook.add_ca_options(p)
     p.set_defaults(func=cmd_ca_init)
     p = sub.add_parser("list", parents=[common], help="list VMs and their state")
     p.set_defaults(func=cmd_list)
     p = sub.add_parser("audit", parents=[common], help="show the append-only log of bind attempts")
     p.add_argument("name", nargs="?")
     p.set_defaults(func=cmd_audit)
+    for _, hook in hooks:
+        hook.add_commands(sub, common)
     return parser
-
-
-def _ssh_target_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ssh-host", help="host SSH clients use for the VM (default: the last one applied, "
-                                      "else the agent address's host)")
-    p.add_argument("--ssh-port", type=_ssh_port, help="the VM's SSH port (default: the last one applied, else 22)")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    # Everything after "--" goes to ssh untouched (argparse's subparsers mangle "--").
+    # Everything after "--" goes untouched to a command that takes it (a backend's, such as
+    # `imprint ssh`, names the argument in ``passthrough``); argparse's subparsers mangle "--".
     passthrough: list[str] = []
     if "--" in argv:
         cut = argv.index("--")
         argv, passthrough = argv[:cut], argv[cut + 1:]
-    parser = _build_parser()
+    parser = _build_parser(with_backends=_command_word(argv) not in CORE_ONLY)
     args = parser.parse_args(argv)
     if passthrough:
-        if args.command != "ssh":
-            parser.error("'--' passes arguments to `imprint ssh` only")
-        args.ssh_args = [*args.ssh_args, *passthrough]
+        dest = getattr(args, "passthrough", None)
+        if dest is None:
+            parser.error(f"'--' passes arguments to a command that takes them, not to `{PROG} {args.command}`")
+        setattr(args, dest, [*getattr(args, dest), *passthrough])
     lastresort.set_debug(args.debug)
     lastresort.robust_streams()
     lastresort.install_hooks(_err)
     return lastresort.run_main(lambda: _run(args), _err)
+
+
+def _command_word(argv: list[str]) -> str | None:
+    """The subcommand ``argv`` names (skipping the top-level options), if any."""
+    words = iter(argv)
+    for word in words:
+        if word == "--home":
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -393,6 +380,12 @@ def _fail(as_json: bool, message: str, code: int, kind: str) -> int:
         _json({"error": message, "exit_code": code, "kind": kind}, indent=None)
     _err(f"error: {message}")
     return code
+
+
+# For the commands backends add (imprint.backends.plugin.OwnerCli): the same checks and output.
+valid_name = _valid_name
+bound_pin = _bound_pin
+out = _out
 
 
 if __name__ == "__main__":

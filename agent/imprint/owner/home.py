@@ -1,8 +1,21 @@
-"""The owner's home directory: identity key and certificate, the database, pinned VM certificates."""
+"""The owner's home directory; every path in it is made here.
+
+Layout (``$IMPRINT_HOME``, else ``$XDG_DATA_HOME/imprint``; 0700)::
+
+    owner.key, owner.crt        the owner identity (``imprint init``)
+    imprint.db                  the database (imprint.owner.store)
+    pins/<vm>.crt               each VM's pinned certificate, as the database has it
+    <backend file>              a backend's own file, by the name it gives: ssh_ca, ssh_ca.pub
+                                (ssh), x509_ca.pem, x509_ca.key (x509)      -- backend_file
+    <kind>/<vm>                 a backend's file per VM: known_hosts/<vm> (ssh) -- backend_vm_file
+    .<prefix>XXXX/              a private scratch directory, removed after use  -- temp_dir
+"""
 
 from __future__ import annotations
 
 import os
+import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +23,10 @@ from imprint import crypto, tokens
 from imprint.fsatomic import ensure_private_dir, write_atomic
 from imprint.owner.errors import OwnerError, UsageError
 from imprint.owner.store import Store
+
+# A backend's file or directory name in the home: one component, not hidden, not the core's.
+_BACKEND_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}\Z")
+_CORE_NAMES = frozenset({"owner.key", "owner.crt", "imprint.db", "imprint.db-wal", "imprint.db-shm", "pins"})
 
 
 def default_home() -> Path:
@@ -38,17 +55,20 @@ class OwnerHome:
     def pin_file(self, vm: str) -> Path:
         return self.dir / "pins" / f"{vm}.crt"
 
-    def known_hosts_file(self, vm: str) -> Path:
-        return self.dir / "known_hosts" / vm
+    # -- a backend's files: the backend names them, the home says where they are
+    def backend_file(self, name: str) -> Path:
+        """A backend's file at the top of the home (ssh's ``ssh_ca``, x509's ``x509_ca.pem``)."""
+        return self.dir / _backend_name(name)
 
-    @property
-    def ssh_ca_key(self) -> Path:
-        """The owner's SSH CA (``imprint ca init``): signs VM host keys, optionally trusted for users."""
-        return self.dir / "ssh_ca"
+    def backend_vm_file(self, kind: str, vm: str) -> Path:
+        """A backend's file for one VM, in a directory of its own (ssh's ``known_hosts/<vm>``)."""
+        return self.dir / _backend_name(kind) / vm
 
-    @property
-    def ssh_ca_pub(self) -> Path:
-        return self.dir / "ssh_ca.pub"
+    def temp_dir(self, prefix: str) -> Path:
+        """A new private directory in the home (the same file system, so a file made in it can be
+        renamed into place); the caller removes it."""
+        self._ensure_dir()
+        return Path(tempfile.mkdtemp(prefix=f".{prefix}", dir=self.dir))
 
     @property
     def initialised(self) -> bool:
@@ -112,3 +132,9 @@ class OwnerHome:
         ensure_private_dir(path.parent)
         write_atomic(path, data)
         return path
+
+
+def _backend_name(name: str) -> str:
+    if not _BACKEND_NAME_RE.match(name) or name in _CORE_NAMES:
+        raise ValueError(f"{name!r} cannot name a backend's file in the owner home")
+    return name

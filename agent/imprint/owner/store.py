@@ -1,9 +1,10 @@
 """The owner's record: one SQLite database in the imprint home (0700; files 0600).
 
 Tables: vms, tokens (K lives here until its bind, then it is wiped), pins (the VM certificate the
-owner pins, pending until the VM confirms), ssh_targets (host and port `imprint ssh` connects to),
-and audit: an append-only log of every bind attempt and its outcome, enforced by triggers that
-refuse UPDATE and DELETE.
+owner pins, pending until the VM confirms), backend_data (what a backend's owner half keeps per
+VM, one JSON object per VM and backend: ssh's host and port for `imprint ssh`), and audit: an
+append-only log of every bind attempt and its outcome, enforced by triggers that refuse UPDATE
+and DELETE. A home made before backend_data had ssh_targets; opening it moves those rows.
 
 K leaves the file, not only the row: secure_delete zeroes the bytes a wipe frees, and a WAL
 checkpoint after each wipe copies the wiped pages over the old ones and truncates the -wal
@@ -12,6 +13,7 @@ file, where the page images that still held K would otherwise stay until some la
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import time
@@ -19,6 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from imprint.faults import crashpoint
 
@@ -55,11 +58,12 @@ CREATE TABLE IF NOT EXISTS audit (
     outcome  TEXT NOT NULL,
     detail   TEXT NOT NULL
 );
-CREATE TABLE IF NOT EXISTS ssh_targets (
-    vm          TEXT PRIMARY KEY REFERENCES vms(name),
-    host        TEXT NOT NULL,
-    port        INTEGER NOT NULL,
-    updated_at  REAL NOT NULL
+CREATE TABLE IF NOT EXISTS backend_data (
+    vm          TEXT NOT NULL REFERENCES vms(name),
+    backend     TEXT NOT NULL,
+    data        TEXT NOT NULL,     -- a JSON object
+    updated_at  REAL NOT NULL,
+    PRIMARY KEY (vm, backend)
 );
 CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
     BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
@@ -112,7 +116,21 @@ class Store:
         self._db.execute("PRAGMA secure_delete = ON")
         self._db.execute("PRAGMA journal_mode = WAL")
         self._db.executescript(SCHEMA)
+        self._migrate()
         self._heal()
+
+    def _migrate(self) -> None:
+        """ssh_targets (vm, host, port, updated_at), from before backend_data, becomes ssh's rows
+        there, in one transaction: a crash leaves the old table or the new rows, never neither."""
+        if self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'ssh_targets'"
+                            ).fetchone() is None:
+            return
+        with self.transaction() as db:
+            for vm, host, port, updated_at in db.execute("SELECT vm, host, port, updated_at FROM ssh_targets"
+                                                         ).fetchall():
+                db.execute("INSERT OR IGNORE INTO backend_data (vm, backend, data, updated_at) VALUES (?, 'ssh', ?, ?)",
+                           (vm, json.dumps({"host": host, "port": port}), updated_at))
+            db.execute("DROP TABLE ssh_targets")
 
     def _heal(self) -> None:
         """A bound VM's tokens are spent, whatever an earlier version left: before the pin's
@@ -221,14 +239,21 @@ class Store:
     def update_address(self, vm: str, address: str) -> None:
         self._db.execute("UPDATE pins SET address = ? WHERE vm = ?", (address, vm))
 
-    # -- where `imprint ssh` connects (set by an apply with an [ssh] section)
-    def set_ssh_target(self, vm: str, host: str, port: int) -> None:
-        self._db.execute("INSERT OR REPLACE INTO ssh_targets (vm, host, port, updated_at) VALUES (?, ?, ?, ?)",
-                         (vm, host, port, time.time()))
+    # -- what a backend's owner half keeps per VM
+    def set_backend_data(self, vm: str, backend: str, data: dict[str, Any]) -> None:
+        self._db.execute("INSERT OR REPLACE INTO backend_data (vm, backend, data, updated_at) VALUES (?, ?, ?, ?)",
+                         (vm, backend, json.dumps(data, sort_keys=True), time.time()))
 
-    def ssh_target(self, vm: str) -> tuple[str, int] | None:
-        row = self._db.execute("SELECT host, port FROM ssh_targets WHERE vm = ?", (vm,)).fetchone()
-        return (str(row[0]), int(row[1])) if row else None
+    def backend_data(self, vm: str, backend: str) -> dict[str, Any] | None:
+        """What ``backend`` kept for ``vm``; None if nothing (or not an object: not ours)."""
+        row = self._db.execute("SELECT data FROM backend_data WHERE vm = ? AND backend = ?", (vm, backend)).fetchone()
+        if row is None:
+            return None
+        try:
+            data = json.loads(row[0])
+        except ValueError:
+            return None
+        return data if isinstance(data, dict) else None
 
     # -- audit
     def audit(self, vm: str, action: str, address: str | None, outcome: str, detail: str) -> None:

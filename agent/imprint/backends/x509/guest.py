@@ -1,7 +1,7 @@
 """The x509 backend: a private key born in the VM (it never leaves it), a CSR with the VM's names
 and addresses for the owner's CA, and the signed certificate and chain installed next to it.
 
-Config (the owner's half, ``imprint.owner.x509``, builds it)::
+Config (the owner's half, ``imprint.backends.x509.owner``, builds it)::
 
     key_path:          guest path, default /etc/ssl/private/imprint.key (0600 root)
     cert_path:         default /etc/ssl/certs/imprint.pem (the leaf, 0644)
@@ -12,7 +12,7 @@ Config (the owner's half, ``imprint.owner.x509``, builds it)::
     include_addresses: true: the VM's global-scope addresses as IP SANs, enumerated with pyroute2
     interfaces:        [ifname, ...] only these interfaces' addresses (default: all)
     allowed_addresses: [CIDR, ...] the owner's CA signs only addresses inside these (its SAN
-                       policy, imprint.owner.x509): the CSR names no other, and the ones left
+                       policy, imprint.backends.x509.owner): the CSR names no other, and the ones left
                        out are reported as a warning. Absent: every enumerated address.
     certificate:       PEM: install it (round two); without it the backend only reports
     chain:             [PEM, ...] the issuing CA first
@@ -37,7 +37,9 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from imprint.backends import BackendContext, BackendError, BackendResult, check_keys, get_str_list, get_typed
+from imprint.backends import BackendContext, BackendError, BackendResult
+from imprint.backends.x509.schema import MAX_PEM
+from imprint.guest.distro import BackendFiles
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -46,17 +48,8 @@ if TYPE_CHECKING:
     # The key types this backend makes and signs CSRs with (cryptography 38 names no such union).
     Key = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
 
-KEY_PATH = "/etc/ssl/private/imprint.key"
-CERT_PATH = "/etc/ssl/certs/imprint.pem"
-CHAIN_PATH = "/etc/ssl/certs/imprint-chain.pem"
-FULLCHAIN_PATH = "/etc/ssl/certs/imprint-fullchain.pem"
-KEY_TYPES = ("ec-p256", "ec-p384", "rsa-2048", "rsa-3072", "rsa-4096", "ed25519")
-DNS_RE = re.compile(r"^(?=.{1,253}\Z)(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\Z")
 IFNAME_RE = re.compile(r"^[!-~]{1,15}\Z")  # printable ASCII, no space (the kernel refuses '/' and space)
-MAX_PEM = 64 * 1024
 MAX_CHAIN_PEM = 9 * MAX_PEM  # the chain files: up to 8 CA certificates (and the leaf)
-KEYS = ("key_path", "cert_path", "chain_path", "fullchain_path", "key_type", "dns_names", "include_addresses",
-        "interfaces", "allowed_addresses", "certificate", "chain", "reload_command")
 
 
 @dataclass
@@ -76,7 +69,7 @@ class _Config:
 
 
 def apply(ctx: BackendContext, config: dict[str, Any]) -> BackendResult:
-    cfg = _parse(config)
+    cfg = _parse(config, ctx.paths.files)
     leaf, chain = _parse_certificates(cfg)
     key_file = ctx.path(cfg.key_path)
     key_pem = ctx.read_file(key_file, limit=MAX_PEM)
@@ -171,12 +164,13 @@ def _reload(ctx: BackendContext, command: list[str] | None) -> bool:
 
 
 # -- validation
-def _parse(config: dict[str, Any]) -> _Config:
-    check_keys(config, KEYS, "x509")
+def _parse(config: dict[str, Any], files: BackendFiles) -> _Config:
+    """What imprint.backends.x509.schema (checked by the framework) cannot say; the paths'
+    defaults are the distribution's (imprint.guest.distro)."""
     paths = {}
-    for key, default in (("key_path", KEY_PATH), ("cert_path", CERT_PATH), ("chain_path", CHAIN_PATH),
-                         ("fullchain_path", FULLCHAIN_PATH)):
-        value = get_typed(config, key, str, "x509", default=default)
+    for key, default in (("key_path", files.tls_key), ("cert_path", files.tls_cert), ("chain_path", files.tls_chain),
+                         ("fullchain_path", files.tls_fullchain)):
+        value: str = default if config.get(key) is None else config[key]
         if value and (not value.startswith("/") or ".." in value.split("/") or value.endswith("/")):
             raise BackendError(f"x509.{key} {value!r} is not an absolute file path")
         if not value and key in ("key_path", "cert_path"):
@@ -184,31 +178,26 @@ def _parse(config: dict[str, Any]) -> _Config:
         paths[key] = value
     if len({p for p in paths.values() if p}) != len([p for p in paths.values() if p]):
         raise BackendError("x509: key_path, cert_path, chain_path and fullchain_path must differ")
-    key_type = get_typed(config, "key_type", str, "x509", default="ec-p256")
-    if key_type not in KEY_TYPES:
-        raise BackendError(f"x509.key_type {key_type!r} is not one of {', '.join(KEY_TYPES)}")
-    dns_names = get_str_list(config, "dns_names", "x509", max_items=100) or []
-    for i, name in enumerate(dns_names):
-        if not DNS_RE.match(name):
-            raise BackendError(f"x509.dns_names[{i}] {name[:80]!r} is not a DNS name")
-    interfaces = get_str_list(config, "interfaces", "x509", max_items=64)
+    key_type: str = config.get("key_type") or "ec-p256"
+    dns_names: list[str] = config.get("dns_names") or []
+    interfaces: list[str] | None = config.get("interfaces")
     for name in interfaces or []:
         if not IFNAME_RE.match(name):
             raise BackendError(f"x509.interfaces: {name[:80]!r} is not an interface name")
     allowed = None
-    if (texts := get_str_list(config, "allowed_addresses", "x509", max_items=256)) is not None:
+    if (texts := config.get("allowed_addresses")) is not None:
         try:
             allowed = [ipaddress.ip_network(t, strict=True) for t in texts]
         except ValueError as exc:
             raise BackendError(f"x509.allowed_addresses: {exc}") from None
-    certificate = get_typed(config, "certificate", str, "x509")
-    chain = get_str_list(config, "chain", "x509", max_items=8) or []
+    certificate: str | None = config.get("certificate")
+    chain: list[str] = config.get("chain") or []
     if chain and certificate is None:
         raise BackendError("x509.chain needs x509.certificate")
     return _Config(key_type=key_type, dns_names=list(dict.fromkeys(n.lower() for n in dns_names)),
-                   include_addresses=get_typed(config, "include_addresses", bool, "x509", default=True),
+                   include_addresses=config.get("include_addresses") is not False,
                    interfaces=interfaces, allowed=allowed, certificate=certificate, chain=chain,
-                   reload_command=get_str_list(config, "reload_command", "x509", max_items=64), **paths)
+                   reload_command=config.get("reload_command"), **paths)
 
 
 def _parse_certificates(cfg: _Config) -> tuple[x509.Certificate | None, list[x509.Certificate]]:

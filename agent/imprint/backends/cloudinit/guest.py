@@ -1,7 +1,7 @@
 """The cloudinit backend: a cloud-config document from the owner, validated by cloud-init's own
 schema validator and applied by cloud-init's own module runner. The site never sees it.
 
-Config (the owner's half, ``imprint.owner.cloudinit``, reads the document from a file)::
+Config (the owner's half, ``imprint.backends.cloudinit.owner``, reads the document from a file)::
 
     document: "#cloud-config\\n..." (YAML text, as user-data) or an object (already parsed)
     always:   false: a document applied before (same SHA-256) is not run again; true: run it
@@ -69,14 +69,14 @@ import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from imprint.backends import BackendContext, BackendError, BackendResult, check_keys, cloudpolicy, get_typed
+from imprint.backends import BackendContext, BackendError, BackendResult, cloudpolicy
 from imprint.backends.cloudpolicy import Part
 from imprint.backends.rootfs import _READ_FLAGS, FileRefused, GuestRoot, Parent, read_bounded
 from imprint.fsatomic import TEMP_MARK, pid_alive
 
-STATE = "/var/lib/imprint/cloud-config/applied"
-STARTED = "/var/lib/imprint/cloud-config/started"  # written ahead: the digest of the run under way
-WORK = "/run/imprint-cloud-config"  # the document for the child (0600 in 0700: it may hold password hashes)
+# Its files: Distro.files.cloud_config_applied, cloud_config_started (written ahead: the digest of
+# the run under way) and cloud_config_work (the document for the child, 0600 in 0700: it may hold
+# password hashes).
 SCRATCH_RE = re.compile(rf"^\.?doc-([0-9]+)\.yaml({re.escape(TEMP_MARK)}[0-9]+)?\Z")  # pid N's document or its temp
 MAX_DOCUMENT = 1 << 20
 T = TypeVar("T")
@@ -138,10 +138,10 @@ print(json.dumps({"order": order}))
 
 
 def apply(ctx: BackendContext, config: dict[str, Any]) -> BackendResult:
-    check_keys(config, ("document", "always"), "cloudinit")
+    """``config`` fits imprint.backends.cloudinit.schema (the framework checked it)."""
     raw = config.get("document")
     document = _parse(raw)
-    always = get_typed(config, "always", bool, "cloudinit", default=False)
+    always = config.get("always") is True
     _validate(ctx, document)
     # The child gets the text as sent (YAML tags such as !!binary survive); an object as JSON.
     text = raw if isinstance(raw, str) else json.dumps(document, sort_keys=True, separators=(",", ":"))
@@ -150,12 +150,13 @@ def apply(ctx: BackendContext, config: dict[str, Any]) -> BackendResult:
     wanted = cloudpolicy.check(document)  # the allowlist: a BackendError naming the first field it refuses
     modules = _in_order(ctx, wanted)
     python = _python(ctx)
-    state = ctx.path(STATE)
+    files = ctx.paths.files
+    state = ctx.path(files.cloud_config_applied)
     done = (ctx.read_file(state) or b"").decode(errors="replace").split()
-    resumed = (ctx.read_file(ctx.path(STARTED)) or b"").decode(errors="replace").strip() == digest
+    resumed = (ctx.read_file(ctx.path(files.cloud_config_started)) or b"").decode(errors="replace").strip() == digest
     if digest in done and not always:
         if resumed:  # killed between the record and the removal of its write-ahead: only that is left to do
-            _files(ctx.files.remove, STARTED, label="backend.cloudinit.started")
+            _files(ctx.files.remove, files.cloud_config_started, label="backend.cloudinit.started")
         return ctx.result(f"cloud-config {digest[:12]} was applied before; not run again", sha256=digest,
                           modules=modules, ran=[], failed=[], skipped=True)
 
@@ -165,7 +166,7 @@ def apply(ctx: BackendContext, config: dict[str, Any]) -> BackendResult:
     if finished:  # the rest of the document, as YAML cloud-init's loader reads back (bytes as !!binary)
         text = _cloudinit("cloudinit.safeyaml").dumps(_without(document, finished))
     ctx.ensure_dir(state.parent, mode=0o700, uid=0, gid=0, fix_existing=False, parents=True)
-    _files(ctx.files.write, STARTED, f"{digest}\n".encode(), mode=0o600, uid=0, gid=0,
+    _files(ctx.files.write, files.cloud_config_started, f"{digest}\n".encode(), mode=0o600, uid=0, gid=0,
            label="backend.cloudinit.started")
     report = _run(ctx, python, text, modules)
     ctx.note_change(f"ran cloud-init module(s) {', '.join(report['ran'])}")
@@ -174,7 +175,7 @@ def apply(ctx: BackendContext, config: dict[str, Any]) -> BackendResult:
         raise BackendError("cloud-init module(s) failed: " + "; ".join(f"{f['module']}: {f['error']}" for f in failed))
     ctx.write_file(state, ("\n".join([*[d for d in done if d != digest][-99:], digest]) + "\n").encode(),
                    mode=0o600, uid=0, gid=0)
-    _files(ctx.files.remove, STARTED, label="backend.cloudinit.started")
+    _files(ctx.files.remove, files.cloud_config_started, label="backend.cloudinit.started")
     already = [cloudpolicy.where(*part) for part in finished]
     how = (f", resuming an interrupted run ({len(already)} part(s) it finished not redone)" if resumed else "")
     return ctx.result(f"cloud-config {digest[:12]} applied by cloud-init{how}: {', '.join(report['ran'])}",
@@ -267,10 +268,11 @@ def _run(ctx: BackendContext, python: list[str], text: str, modules: list[str]) 
     # hold password hashes), visible at the same guest path inside a chroot.
     # Scratch, not a change to the VM: through the root's walk (no link followed, never outside
     # --root) but not counted as a change.
-    doc = f"{WORK}/doc-{os.getpid()}.yaml"
+    work = ctx.paths.files.cloud_config_work
+    doc = f"{work}/doc-{os.getpid()}.yaml"
     try:
-        ctx.files.ensure_dir(WORK, mode=0o700, uid=0, gid=0, made=[])
-        _sweep_scratch(ctx.files)
+        ctx.files.ensure_dir(work, mode=0o700, uid=0, gid=0, made=[])
+        _sweep_scratch(ctx.files, work)
         ctx.files.write(doc, text.encode(), mode=0o600, uid=0, gid=0, label="backend.cloudinit.document")
     except FileRefused as exc:
         raise BackendError(f"cannot hand the document to cloud-init: {exc}") from None
@@ -279,7 +281,7 @@ def _run(ctx: BackendContext, python: list[str], text: str, modules: list[str]) 
     finally:
         with contextlib.suppress(FileRefused):
             ctx.files.remove(doc, label="backend.cloudinit.document")
-            ctx.files.remove_dir(WORK)
+            ctx.files.remove_dir(work)
     try:
         report: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     except (IndexError, ValueError):
@@ -291,10 +293,10 @@ def _run(ctx: BackendContext, python: list[str], text: str, modules: list[str]) 
     return report
 
 
-def _sweep_scratch(files: GuestRoot) -> None:
+def _sweep_scratch(files: GuestRoot, work: str) -> None:
     """Documents (and their temps) that applies killed before their cleanup left in the scratch
     directory: they may hold password hashes. A live apply's is left alone."""
-    with files.parent(f"{WORK}/-") as found:
+    with files.parent(f"{work}/-") as found:
         if found is None:
             return
         parent, _ = found

@@ -48,24 +48,14 @@ import shutil
 from dataclasses import dataclass
 from typing import Any
 
-from imprint.backends import (
-    USER_NAME_RE,
-    BackendContext,
-    BackendError,
-    BackendResult,
-    check_keys,
-    get_str_list,
-    get_typed,
-)
+from imprint.backends import BackendContext, BackendError, BackendResult
+from imprint.backends.ssh.schema import HOST_KEY_TYPES
 
 SNIPPET_NAME = "imprint.conf"  # in sshd_config.d
-USER_RE = USER_NAME_RE
 MAX_LINE = 16384
 MAX_AUTHORIZED_KEYS = 1 << 20  # a user's authorized_keys: thousands of keys; a local user's sparse 4 GiB is refused
 MAX_USER_DB = 16 << 20         # /etc/passwd under a root
-MAX_USERS = 100
 _FINGERPRINT_RE = re.compile(r"^\d+ (SHA256:[A-Za-z0-9+/]+) ")
-HOST_KEY_TYPES = {"ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521"}
 
 
 @dataclass
@@ -91,17 +81,17 @@ class Certificate:
 
 
 def apply(ctx: BackendContext, config: dict[str, Any]) -> BackendResult:
-    check_keys(config, ("users", "trusted_user_ca_keys", "host_certificates", "reload_command"), "ssh")
+    """``config`` fits imprint.backends.ssh.schema (the framework checked it)."""
     _require_ssh_keygen(ctx)
     users = _parse_users(ctx, config)
-    user_ca = get_str_list(config, "trusted_user_ca_keys", "ssh", max_items=16)
+    user_ca: list[str] | None = config.get("trusted_user_ca_keys")
     user_ca_lines = [_one_line(line, f"ssh.trusted_user_ca_keys[{i}]") for i, line in enumerate(user_ca or [])]
     for i, line in enumerate(user_ca_lines):
         _fingerprint(ctx, line, f"ssh.trusted_user_ca_keys[{i}]")
-    cert_lines = get_str_list(config, "host_certificates", "ssh", max_items=16)
+    cert_lines: list[str] | None = config.get("host_certificates")
     certs = [_parse_certificate(ctx, _one_line(line, f"ssh.host_certificates[{i}]"), f"ssh.host_certificates[{i}]")
              for i, line in enumerate(cert_lines or [])]
-    reload_command = get_str_list(config, "reload_command", "ssh", max_items=64)
+    reload_command: list[str] | None = config.get("reload_command")
 
     host_keys, generated = _ensure_host_keys(ctx)
     by_fingerprint = {k.fingerprint: k for k in host_keys}
@@ -197,35 +187,25 @@ def _fingerprints_in(ctx: BackendContext, text: str) -> set[str]:
 
 
 def _parse_users(ctx: BackendContext, config: dict[str, Any]) -> list[UserSpec]:
-    raw = get_typed(config, "users", list, "ssh", default=[])
-    if len(raw) > MAX_USERS:
-        raise BackendError(f"ssh.users has {len(raw)} entries; at most {MAX_USERS}")
+    """What the schema cannot say: each name once, each key one valid line, the shell a path."""
     users: list[UserSpec] = []
     seen: set[str] = set()
-    for i, entry in enumerate(raw):
-        where = f"ssh.users[{i}]"
-        if not isinstance(entry, dict):
-            raise BackendError(f"{where} must be an object, not {type(entry).__name__}")
-        check_keys(entry, ("name", "authorized_keys", "sudo", "shell"), where)
-        name = get_typed(entry, "name", str, where)
-        if name is None or not USER_RE.match(name):
-            raise BackendError(f"{where}.name {name!r} is not a user name (lower-case letters, digits, '_', '-'; "
-                               "starting with a letter or '_'; at most 32)")
+    for i, entry in enumerate(config.get("users") or []):
+        name: str = entry["name"]
         if name in seen:
-            raise BackendError(f"{where}: user '{name}' is listed twice")
+            raise BackendError(f"ssh.users[{i}]: user '{name}' is listed twice")
         seen.add(name)
         where = f"ssh.users[{i}] ({name})"
-        lines = get_str_list(entry, "authorized_keys", where, max_items=1000) or []
         keys: list[tuple[str, str]] = []
         fingerprints: set[str] = set()
-        for j, line in enumerate(lines):
+        for j, line in enumerate(entry.get("authorized_keys") or []):
             text = _one_line(line, f"{where}.authorized_keys[{j}]")
             fp = _fingerprint(ctx, text, f"{where}.authorized_keys[{j}]")
             if fp not in fingerprints:
                 fingerprints.add(fp)
                 keys.append((text, fp))
-        sudo = get_typed(entry, "sudo", bool, where)
-        shell = get_typed(entry, "shell", str, where)
+        sudo: bool | None = entry.get("sudo")
+        shell: str | None = entry.get("shell")
         if shell is not None and (not shell.startswith("/") or any(c == ":" or c.isspace() or not c.isprintable()
                                                                   for c in shell)):
             raise BackendError(f"{where}.shell {shell!r} is not an absolute path")

@@ -44,15 +44,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from imprint.backends.schema import ConfigError
+from imprint.backends.ssh.schema import HOST_KEY_TYPES, USERS
 from imprint.fsatomic import ensure_private_dir, write_atomic
 from imprint.owner.apply import ApplyContext, Review
 from imprint.owner.errors import OwnerError, UsageError
 from imprint.owner.home import OwnerHome
 from imprint.owner.store import Store
 
+# In the owner home (imprint.owner.home): the CA, and one known_hosts file per VM.
+CA_KEY = "ssh_ca"
+CA_PUB = "ssh_ca.pub"
+KNOWN_HOSTS = "known_hosts"
+
 SECTION_KEYS = ("users", "host_certificate", "host_certificate_validity", "trusted_user_ca", "reload_command")
-USER_KEYS = ("name", "authorized_keys", "sudo", "shell")
-HOST_KEY_TYPES = {"ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521"}
 RENEW_BEFORE = 30 * 86400
 DEFAULT_VALIDITY = "+52w"
 _VALIDITY_RE = re.compile(r"^[-+]?[0-9A-Za-z:]{1,40}\Z")
@@ -84,28 +89,37 @@ def fingerprint(key_line: str) -> str:
 # -- the CA
 def ca_init(home: OwnerHome) -> tuple[str, bool]:
     """Create the owner's SSH CA once (ed25519); returns (public key line, created)."""
-    if home.ssh_ca_key.exists():
+    if ca_key_file(home).exists():
         return ca_public(home), False
     home.load_key()  # the owner identity comes first
     keygen = _ssh_keygen()
-    ensure_private_dir(home.dir)
-    tmp = Path(tempfile.mkdtemp(prefix=".ssh-ca-", dir=home.dir))
+    tmp = home.temp_dir("ssh-ca-")
     try:
         _run([keygen, "-q", "-t", "ed25519", "-N", "", "-C", "imprint-ssh-ca", "-f", str(tmp / "ca")])
         # The public half first: a CA key is never present without it.
-        write_atomic(home.ssh_ca_pub, (tmp / "ca.pub").read_bytes(), mode=0o644, sync_dir=False)
-        write_atomic(home.ssh_ca_key, (tmp / "ca").read_bytes(), mode=0o600)
+        write_atomic(home.backend_file(CA_PUB), (tmp / "ca.pub").read_bytes(), mode=0o644, sync_dir=False)
+        write_atomic(ca_key_file(home), (tmp / "ca").read_bytes(), mode=0o600)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return ca_public(home), True
 
 
+def ca_key_file(home: OwnerHome) -> Path:
+    """The owner's SSH CA (``imprint ca init``): signs VM host keys, optionally trusted for users."""
+    return home.backend_file(CA_KEY)
+
+
+def known_hosts_file(home: OwnerHome, vm: str) -> Path:
+    return home.backend_vm_file(KNOWN_HOSTS, vm)
+
+
 def ca_public(home: OwnerHome) -> str:
-    if not home.ssh_ca_key.exists() or not home.ssh_ca_pub.exists():
+    pub = home.backend_file(CA_PUB)
+    if not ca_key_file(home).exists() or not pub.exists():
         raise UsageError(f"no SSH CA in {home.dir}: run `imprint ca init` first")
-    fields = home.ssh_ca_pub.read_text().split()
+    fields = pub.read_text().split()
     if len(fields) < 2:
-        raise UsageError(f"{home.ssh_ca_pub} is not a public key")
+        raise UsageError(f"{pub} is not a public key")
     return f"{fields[0]} {fields[1]}"
 
 
@@ -124,25 +138,12 @@ def full_config(ctx: ApplyContext, section: dict[str, Any]) -> dict[str, Any]:
         raise UsageError(f"unknown key(s) {', '.join(unknown)}; known: {', '.join(SECTION_KEYS)}")
     config: dict[str, Any] = {}
     users = section.get("users", [])
-    if not isinstance(users, list):
-        raise UsageError("users must be an array of tables")
-    checked = []
-    for i, user in enumerate(users):
-        if not isinstance(user, dict):
-            raise UsageError(f"users[{i}] must be a table")
-        bad = sorted(set(user) - set(USER_KEYS))
-        if bad:
-            raise UsageError(f"users[{i}]: unknown key(s) {', '.join(bad)}; known: {', '.join(USER_KEYS)}")
-        if not isinstance(user.get("name"), str):
-            raise UsageError(f"users[{i}] needs a name")
-        keys = user.get("authorized_keys", [])
-        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
-            raise UsageError(f"users[{i}] ({user['name']}): authorized_keys must be an array of strings")
-        if "sudo" in user and not isinstance(user["sudo"], bool):
-            raise UsageError(f"users[{i}] ({user['name']}): sudo must be true or false")
-        checked.append(dict(user))
-    if checked:
-        config["users"] = checked
+    try:
+        USERS.check(users, "users")  # the profile's users are the agent's, checked as it checks them
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    if users:
+        config["users"] = [dict(user) for user in users]
     for flag in ("host_certificate", "trusted_user_ca"):
         if flag in section and not isinstance(section[flag], bool):
             raise UsageError(f"{flag} must be true or false")
@@ -174,10 +175,11 @@ def review(ctx: ApplyContext, section: dict[str, Any], result: dict[str, Any], r
                if isinstance(c, dict)}
     if round == 1:
         path, changed = write_known_hosts(ctx, host_keys, with_ca=certify)
-        ctx.store.set_ssh_target(ctx.vm, ctx.ssh_host, ctx.ssh_port)
+        host, port = ssh_target(ctx)
+        ctx.store.set_backend_data(ctx.vm, "ssh", {"host": host, "port": port})
         out.notes.append(f"known_hosts {path} {'written' if changed else 'unchanged'}: {len(host_keys)} attested "
-                         f"host key(s) for {host_pattern(ctx.ssh_host, ctx.ssh_port)}")
-        out.data.update(known_hosts=str(path), ssh_host=ctx.ssh_host, ssh_port=ctx.ssh_port)
+                         f"host key(s) for {host_pattern(host, port)}")
+        out.data.update(known_hosts=str(path), ssh_host=host, ssh_port=port)
         if not certify:
             return out
         out.follow_up = full_config(ctx, section)
@@ -231,10 +233,35 @@ def valid_public_key(line: str) -> bool:
 def principals_for(ctx: ApplyContext) -> list[str]:
     agent_host = ctx.address.rpartition(":")[0].strip("[]")
     out: list[str] = []
-    for name in (ctx.vm, ctx.ssh_host, agent_host):
+    for name in (ctx.vm, ssh_target(ctx)[0], agent_host):
         if name and name not in out:
             out.append(name)
     return out
+
+
+def saved_target(store: Store, vm: str) -> tuple[str, int] | None:
+    """Where `imprint ssh` connects: what the last apply with an [ssh] table recorded."""
+    data = store.backend_data(vm, "ssh")
+    if data is None or not isinstance(data.get("host"), str) or not isinstance(data.get("port"), int):
+        return None
+    return data["host"], data["port"]
+
+
+def resolve_target(store: Store, vm: str, address: str, host: str | None, port: int | None) -> tuple[str, int]:
+    """--ssh-host/--ssh-port, else the last ones applied, else the agent address's host and 22."""
+    from imprint.owner.bind import split_address
+
+    previous = saved_target(store, vm)
+    return (host or (previous[0] if previous else split_address(address)[0]),
+            port or (previous[1] if previous else 22))
+
+
+def ssh_target(ctx: ApplyContext) -> tuple[str, int]:
+    """The host and port SSH clients use for the VM in this apply (imprint.backends.ssh.cli)."""
+    host, port = ctx.options.get("ssh_host"), ctx.options.get("ssh_port")
+    if isinstance(host, str) and isinstance(port, int):
+        return host, port
+    return resolve_target(ctx.store, ctx.vm, ctx.address, None, None)
 
 
 def host_pattern(host: str, port: int) -> str:
@@ -242,13 +269,13 @@ def host_pattern(host: str, port: int) -> str:
 
 
 def write_known_hosts(ctx: ApplyContext, host_keys: list[str], *, with_ca: bool) -> tuple[Path, bool]:
-    pattern = host_pattern(ctx.ssh_host, ctx.ssh_port)
+    pattern = host_pattern(*ssh_target(ctx))
     lines = [f"# imprint: SSH host keys of VM {ctx.vm}, attested by its agent over the pinned channel"]
     lines += [f"{pattern} {key}" for key in host_keys]
     if with_ca:
         lines.append(f"@cert-authority {pattern} {ca_public(ctx.home)} imprint-ssh-ca")
     data = ("\n".join(lines) + "\n").encode()
-    path = ctx.home.known_hosts_file(ctx.vm)
+    path = known_hosts_file(ctx.home, ctx.vm)
     if path.exists() and path.read_bytes() == data:
         return path, False
     ensure_private_dir(path.parent)
@@ -262,7 +289,7 @@ def sign_host_key(home: OwnerHome, vm: str, key: str, principals: list[str], val
     with tempfile.TemporaryDirectory(prefix="imprint-sign-") as tmp:
         pub = Path(tmp) / "host.pub"
         pub.write_text(key + "\n")
-        _run([keygen, "-q", "-s", str(home.ssh_ca_key), "-I", f"imprint:{vm}", "-h", "-n", ",".join(principals),
+        _run([keygen, "-q", "-s", str(ca_key_file(home)), "-I", f"imprint:{vm}", "-h", "-n", ",".join(principals),
               "-V", interval, "-z", str(int(time.time())), str(pub)])
         fields = (Path(tmp) / "host-cert.pub").read_text().split()
     return f"{fields[0]} {fields[1]}"
@@ -325,8 +352,8 @@ def _still_good(cert: Any, ca_fp: str, principals: list[str]) -> bool:
 
 # -- imprint ssh
 def ssh_command(home: OwnerHome, store: Store, vm: str, user: str | None, args: list[str]) -> list[str]:
-    target = store.ssh_target(vm)
-    known_hosts = home.known_hosts_file(vm)
+    target = saved_target(store, vm)
+    known_hosts = known_hosts_file(home, vm)
     if target is None or not known_hosts.exists():
         raise UsageError(f"no attested SSH host keys for {vm}: apply a profile with an [ssh] table first "
                          f"(`imprint apply {vm} --profile FILE`)")

@@ -60,7 +60,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from imprint.backends.x509 import DNS_RE, MAX_PEM
+from imprint.backends.x509.schema import DNS_RE, MAX_PEM
 from imprint.boundedio import read_file
 from imprint.fsatomic import ensure_private_dir, write_atomic
 from imprint.owner.apply import ApplyContext, Review
@@ -92,7 +92,7 @@ def _read(path: Path, limit: int = MAX_PEM) -> bytes:
 
 def ca_files(home: OwnerHome) -> tuple[Path, Path]:
     """The owner's X.509 CA: (certificate, key)."""
-    return home.dir / "x509_ca.pem", home.dir / "x509_ca.key"
+    return home.backend_file("x509_ca.pem"), home.backend_file("x509_ca.key")
 
 
 # -- the CA
@@ -408,7 +408,7 @@ def known_addresses(ctx: ApplyContext) -> list[Address]:
     agent and sshd at, when they are IP literals and routable (a loopback or link-local address
     there means a port forward or a local link, not the VM's own address)."""
     found: list[Address] = []
-    for host in (ctx.address.rpartition(":")[0].strip("[]"), ctx.ssh_host):
+    for host in (ctx.address.rpartition(":")[0].strip("[]"), str(ctx.options.get("ssh_host", ""))):
         try:
             address = ipaddress.ip_address(host)
         except ValueError:

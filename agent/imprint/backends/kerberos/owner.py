@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from imprint.backends import HOST_NAME_RE
-from imprint.backends.kerberos import HOST_RE, MAX_KEYTAB, PRINCIPAL_RE, REALM_RE, KeytabError, parse_keytab
+from imprint.backends.kerberos.keytab import HOST_RE, MAX_KEYTAB, PRINCIPAL_RE, REALM_RE, KeytabError, parse_keytab
 from imprint.boundedio import InputError, read_file
 from imprint.owner.apply import ApplyContext, Review
 from imprint.owner.errors import OwnerError, UsageError
