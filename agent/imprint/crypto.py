@@ -207,3 +207,10 @@ def self_signed_certificate_spki(der: bytes) -> bytes:
 def certificate_der(pem: bytes) -> bytes:
     with _refusing("certificate is not valid PEM X.509"):
         return x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
+
+
+def not_valid_after(cert: x509.Certificate) -> datetime.datetime:
+    """The end of ``cert``'s validity, naive UTC, on every cryptography the range declares:
+    from 42 on the naive property is deprecated for ``not_valid_after_utc``, which 38 lacks."""
+    aware: datetime.datetime | None = getattr(cert, "not_valid_after_utc", None)
+    return aware.replace(tzinfo=None) if aware is not None else cert.not_valid_after

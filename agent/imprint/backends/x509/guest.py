@@ -37,6 +37,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from imprint import crypto
 from imprint.backends import BackendContext, BackendError, BackendResult
 from imprint.backends.x509.schema import MAX_PEM
 from imprint.guest.distro import BackendFiles
@@ -147,7 +148,8 @@ def _install(ctx: BackendContext, cfg: _Config, leaf: x509.Certificate, chain: l
                       for n in _sans(leaf))
     return ctx.result(
         f"certificate serial {leaf.serial_number:x} for {names}, valid until "
-        f"{leaf.not_valid_after.strftime('%Y-%m-%dT%H:%M:%SZ')}, {'installed' if changed else 'already installed'}"
+        f"{crypto.not_valid_after(leaf).strftime('%Y-%m-%dT%H:%M:%SZ')}, "
+        f"{'installed' if changed else 'already installed'}"
         + (", reloaded" if reloaded else ""),
         certificate=leaf_pem.decode(), chain=chain_pem.decode(), reloaded=reloaded, paths=_paths(cfg))
 

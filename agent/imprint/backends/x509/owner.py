@@ -60,6 +60,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from imprint import crypto
 from imprint.backends.x509.schema import DNS_RE, MAX_PEM
 from imprint.boundedio import read_file
 from imprint.fsatomic import ensure_private_dir, write_atomic
@@ -305,7 +306,7 @@ def review(ctx: ApplyContext, section: dict[str, Any], result: dict[str, Any], r
         if data.get("certificate") is None:
             raise OwnerError("the agent reports no installed certificate after installing it")
         leaf = x509.load_pem_x509_certificate(str(data["certificate"]).encode())
-        out.data.update(serial=f"{leaf.serial_number:x}", not_after=_iso(leaf.not_valid_after))
+        out.data.update(serial=f"{leaf.serial_number:x}", not_after=_iso(crypto.not_valid_after(leaf)))
         return out
     csr = _load_csr(data.get("csr"))
     sans = check_csr(s, csr)
@@ -314,12 +315,13 @@ def review(ctx: ApplyContext, section: dict[str, Any], result: dict[str, Any], r
     if reason is None:
         assert current is not None
         cert = current
+        until = crypto.not_valid_after(cert)
         out.notes.append(f"the installed certificate (serial {cert.serial_number:x}) is current until "
-                         f"{_iso(cert.not_valid_after)}; renewal from {_iso(cert.not_valid_after - s.renew_before)}")
+                         f"{_iso(until)}; renewal from {_iso(until - s.renew_before)}")
     else:
         cert = sign(s, ca, ca_key, csr, sans)
         out.notes.append(f"signed a certificate ({reason}) for {', '.join(_describe(sans))}, serial "
-                         f"{cert.serial_number:x}, valid until {_iso(cert.not_valid_after)}")
+                         f"{cert.serial_number:x}, valid until {_iso(crypto.not_valid_after(cert))}")
     out.follow_up = {**s.passed, "dns_names": s.dns_names, "include_addresses": s.include_addresses,
                      "allowed_addresses": policy_text(s),
                      "certificate": cert.public_bytes(Encoding.PEM).decode(),
@@ -448,8 +450,8 @@ def renewal_reason(s: Settings, ca: x509.Certificate, csr: x509.CertificateSigni
     if set(_describe(_sans_of(current))) != set(_describe(sans)):
         return "the names or addresses changed"
     now = datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
-    if current.not_valid_after - now <= s.renew_before:
-        return f"renewal: it expires {_iso(current.not_valid_after)}"
+    if crypto.not_valid_after(current) - now <= s.renew_before:
+        return f"renewal: it expires {_iso(crypto.not_valid_after(current))}"
     return None
 
 
@@ -461,7 +463,7 @@ def sign(s: Settings, ca: x509.Certificate, ca_key: CaKey, csr: x509.Certificate
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     now = datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
-    not_after = min(now + s.validity, ca.not_valid_after)  # never beyond the CA's own validity
+    not_after = min(now + s.validity, crypto.not_valid_after(ca))  # never beyond the CA's own validity
     # sans are check_csr's: built from the profile's values. The CN is one of them, DNS first.
     dns = [n.value for n in sans if isinstance(n, x509.DNSName)]
     cn = dns[0] if dns else str(sans[0].value)
