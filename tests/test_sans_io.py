@@ -447,8 +447,9 @@ def test_every_message_the_table_does_not_list_is_unexpected(side: str, mode: st
 
 
 def test_local_calls_go_through_the_table_and_misuse_changes_nothing() -> None:
-    assert OwnerExchange.TRANSITIONS[State.START] == {Local.INITIATE: ("_on_initiate", State.AWAIT_VM_HELLO)}
-    assert VmExchange.TRANSITIONS[State.AWAIT_LOCAL_CONFIRM] == {Local.CONFIRM: ("_on_confirm", State.DONE)}
+    assert OwnerExchange.TRANSITIONS[State.START] == {
+        Local.INITIATE: (OwnerExchange._on_initiate, State.AWAIT_VM_HELLO)}
+    assert VmExchange.TRANSITIONS[State.AWAIT_LOCAL_CONFIRM] == {Local.CONFIRM: (VmExchange._on_confirm, State.DONE)}
     owner = owner_session("shared")
     hello = owner.initiate()
     assert owner.state is State.AWAIT_VM_HELLO

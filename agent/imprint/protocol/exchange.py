@@ -32,7 +32,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import ClassVar
+from typing import ClassVar, NamedTuple, TypeVar
 
 from imprint import crypto
 from imprint.protocol.errors import ALERT_TEXT, AlertCode, LocalProtocolError, RemoteProtocolError
@@ -116,6 +116,29 @@ Trigger = MessageType | Local
 _TERMINAL = (State.DONE, State.FAILED)
 
 
+class Transition(NamedTuple):
+    """One row of a TRANSITIONS table: the handler that runs, and the state after it."""
+
+    handler: Callable[..., list[Event]]
+    next_state: State
+
+
+_S = TypeVar("_S", bound="_Session")
+_M = TypeVar("_M", bound=Message)
+
+
+def received(message: type[_M], handler: Callable[[_S, _M, bytes], list[Event]],
+             next_state: State) -> tuple[Trigger, Transition]:
+    """A table row for a message from the peer. The type checker holds ``handler`` to taking
+    exactly ``message`` (and its body), so the table cannot pair a message with another's handler."""
+    return message.TYPE, Transition(handler, next_state)
+
+
+def called(call: Local, handler: Callable[[_S], list[Event]], next_state: State) -> tuple[Trigger, Transition]:
+    """A table row for a local call (``initiate()``, ``confirm()``)."""
+    return call, Transition(handler, next_state)
+
+
 # ---- shared machinery ----------------------------------------------------------------------
 
 
@@ -124,9 +147,9 @@ class _Session:
 
     role: str
     INITIAL: ClassVar[State]
-    # state -> {trigger -> (handler name, next state)}. A message absent here is out of order (a
+    # state -> {trigger -> (handler, next state)}. A message absent here is out of order (a
     # RemoteProtocolError); a local call absent here is misuse (a LocalProtocolError).
-    TRANSITIONS: ClassVar[dict[State, dict[Trigger, tuple[str, State]]]]
+    TRANSITIONS: ClassVar[dict[State, dict[Trigger, Transition]]]
 
     def __init__(self, *, key: crypto.PrivateKey, token: Token, rng: Random) -> None:
         self._key = key
@@ -208,7 +231,7 @@ class _Session:
             self._send(Alert(int(exc.code), ALERT_TEXT[exc.code].encode()))
         self.state = State.FAILED
 
-    def _step(self, trigger: Trigger) -> tuple[str, State]:
+    def _step(self, trigger: Trigger) -> Transition:
         """The table's (handler, next state) for ``trigger`` in the current state."""
         step = self.TRANSITIONS.get(self.state, {}).get(trigger)
         if step is not None:
@@ -223,7 +246,7 @@ class _Session:
     def _local(self, trigger: Local) -> list[Event]:
         """Run a local call through the table: misuse raises before anything changes."""
         handler, next_state = self._step(trigger)
-        events: list[Event] = getattr(self, handler)()
+        events = handler(self)
         self.state = next_state
         return events
 
@@ -247,7 +270,7 @@ class _Session:
             text = printable(message.detail.decode("utf-8", "backslashreplace"))
             raise RemoteProtocolError(code, f"peer refused: {text}", from_peer=True)
         handler, next_state = self._step(message.TYPE)
-        events: list[Event] = getattr(self, handler)(message, body)
+        events = handler(self, message, body)
         self.state = next_state
         return events
 
@@ -313,12 +336,6 @@ class OwnerExchange(_Session):
 
     role = "owner"
     INITIAL = State.START
-    TRANSITIONS = {
-        State.START: {Local.INITIATE: ("_on_initiate", State.AWAIT_VM_HELLO)},
-        State.AWAIT_VM_HELLO: {MessageType.VM_HELLO: ("_on_vm_hello", State.AWAIT_VM_PROOF)},
-        State.AWAIT_VM_PROOF: {MessageType.VM_PROOF: ("_on_vm_proof", State.AWAIT_VM_CONFIRM)},
-        State.AWAIT_VM_CONFIRM: {MessageType.VM_CONFIRM: ("_on_vm_confirm", State.DONE)},
-    }
 
     def __init__(
         self,
@@ -396,6 +413,14 @@ class OwnerExchange(_Session):
         self._absorb(body)
         return [ExchangeComplete(self.peer_key)]
 
+    # Every transition of the owner's side, sent and received (see _Session.TRANSITIONS).
+    TRANSITIONS = {
+        State.START: dict([called(Local.INITIATE, _on_initiate, State.AWAIT_VM_HELLO)]),
+        State.AWAIT_VM_HELLO: dict([received(VmHello, _on_vm_hello, State.AWAIT_VM_PROOF)]),
+        State.AWAIT_VM_PROOF: dict([received(VmProof, _on_vm_proof, State.AWAIT_VM_CONFIRM)]),
+        State.AWAIT_VM_CONFIRM: dict([received(VmConfirm, _on_vm_confirm, State.DONE)]),
+    }
+
 
 # ---- VM ------------------------------------------------------------------------------------
 
@@ -405,11 +430,6 @@ class VmExchange(_Session):
 
     role = "vm"
     INITIAL = State.AWAIT_OWNER_HELLO
-    TRANSITIONS = {
-        State.AWAIT_OWNER_HELLO: {MessageType.OWNER_HELLO: ("_on_owner_hello", State.AWAIT_OWNER_PROOF)},
-        State.AWAIT_OWNER_PROOF: {MessageType.OWNER_PROOF: ("_on_owner_proof", State.AWAIT_LOCAL_CONFIRM)},
-        State.AWAIT_LOCAL_CONFIRM: {Local.CONFIRM: ("_on_confirm", State.DONE)},
-    }
 
     def __init__(
         self, *, vm_key: crypto.PrivateKey, token: Token, own_cert: bytes, rng: Random = os.urandom
@@ -469,3 +489,10 @@ class VmExchange(_Session):
         signature, tag = self._prove("vm-confirm")
         self._send(VmConfirm(signature=signature, mac=tag))
         return [ExchangeComplete(self.peer_key)]
+
+    # Every transition of the VM's side, sent and received (see _Session.TRANSITIONS).
+    TRANSITIONS = {
+        State.AWAIT_OWNER_HELLO: dict([received(OwnerHello, _on_owner_hello, State.AWAIT_OWNER_PROOF)]),
+        State.AWAIT_OWNER_PROOF: dict([received(OwnerProof, _on_owner_proof, State.AWAIT_LOCAL_CONFIRM)]),
+        State.AWAIT_LOCAL_CONFIRM: dict([called(Local.CONFIRM, _on_confirm, State.DONE)]),
+    }
