@@ -172,7 +172,8 @@ class AgentServer:
         return self._vm_key, self._vm_cert_der
 
     def _serve_exchange(self, sock: ssl.SSLSocket, entry: Connection) -> None:
-        from imprint.protocol import AlertCode, OwnerAuthenticated, RemoteProtocolError, State, VmExchange
+        from imprint.protocol import AlertCode, Event, OwnerAuthenticated, RemoteProtocolError, VmExchange
+        from imprint.protocol.driver import ExchangeDriver
 
         peer = entry.peer
         token = self._token
@@ -185,41 +186,31 @@ class AgentServer:
             return
         vm_key, vm_cert = self._identity()
         session = VmExchange(vm_key=vm_key, token=token, own_cert=vm_cert)
+
+        def handle(event: Event) -> None:
+            if not isinstance(event, OwnerAuthenticated):
+                return
+            # The peer proved the token: it is the owner now, and a flood must not evict it
+            # between the pin and the VmConfirm that tells it so.
+            self._table.promote(entry)
+            try:
+                pinned = self._pin_owner(session, token, event.owner_key, peer)
+            except OSError as exc:
+                log.error("bind from %s: the owner key could not be stored: %s", peer, exc)
+                session.abort(AlertCode.INTERNAL, "the VM could not store the pin; retry")
+            else:
+                if pinned:
+                    session.confirm()
+                else:
+                    session.abort(AlertCode.TOKEN_CONSUMED, "this VM was bound meanwhile")
+
         try:
-            while True:
-                remaining = entry.deadline - time.monotonic()
-                if remaining <= 0:
-                    log.info("bind attempt from %s timed out after %.0f s", peer, EXCHANGE_DEADLINE)
-                    return
-                sock.settimeout(remaining)
-                try:
-                    data = sock.recv(4096)
-                except TimeoutError:
-                    log.info("bind attempt from %s timed out after %.0f s", peer, EXCHANGE_DEADLINE)
-                    return
-                for event in session.receive_data(data):
-                    if isinstance(event, OwnerAuthenticated):
-                        # The peer proved the token: it is the owner now, and a flood must not
-                        # evict it between the pin and the VmConfirm that tells it so.
-                        self._table.promote(entry)
-                        try:
-                            pinned = self._pin_owner(session, token, event.owner_key, peer)
-                        except OSError as exc:
-                            log.error("bind from %s: the owner key could not be stored: %s", peer, exc)
-                            session.abort(AlertCode.INTERNAL, "the VM could not store the pin; retry")
-                        else:
-                            if pinned:
-                                session.confirm()
-                            else:
-                                session.abort(AlertCode.TOKEN_CONSUMED, "this VM was bound meanwhile")
-                sock.sendall(session.data_to_send())
-                if session.state in (State.DONE, State.FAILED):
-                    return
+            ExchangeDriver(session, handle).run(sock, entry.deadline)
         except RemoteProtocolError as exc:
-            with contextlib.suppress(OSError):
-                sock.sendall(session.data_to_send())
             who = "peer said" if exc.from_peer else "refused"
             log.warning("bind attempt from %s %s: %s (%s)", peer, who, exc.detail, exc.code.name)
+        except TimeoutError:
+            log.info("bind attempt from %s timed out after %.0f s", peer, EXCHANGE_DEADLINE)
         except (ssl.SSLError, OSError) as exc:
             log.info("bind attempt from %s: connection error: %s", peer, exc)
 

@@ -17,11 +17,13 @@ from imprint.owner.store import PinRow, Store
 from imprint.owner.tlsfailures import Refused, classify, owner_error
 from imprint.protocol import (
     AlertCode,
+    Event,
     ExchangeComplete,
     OwnerExchange,
     RemoteProtocolError,
     VmAuthenticated,
 )
+from imprint.protocol.driver import ExchangeDriver
 
 CONNECT_TIMEOUT = timeouts.seconds("IMPRINT_OWNER_CONNECT_SECONDS", 10.0)
 EXCHANGE_DEADLINE = 20.0
@@ -106,10 +108,9 @@ def _bind(home: OwnerHome, store: Store, vm: str, address: str, vm_token_text: s
     elif vm_token_text:
         raise UsageError(f"{vm} uses shared-secret mode: --vm-token does not apply")
 
-    host, port = split_address(address)
-    proved: list[str] = []
-    attempt = _Attempt(vm, address, pin if earlier is not None else None, earlier)
-    vm_cert_der = _exchange(home, store, owner_key, token, vm_token, attempt, host, port, proved)
+    attempt = _Attempt(home, store, vm, address, owner_key, token, vm_token,
+                       pin if earlier is not None else None, earlier)
+    vm_cert_der = _exchange(attempt)
     # The VM consumed the token: K is worthless now and leaves the owner's record too.
     store.consume_token(vm)
     vm_cert_pem = ssl.DER_cert_to_PEM_cert(vm_cert_der)
@@ -119,22 +120,29 @@ def _bind(home: OwnerHome, store: Store, vm: str, address: str, vm_token_text: s
         raise type(exc)(f"{exc}; the VM confirmed the exchange and its key {attempt.pending_fingerprint} is a "
                         f"pending pin: rerun `imprint bind {vm} --address {address}` to verify the pinned "
                         "channel") from None
-    proved.append("mutual TLS 1.3: the VM accepted only this owner's key and showed only the pinned VM key")
-    result = _result(vm, address, token.mode.value, vm_cert_pem, owner_key, status, proved)
+    attempt.proved.append("mutual TLS 1.3: the VM accepted only this owner's key and showed only the pinned VM key")
+    result = _result(vm, address, token.mode.value, vm_cert_pem, owner_key, status, attempt.proved)
     store.confirm_pin(vm, address, audit_detail=_bound_detail(result))
     return result
 
 
 @dataclass
 class _Attempt:
-    """What one exchange has left on this side, so that every failure message tells the truth
-    about it: once the VM proved its key, a pending pin exists and a rerun of bind recovers."""
+    """One exchange: what it runs with, and what it has left on this side, so that every
+    failure message tells the truth about it: once the VM proved its key, a pending pin exists
+    and a rerun of bind recovers. ``proved`` collects what the bind proved, for its result."""
 
+    home: OwnerHome
+    store: Store
     vm: str
     address: str
+    owner_key: crypto.PrivateKey
+    token: tokens.Token
+    vm_token: tokens.Token | None  # the VM token the site relayed (no-secrets mode)
     earlier_pin: PinRow | None  # a pending pin from an earlier attempt whose pinned channel failed
     earlier_failure: OwnerError | None
     pending_fingerprint: str | None = None  # set when this exchange recorded its pending pin
+    proved: list[str] = field(default_factory=list)
 
     def outcome(self) -> str:
         if self.pending_fingerprint is not None:
@@ -154,9 +162,10 @@ class _Attempt:
         return f"{head}: this token is consumed (or this is not your VM). Nothing was pinned by this side."
 
 
-def _exchange(home: OwnerHome, store: Store, owner_key: crypto.PrivateKey, token: tokens.Token,
-              vm_token: tokens.Token | None, attempt: _Attempt, host: str, port: int, proved: list[str]) -> bytes:
-    address, vm = attempt.address, attempt.vm
+def _exchange(attempt: _Attempt) -> bytes:
+    """Connect, run the exchange, record the pending pin; the VM's certificate (DER) once the VM confirmed."""
+    address, vm, token, vm_token = attempt.address, attempt.vm, attempt.token, attempt.vm_token
+    host, port = split_address(address)
     try:
         raw = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -178,34 +187,21 @@ def _exchange(home: OwnerHome, store: Store, owner_key: crypto.PrivateKey, token
                     f"the TLS key at {address} ({crypto.fingerprint(seen_spki)}) does not match the VM token: "
                     "a man in the middle, another VM at this address, or the wrong VM token; nothing was pinned"
                 )
-            session = OwnerExchange(owner_key=owner_key, owner_cert=home.cert_der(), token=token,
+            session = OwnerExchange(owner_key=attempt.owner_key, owner_cert=attempt.home.cert_der(), token=token,
                                     seen_server_cert=seen, vm_token=vm_token)
-            sock.sendall(session.initiate())
-            deadline = time.monotonic() + EXCHANGE_DEADLINE
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError
-                sock.settimeout(remaining)
-                data = sock.recv(4096)
-                try:
-                    events = session.receive_data(data)
-                except RemoteProtocolError:
-                    with contextlib.suppress(OSError):
-                        sock.sendall(session.data_to_send())  # tell the agent why
-                    raise
-                for event in events:
-                    if isinstance(event, VmAuthenticated):
-                        store.pin_pending(vm, ssl.DER_cert_to_PEM_cert(seen), event.vm_key.fingerprint,
-                                          token.mode.value, address)
-                        attempt.pending_fingerprint = event.vm_key.fingerprint
-                        proved.append(_vm_proof_text(token.mode, event.vm_key))
-                    elif isinstance(event, ExchangeComplete):
-                        proved.append("the VM verified this owner's key and signature, pinned it, "
-                                      "and consumed the token")
-                        return seen
-                with contextlib.suppress(OSError):
-                    sock.sendall(session.data_to_send())
+
+            def handle(event: Event) -> None:
+                if isinstance(event, VmAuthenticated):
+                    attempt.store.pin_pending(vm, ssl.DER_cert_to_PEM_cert(seen), event.vm_key.fingerprint,
+                                              token.mode.value, address)
+                    attempt.pending_fingerprint = event.vm_key.fingerprint
+                    attempt.proved.append(_vm_proof_text(token.mode, event.vm_key))
+                elif isinstance(event, ExchangeComplete):
+                    attempt.proved.append("the VM verified this owner's key and signature, pinned it, "
+                                          "and consumed the token")
+
+            ExchangeDriver(session, handle).run(sock, time.monotonic() + EXCHANGE_DEADLINE)
+            return seen
     except RemoteProtocolError as exc:
         if exc.code is AlertCode.CLOSED and not exc.from_peer:
             raise Unreachable(f"the connection to {address} closed mid-exchange without a reason; "
