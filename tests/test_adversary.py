@@ -20,7 +20,6 @@ VM has legitimately pinned the genuine owner, the owner fails and recovers from 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -28,9 +27,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ed25519
 from imprint import crypto
 from imprint.protocol import exchange
+from imprint.protocol.driver import ExchangeDriver
 from imprint.protocol.errors import AlertCode, LocalProtocolError, RemoteProtocolError
 from imprint.protocol.exchange import (
     Event,
@@ -56,6 +55,9 @@ from imprint.protocol.messages import (
     encode_frame,
 )
 from imprint.tokens import Token, TokenKind
+
+from tests.helpers import keys
+from tests.helpers.exchange import split_frames
 
 Side = Literal["owner", "vm"]
 ModeName = Literal["shared", "nosecret"]
@@ -94,12 +96,7 @@ def type_id(t: MessageType) -> str:
 
 def fixed_key(label: str) -> crypto.PrivateKey:
     """A deterministic key, so that frame layouts (and the parametrised bit positions) are stable."""
-    seed = hashlib.sha256(b"imprint tests adversary\0" + label.encode()).digest()
-    return crypto.PrivateKey(ed25519.Ed25519PrivateKey.from_private_bytes(seed))
-
-
-def cert_der(key: crypto.PrivateKey, name: str) -> bytes:
-    return crypto.certificate_der(key.self_signed_certificate(name))
+    return keys.fixed_key(label, domain="imprint tests adversary")
 
 
 @dataclass(frozen=True)
@@ -119,13 +116,13 @@ def make_cast() -> Cast:
     attacker_owner, attacker_vm = fixed_key("attacker owner"), fixed_key("attacker vm")
     return Cast(
         owner=owner,
-        owner_cert=cert_der(owner, "owner"),
+        owner_cert=keys.cert_der(owner, "owner"),
         vm=vm,
-        vm_cert=cert_der(vm, "vm"),
+        vm_cert=keys.cert_der(vm, "vm"),
         attacker_owner=attacker_owner,
-        attacker_owner_cert=cert_der(attacker_owner, "owner"),
+        attacker_owner_cert=keys.cert_der(attacker_owner, "owner"),
         attacker_vm=attacker_vm,
-        attacker_cert=cert_der(attacker_vm, "vm"),
+        attacker_cert=keys.cert_der(attacker_vm, "vm"),
     )
 
 
@@ -174,19 +171,6 @@ def scenario(request: pytest.FixtureRequest) -> Scenario:
 
 
 # ---- the link driver
-
-
-def split_frames(data: bytes) -> list[bytes]:
-    """Split a flight into whole frames by their 2-byte length prefix."""
-    frames: list[bytes] = []
-    pos = 0
-    while pos < len(data):
-        assert pos + 2 <= len(data), "a session emitted a partial frame header"
-        end = pos + 2 + int.from_bytes(data[pos : pos + 2], "big")
-        assert end <= len(data), "a session emitted a partial frame"
-        frames.append(data[pos:end])
-        pos = end
-    return frames
 
 
 @dataclass(frozen=True)
@@ -290,8 +274,10 @@ def run_link(
     """Pump frames between the two sessions through ``attacker`` until the link is quiet or cut,
     then close it: a side still waiting gets ``receive_data(b"")``.
 
-    A side that failed is not fed any more (its driver stops reading). When the VM authenticates
-    the owner the driver pins the key and calls ``confirm()``, as the agent does.
+    Each side runs under imprint.protocol.driver's ExchangeDriver, the agent's and the owner's
+    driver, one ``feed`` per delivery. A side that failed is not fed any more (its driver stops
+    reading). When the VM authenticates the owner its handler pins the key and calls
+    ``confirm()``, as the agent's does.
     """
     sessions: dict[Side, OwnerExchange | VmExchange] = {"owner": owner, "vm": vm}
     out: dict[Side, Outcome] = {"owner": Outcome(), "vm": Outcome()}
@@ -302,26 +288,28 @@ def run_link(
             out[side].sent.append(data_frame)
             queue.append(Frame(side, len(out[side].sent) - 1, data_frame))
 
+    def on_vm_event(event: Event) -> None:
+        out["vm"].events.append(event)
+        if auto_confirm and isinstance(event, OwnerAuthenticated):
+            out["vm"].pinned.append((event.owner_key, vm.peer_cert))
+            out["vm"].events.append(vm.confirm())
+
+    drivers: dict[Side, ExchangeDriver] = {
+        "owner": ExchangeDriver(owner, out["owner"].events.append),
+        "vm": ExchangeDriver(vm, on_vm_event),
+    }
+
     def deliver(side: Side, data: bytes) -> None:
-        session = sessions[side]
-        if session.state is State.FAILED:
+        if sessions[side].state is State.FAILED:
             return
         out[side].received.append(data)
-        try:
-            events = session.receive_data(data)
-        except RemoteProtocolError as exc:
+        step = drivers[side].feed(data)
+        if step.error is not None:
             assert out[side].error is None
-            out[side].error = exc
-            events = []
-        out[side].events.extend(events)
-        if side == "vm" and auto_confirm:
-            for event in events:
-                if isinstance(event, OwnerAuthenticated):
-                    out["vm"].pinned.append((event.owner_key, vm.peer_cert))
-                    out["vm"].events.append(vm.confirm())
-        emit(side, session.data_to_send())
+            out[side].error = step.error
+        emit(side, step.to_send)
 
-    emit("owner", owner.initiate())
+    emit("owner", drivers["owner"].opening())
     cut = False
     while queue:
         action = attacker(queue.popleft())
