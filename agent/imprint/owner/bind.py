@@ -33,7 +33,7 @@ EXCHANGE_DEADLINE = 20.0
 class BindResult:
     vm: str
     address: str
-    mode: str
+    mode: tokens.Mode
     vm_fingerprint: str
     owner_fingerprint: str
     status: dict[str, Any]
@@ -62,7 +62,7 @@ def bind(home: OwnerHome, store: Store, vm: str, address: str, vm_token_text: st
 
 
 def _bound_detail(result: BindResult) -> str:
-    return f"VM key {result.vm_fingerprint}, {result.mode} mode"
+    return f"VM key {result.vm_fingerprint}, {result.mode.value} mode"
 
 
 def _bind(home: OwnerHome, store: Store, vm: str, address: str, vm_token_text: str | None) -> BindResult:
@@ -121,7 +121,7 @@ def _bind(home: OwnerHome, store: Store, vm: str, address: str, vm_token_text: s
                         f"pending pin: rerun `imprint bind {vm} --address {address}` to verify the pinned "
                         "channel") from None
     attempt.proved.append("mutual TLS 1.3: the VM accepted only this owner's key and showed only the pinned VM key")
-    result = _result(vm, address, token.mode.value, vm_cert_pem, owner_key, status, attempt.proved)
+    result = _result(vm, address, token.mode, vm_cert_pem, owner_key, status, attempt.proved)
     store.confirm_pin(vm, address, audit_detail=_bound_detail(result))
     return result
 
@@ -193,7 +193,7 @@ def _exchange(attempt: _Attempt) -> bytes:
             def handle(event: Event) -> None:
                 if isinstance(event, VmAuthenticated):
                     attempt.store.pin_pending(vm, ssl.DER_cert_to_PEM_cert(seen), event.vm_key.fingerprint,
-                                              token.mode.value, address)
+                                              token.mode, address)
                     attempt.pending_fingerprint = event.vm_key.fingerprint
                     attempt.proved.append(_vm_proof_text(token.mode, event.vm_key))
                 elif isinstance(event, ExchangeComplete):
@@ -253,7 +253,7 @@ def _pinned_status(home: OwnerHome, vm: str, address: str, vm_cert_pem: str) -> 
         client.close()
 
 
-def _result(vm: str, address: str, mode: str, vm_cert_pem: str, owner_key: crypto.PrivateKey,
+def _result(vm: str, address: str, mode: tokens.Mode, vm_cert_pem: str, owner_key: crypto.PrivateKey,
             status: dict[str, Any], proved: list[str]) -> BindResult:
     vm_fp = crypto.fingerprint(crypto.certificate_spki(vm_cert_pem.encode()))
     if status.get("vm_fingerprint") != vm_fp or status.get("owner_fingerprint") != owner_key.public.fingerprint:

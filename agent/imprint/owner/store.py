@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imprint.faults import crashpoint
+from imprint.tokens import Mode
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS vms (
@@ -72,7 +73,7 @@ CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
 class TokenRow:
     id: int
     vm: str
-    mode: str
+    mode: Mode
     token_id: str
     token_text: str | None
     state: str
@@ -85,7 +86,7 @@ class PinRow:
     vm_cert_pem: str
     vm_fingerprint: str
     state: str
-    mode: str
+    mode: Mode
     address: str
     pinned_at: float
 
@@ -156,7 +157,7 @@ class Store:
     def vm_names(self) -> list[str]:
         return [row[0] for row in self._db.execute("SELECT name FROM vms ORDER BY name")]
 
-    def issue_token(self, vm: str, mode: str, token_id: str, token_text: str) -> None:
+    def issue_token(self, vm: str, mode: Mode, token_id: str, token_text: str) -> None:
         """A new token for ``vm``, superseding (and wiping) any issued one; audited with it."""
         now = time.time()
         with self.transaction() as db:
@@ -169,9 +170,9 @@ class Store:
             db.execute(
                 "INSERT INTO tokens (vm, mode, token_id, token_text, state, created_at) "
                 "VALUES (?, ?, ?, ?, 'issued', ?)",
-                (vm, mode, token_id, token_text, now),
+                (vm, mode.value, token_id, token_text, now),
             )
-            _insert_audit(db, vm, "token", None, "issued", f"{mode} token id {token_id}")
+            _insert_audit(db, vm, "token", None, "issued", f"{mode.value} token id {token_id}")
         self._checkpoint()  # a superseded K was wiped
 
     def current_token(self, vm: str) -> TokenRow | None:
@@ -180,7 +181,10 @@ class Store:
             "WHERE vm = ? ORDER BY id DESC LIMIT 1",
             (vm,),
         ).fetchone()
-        return TokenRow(*row) if row else None
+        if row is None:
+            return None
+        id_, vm_, mode, token_id, token_text, state, created_at = row
+        return TokenRow(id_, vm_, Mode(mode), token_id, token_text, state, created_at)
 
     # -- pins
     def pin(self, vm: str) -> PinRow | None:
@@ -188,14 +192,17 @@ class Store:
             "SELECT vm, vm_cert_pem, vm_fingerprint, state, mode, address, pinned_at FROM pins WHERE vm = ?",
             (vm,),
         ).fetchone()
-        return PinRow(*row) if row else None
+        if row is None:
+            return None
+        vm_, cert_pem, fingerprint, state, mode, address, pinned_at = row
+        return PinRow(vm_, cert_pem, fingerprint, state, Mode(mode), address, pinned_at)
 
-    def pin_pending(self, vm: str, cert_pem: str, fingerprint: str, mode: str, address: str) -> None:
+    def pin_pending(self, vm: str, cert_pem: str, fingerprint: str, mode: Mode, address: str) -> None:
         with self.transaction() as db:
             db.execute(
                 "INSERT OR REPLACE INTO pins (vm, vm_cert_pem, vm_fingerprint, state, mode, address, pinned_at) "
                 "VALUES (?, ?, ?, 'pending', ?, ?, ?)",
-                (vm, cert_pem, fingerprint, mode, address, time.time()),
+                (vm, cert_pem, fingerprint, mode.value, address, time.time()),
             )
 
     def consume_token(self, vm: str) -> None:
