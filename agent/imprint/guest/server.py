@@ -73,14 +73,15 @@ class AgentServer:
         self._vm_cert_der: bytes | None = None
         self._started = time.monotonic()
         self._stopping = threading.Event()
+        self._owner_pin: tls.PinnedCert | None = None
         self._context = self._make_context()
 
     # -- contexts
     def _make_context(self) -> ssl.SSLContext:
         cert, key = str(self._state.cert_file), str(self._state.key_file)
         if self._record.bound:
-            owner_pem = self._state.owner_cert_file.read_text()
-            return tls.agent_pinned_context(cert, key, owner_pem)
+            self._owner_pin = tls.PinnedCert.from_pem(self._state.owner_cert_file.read_text())
+            return tls.agent_pinned_context(cert, key, self._owner_pin)
         return tls.agent_bind_context(cert, key)
 
     @property
@@ -221,9 +222,8 @@ class AgentServer:
         with self._bind_lock:
             if self._record.bound:
                 return False
-            owner_pem = _der_to_pem(session.peer_cert)
             self._record = self._state.record_bind(
-                owner_cert_pem=owner_pem.encode(),
+                owner_cert_pem=tls.PinnedCert(session.peer_cert).pem.encode(),
                 mode=token.mode.value,
                 owner_fingerprint=owner_key.fingerprint,
                 owner_spki_sha256=crypto.sha256(owner_key.spki).hex(),
@@ -240,10 +240,10 @@ class AgentServer:
     def _serve_control(self, sock: ssl.SSLSocket, entry: Connection) -> None:
         from imprint.guest.control import REQUEST_DEADLINE, serve_control
 
-        pinned = self._record.owner_spki_sha256
-        assert pinned is not None
+        pinned = self._owner_pin
+        assert pinned is not None  # set with the pinned context this connection was accepted under
         try:
-            tls.require_peer_key(sock, bytes.fromhex(pinned))
+            pinned.verify(sock)
         except tls.PinMismatch as exc:
             log.warning("control connection from %s refused: %s", entry.peer, exc)
             return
@@ -294,7 +294,3 @@ def _lingering_close(sock: ssl.SSLSocket) -> None:
             if not chunk:
                 break
             drained += len(chunk)
-
-
-def _der_to_pem(der: bytes) -> str:
-    return ssl.DER_cert_to_PEM_cert(der)

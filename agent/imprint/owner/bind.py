@@ -78,11 +78,11 @@ def _bind(home: OwnerHome, store: Store, vm: str, address: str, vm_token_text: s
         # An earlier attempt saw the VM prove itself but never verified the pinned channel
         # (a lost confirmation, or the pinned channel failed): the pinned channel decides.
         try:
-            status = _pinned_status(home, vm, address, pin.vm_cert_pem)
+            status = _pinned_status(home, vm, address, pin.vm_cert)
         except OwnerError as exc:
             earlier = exc
         else:
-            result = _result(vm, address, pin.mode, pin.vm_cert_pem, owner_key, status,
+            result = _result(vm, address, pin.mode, pin.vm_cert, owner_key, status,
                              ["recovered: the key pinned by an earlier exchange answered over mutual TLS"])
             # Also spends the token: the VM consumed it when it pinned us.
             store.confirm_pin(vm, address, audit_detail=_bound_detail(result))
@@ -110,18 +110,17 @@ def _bind(home: OwnerHome, store: Store, vm: str, address: str, vm_token_text: s
 
     attempt = _Attempt(home, store, vm, address, owner_key, token, vm_token,
                        pin if earlier is not None else None, earlier)
-    vm_cert_der = _exchange(attempt)
+    vm_cert = _exchange(attempt)
     # The VM consumed the token: K is worthless now and leaves the owner's record too.
     store.consume_token(vm)
-    vm_cert_pem = ssl.DER_cert_to_PEM_cert(vm_cert_der)
     try:
-        status = _pinned_status(home, vm, address, vm_cert_pem)
+        status = _pinned_status(home, vm, address, vm_cert)
     except OwnerError as exc:
         raise type(exc)(f"{exc}; the VM confirmed the exchange and its key {attempt.pending_fingerprint} is a "
                         f"pending pin: rerun `imprint bind {vm} --address {address}` to verify the pinned "
                         "channel") from None
     attempt.proved.append("mutual TLS 1.3: the VM accepted only this owner's key and showed only the pinned VM key")
-    result = _result(vm, address, token.mode, vm_cert_pem, owner_key, status, attempt.proved)
+    result = _result(vm, address, token.mode, vm_cert, owner_key, status, attempt.proved)
     store.confirm_pin(vm, address, audit_detail=_bound_detail(result))
     return result
 
@@ -162,8 +161,8 @@ class _Attempt:
         return f"{head}: this token is consumed (or this is not your VM). Nothing was pinned by this side."
 
 
-def _exchange(attempt: _Attempt) -> bytes:
-    """Connect, run the exchange, record the pending pin; the VM's certificate (DER) once the VM confirmed."""
+def _exchange(attempt: _Attempt) -> tls.PinnedCert:
+    """Connect, run the exchange, record the pending pin; the VM's certificate once the VM confirmed."""
     address, vm, token, vm_token = attempt.address, attempt.vm, attempt.token, attempt.vm_token
     host, port = split_address(address)
     try:
@@ -192,8 +191,8 @@ def _exchange(attempt: _Attempt) -> bytes:
 
             def handle(event: Event) -> None:
                 if isinstance(event, VmAuthenticated):
-                    attempt.store.pin_pending(vm, ssl.DER_cert_to_PEM_cert(seen), event.vm_key.fingerprint,
-                                              token.mode, address)
+                    attempt.store.pin_pending(vm, tls.PinnedCert(seen), event.vm_key.fingerprint, token.mode,
+                                              address)
                     attempt.pending_fingerprint = event.vm_key.fingerprint
                     attempt.proved.append(_vm_proof_text(token.mode, event.vm_key))
                 elif isinstance(event, ExchangeComplete):
@@ -201,7 +200,7 @@ def _exchange(attempt: _Attempt) -> bytes:
                                           "and consumed the token")
 
             ExchangeDriver(session, handle).run(sock, time.monotonic() + EXCHANGE_DEADLINE)
-            return seen
+            return tls.PinnedCert(seen)
     except RemoteProtocolError as exc:
         if exc.code is AlertCode.CLOSED and not exc.from_peer:
             raise Unreachable(f"the connection to {address} closed mid-exchange without a reason; "
@@ -245,17 +244,17 @@ def _explain(exc: RemoteProtocolError, address: str, attempt: _Attempt) -> str:
     return f"{head} — {hint}"
 
 
-def _pinned_status(home: OwnerHome, vm: str, address: str, vm_cert_pem: str) -> dict[str, Any]:
-    client = PinnedClient(home, vm, vm_cert_pem, address)
+def _pinned_status(home: OwnerHome, vm: str, address: str, vm_cert: tls.PinnedCert) -> dict[str, Any]:
+    client = PinnedClient(home, vm, vm_cert, address)
     try:
         return client.get("/v1/status")
     finally:
         client.close()
 
 
-def _result(vm: str, address: str, mode: tokens.Mode, vm_cert_pem: str, owner_key: crypto.PrivateKey,
+def _result(vm: str, address: str, mode: tokens.Mode, vm_cert: tls.PinnedCert, owner_key: crypto.PrivateKey,
             status: dict[str, Any], proved: list[str]) -> BindResult:
-    vm_fp = crypto.fingerprint(crypto.certificate_spki(vm_cert_pem.encode()))
+    vm_fp = vm_cert.fingerprint
     if status.get("vm_fingerprint") != vm_fp or status.get("owner_fingerprint") != owner_key.public.fingerprint:
         raise AuthenticationFailed(
             f"the pinned channel to {address} reports VM {status.get('vm_fingerprint')} / owner "

@@ -170,7 +170,7 @@ def _run_apply(home: OwnerHome, ctx: ApplyContext, pin: PinRow, profile: dict[st
     from imprint.owner.apply import apply_profile
     from imprint.owner.client import PinnedClient
 
-    client = PinnedClient(home, ctx.vm, pin.vm_cert_pem, ctx.address)
+    client = PinnedClient(home, ctx.vm, pin.vm_cert, ctx.address)
     try:
         return apply_profile(ctx, client, profile, first)
     finally:
@@ -237,7 +237,7 @@ def cmd_status(home: OwnerHome, args: argparse.Namespace) -> int:
     store = home.store()
     pin = _bound_pin(store, name)
     address = args.address or pin.address
-    client = PinnedClient(home, name, pin.vm_cert_pem, address)
+    client = PinnedClient(home, name, pin.vm_cert, address)
     try:
         status = client.get("/v1/status")
     except OwnerError as exc:

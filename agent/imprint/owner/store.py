@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imprint.faults import crashpoint
+from imprint.tls import PinnedCert
 from imprint.tokens import Mode
 
 SCHEMA = """
@@ -83,7 +84,7 @@ class TokenRow:
 @dataclass(frozen=True)
 class PinRow:
     vm: str
-    vm_cert_pem: str
+    vm_cert: PinnedCert  # kept as PEM in the table
     vm_fingerprint: str
     state: str
     mode: Mode
@@ -195,14 +196,14 @@ class Store:
         if row is None:
             return None
         vm_, cert_pem, fingerprint, state, mode, address, pinned_at = row
-        return PinRow(vm_, cert_pem, fingerprint, state, Mode(mode), address, pinned_at)
+        return PinRow(vm_, PinnedCert.from_pem(cert_pem), fingerprint, state, Mode(mode), address, pinned_at)
 
-    def pin_pending(self, vm: str, cert_pem: str, fingerprint: str, mode: Mode, address: str) -> None:
+    def pin_pending(self, vm: str, cert: PinnedCert, fingerprint: str, mode: Mode, address: str) -> None:
         with self.transaction() as db:
             db.execute(
                 "INSERT OR REPLACE INTO pins (vm, vm_cert_pem, vm_fingerprint, state, mode, address, pinned_at) "
                 "VALUES (?, ?, ?, 'pending', ?, ?, ?)",
-                (vm, cert_pem, fingerprint, mode.value, address, time.time()),
+                (vm, cert.pem, fingerprint, mode.value, address, time.time()),
             )
 
     def consume_token(self, vm: str) -> None:
