@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import ssl
 from dataclasses import dataclass
+from functools import cached_property
 
 
 class PinMismatch(ssl.SSLError):
@@ -48,7 +49,7 @@ class PinnedCert:
         """The certificate's SHA-256, hex: what urllib3's assert_fingerprint compares."""
         return hashlib.sha256(self.der).hexdigest()
 
-    @property
+    @cached_property
     def spki(self) -> bytes:
         from imprint import crypto  # lazy: see the class's comment
 
