@@ -224,7 +224,7 @@ class AgentServer:
                 return False
             self._record = self._state.record_bind(
                 owner_cert_pem=tls.PinnedCert(session.peer_cert).pem.encode(),
-                mode=token.mode.value,
+                mode=token.mode,
                 owner_fingerprint=owner_key.fingerprint,
                 owner_spki_sha256=crypto.sha256(owner_key.spki).hex(),
                 token_id=token.token_id.hex(),
