@@ -1,8 +1,9 @@
-"""Fixed identities and a deterministic genuine exchange for the exchange fuzz targets.
+"""A deterministic genuine exchange for the exchange fuzz targets.
 
-Keys come from fixed seeds and both sides draw their nonces from a fixed generator, so the
-genuine exchange is the same bytes on every run: a genuine OwnerProof or VmConfirm in a seed
-file still verifies when the target replays it, and the fuzzer can mutate its way from there.
+Keys come from fixed seeds (tests/helpers/keys.py) and both sides draw their nonces from a
+fixed generator here, so the genuine exchange is the same bytes on every run: a genuine
+OwnerProof or VmConfirm in a seed file still verifies when the target replays it, and the
+fuzzer can mutate its way from there.
 """
 
 from __future__ import annotations
