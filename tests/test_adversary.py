@@ -28,7 +28,7 @@ from typing import Literal
 
 import pytest
 from imprint import crypto
-from imprint.protocol import exchange
+from imprint.protocol import exchange, messages
 from imprint.protocol.driver import ExchangeDriver
 from imprint.protocol.errors import AlertCode, LocalProtocolError, RemoteProtocolError
 from imprint.protocol.exchange import (
@@ -54,7 +54,7 @@ from imprint.protocol.messages import (
     decode_body,
     encode_frame,
 )
-from imprint.tokens import Token, TokenKind
+from imprint.tokens import Mode, Token, TokenKind
 
 from tests.helpers import keys
 from tests.helpers.exchange import split_frames
@@ -80,7 +80,8 @@ SENDER: dict[MessageType, Side] = {
     MessageType.OWNER_PROOF: "owner",
     MessageType.VM_CONFIRM: "vm",
 }
-WIRE_MODE: dict[ModeName, WireMode] = {"shared": WireMode.SHARED, "nosecret": WireMode.NOSECRET}
+WIRE_MODE: dict[ModeName, WireMode] = {"shared": messages.WIRE_MODE[Mode.SHARED],
+                                       "nosecret": messages.WIRE_MODE[Mode.NOSECRET]}
 
 
 def other(side: Side) -> Side:

@@ -35,6 +35,7 @@ from imprint.protocol.errors import AlertCode, LocalProtocolError, RemoteProtoco
 from imprint.protocol.exchange import Local, OwnerExchange, State, VmExchange
 from imprint.protocol.messages import (
     MESSAGE_TYPES,
+    WIRE_MODE,
     Alert,
     FrameBuffer,
     Message,
@@ -214,8 +215,7 @@ def _alert_text(code: AlertCode) -> bytes:
 
 
 def vm_hello_frame(mode: str, vm_spki: bytes) -> bytes:
-    wire = WireMode.SHARED if mode == "shared" else WireMode.NOSECRET
-    return encode_frame(VmHello(mode=int(wire), vm_nonce=bytes(32), vm_spki=vm_spki))
+    return encode_frame(VmHello(mode=int(WIRE_MODE[Mode(mode)]), vm_nonce=bytes(32), vm_spki=vm_spki))
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -231,7 +231,7 @@ def test_owner_refuses_a_vm_hello_with_a_hostile_key(mode: str, name: str) -> No
 
 @pytest.mark.parametrize("mode", MODES)
 def test_vm_refuses_an_owner_certificate_with_an_unknown_key_algorithm(mode: str) -> None:
-    hello = OwnerHello(mode=int(WireMode.SHARED if mode == "shared" else WireMode.NOSECRET),
+    hello = OwnerHello(mode=int(WIRE_MODE[Mode(mode)]),
                        token_id=(K if Mode(mode) is Mode.SHARED else NOSECRET).token_id, owner_nonce=bytes(32),
                        owner_cert=with_unknown_key_oid(OWNER_CERT),
                        seen_server_cert_sha256=crypto.sha256(VM_CERT))

@@ -38,6 +38,7 @@ from imprint import crypto
 from imprint.protocol.errors import ALERT_TEXT, AlertCode, LocalProtocolError, RemoteProtocolError
 from imprint.protocol.messages import (
     MESSAGE_TYPES,
+    WIRE_MODE,
     Alert,
     FrameBuffer,
     Message,
@@ -47,7 +48,6 @@ from imprint.protocol.messages import (
     VmConfirm,
     VmHello,
     VmProof,
-    WireMode,
     decode_body,
     encode_body,
 )
@@ -63,7 +63,6 @@ _PROOF_LABEL = {
     "vm-confirm": b"imprint/1 confirm vm\0",
 }
 _MAC_INFO = {"owner": b"imprint/1 shared mac owner->vm", "vm": b"imprint/1 shared mac vm->owner"}
-_WIRE_MODE = {Mode.SHARED: WireMode.SHARED, Mode.NOSECRET: WireMode.NOSECRET}
 
 
 # ---- events --------------------------------------------------------------------------------
@@ -275,7 +274,7 @@ class _Session:
         return events
 
     def _check_mode(self, wire_mode: int) -> None:
-        if wire_mode != _WIRE_MODE[self._mode]:
+        if wire_mode != WIRE_MODE[self._mode]:
             raise RemoteProtocolError(
                 AlertCode.MODE_MISMATCH,
                 f"peer uses mode {wire_mode}, this side {self._mode.value}: the mode cannot be changed in flight",
@@ -373,7 +372,7 @@ class OwnerExchange(_Session):
     def _on_initiate(self) -> list[Event]:
         self._send(
             OwnerHello(
-                mode=_WIRE_MODE[self._mode],
+                mode=WIRE_MODE[self._mode],
                 token_id=self._token.token_id,
                 owner_nonce=self._rng(crypto.NONCE_BYTES),
                 owner_cert=self._owner_cert,
@@ -466,7 +465,7 @@ class VmExchange(_Session):
         self.peer_key = owner_key
         self.peer_cert = msg.owner_cert
         self._absorb(body)
-        self._send(VmHello(mode=_WIRE_MODE[self._mode], vm_nonce=self._rng(crypto.NONCE_BYTES),
+        self._send(VmHello(mode=WIRE_MODE[self._mode], vm_nonce=self._rng(crypto.NONCE_BYTES),
                            vm_spki=self._key.public.spki))
         signature, tag = self._prove("vm")
         self._send(VmProof(signature=signature, mac=tag))
