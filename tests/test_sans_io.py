@@ -31,6 +31,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from imprint import crypto, tls, tokens
+from imprint.protocol.driver import ExchangeDriver
 from imprint.protocol.errors import AlertCode, LocalProtocolError, RemoteProtocolError
 from imprint.protocol.exchange import Local, OwnerExchange, State, VmExchange
 from imprint.protocol.messages import (
@@ -358,18 +359,19 @@ VM_STATES = [State.AWAIT_OWNER_HELLO, State.AWAIT_OWNER_PROOF, State.AWAIT_LOCAL
 
 
 def session_at(side: str, mode: str, state: State) -> OwnerExchange | VmExchange:
-    """A fresh session of ``side`` driven by the genuine exchange, frame by frame, to ``state``."""
+    """A fresh session of ``side`` driven by the genuine exchange, frame by frame, to ``state``
+    (each side under the one driver; the VM confirms as a step of its own)."""
     owner, vm = owner_session(Mode(mode)), vm_session(Mode(mode))
+    owner_driver, vm_driver = ExchangeDriver(owner), ExchangeDriver(vm)
     me = owner if side == "owner" else vm
     flight: list[bytes] = []
     steps: list[Callable[[], object]] = [
-        lambda: vm.receive_data(owner.initiate()),
-        lambda: flight.extend(split_frames(vm.data_to_send())),
-        lambda: owner.receive_data(flight[0]),  # VmHello alone
-        lambda: owner.receive_data(flight[1]),  # VmProof
-        lambda: vm.receive_data(owner.data_to_send()),
+        lambda: flight.extend(split_frames(vm_driver.feed(owner_driver.opening()).to_send)),
+        lambda: owner_driver.feed(flight.pop(0)),  # VmHello alone
+        lambda: flight.append(owner_driver.feed(flight.pop(0)).to_send),  # VmProof, answered by OwnerProof
+        lambda: vm_driver.feed(flight.pop()),
         vm.confirm,
-        lambda: owner.receive_data(vm.data_to_send()),
+        lambda: owner_driver.feed(vm.data_to_send()),
     ]
     for step in [lambda: None, *steps]:
         step()
