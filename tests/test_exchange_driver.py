@@ -28,7 +28,7 @@ def read_all(sock: socket.socket) -> bytes:
     return data
 
 
-@pytest.mark.parametrize("mode", list(Mode), ids=[m.value for m in Mode])
+@pytest.mark.parametrize("mode", list(Mode))
 def test_both_sides_run_the_whole_exchange_over_a_socket(mode: Mode) -> None:
     owner, vm = owner_session(mode), vm_session(mode)
     owner_events: list[Event] = []

@@ -99,7 +99,7 @@ HOSTILE_SPKIS = {
 }
 
 
-MODES = [mode.value for mode in Mode]  # strings: the tests' ids stay "shared" and "nosecret"
+MODES = list(Mode)
 
 
 def with_unknown_key_oid(cert: bytes) -> bytes:
@@ -215,14 +215,14 @@ def _alert_text(code: AlertCode) -> bytes:
     return ALERT_TEXT[code].encode()
 
 
-def vm_hello_frame(mode: str, vm_spki: bytes) -> bytes:
-    return encode_frame(VmHello(mode=int(WIRE_MODE[Mode(mode)]), vm_nonce=bytes(32), vm_spki=vm_spki))
+def vm_hello_frame(mode: Mode, vm_spki: bytes) -> bytes:
+    return encode_frame(VmHello(mode=int(WIRE_MODE[mode]), vm_nonce=bytes(32), vm_spki=vm_spki))
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", list(HOSTILE_SPKIS))
-def test_owner_refuses_a_vm_hello_with_a_hostile_key(mode: str, name: str) -> None:
-    owner = owner_session(Mode(mode))
+def test_owner_refuses_a_vm_hello_with_a_hostile_key(mode: Mode, name: str) -> None:
+    owner = owner_session(mode)
     owner.initiate()
     with pytest.raises(RemoteProtocolError) as info:
         owner.receive_data(vm_hello_frame(mode, HOSTILE_SPKIS[name]))
@@ -231,12 +231,12 @@ def test_owner_refuses_a_vm_hello_with_a_hostile_key(mode: str, name: str) -> No
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_vm_refuses_an_owner_certificate_with_an_unknown_key_algorithm(mode: str) -> None:
-    hello = OwnerHello(mode=int(WIRE_MODE[Mode(mode)]),
-                       token_id=(K if Mode(mode) is Mode.SHARED else NOSECRET).token_id, owner_nonce=bytes(32),
+def test_vm_refuses_an_owner_certificate_with_an_unknown_key_algorithm(mode: Mode) -> None:
+    hello = OwnerHello(mode=int(WIRE_MODE[mode]),
+                       token_id=(K if mode is Mode.SHARED else NOSECRET).token_id, owner_nonce=bytes(32),
                        owner_cert=with_unknown_key_oid(OWNER_CERT),
                        seen_server_cert_sha256=crypto.sha256(VM_CERT))
-    vm = vm_session(Mode(mode))
+    vm = vm_session(mode)
     with pytest.raises(RemoteProtocolError) as info:
         vm.receive_data(encode_frame(hello))
     assert_refused(vm, info, AlertCode.MALFORMED)
@@ -248,25 +248,25 @@ def test_vm_refuses_an_owner_certificate_with_an_unknown_key_algorithm(mode: str
 Reach = Callable[[str], tuple[OwnerExchange | VmExchange, bytes]]
 
 
-def reach_owner_hello(mode: str) -> tuple[OwnerExchange | VmExchange, bytes]:
-    return vm_session(Mode(mode)), owner_session(Mode(mode)).initiate()
+def reach_owner_hello(mode: Mode) -> tuple[OwnerExchange | VmExchange, bytes]:
+    return vm_session(mode), owner_session(mode).initiate()
 
 
-def reach_owner_proof(mode: str) -> tuple[OwnerExchange | VmExchange, bytes]:
-    owner, vm = owner_session(Mode(mode)), vm_session(Mode(mode))
+def reach_owner_proof(mode: Mode) -> tuple[OwnerExchange | VmExchange, bytes]:
+    owner, vm = owner_session(mode), vm_session(mode)
     vm.receive_data(owner.initiate())
     owner.receive_data(vm.data_to_send())
     return vm, owner.data_to_send()
 
 
-def reach_vm_flight(mode: str) -> tuple[OwnerExchange | VmExchange, bytes]:
-    owner, vm = owner_session(Mode(mode)), vm_session(Mode(mode))
+def reach_vm_flight(mode: Mode) -> tuple[OwnerExchange | VmExchange, bytes]:
+    owner, vm = owner_session(mode), vm_session(mode)
     vm.receive_data(owner.initiate())
     return owner, vm.data_to_send()
 
 
-def reach_vm_confirm(mode: str) -> tuple[OwnerExchange | VmExchange, bytes]:
-    owner, vm = owner_session(Mode(mode)), vm_session(Mode(mode))
+def reach_vm_confirm(mode: Mode) -> tuple[OwnerExchange | VmExchange, bytes]:
+    owner, vm = owner_session(mode), vm_session(mode)
     vm.receive_data(owner.initiate())
     owner.receive_data(vm.data_to_send())
     vm.receive_data(owner.data_to_send())
@@ -289,9 +289,9 @@ STEPS: dict[str, tuple[Reach, object, str]] = {
 
 @pytest.mark.parametrize("make", INJECTED, ids=INJECTED_IDS)
 @pytest.mark.parametrize(("mode", "step"), [(mode, step) for mode in MODES for step in STEPS
-                                            if not (mode == "nosecret" and step.endswith("/hkdf"))])  # no MAC key
+                                            if not (mode is Mode.NOSECRET and step.endswith("/hkdf"))])  # no MAC key
 def test_an_exception_injected_while_processing_peer_bytes_is_a_remote_protocol_error(
-        monkeypatch: pytest.MonkeyPatch, mode: str, step: str, make: Callable[[], BaseException]) -> None:
+        monkeypatch: pytest.MonkeyPatch, mode: Mode, step: str, make: Callable[[], BaseException]) -> None:
     reach, target, attribute = STEPS[step]
     session, data = reach(mode)
     before = session.state
@@ -307,15 +307,15 @@ def test_an_exception_injected_while_processing_peer_bytes_is_a_remote_protocol_
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_a_failing_injected_rng_while_answering_is_a_remote_protocol_error(mode: str) -> None:
-    vm = vm_session(Mode(mode), rng=raiser(lambda: OSError("getrandom failed")))  # type: ignore[arg-type]
+def test_a_failing_injected_rng_while_answering_is_a_remote_protocol_error(mode: Mode) -> None:
+    vm = vm_session(mode, rng=raiser(lambda: OSError("getrandom failed")))  # type: ignore[arg-type]
     with pytest.raises(RemoteProtocolError) as info:
-        vm.receive_data(owner_session(Mode(mode)).initiate())
+        vm.receive_data(owner_session(mode).initiate())
     assert_refused(vm, info, AlertCode.MALFORMED)
 
 
 def test_keyboard_interrupt_is_not_converted_but_the_session_is_failed(monkeypatch: pytest.MonkeyPatch) -> None:
-    vm, data = reach_owner_hello("shared")
+    vm, data = reach_owner_hello(Mode.SHARED)
     monkeypatch.setattr(crypto, "self_signed_certificate_spki", raiser(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         vm.receive_data(data)
@@ -358,10 +358,10 @@ OWNER_STATES = [State.START, State.AWAIT_VM_HELLO, State.AWAIT_VM_PROOF, State.A
 VM_STATES = [State.AWAIT_OWNER_HELLO, State.AWAIT_OWNER_PROOF, State.AWAIT_LOCAL_CONFIRM, State.DONE]
 
 
-def session_at(side: str, mode: str, state: State) -> OwnerExchange | VmExchange:
+def session_at(side: str, mode: Mode, state: State) -> OwnerExchange | VmExchange:
     """A fresh session of ``side`` driven by the genuine exchange, frame by frame, to ``state``
     (each side under the one driver; the VM confirms as a step of its own)."""
-    owner, vm = owner_session(Mode(mode)), vm_session(Mode(mode))
+    owner, vm = owner_session(mode), vm_session(mode)
     owner_driver, vm_driver = ExchangeDriver(owner), ExchangeDriver(vm)
     me = owner if side == "owner" else vm
     flight: list[bytes] = []
@@ -392,7 +392,7 @@ def some_message(message_type: MessageType) -> bytes:
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("side", ["owner", "vm"])
-def test_every_message_the_table_does_not_list_is_unexpected(side: str, mode: str) -> None:
+def test_every_message_the_table_does_not_list_is_unexpected(side: str, mode: Mode) -> None:
     cls = OwnerExchange if side == "owner" else VmExchange
     states = OWNER_STATES if side == "owner" else VM_STATES
     # The table names exactly the live states; DONE and FAILED have no way on.
@@ -440,7 +440,7 @@ def test_receive_data_of_the_wrong_type_is_local_misuse() -> None:
 def test_abort_fails_every_live_state_and_leaves_terminal_ones() -> None:
     for side, states in (("owner", OWNER_STATES), ("vm", VM_STATES)):
         for state in states:
-            session = session_at(side, "shared", state)
+            session = session_at(side, Mode.SHARED, state)
             session.abort(AlertCode.INTERNAL, "storage failed")
             sent = decoded(session.data_to_send())
             if state is State.DONE:
@@ -482,7 +482,7 @@ class HostileAgent:
                         message = decode_body(body)
                         self.received.append(message)
                         if isinstance(message, OwnerHello):
-                            sock.sendall(vm_hello_frame("shared", self._spki))
+                            sock.sendall(vm_hello_frame(Mode.SHARED, self._spki))
         except (OSError, ssl.SSLError) as exc:
             if not isinstance(exc, ssl.SSLEOFError):
                 self.errors.append(exc)
