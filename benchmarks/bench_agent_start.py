@@ -79,7 +79,7 @@ def cycle(home: OwnerHome, store: Store, base: Path, logs: Path, env: dict[str, 
         restart_mem = h.proc_memory(again.proc.pid)
         pin = store.pin(vm)
         assert pin is not None and pin.state == "bound"
-        client = PinnedClient(home, vm, pin.vm_cert_pem, again.address)
+        client = PinnedClient(home, vm, pin.vm_cert, again.address)
         try:
             status = client.get("/v1/status")
         finally:

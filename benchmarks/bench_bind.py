@@ -90,7 +90,7 @@ def serve_baseline(directory: Path, nodelay: bool) -> int:
     from imprint.guest.notify import notify
 
     context = tls.agent_pinned_context(str(directory / "server.crt"), str(directory / "server.key"),
-                                       (directory / "client.crt").read_text())
+                                       tls.PinnedCert.from_pem((directory / "client.crt").read_text()))
     listener = socket.create_server(("127.0.0.1", 0))
 
     def serve(conn: socket.socket) -> None:
@@ -117,7 +117,7 @@ class Baseline:
         self.server_pem = key.self_signed_certificate("baseline-server").decode()
         (directory / "server.crt").write_text(self.server_pem)
         shutil.copy(home.cert_file, directory / "client.crt")
-        self.server_der = crypto.certificate_der(self.server_pem.encode())
+        self.server_pin = tls.PinnedCert.from_pem(self.server_pem)
         self.pin_file = directory / "pin.crt"
         self.pin_file.write_text(self.server_pem)
         self.home = home
@@ -130,11 +130,11 @@ class Baseline:
 
     def request(self) -> dict[str, Any]:
         """The timed unit: fresh context, fresh session, connect, mutual TLS 1.3, one GET."""
-        context = tls.owner_pinned_context(str(self.home.cert_file), str(self.home.key_file), self.server_pem)
+        context = tls.owner_pinned_context(str(self.home.cert_file), str(self.home.key_file), self.server_pin)
         session = requests.Session()
         session.trust_env = False
         session.verify = str(self.pin_file)
-        session.mount("https://", PinnedAdapter(context, self.server_der))
+        session.mount("https://", PinnedAdapter(context, self.server_pin))
         try:
             response = session.get(self.url, timeout=10)
             response.raise_for_status()

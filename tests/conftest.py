@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from imprint.tokens import Mode
 
 from tests.helpers import AgentFactory, Owner
 
@@ -28,3 +29,8 @@ def owner(tmp_path: Path) -> Owner:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "vm: boots real QEMU VMs from the image-build image (CI runs them)")
     config.addinivalue_line("markers", "slow: long-running (CI runs them)")
+
+
+def pytest_make_parametrize_id(config: pytest.Config, val: object, argname: str) -> str | None:
+    """A mode's test id is its value ("shared", "nosecret"), as the CLI spells it."""
+    return val.value if isinstance(val, Mode) else None

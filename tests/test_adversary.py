@@ -20,7 +20,6 @@ VM has legitimately pinned the genuine owner, the owner fails and recovers from 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -28,9 +27,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ed25519
 from imprint import crypto
-from imprint.protocol import exchange
+from imprint.protocol import exchange, messages
+from imprint.protocol.driver import ExchangeDriver
 from imprint.protocol.errors import AlertCode, LocalProtocolError, RemoteProtocolError
 from imprint.protocol.exchange import (
     Event,
@@ -55,11 +54,13 @@ from imprint.protocol.messages import (
     decode_body,
     encode_frame,
 )
-from imprint.tokens import Token, TokenKind
+from imprint.tokens import Mode, Token, TokenKind
+
+from tests.helpers import keys
+from tests.helpers.exchange import split_frames
 
 Side = Literal["owner", "vm"]
-ModeName = Literal["shared", "nosecret"]
-MODES: tuple[ModeName, ...] = ("shared", "nosecret")
+MODES: tuple[Mode, ...] = (Mode.SHARED, Mode.NOSECRET)
 SIDES: tuple[Side, ...] = ("owner", "vm")
 
 GENUINE_TYPES = (
@@ -78,7 +79,6 @@ SENDER: dict[MessageType, Side] = {
     MessageType.OWNER_PROOF: "owner",
     MessageType.VM_CONFIRM: "vm",
 }
-WIRE_MODE: dict[ModeName, WireMode] = {"shared": WireMode.SHARED, "nosecret": WireMode.NOSECRET}
 
 
 def other(side: Side) -> Side:
@@ -94,12 +94,7 @@ def type_id(t: MessageType) -> str:
 
 def fixed_key(label: str) -> crypto.PrivateKey:
     """A deterministic key, so that frame layouts (and the parametrised bit positions) are stable."""
-    seed = hashlib.sha256(b"imprint tests adversary\0" + label.encode()).digest()
-    return crypto.PrivateKey(ed25519.Ed25519PrivateKey.from_private_bytes(seed))
-
-
-def cert_der(key: crypto.PrivateKey, name: str) -> bytes:
-    return crypto.certificate_der(key.self_signed_certificate(name))
+    return keys.fixed_key(label, domain="imprint tests adversary")
 
 
 @dataclass(frozen=True)
@@ -119,13 +114,13 @@ def make_cast() -> Cast:
     attacker_owner, attacker_vm = fixed_key("attacker owner"), fixed_key("attacker vm")
     return Cast(
         owner=owner,
-        owner_cert=cert_der(owner, "owner"),
+        owner_cert=keys.cert_der(owner, "owner"),
         vm=vm,
-        vm_cert=cert_der(vm, "vm"),
+        vm_cert=keys.cert_der(vm, "vm"),
         attacker_owner=attacker_owner,
-        attacker_owner_cert=cert_der(attacker_owner, "owner"),
+        attacker_owner_cert=keys.cert_der(attacker_owner, "owner"),
         attacker_vm=attacker_vm,
-        attacker_cert=cert_der(attacker_vm, "vm"),
+        attacker_cert=keys.cert_der(attacker_vm, "vm"),
     )
 
 
@@ -136,7 +131,7 @@ CAST = make_cast()
 class Scenario:
     """One imprint: the tokens each side holds, in one mode."""
 
-    mode: ModeName
+    mode: Mode
     cast: Cast
     owner_token: Token
     owner_vm_token: Token | None  # the VM token that came back through the site (no-secrets mode)
@@ -158,8 +153,8 @@ class Scenario:
         return self.owner_session(), self.vm_session()
 
 
-def make_scenario(mode: ModeName, cast: Cast = CAST) -> Scenario:
-    if mode == "shared":
+def make_scenario(mode: Mode, cast: Cast = CAST) -> Scenario:
+    if mode is Mode.SHARED:
         k = Token(TokenKind.SHARED, os.urandom(32))
         return Scenario(mode, cast, owner_token=k, owner_vm_token=None, vm_token=k)
     owner_token = Token(TokenKind.NOSECRET, cast.owner.public.digest)
@@ -169,24 +164,11 @@ def make_scenario(mode: ModeName, cast: Cast = CAST) -> Scenario:
 
 @pytest.fixture(params=MODES)
 def scenario(request: pytest.FixtureRequest) -> Scenario:
-    mode: ModeName = request.param
+    mode: Mode = request.param
     return make_scenario(mode)
 
 
 # ---- the link driver
-
-
-def split_frames(data: bytes) -> list[bytes]:
-    """Split a flight into whole frames by their 2-byte length prefix."""
-    frames: list[bytes] = []
-    pos = 0
-    while pos < len(data):
-        assert pos + 2 <= len(data), "a session emitted a partial frame header"
-        end = pos + 2 + int.from_bytes(data[pos : pos + 2], "big")
-        assert end <= len(data), "a session emitted a partial frame"
-        frames.append(data[pos:end])
-        pos = end
-    return frames
 
 
 @dataclass(frozen=True)
@@ -290,8 +272,10 @@ def run_link(
     """Pump frames between the two sessions through ``attacker`` until the link is quiet or cut,
     then close it: a side still waiting gets ``receive_data(b"")``.
 
-    A side that failed is not fed any more (its driver stops reading). When the VM authenticates
-    the owner the driver pins the key and calls ``confirm()``, as the agent does.
+    Each side runs under imprint.protocol.driver's ExchangeDriver, the agent's and the owner's
+    driver, one ``feed`` per delivery. A side that failed is not fed any more (its driver stops
+    reading). When the VM authenticates the owner its handler pins the key and calls
+    ``confirm()``, as the agent's does.
     """
     sessions: dict[Side, OwnerExchange | VmExchange] = {"owner": owner, "vm": vm}
     out: dict[Side, Outcome] = {"owner": Outcome(), "vm": Outcome()}
@@ -302,26 +286,28 @@ def run_link(
             out[side].sent.append(data_frame)
             queue.append(Frame(side, len(out[side].sent) - 1, data_frame))
 
+    def on_vm_event(event: Event) -> None:
+        out["vm"].events.append(event)
+        if auto_confirm and isinstance(event, OwnerAuthenticated):
+            out["vm"].pinned.append((event.owner_key, vm.peer_cert))
+            out["vm"].events.append(vm.confirm())
+
+    drivers: dict[Side, ExchangeDriver] = {
+        "owner": ExchangeDriver(owner, out["owner"].events.append),
+        "vm": ExchangeDriver(vm, on_vm_event),
+    }
+
     def deliver(side: Side, data: bytes) -> None:
-        session = sessions[side]
-        if session.state is State.FAILED:
+        if sessions[side].state is State.FAILED:
             return
         out[side].received.append(data)
-        try:
-            events = session.receive_data(data)
-        except RemoteProtocolError as exc:
+        step = drivers[side].feed(data)
+        if step.error is not None:
             assert out[side].error is None
-            out[side].error = exc
-            events = []
-        out[side].events.extend(events)
-        if side == "vm" and auto_confirm:
-            for event in events:
-                if isinstance(event, OwnerAuthenticated):
-                    out["vm"].pinned.append((event.owner_key, vm.peer_cert))
-                    out["vm"].events.append(vm.confirm())
-        emit(side, session.data_to_send())
+            out[side].error = step.error
+        emit(side, step.to_send)
 
-    emit("owner", owner.initiate())
+    emit("owner", drivers["owner"].opening())
     cut = False
     while queue:
         action = attacker(queue.popleft())
@@ -511,7 +497,7 @@ def frame_layout(frame: bytes) -> list[tuple[str, int, int]]:
 
 @dataclass(frozen=True)
 class Flip:
-    mode: ModeName
+    mode: Mode
     target: MessageType
     where: str
     pos: int
@@ -519,7 +505,7 @@ class Flip:
     size: int  # the frame's length, to check that the layout still applies
 
     def __str__(self) -> str:
-        return f"{self.mode}-{type_id(self.target)}-{self.where}@{self.pos}^{self.mask:#04x}"
+        return f"{self.mode.value}-{type_id(self.target)}-{self.where}@{self.pos}^{self.mask:#04x}"
 
 
 def flip_cases() -> list[Flip]:
@@ -567,7 +553,7 @@ def test_drop_closes_the_link(scenario: Scenario, target: MessageType) -> None:
 
 
 def test_closed_link_raises_closed_directly() -> None:
-    scenario = make_scenario("shared")
+    scenario = make_scenario(Mode.SHARED)
     owner, vm = scenario.sessions()
     vm.receive_data(owner.initiate())
     with pytest.raises(RemoteProtocolError) as info:
@@ -735,19 +721,19 @@ def swap_owner_cert_not_self_signed(frame: Frame) -> Action:
     return [Deliver("vm", rewrite(frame, owner_cert=forged))]
 
 
-SWAPS: dict[str, tuple[MessageType, Callable[[Frame], Action], dict[ModeName, tuple[Side, AlertCode]]]] = {
+SWAPS: dict[str, tuple[MessageType, Callable[[Frame], Action], dict[Mode, tuple[Side, AlertCode]]]] = {
     "owner_hello_attacker_cert": (MessageType.OWNER_HELLO, swap_owner_cert, {
         # shared: the VM cannot tell yet, but the owner's transcript differs from the VM's
-        "shared": ("owner", AlertCode.AUTHENTICATION_FAILED),
-        "nosecret": ("vm", AlertCode.KEY_MISMATCH),
+        Mode.SHARED: ("owner", AlertCode.AUTHENTICATION_FAILED),
+        Mode.NOSECRET: ("vm", AlertCode.KEY_MISMATCH),
     }),
     "owner_hello_owner_key_not_self_signed": (MessageType.OWNER_HELLO, swap_owner_cert_not_self_signed, {
-        "shared": ("vm", AlertCode.MALFORMED),
-        "nosecret": ("vm", AlertCode.MALFORMED),
+        Mode.SHARED: ("vm", AlertCode.MALFORMED),
+        Mode.NOSECRET: ("vm", AlertCode.MALFORMED),
     }),
     "vm_hello_attacker_key": (MessageType.VM_HELLO, swap_vm_key, {
-        "shared": ("owner", AlertCode.KEY_MISMATCH),
-        "nosecret": ("owner", AlertCode.KEY_MISMATCH),
+        Mode.SHARED: ("owner", AlertCode.KEY_MISMATCH),
+        Mode.NOSECRET: ("owner", AlertCode.KEY_MISMATCH),
     }),
 }
 
@@ -761,9 +747,9 @@ def test_swap_keys(scenario: Scenario, case: str) -> None:
 
 
 @pytest.mark.parametrize("victim", SIDES)
-@pytest.mark.parametrize(("mode", "leaked_k"), [("shared", False), ("shared", True), ("nosecret", False)],
+@pytest.mark.parametrize(("mode", "leaked_k"), [(Mode.SHARED, False), (Mode.SHARED, True), (Mode.NOSECRET, False)],
                          ids=["shared-no-k", "shared-leaked-k", "nosecret"])
-def test_attacker_impersonating_one_side_with_a_correct_transcript(victim: Side, mode: ModeName,
+def test_attacker_impersonating_one_side_with_a_correct_transcript(victim: Side, mode: Mode,
                                                                      leaked_k: bool) -> None:
     """The attacker talks to one genuine side with its own key, signing the right transcript.
 
@@ -774,12 +760,12 @@ def test_attacker_impersonating_one_side_with_a_correct_transcript(victim: Side,
     scenario = make_scenario(mode)
     cast = scenario.cast
     k = scenario.owner_token.payload if leaked_k else None
-    wire_mode = WIRE_MODE[scenario.mode]
+    wire_mode = messages.WIRE_MODE[scenario.mode]
     if victim == "vm":
         vm = scenario.vm_session()
         hello = encode_frame(OwnerHello(wire_mode, scenario.vm_token.token_id, os.urandom(32),
                                         cast.attacker_owner_cert, crypto.sha256(cast.vm_cert)))
-        if scenario.mode == "nosecret":
+        if scenario.mode is Mode.NOSECRET:
             with pytest.raises(RemoteProtocolError) as info:
                 vm.receive_data(hello)
             assert info.value.code is AlertCode.KEY_MISMATCH
@@ -807,7 +793,7 @@ def test_attacker_impersonating_one_side_with_a_correct_transcript(victim: Side,
         return
     with pytest.raises(RemoteProtocolError) as info:
         owner.receive_data(vm_hello + vm_proof)
-    code = AlertCode.AUTHENTICATION_FAILED if scenario.mode == "shared" else AlertCode.KEY_MISMATCH
+    code = AlertCode.AUTHENTICATION_FAILED if scenario.mode is Mode.SHARED else AlertCode.KEY_MISMATCH
     assert info.value.code is code
     assert owner.state is State.FAILED
 
@@ -818,7 +804,7 @@ def test_attacker_impersonating_one_side_with_a_correct_transcript(victim: Side,
 @pytest.mark.parametrize("target", [MessageType.OWNER_HELLO, MessageType.VM_HELLO], ids=type_id)
 @pytest.mark.parametrize("new_mode", ["other", 0, 3, 255])
 def test_mode_rewritten_in_flight(scenario: Scenario, target: MessageType, new_mode: str | int) -> None:
-    mode = {"shared": WireMode.NOSECRET, "nosecret": WireMode.SHARED}[scenario.mode] if new_mode == "other" \
+    mode = {Mode.SHARED: WireMode.NOSECRET, Mode.NOSECRET: WireMode.SHARED}[scenario.mode] if new_mode == "other" \
         else new_mode
     result = run_link(*scenario.sessions(), on({target: lambda f: [Deliver(f.dst, rewrite(f, mode=mode))]}))
     assert_defeated(result, scenario, target)
@@ -826,9 +812,9 @@ def test_mode_rewritten_in_flight(scenario: Scenario, target: MessageType, new_m
 
 
 @pytest.mark.parametrize("target", [MessageType.VM_PROOF, MessageType.OWNER_PROOF], ids=type_id)
-@pytest.mark.parametrize(("mode", "mac_len"), [("shared", 0), ("shared", 16), ("shared", 64),
-                                               ("nosecret", 16), ("nosecret", 32), ("nosecret", 64)])
-def test_proof_mac_stripped_or_added(mode: ModeName, target: MessageType, mac_len: int) -> None:
+@pytest.mark.parametrize(("mode", "mac_len"), [(Mode.SHARED, 0), (Mode.SHARED, 16), (Mode.SHARED, 64),
+                                               (Mode.NOSECRET, 16), (Mode.NOSECRET, 32), (Mode.NOSECRET, 64)])
+def test_proof_mac_stripped_or_added(mode: Mode, target: MessageType, mac_len: int) -> None:
     """Stripping the MAC downgrades a shared proof to a no-secrets one; adding one does the reverse."""
     scenario = make_scenario(mode)
     forged_mac = os.urandom(mac_len)
@@ -845,17 +831,17 @@ def other_owner_token(scenario: Scenario) -> Scenario:
     return dataclasses.replace(scenario, vm_token=Token(TokenKind.NOSECRET, stranger.public.digest))
 
 
-WRONG_TOKENS: dict[str, tuple[ModeName, Callable[[Scenario], Scenario], Attacker, Side, AlertCode]] = {
-    "vm_holds_another_k": ("shared", lambda s: dataclasses.replace(
+WRONG_TOKENS: dict[str, tuple[Mode, Callable[[Scenario], Scenario], Attacker, Side, AlertCode]] = {
+    "vm_holds_another_k": (Mode.SHARED, lambda s: dataclasses.replace(
         s, vm_token=Token(TokenKind.SHARED, os.urandom(32))), forward, "vm", AlertCode.WRONG_TOKEN),
-    "vm_holds_a_nosecret_token": ("shared", other_owner_token, forward, "vm", AlertCode.MODE_MISMATCH),
-    "vm_holds_another_owner_token": ("nosecret", other_owner_token, forward, "vm", AlertCode.WRONG_TOKEN),
-    "vm_holds_a_token_with_the_same_id": ("nosecret", lambda s: dataclasses.replace(
+    "vm_holds_a_nosecret_token": (Mode.SHARED, other_owner_token, forward, "vm", AlertCode.MODE_MISMATCH),
+    "vm_holds_another_owner_token": (Mode.NOSECRET, other_owner_token, forward, "vm", AlertCode.WRONG_TOKEN),
+    "vm_holds_a_token_with_the_same_id": (Mode.NOSECRET, lambda s: dataclasses.replace(
         s, vm_token=Token(TokenKind.NOSECRET, s.owner_token.payload[:8] + os.urandom(24))),
         forward, "vm", AlertCode.KEY_MISMATCH),
-    "vm_holds_a_shared_token": ("nosecret", lambda s: dataclasses.replace(
+    "vm_holds_a_shared_token": (Mode.NOSECRET, lambda s: dataclasses.replace(
         s, vm_token=Token(TokenKind.SHARED, os.urandom(32))), forward, "vm", AlertCode.MODE_MISMATCH),
-    "owner_holds_another_vm_token": ("nosecret", lambda s: dataclasses.replace(
+    "owner_holds_another_vm_token": (Mode.NOSECRET, lambda s: dataclasses.replace(
         s, owner_vm_token=Token(TokenKind.VM, fixed_key("some other vm").public.digest)),
         forward, "owner", AlertCode.KEY_MISMATCH),
 }
@@ -872,7 +858,7 @@ def test_wrong_token(case: str) -> None:
 
 def test_wrong_k_with_token_id_rewritten_to_match() -> None:
     """The token id is public: rewriting it gets past the VM's first check, not past the MACs."""
-    scenario = dataclasses.replace(make_scenario("shared"), vm_token=Token(TokenKind.SHARED, os.urandom(32)))
+    scenario = dataclasses.replace(make_scenario(Mode.SHARED), vm_token=Token(TokenKind.SHARED, os.urandom(32)))
     vm_id = scenario.vm_token.token_id
     result = run_link(*scenario.sessions(),
                       on({MessageType.OWNER_HELLO: lambda f: [Deliver("vm", rewrite(f, token_id=vm_id))]}))
@@ -914,13 +900,13 @@ def mitm_relay(scenario: Scenario, variant: str) -> Attacker:
                MessageType.VM_PROOF: on_vm_proof})
 
 
-MITM_DETECTION: dict[str, dict[ModeName, tuple[Side, AlertCode]]] = {
-    "relay": {"shared": ("vm", AlertCode.CHANNEL_BINDING_MISMATCH),
-              "nosecret": ("vm", AlertCode.CHANNEL_BINDING_MISMATCH)},
-    "rewrite_binding": {"shared": ("owner", AlertCode.KEY_MISMATCH),
-                        "nosecret": ("owner", AlertCode.KEY_MISMATCH)},
-    "rewrite_binding_and_key": {"shared": ("owner", AlertCode.AUTHENTICATION_FAILED),
-                                "nosecret": ("owner", AlertCode.KEY_MISMATCH)},
+MITM_DETECTION: dict[str, dict[Mode, tuple[Side, AlertCode]]] = {
+    "relay": {Mode.SHARED: ("vm", AlertCode.CHANNEL_BINDING_MISMATCH),
+              Mode.NOSECRET: ("vm", AlertCode.CHANNEL_BINDING_MISMATCH)},
+    "rewrite_binding": {Mode.SHARED: ("owner", AlertCode.KEY_MISMATCH),
+                        Mode.NOSECRET: ("owner", AlertCode.KEY_MISMATCH)},
+    "rewrite_binding_and_key": {Mode.SHARED: ("owner", AlertCode.AUTHENTICATION_FAILED),
+                                Mode.NOSECRET: ("owner", AlertCode.KEY_MISMATCH)},
 }
 
 
@@ -954,7 +940,7 @@ def run_full_mitm(scenario: Scenario, *, attacker_owner_token: Token, attacker_v
 
 def test_leaked_k_allows_a_full_mitm_in_shared_mode() -> None:
     """Documented limit: whoever holds K can stand between owner and VM with keys of its own."""
-    scenario = make_scenario("shared")
+    scenario = make_scenario(Mode.SHARED)
     k = scenario.owner_token
     cast = scenario.cast
     mitm = run_full_mitm(scenario, attacker_owner_token=k, attacker_vm_token=None, attacker_holds=k)
@@ -966,7 +952,7 @@ def test_leaked_k_allows_a_full_mitm_in_shared_mode() -> None:
 
 
 def test_full_mitm_without_k_fails_in_shared_mode() -> None:
-    scenario = make_scenario("shared")
+    scenario = make_scenario(Mode.SHARED)
     guess = Token(TokenKind.SHARED, os.urandom(32))
     mitm = run_full_mitm(scenario, attacker_owner_token=guess, attacker_vm_token=None, attacker_holds=guess)
     assert_detected_by(mitm.to_vm, "vm", AlertCode.WRONG_TOKEN)
@@ -979,7 +965,7 @@ def test_full_mitm_without_k_fails_in_shared_mode() -> None:
 def test_full_mitm_fails_in_nosecret_mode_unless_the_site_swaps_both_tokens(site_swaps: str) -> None:
     """In no-secrets mode the tokens themselves pin the keys: the attacker can only win if the
     site delivers the attacker's owner token to the VM and the attacker's VM token to the owner."""
-    scenario = make_scenario("nosecret")
+    scenario = make_scenario(Mode.NOSECRET)
     cast = scenario.cast
     attacker_owner_token = Token(TokenKind.NOSECRET, cast.attacker_owner.public.digest)
     if site_swaps in ("vm_side_only",):
@@ -1003,7 +989,7 @@ def test_full_mitm_fails_in_nosecret_mode_unless_the_site_swaps_both_tokens(site
 
 def test_full_mitm_succeeds_in_nosecret_mode_when_the_site_swaps_both_tokens() -> None:
     """Documented limit: a site that substitutes both tokens is itself the man in the middle."""
-    scenario = make_scenario("nosecret")
+    scenario = make_scenario(Mode.NOSECRET)
     cast = scenario.cast
     attacker_owner_token = Token(TokenKind.NOSECRET, cast.attacker_owner.public.digest)
     scenario = dataclasses.replace(scenario, vm_token=attacker_owner_token,
@@ -1055,7 +1041,7 @@ def test_oversized_or_malformed_frame(scenario: Scenario, target: MessageType, k
 
 
 def test_oversized_frame_is_refused_before_its_body_arrives() -> None:
-    vm = make_scenario("shared").vm_session()
+    vm = make_scenario(Mode.SHARED).vm_session()
     with pytest.raises(RemoteProtocolError) as info:
         vm.receive_data((MAX_BODY + 1).to_bytes(2, "big"))
     assert info.value.code is AlertCode.MALFORMED
@@ -1072,7 +1058,7 @@ def test_injected_alert(scenario: Scenario, target: MessageType) -> None:
 
 
 def test_alert_with_unknown_code_is_reported_as_internal() -> None:
-    vm = make_scenario("shared").vm_session()
+    vm = make_scenario(Mode.SHARED).vm_session()
     with pytest.raises(RemoteProtocolError) as info:
         vm.receive_data(encode_frame(Alert(200, b"\xff\xfe not utf-8")))
     assert info.value.code is AlertCode.INTERNAL and info.value.from_peer
@@ -1141,7 +1127,7 @@ def test_malformed_owner_certificate_is_a_remote_protocol_error(scenario: Scenar
 @pytest.mark.filterwarnings("ignore::cryptography.utils.CryptographyDeprecationWarning")
 def test_every_bit_of_the_owner_certificate_flipped_gives_only_remote_protocol_errors() -> None:
     # Regression (was a core bug): see test_malformed_owner_certificate_is_a_remote_protocol_error.
-    scenario = make_scenario("shared")
+    scenario = make_scenario(Mode.SHARED)
     hello = decode_body(scenario.owner_session().initiate()[2:])
     assert isinstance(hello, OwnerHello)
     escaped: list[tuple[int, int, str]] = []
@@ -1163,7 +1149,7 @@ def test_every_bit_of_the_owner_certificate_flipped_gives_only_remote_protocol_e
 
 
 def test_initiate_twice() -> None:
-    owner = make_scenario("shared").owner_session()
+    owner = make_scenario(Mode.SHARED).owner_session()
     owner.initiate()
     with pytest.raises(LocalProtocolError):
         owner.initiate()
@@ -1202,7 +1188,7 @@ def test_receive_data_after_failed(scenario: Scenario, side: Side, then: bytes) 
 
 def test_constructors_refuse_inconsistent_arguments() -> None:
     cast = CAST
-    nosecret = make_scenario("nosecret")
+    nosecret = make_scenario(Mode.NOSECRET)
     vm_token = nosecret.owner_vm_token
     assert vm_token is not None
     with pytest.raises(LocalProtocolError):  # the VM gets its own token instead of the owner's
@@ -1220,11 +1206,11 @@ def test_constructors_refuse_inconsistent_arguments() -> None:
                       seen_server_cert=cast.vm_cert)
     with pytest.raises(LocalProtocolError):  # the owner certificate carries another key
         OwnerExchange(owner_key=cast.owner, owner_cert=cast.attacker_owner_cert,
-                      token=make_scenario("shared").owner_token, seen_server_cert=cast.vm_cert)
+                      token=make_scenario(Mode.SHARED).owner_token, seen_server_cert=cast.vm_cert)
 
 
 def test_data_arriving_before_initiate_is_refused() -> None:
-    owner = make_scenario("shared").owner_session()
+    owner = make_scenario(Mode.SHARED).owner_session()
     with pytest.raises(RemoteProtocolError) as info:
         owner.receive_data(encode_frame(VmConfirm(signature=bytes(64), mac=b"")))
     assert info.value.code is AlertCode.UNEXPECTED_MESSAGE

@@ -269,7 +269,7 @@ def test_apply_route_refuses_malformed_documents(agents: AgentFactory, owner: Ow
     home = OwnerHome(owner.home)
     pin = home.store().pin("web1")
     assert pin is not None
-    client = PinnedClient(home, "web1", pin.vm_cert_pem, agent.address)
+    client = PinnedClient(home, "web1", pin.vm_cert, agent.address)
     try:
         for body, message in (({}, "the body must be"), ({"backends": []}, "the body must be"),
                               ({"backends": {}}, "the body must be"),

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from imprint import crypto, tokens
+from imprint import crypto, tls, tokens
 from imprint.owner.store import Store
 from imprint.protocol.messages import OwnerProof, VmConfirm, encode_frame
 
@@ -178,8 +178,8 @@ def test_confirming_a_pin_wipes_k_from_the_database_and_its_wal_at_once(tmp_path
     path = tmp_path / "imprint.db"
     store = Store(path)
     k = tokens.Token(tokens.TokenKind.SHARED, bytes(range(32)))
-    store.issue_token("web1", "shared", k.token_id.hex(), k.encode())
-    store.pin_pending("web1", "-----BEGIN CERTIFICATE-----", "SHA256:x", "shared", "127.0.0.1:1")
+    store.issue_token("web1", tokens.Mode.SHARED, k.token_id.hex(), k.encode())
+    store.pin_pending("web1", tls.PinnedCert(b"a certificate"), "SHA256:x", tokens.Mode.SHARED, "127.0.0.1:1")
     wal = path.with_name("imprint.db-wal")
     before = path.read_bytes() + (wal.read_bytes() if wal.exists() else b"")
     assert secret_of(k.encode()).encode() in before
@@ -198,9 +198,9 @@ def test_opening_an_old_home_wipes_k_of_a_vm_already_bound(tmp_path: Path) -> No
     path = tmp_path / "imprint.db"
     store = Store(path)
     k = tokens.Token(tokens.TokenKind.SHARED, bytes(range(1, 33)))
-    store.issue_token("web1", "shared", k.token_id.hex(), k.encode())
-    store.issue_token("web2", "shared", "00" * 8, "imprint1s-stillmine")  # unbound: keeps its token
-    store.pin_pending("web1", "-----BEGIN CERTIFICATE-----", "SHA256:x", "shared", "127.0.0.1:1")
+    store.issue_token("web1", tokens.Mode.SHARED, k.token_id.hex(), k.encode())
+    store.issue_token("web2", tokens.Mode.SHARED, "00" * 8, "imprint1s-stillmine")  # unbound: keeps its token
+    store.pin_pending("web1", tls.PinnedCert(b"a certificate"), "SHA256:x", tokens.Mode.SHARED, "127.0.0.1:1")
     store.close()
     db = sqlite3.connect(path)
     db.execute("UPDATE pins SET state = 'bound' WHERE vm = 'web1'")  # the old confirm_pin, alone

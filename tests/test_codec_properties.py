@@ -7,17 +7,15 @@ encoding of its value.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import os
 import string
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ed25519
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from imprint import crypto, tokens
+from imprint import tokens
 from imprint.protocol.errors import AlertCode, RemoteProtocolError
 from imprint.protocol.exchange import OwnerExchange, State, VmExchange
 from imprint.protocol.messages import (
@@ -32,7 +30,10 @@ from imprint.protocol.messages import (
     encode_body,
     encode_frame,
 )
-from imprint.tokens import Token, TokenError, TokenKind
+from imprint.tokens import Mode, Token, TokenError, TokenKind
+
+from tests.helpers.exchange import owner_session, split_frames, vm_session
+from tests.helpers.keys import OWNER_CERT
 
 PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FEW = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -326,28 +327,7 @@ def test_version_must_be_spelled_1(version: str) -> None:
 # ---- sessions fed arbitrary bytes
 
 
-def fixed_key(label: str) -> crypto.PrivateKey:
-    seed = hashlib.sha256(b"imprint tests codec\0" + label.encode()).digest()
-    return crypto.PrivateKey(ed25519.Ed25519PrivateKey.from_private_bytes(seed))
-
-
-OWNER_KEY, VM_KEY = fixed_key("owner"), fixed_key("vm")
-OWNER_CERT = crypto.certificate_der(OWNER_KEY.self_signed_certificate("owner"))
-VM_CERT = crypto.certificate_der(VM_KEY.self_signed_certificate("vm"))
-K = Token(TokenKind.SHARED, hashlib.sha256(b"imprint tests codec K").digest())
-NOSECRET = Token(TokenKind.NOSECRET, OWNER_KEY.public.digest)
-VM_TOKEN = Token(TokenKind.VM, VM_KEY.public.digest)
-SESSION_MODES = st.sampled_from(["shared", "nosecret"])
-
-
-def owner_session(mode: str) -> OwnerExchange:
-    token, vm_token = (K, None) if mode == "shared" else (NOSECRET, VM_TOKEN)
-    return OwnerExchange(owner_key=OWNER_KEY, owner_cert=OWNER_CERT, token=token, seen_server_cert=VM_CERT,
-                         vm_token=vm_token)
-
-
-def vm_session(mode: str) -> VmExchange:
-    return VmExchange(vm_key=VM_KEY, token=K if mode == "shared" else NOSECRET, own_cert=VM_CERT)
+SESSION_MODES = st.sampled_from(list(Mode))
 
 
 def feed_expecting_only_remote_errors(session: OwnerExchange | VmExchange, chunks: list[bytes]) -> None:
@@ -358,7 +338,7 @@ def feed_expecting_only_remote_errors(session: OwnerExchange | VmExchange, chunk
             assert session.state is State.FAILED
             out = session.data_to_send()
             if out:  # what a failed side sends is whole frames, the last one an Alert
-                frames = split(out)
+                frames = split_frames(out)
                 assert b"".join(frames) == out
                 assert isinstance(decode_body(frames[-1][2:]), Alert)
             return
@@ -370,7 +350,7 @@ CHUNKS = st.lists(st.one_of(st.binary(min_size=1, max_size=200), HEADERED.map(la
 
 @PROPERTY
 @given(SESSION_MODES, CHUNKS)
-def test_fresh_sessions_fed_arbitrary_bytes_raise_only_remote_protocol_error(mode: str, chunks: list[bytes]) -> None:
+def test_fresh_sessions_fed_arbitrary_bytes_raise_only_remote_protocol_error(mode: Mode, chunks: list[bytes]) -> None:
     owner = owner_session(mode)
     owner.initiate()
     feed_expecting_only_remote_errors(owner, chunks)
@@ -379,7 +359,7 @@ def test_fresh_sessions_fed_arbitrary_bytes_raise_only_remote_protocol_error(mod
 
 @FEW
 @given(SESSION_MODES, CHUNKS)
-def test_sessions_mid_exchange_fed_arbitrary_bytes_raise_only_remote_protocol_error(mode: str,
+def test_sessions_mid_exchange_fed_arbitrary_bytes_raise_only_remote_protocol_error(mode: Mode,
                                                                                      chunks: list[bytes]) -> None:
     owner, vm = owner_session(mode), vm_session(mode)
     vm.receive_data(owner.initiate())
@@ -396,44 +376,35 @@ _VM_KEY_OID_IN_VM_HELLO = 2 + 2 + 1 + 32 + 2 + 6
 
 @FEW
 @given(SESSION_MODES, st.sampled_from([0, 1, 2]), st.integers(min_value=0), st.integers(min_value=1, max_value=255))
-@example("shared", 0, _VM_KEY_OID_IN_VM_HELLO, 1)
-@example("nosecret", 0, _VM_KEY_OID_IN_VM_HELLO + 2, 0x63 - 0x70 + 256)
-def test_owner_fed_mutated_vm_frames_raises_only_remote_protocol_error(mode: str, which: int, index: int,
+@example(Mode.SHARED, 0, _VM_KEY_OID_IN_VM_HELLO, 1)
+@example(Mode.NOSECRET, 0, _VM_KEY_OID_IN_VM_HELLO + 2, 0x63 - 0x70 + 256)
+def test_owner_fed_mutated_vm_frames_raises_only_remote_protocol_error(mode: Mode, which: int, index: int,
                                                                        value: int) -> None:
     # Regression (issue 9, item 5): with cryptography 50 a VmHello key with an unknown algorithm OID (here
     # 1.4.101.112 and 1.3.101.99) raised UnsupportedAlgorithm out of OwnerExchange.receive_data; cryptography 38
     # says ValueError, which was the only exception crypto.PublicKey.from_spki caught.
     owner, vm = owner_session(mode), vm_session(mode)
     vm.receive_data(owner.initiate())
-    frames = split(vm.data_to_send())
+    frames = split_frames(vm.data_to_send())
     if which == 2:
         owner.receive_data(b"".join(frames))
         vm.receive_data(owner.data_to_send())
         vm.confirm()
-        frames = split(vm.data_to_send())
+        frames = split_frames(vm.data_to_send())
         which = 0
     frames[which] = mutate(frames[which], index, value)
     feed_expecting_only_remote_errors(owner, frames)
 
 
-def split(data: bytes) -> list[bytes]:
-    frames, pos = [], 0
-    while pos < len(data):
-        end = pos + 2 + int.from_bytes(data[pos : pos + 2], "big")
-        frames.append(data[pos:end])
-        pos = end
-    return frames
-
-
 def _cert_offset_in_owner_hello() -> int:
-    hello = owner_session("shared").initiate()
+    hello = owner_session(Mode.SHARED).initiate()
     return hello.index(OWNER_CERT)
 
 
 @FEW
 @given(SESSION_MODES, st.integers(min_value=0), st.integers(min_value=1, max_value=255))
-@example("shared", _cert_offset_in_owner_hello() + OWNER_CERT.index(bytes.fromhex("a003020102")) + 4, 1)
-def test_vm_fed_mutated_owner_hello_raises_only_remote_protocol_error(mode: str, index: int, value: int) -> None:
+@example(Mode.SHARED, _cert_offset_in_owner_hello() + OWNER_CERT.index(bytes.fromhex("a003020102")) + 4, 1)
+def test_vm_fed_mutated_owner_hello_raises_only_remote_protocol_error(mode: Mode, index: int, value: int) -> None:
     # Regression (was a core bug): crypto.self_signed_certificate_spki() lets ValueError / InvalidVersion out of
     # VmExchange.receive_data(); the explicit example flips the certificate's X.509 version.
     hello = mutate(owner_session(mode).initiate(), index, value)

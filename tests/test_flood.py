@@ -261,7 +261,7 @@ def test_a_flood_that_reconnects_at_once_from_another_address_never_evicts_the_o
 
 def pinned_owner_socket(agent: Agent, owner: Owner) -> ssl.SSLSocket:
     """The genuine owner's mutual-TLS connection to its bound agent, made by hand."""
-    vm_cert = (agent.root / "var/lib/imprint/vm.crt").read_text()
+    vm_cert = tls.PinnedCert.from_pem((agent.root / "var/lib/imprint/vm.crt").read_text())
     context = tls.owner_pinned_context(str(owner.home / "owner.crt"), str(owner.home / "owner.key"), vm_cert)
     raw = socket.create_connection(("127.0.0.1", agent.port), timeout=10)
     return context.wrap_socket(raw)
@@ -477,7 +477,7 @@ def test_status_refused_by_the_pinned_vm_key_is_authentication_failed(
     """The genuine VM key, but bound to another owner: it refuses this owner's certificate."""
     owner, agent = bound_owner
     state = agent.root / "var/lib/imprint"
-    other_owner_cert = Path(identity(tmp_path, "other-owner")[0]).read_text()
+    other_owner_cert = tls.PinnedCert.from_pem(Path(identity(tmp_path, "other-owner")[0]).read_text())
     context = tls.agent_pinned_context(str(state / "vm.crt"), str(state / "vm.key"), other_owner_cert)
     with LoopbackServer(tls_server(context, read_request_then_close), name="fake-agent") as fake:
         result = owner.run("status", "web1", "--address", fake.address, check=3)

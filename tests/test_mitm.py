@@ -392,12 +392,12 @@ class ExchangingMitm(Mitm):
     # -- later connections: pinned mutual TLS on both sides, HTTP relayed (and rewritten)
     def _serve_pinned(self, conn: socket.socket) -> None:
         assert self.owner_cert_der is not None and self.agent_cert_der is not None
-        owner_pem = ssl.DER_cert_to_PEM_cert(self.owner_cert_der)
-        server_ctx = tls.agent_pinned_context(str(self.vm_side.cert_file), str(self.vm_side.key_file), owner_pem)
+        server_ctx = tls.agent_pinned_context(str(self.vm_side.cert_file), str(self.vm_side.key_file),
+                                              tls.PinnedCert(self.owner_cert_der))
         owner_tls = self.track(server_ctx.wrap_socket(conn, server_side=True))  # requires the owner's cert
         raw = self.track(socket.create_connection(("127.0.0.1", self.agent.port), timeout=IO_TIMEOUT))
         client_ctx = tls.owner_pinned_context(str(self.me_as_owner.cert_file), str(self.me_as_owner.key_file),
-                                              ssl.DER_cert_to_PEM_cert(self.agent_cert_der))
+                                              tls.PinnedCert(self.agent_cert_der))
         agent_tls = self.track(client_ctx.wrap_socket(raw))
         seen_spki = crypto.certificate_spki(tls.peer_certificate(agent_tls))
         assert seen_spki == crypto.certificate_spki(self.agent_cert_der), "not the agent the MITM bound"

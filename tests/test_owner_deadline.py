@@ -62,10 +62,11 @@ class Pinned:
 
     def server_context(self) -> ssl.SSLContext:
         return tls.agent_pinned_context(str(self.vm_cert), str(self.vm_key),
-                                        (self.owner_home / "owner.crt").read_text())
+                                        tls.PinnedCert.from_pem((self.owner_home / "owner.crt").read_text()))
 
     def client(self, address: str) -> PinnedClient:
-        return PinnedClient(OwnerHome(self.owner_home), "vm1", self.vm_cert.read_text(), address)
+        pin = tls.PinnedCert.from_pem(self.vm_cert.read_text())
+        return PinnedClient(OwnerHome(self.owner_home), "vm1", pin, address)
 
 
 Behaviour = Callable[["CompromisedVm", socket.socket, Seen], None]

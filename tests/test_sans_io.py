@@ -31,10 +31,12 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from imprint import crypto, tls, tokens
+from imprint.protocol.driver import ExchangeDriver
 from imprint.protocol.errors import AlertCode, LocalProtocolError, RemoteProtocolError
 from imprint.protocol.exchange import Local, OwnerExchange, State, VmExchange
 from imprint.protocol.messages import (
     MESSAGE_TYPES,
+    WIRE_MODE,
     Alert,
     FrameBuffer,
     Message,
@@ -45,9 +47,11 @@ from imprint.protocol.messages import (
     decode_body,
     encode_frame,
 )
-from imprint.tokens import Token, TokenKind
+from imprint.tokens import Mode
 
 from tests.helpers import AgentFactory, Owner
+from tests.helpers.exchange import decoded, owner_session, split_frames, vm_session
+from tests.helpers.keys import NOSECRET, OWNER_CERT, OWNER_KEY, VM_CERT, K
 
 IO_TIMEOUT = 20.0  # upper bound on a socket wait in the hand-made peers below
 
@@ -95,18 +99,7 @@ HOSTILE_SPKIS = {
 }
 
 
-def fixed_key(label: str) -> crypto.PrivateKey:
-    seed = hashlib.sha256(b"imprint tests sans-io\0" + label.encode()).digest()
-    return crypto.PrivateKey(ed25519.Ed25519PrivateKey.from_private_bytes(seed))
-
-
-OWNER_KEY, VM_KEY = fixed_key("owner"), fixed_key("vm")
-OWNER_CERT = crypto.certificate_der(OWNER_KEY.self_signed_certificate("owner"))
-VM_CERT = crypto.certificate_der(VM_KEY.self_signed_certificate("vm"))
-K = Token(TokenKind.SHARED, hashlib.sha256(b"imprint tests sans-io K").digest())
-NOSECRET = Token(TokenKind.NOSECRET, OWNER_KEY.public.digest)
-VM_TOKEN = Token(TokenKind.VM, VM_KEY.public.digest)
-MODES = ["shared", "nosecret"]
+MODES = list(Mode)
 
 
 def with_unknown_key_oid(cert: bytes) -> bytes:
@@ -205,32 +198,13 @@ def test_a_signature_failure_inside_the_library_is_a_crypto_error(monkeypatch: p
 # ---- the state machines
 
 
-def owner_session(mode: str) -> OwnerExchange:
-    token, vm_token = (K, None) if mode == "shared" else (NOSECRET, VM_TOKEN)
-    return OwnerExchange(owner_key=OWNER_KEY, owner_cert=OWNER_CERT, token=token, seen_server_cert=VM_CERT,
-                         vm_token=vm_token)
-
-
-def vm_session(mode: str) -> VmExchange:
-    return VmExchange(vm_key=VM_KEY, token=K if mode == "shared" else NOSECRET, own_cert=VM_CERT)
-
-
-def frames_of(data: bytes) -> list[Message]:
-    buffer, out = FrameBuffer(), []
-    buffer.feed(data)
-    while (body := buffer.next_body()) is not None:
-        out.append(decode_body(body))
-    assert buffer.pending == 0
-    return out
-
-
 def assert_refused(session: OwnerExchange | VmExchange, info: pytest.ExceptionInfo[RemoteProtocolError],
                    code: AlertCode) -> None:
     """The failed side is FAILED, refuses further input as misuse, and has exactly one Alert to send."""
     assert info.type is RemoteProtocolError
     assert info.value.code is code and not info.value.from_peer
     assert session.state is State.FAILED
-    assert frames_of(session.data_to_send()) == [Alert(int(code), _alert_text(code))]
+    assert decoded(session.data_to_send()) == [Alert(int(code), _alert_text(code))]
     with pytest.raises(LocalProtocolError):
         session.receive_data(b"\0")
 
@@ -241,14 +215,13 @@ def _alert_text(code: AlertCode) -> bytes:
     return ALERT_TEXT[code].encode()
 
 
-def vm_hello_frame(mode: str, vm_spki: bytes) -> bytes:
-    wire = WireMode.SHARED if mode == "shared" else WireMode.NOSECRET
-    return encode_frame(VmHello(mode=int(wire), vm_nonce=bytes(32), vm_spki=vm_spki))
+def vm_hello_frame(mode: Mode, vm_spki: bytes) -> bytes:
+    return encode_frame(VmHello(mode=int(WIRE_MODE[mode]), vm_nonce=bytes(32), vm_spki=vm_spki))
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", list(HOSTILE_SPKIS))
-def test_owner_refuses_a_vm_hello_with_a_hostile_key(mode: str, name: str) -> None:
+def test_owner_refuses_a_vm_hello_with_a_hostile_key(mode: Mode, name: str) -> None:
     owner = owner_session(mode)
     owner.initiate()
     with pytest.raises(RemoteProtocolError) as info:
@@ -258,9 +231,9 @@ def test_owner_refuses_a_vm_hello_with_a_hostile_key(mode: str, name: str) -> No
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_vm_refuses_an_owner_certificate_with_an_unknown_key_algorithm(mode: str) -> None:
-    hello = OwnerHello(mode=int(WireMode.SHARED if mode == "shared" else WireMode.NOSECRET),
-                       token_id=(K if mode == "shared" else NOSECRET).token_id, owner_nonce=bytes(32),
+def test_vm_refuses_an_owner_certificate_with_an_unknown_key_algorithm(mode: Mode) -> None:
+    hello = OwnerHello(mode=int(WIRE_MODE[mode]),
+                       token_id=(K if mode is Mode.SHARED else NOSECRET).token_id, owner_nonce=bytes(32),
                        owner_cert=with_unknown_key_oid(OWNER_CERT),
                        seen_server_cert_sha256=crypto.sha256(VM_CERT))
     vm = vm_session(mode)
@@ -275,24 +248,24 @@ def test_vm_refuses_an_owner_certificate_with_an_unknown_key_algorithm(mode: str
 Reach = Callable[[str], tuple[OwnerExchange | VmExchange, bytes]]
 
 
-def reach_owner_hello(mode: str) -> tuple[OwnerExchange | VmExchange, bytes]:
+def reach_owner_hello(mode: Mode) -> tuple[OwnerExchange | VmExchange, bytes]:
     return vm_session(mode), owner_session(mode).initiate()
 
 
-def reach_owner_proof(mode: str) -> tuple[OwnerExchange | VmExchange, bytes]:
+def reach_owner_proof(mode: Mode) -> tuple[OwnerExchange | VmExchange, bytes]:
     owner, vm = owner_session(mode), vm_session(mode)
     vm.receive_data(owner.initiate())
     owner.receive_data(vm.data_to_send())
     return vm, owner.data_to_send()
 
 
-def reach_vm_flight(mode: str) -> tuple[OwnerExchange | VmExchange, bytes]:
+def reach_vm_flight(mode: Mode) -> tuple[OwnerExchange | VmExchange, bytes]:
     owner, vm = owner_session(mode), vm_session(mode)
     vm.receive_data(owner.initiate())
     return owner, vm.data_to_send()
 
 
-def reach_vm_confirm(mode: str) -> tuple[OwnerExchange | VmExchange, bytes]:
+def reach_vm_confirm(mode: Mode) -> tuple[OwnerExchange | VmExchange, bytes]:
     owner, vm = owner_session(mode), vm_session(mode)
     vm.receive_data(owner.initiate())
     owner.receive_data(vm.data_to_send())
@@ -316,9 +289,9 @@ STEPS: dict[str, tuple[Reach, object, str]] = {
 
 @pytest.mark.parametrize("make", INJECTED, ids=INJECTED_IDS)
 @pytest.mark.parametrize(("mode", "step"), [(mode, step) for mode in MODES for step in STEPS
-                                            if not (mode == "nosecret" and step.endswith("/hkdf"))])  # no MAC key
+                                            if not (mode is Mode.NOSECRET and step.endswith("/hkdf"))])  # no MAC key
 def test_an_exception_injected_while_processing_peer_bytes_is_a_remote_protocol_error(
-        monkeypatch: pytest.MonkeyPatch, mode: str, step: str, make: Callable[[], BaseException]) -> None:
+        monkeypatch: pytest.MonkeyPatch, mode: Mode, step: str, make: Callable[[], BaseException]) -> None:
     reach, target, attribute = STEPS[step]
     session, data = reach(mode)
     before = session.state
@@ -334,16 +307,15 @@ def test_an_exception_injected_while_processing_peer_bytes_is_a_remote_protocol_
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_a_failing_injected_rng_while_answering_is_a_remote_protocol_error(mode: str) -> None:
-    vm = VmExchange(vm_key=VM_KEY, token=K if mode == "shared" else NOSECRET, own_cert=VM_CERT,
-                    rng=raiser(lambda: OSError("getrandom failed")))  # type: ignore[arg-type]
+def test_a_failing_injected_rng_while_answering_is_a_remote_protocol_error(mode: Mode) -> None:
+    vm = vm_session(mode, rng=raiser(lambda: OSError("getrandom failed")))  # type: ignore[arg-type]
     with pytest.raises(RemoteProtocolError) as info:
         vm.receive_data(owner_session(mode).initiate())
     assert_refused(vm, info, AlertCode.MALFORMED)
 
 
 def test_keyboard_interrupt_is_not_converted_but_the_session_is_failed(monkeypatch: pytest.MonkeyPatch) -> None:
-    vm, data = reach_owner_hello("shared")
+    vm, data = reach_owner_hello(Mode.SHARED)
     monkeypatch.setattr(crypto, "self_signed_certificate_spki", raiser(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         vm.receive_data(data)
@@ -352,7 +324,7 @@ def test_keyboard_interrupt_is_not_converted_but_the_session_is_failed(monkeypat
 
 
 def test_the_peers_alert_text_is_rendered_printable() -> None:
-    owner = owner_session("shared")
+    owner = owner_session(Mode.SHARED)
     owner.initiate()
     detail = b"\x1b[2J\x1b]0;owned\x07line one\r\nIMPRINT-VM-TOKEN imprint1v-x \xff\\"
     with pytest.raises(RemoteProtocolError) as info:
@@ -365,7 +337,7 @@ def test_the_peers_alert_text_is_rendered_printable() -> None:
 
 
 def test_the_peers_alert_text_keeps_printable_utf8_and_escapes_the_rest() -> None:
-    vm = vm_session("shared")
+    vm = vm_session(Mode.SHARED)
     detail = "café \u202eevil\u2028next \u00a0\u009b2J".encode()
     with pytest.raises(RemoteProtocolError) as info:
         vm.receive_data(encode_frame(Alert(int(AlertCode.INTERNAL), detail)))
@@ -373,7 +345,7 @@ def test_the_peers_alert_text_keeps_printable_utf8_and_escapes_the_rest() -> Non
 
 
 def test_an_unknown_alert_code_is_internal() -> None:
-    vm = vm_session("shared")
+    vm = vm_session(Mode.SHARED)
     with pytest.raises(RemoteProtocolError) as info:
         vm.receive_data(encode_frame(Alert(200, b"")))
     assert info.value.code is AlertCode.INTERNAL and info.value.from_peer
@@ -386,19 +358,20 @@ OWNER_STATES = [State.START, State.AWAIT_VM_HELLO, State.AWAIT_VM_PROOF, State.A
 VM_STATES = [State.AWAIT_OWNER_HELLO, State.AWAIT_OWNER_PROOF, State.AWAIT_LOCAL_CONFIRM, State.DONE]
 
 
-def session_at(side: str, mode: str, state: State) -> OwnerExchange | VmExchange:
-    """A fresh session of ``side`` driven by the genuine exchange, frame by frame, to ``state``."""
+def session_at(side: str, mode: Mode, state: State) -> OwnerExchange | VmExchange:
+    """A fresh session of ``side`` driven by the genuine exchange, frame by frame, to ``state``
+    (each side under the one driver; the VM confirms as a step of its own)."""
     owner, vm = owner_session(mode), vm_session(mode)
+    owner_driver, vm_driver = ExchangeDriver(owner), ExchangeDriver(vm)
     me = owner if side == "owner" else vm
     flight: list[bytes] = []
     steps: list[Callable[[], object]] = [
-        lambda: vm.receive_data(owner.initiate()),
-        lambda: flight.extend(split(vm.data_to_send())),
-        lambda: owner.receive_data(flight[0]),  # VmHello alone
-        lambda: owner.receive_data(flight[1]),  # VmProof
-        lambda: vm.receive_data(owner.data_to_send()),
+        lambda: flight.extend(split_frames(vm_driver.feed(owner_driver.opening()).to_send)),
+        lambda: owner_driver.feed(flight.pop(0)),  # VmHello alone
+        lambda: flight.append(owner_driver.feed(flight.pop(0)).to_send),  # VmProof, answered by OwnerProof
+        lambda: vm_driver.feed(flight.pop()),
         vm.confirm,
-        lambda: owner.receive_data(vm.data_to_send()),
+        lambda: owner_driver.feed(vm.data_to_send()),
     ]
     for step in [lambda: None, *steps]:
         step()
@@ -406,15 +379,6 @@ def session_at(side: str, mode: str, state: State) -> OwnerExchange | VmExchange
             me.data_to_send()
             return me
     raise AssertionError(f"the genuine exchange never brings the {side} to {state}")
-
-
-def split(data: bytes) -> list[bytes]:
-    frames, pos = [], 0
-    while pos < len(data):
-        end = pos + 2 + int.from_bytes(data[pos : pos + 2], "big")
-        frames.append(data[pos:end])
-        pos = end
-    return frames
 
 
 def some_message(message_type: MessageType) -> bytes:
@@ -428,7 +392,7 @@ def some_message(message_type: MessageType) -> bytes:
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("side", ["owner", "vm"])
-def test_every_message_the_table_does_not_list_is_unexpected(side: str, mode: str) -> None:
+def test_every_message_the_table_does_not_list_is_unexpected(side: str, mode: Mode) -> None:
     cls = OwnerExchange if side == "owner" else VmExchange
     states = OWNER_STATES if side == "owner" else VM_STATES
     # The table names exactly the live states; DONE and FAILED have no way on.
@@ -447,15 +411,16 @@ def test_every_message_the_table_does_not_list_is_unexpected(side: str, mode: st
 
 
 def test_local_calls_go_through_the_table_and_misuse_changes_nothing() -> None:
-    assert OwnerExchange.TRANSITIONS[State.START] == {Local.INITIATE: ("_on_initiate", State.AWAIT_VM_HELLO)}
-    assert VmExchange.TRANSITIONS[State.AWAIT_LOCAL_CONFIRM] == {Local.CONFIRM: ("_on_confirm", State.DONE)}
-    owner = owner_session("shared")
+    assert OwnerExchange.TRANSITIONS[State.START] == {
+        Local.INITIATE: (OwnerExchange._on_initiate, State.AWAIT_VM_HELLO)}
+    assert VmExchange.TRANSITIONS[State.AWAIT_LOCAL_CONFIRM] == {Local.CONFIRM: (VmExchange._on_confirm, State.DONE)}
+    owner = owner_session(Mode.SHARED)
     hello = owner.initiate()
     assert owner.state is State.AWAIT_VM_HELLO
     with pytest.raises(LocalProtocolError, match=r"initiate\(\) in state await-vm-hello"):
         owner.initiate()
     assert owner.state is State.AWAIT_VM_HELLO and owner.data_to_send() == b""
-    vm = vm_session("shared")
+    vm = vm_session(Mode.SHARED)
     with pytest.raises(LocalProtocolError, match=r"confirm\(\) in state await-owner-hello"):
         vm.confirm()
     assert vm.state is State.AWAIT_OWNER_HELLO
@@ -466,7 +431,7 @@ def test_local_calls_go_through_the_table_and_misuse_changes_nothing() -> None:
 
 
 def test_receive_data_of_the_wrong_type_is_local_misuse() -> None:
-    vm = vm_session("shared")
+    vm = vm_session(Mode.SHARED)
     with pytest.raises(LocalProtocolError):
         vm.receive_data("OwnerHello")  # type: ignore[arg-type]
     assert vm.state is State.AWAIT_OWNER_HELLO
@@ -475,9 +440,9 @@ def test_receive_data_of_the_wrong_type_is_local_misuse() -> None:
 def test_abort_fails_every_live_state_and_leaves_terminal_ones() -> None:
     for side, states in (("owner", OWNER_STATES), ("vm", VM_STATES)):
         for state in states:
-            session = session_at(side, "shared", state)
+            session = session_at(side, Mode.SHARED, state)
             session.abort(AlertCode.INTERNAL, "storage failed")
-            sent = frames_of(session.data_to_send())
+            sent = decoded(session.data_to_send())
             if state is State.DONE:
                 assert session.state is State.DONE and sent == []
             else:
@@ -517,7 +482,7 @@ class HostileAgent:
                         message = decode_body(body)
                         self.received.append(message)
                         if isinstance(message, OwnerHello):
-                            sock.sendall(vm_hello_frame("shared", self._spki))
+                            sock.sendall(vm_hello_frame(Mode.SHARED, self._spki))
         except (OSError, ssl.SSLError) as exc:
             if not isinstance(exc, ssl.SSLEOFError):
                 self.errors.append(exc)
@@ -560,7 +525,7 @@ def test_a_real_agent_refuses_an_owner_certificate_with_an_unknown_key_algorithm
         reply = b""
         while (data := sock.recv(4096)):
             reply += data
-    assert frames_of(reply) == [Alert(int(AlertCode.MALFORMED), _alert_text(AlertCode.MALFORMED))]
+    assert decoded(reply) == [Alert(int(AlertCode.MALFORMED), _alert_text(AlertCode.MALFORMED))]
     assert agent.proc.poll() is None, agent.log()
     assert "Traceback" not in agent.log()
     # ...and still binds its genuine owner afterwards.

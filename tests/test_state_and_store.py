@@ -12,6 +12,7 @@ from imprint.fsatomic import write_atomic
 from imprint.guest.distro import Distro
 from imprint.guest.state import AgentState, StateError
 from imprint.owner.store import Store
+from imprint.tokens import Mode
 
 from tests.helpers import AgentFactory, Owner
 
@@ -63,7 +64,7 @@ def test_agent_with_key_that_is_not_a_key_exits(agents: AgentFactory, owner: Own
 
 def test_audit_log_is_append_only(tmp_path: Path) -> None:
     store = Store(tmp_path / "imprint.db")
-    store.issue_token("web1", "shared", "00" * 8, "imprint1s-x")
+    store.issue_token("web1", Mode.SHARED, "00" * 8, "imprint1s-x")
     store.audit("web1", "bind", "127.0.0.1:1", "bound", "ok")
     db = sqlite3.connect(tmp_path / "imprint.db")
     with pytest.raises(sqlite3.DatabaseError, match="append-only"):
@@ -76,8 +77,8 @@ def test_audit_log_is_append_only(tmp_path: Path) -> None:
 
 def test_new_token_supersedes_and_wipes_the_old_secret(tmp_path: Path) -> None:
     store = Store(tmp_path / "imprint.db")
-    store.issue_token("web1", "shared", "01" * 8, "imprint1s-first")
-    store.issue_token("web1", "shared", "02" * 8, "imprint1s-second")
+    store.issue_token("web1", Mode.SHARED, "01" * 8, "imprint1s-first")
+    store.issue_token("web1", Mode.SHARED, "02" * 8, "imprint1s-second")
     rows = sqlite3.connect(tmp_path / "imprint.db").execute(
         "SELECT token_id, token_text, state FROM tokens ORDER BY id").fetchall()
     assert rows == [("01" * 8, None, "superseded"), ("02" * 8, "imprint1s-second", "issued")]

@@ -5,15 +5,75 @@ accept a client certificate that is not known in advance); the owner proves its 
 exchange, which is bound to the VM certificate it saw. Every later connection is full mutual
 TLS with CERT_REQUIRED against exactly one pinned peer certificate, and the peer's key is
 compared with the pin once more after the handshake.
+
+A pinned certificate has one form, PinnedCert (its DER bytes), on both sides: the owner's pin
+of a VM (owner/store.py, owner/bind.py, owner/client.py) and the agent's pin of its owner
+(guest/server.py). Every other form (PEM for a context's trust anchor, the key's digest, the
+fingerprint) derives from it, and PinnedCert.verify is the one check of a peer against it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import ssl
+from dataclasses import dataclass
+from functools import cached_property
 
 
 class PinMismatch(ssl.SSLError):
     """The peer completed TLS with a key other than the pinned one."""
+
+
+@dataclass(frozen=True)
+class PinnedCert:
+    """The certificate pinned for a peer, as DER. Built without parsing X.509 (ssl's PEM
+    armour only), so that a bound agent reaches READY without loading the crypto library;
+    the key's digest is taken when a peer is first checked against it."""
+
+    der: bytes
+
+    @classmethod
+    def from_pem(cls, pem: str | bytes) -> PinnedCert:
+        try:
+            text = pem.decode("ascii") if isinstance(pem, bytes) else pem
+            return cls(ssl.PEM_cert_to_DER_cert(text))
+        except ValueError as exc:  # an SSLError, as loading it into a context would raise
+            raise ssl.SSLError(f"not a PEM certificate: {exc}") from None
+
+    @property
+    def pem(self) -> str:
+        return ssl.DER_cert_to_PEM_cert(self.der)
+
+    @property
+    def der_sha256(self) -> str:
+        """The certificate's SHA-256, hex: what urllib3's assert_fingerprint compares."""
+        return hashlib.sha256(self.der).hexdigest()
+
+    @cached_property
+    def spki(self) -> bytes:
+        from imprint import crypto  # lazy: see the class's comment
+
+        return crypto.certificate_spki(self.der)
+
+    @property
+    def fingerprint(self) -> str:
+        """The pinned key's fingerprint (SHA256:...), as logs and the CLI show keys."""
+        from imprint import crypto
+
+        return crypto.fingerprint(self.spki)
+
+    def trust(self, ctx: ssl.SSLContext) -> None:
+        """Make the pin ``ctx``'s one trust anchor (with CERT_REQUIRED, the handshake's check)."""
+        ctx.load_verify_locations(cadata=self.pem)
+
+    def verify(self, sock: ssl.SSLSocket) -> bytes:
+        """Fail closed unless the peer's certificate carries exactly the pinned key; returns its SPKI."""
+        from imprint import crypto
+
+        spki = crypto.certificate_spki(peer_certificate(sock))
+        if not crypto.digests_equal(crypto.sha256(spki), crypto.sha256(self.spki)):
+            raise PinMismatch(f"peer key {crypto.fingerprint(spki)} is not the pinned key")
+        return spki
 
 
 def _base(purpose: int) -> ssl.SSLContext:
@@ -35,11 +95,11 @@ def agent_bind_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     return ctx
 
 
-def agent_pinned_context(cert_file: str, key_file: str, owner_cert_pem: str) -> ssl.SSLContext:
+def agent_pinned_context(cert_file: str, key_file: str, owner: PinnedCert) -> ssl.SSLContext:
     ctx = _base(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(cert_file, key_file)
     ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.load_verify_locations(cadata=owner_cert_pem)
+    owner.trust(ctx)
     return ctx
 
 
@@ -51,13 +111,13 @@ def owner_bind_context() -> ssl.SSLContext:
     return ctx
 
 
-def owner_pinned_context(cert_file: str, key_file: str, vm_cert_pem: str | None = None) -> ssl.SSLContext:
+def owner_pinned_context(cert_file: str, key_file: str, vm: PinnedCert | None = None) -> ssl.SSLContext:
     """Client context with the owner's certificate; trusts only the pinned VM certificate."""
     ctx = _base(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False  # the VM's identity is its key; addresses change
     ctx.verify_mode = ssl.CERT_REQUIRED
-    if vm_cert_pem is not None:
-        ctx.load_verify_locations(cadata=vm_cert_pem)
+    if vm is not None:
+        vm.trust(ctx)
     ctx.load_cert_chain(cert_file, key_file)
     return ctx
 
@@ -67,13 +127,3 @@ def peer_certificate(sock: ssl.SSLSocket) -> bytes:
     if not der:
         raise ssl.SSLError("peer presented no certificate")
     return der
-
-
-def require_peer_key(sock: ssl.SSLSocket, pinned_spki_sha256: bytes) -> bytes:
-    """Fail closed unless the peer's certificate carries exactly the pinned key; returns its SPKI."""
-    from imprint import crypto  # lazy: a bound agent reaches READY without loading x509
-
-    spki = crypto.certificate_spki(peer_certificate(sock))
-    if not crypto.digests_equal(crypto.sha256(spki), pinned_spki_sha256):
-        raise PinMismatch(f"peer key {crypto.fingerprint(spki)} is not the pinned key")
-    return spki

@@ -18,7 +18,7 @@ from pathlib import Path
 from imprint.protocol.errors import AlertCode
 from imprint.protocol.exchange import State
 from imprint.protocol.messages import MAX_BODY, Alert, encode_frame
-from imprint.tokens import Token, TokenKind, vm_token_line
+from imprint.tokens import Mode, Token, TokenKind, vm_token_line
 
 from tests.fuzz import _exchange as ex
 from tests.fuzz.run import corpus_dir
@@ -36,8 +36,8 @@ def frames() -> dict[str, bytes]:
     seeds: dict[str, bytes] = {}
     for mode in ex.MODES:
         g = ex.genuine(mode)
-        seeds[f"{mode}-whole-exchange"] = b"\xff" + b"".join(g.values())
-        seeds[f"{mode}-bytewise-vm-flight"] = b"\x00" + g["VmHello"] + g["VmProof"]
+        seeds[f"{mode.value}-whole-exchange"] = b"\xff" + b"".join(g.values())
+        seeds[f"{mode.value}-bytewise-vm-flight"] = b"\x00" + g["VmHello"] + g["VmProof"]
     seeds["alert"] = b"\x10" + encode_frame(Alert(int(AlertCode.WRONG_TOKEN), b"wrong token"))
     seeds["max-body"] = b"\xff" + MAX_BODY.to_bytes(2, "big") + bytes([1, 15, 1, 0, 0]) + bytes(MAX_BODY - 5)
     seeds["oversized-length"] = b"\x01" + (MAX_BODY + 1).to_bytes(2, "big") + b"\x01\x0f"
@@ -51,17 +51,17 @@ def exchange_vm() -> dict[str, bytes]:
     for mode in ex.MODES:
         g = ex.genuine(mode)
 
-        def sel(state: State, *, size: int = 256, close: bool = False, mode: str = mode) -> bytes:
+        def sel(state: State, *, size: int = 256, close: bool = False, mode: Mode = mode) -> bytes:
             return ex.selector_for(mode, state, ex.VM_STATES, size=size, close=close)
 
-        seeds[f"{mode}-genuine-owner-side"] = sel(State.AWAIT_OWNER_HELLO) + g["OwnerHello"] + g["OwnerProof"]
-        seeds[f"{mode}-genuine-bytewise-then-close"] = (sel(State.AWAIT_OWNER_HELLO, size=1, close=True)
+        seeds[f"{mode.value}-genuine-owner-side"] = sel(State.AWAIT_OWNER_HELLO) + g["OwnerHello"] + g["OwnerProof"]
+        seeds[f"{mode.value}-genuine-bytewise-then-close"] = (sel(State.AWAIT_OWNER_HELLO, size=1, close=True)
                                                         + g["OwnerHello"] + g["OwnerProof"])
-        seeds[f"{mode}-owner-proof"] = sel(State.AWAIT_OWNER_PROOF) + g["OwnerProof"]
-        seeds[f"{mode}-owner-hello-twice"] = sel(State.AWAIT_OWNER_PROOF) + g["OwnerHello"]
-        seeds[f"{mode}-late-frame"] = sel(State.AWAIT_LOCAL_CONFIRM) + g["OwnerProof"]
-        seeds[f"{mode}-after-done"] = sel(State.DONE, close=True) + g["OwnerHello"]
-        seeds[f"{mode}-alert"] = sel(State.AWAIT_OWNER_PROOF) + encode_frame(
+        seeds[f"{mode.value}-owner-proof"] = sel(State.AWAIT_OWNER_PROOF) + g["OwnerProof"]
+        seeds[f"{mode.value}-owner-hello-twice"] = sel(State.AWAIT_OWNER_PROOF) + g["OwnerHello"]
+        seeds[f"{mode.value}-late-frame"] = sel(State.AWAIT_LOCAL_CONFIRM) + g["OwnerProof"]
+        seeds[f"{mode.value}-after-done"] = sel(State.DONE, close=True) + g["OwnerHello"]
+        seeds[f"{mode.value}-alert"] = sel(State.AWAIT_OWNER_PROOF) + encode_frame(
             Alert(int(AlertCode.AUTHENTICATION_FAILED), b"\x1b[31mno\r\n"))
     return seeds
 
@@ -71,17 +71,18 @@ def exchange_owner() -> dict[str, bytes]:
     for mode in ex.MODES:
         g = ex.genuine(mode)
 
-        def sel(state: State, *, size: int = 256, close: bool = False, mode: str = mode) -> bytes:
+        def sel(state: State, *, size: int = 256, close: bool = False, mode: Mode = mode) -> bytes:
             return ex.selector_for(mode, state, ex.OWNER_STATES, size=size, close=close)
 
-        seeds[f"{mode}-genuine-vm-side"] = sel(State.AWAIT_VM_HELLO) + g["VmHello"] + g["VmProof"] + g["VmConfirm"]
-        seeds[f"{mode}-genuine-bytewise-then-close"] = (sel(State.AWAIT_VM_HELLO, size=1, close=True)
+        seeds[f"{mode.value}-genuine-vm-side"] = (sel(State.AWAIT_VM_HELLO)
+                                                  + g["VmHello"] + g["VmProof"] + g["VmConfirm"])
+        seeds[f"{mode.value}-genuine-bytewise-then-close"] = (sel(State.AWAIT_VM_HELLO, size=1, close=True)
                                                         + g["VmHello"] + g["VmProof"] + g["VmConfirm"])
-        seeds[f"{mode}-vm-proof"] = sel(State.AWAIT_VM_PROOF) + g["VmProof"] + g["VmConfirm"]
-        seeds[f"{mode}-vm-confirm"] = sel(State.AWAIT_VM_CONFIRM) + g["VmConfirm"]
-        seeds[f"{mode}-before-initiate"] = sel(State.START) + g["VmHello"]
-        seeds[f"{mode}-after-done"] = sel(State.DONE, close=True) + g["VmConfirm"]
-        seeds[f"{mode}-alert"] = sel(State.AWAIT_VM_HELLO) + encode_frame(
+        seeds[f"{mode.value}-vm-proof"] = sel(State.AWAIT_VM_PROOF) + g["VmProof"] + g["VmConfirm"]
+        seeds[f"{mode.value}-vm-confirm"] = sel(State.AWAIT_VM_CONFIRM) + g["VmConfirm"]
+        seeds[f"{mode.value}-before-initiate"] = sel(State.START) + g["VmHello"]
+        seeds[f"{mode.value}-after-done"] = sel(State.DONE, close=True) + g["VmConfirm"]
+        seeds[f"{mode.value}-alert"] = sel(State.AWAIT_VM_HELLO) + encode_frame(
             Alert(int(AlertCode.TOKEN_CONSUMED), b"this VM was bound meanwhile"))
     return seeds
 

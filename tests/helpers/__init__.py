@@ -2,6 +2,8 @@
 
 agents     real `imprint-agent run` processes, ready through NOTIFY_SOCKET (Agent, AgentFactory)
 agentroot  a guest root for `--root` (proc/cmdline with the token, dev/)
+exchange   the key exchange in memory on the fixed identities: sessions, the drivers, frame splitting
+keys       fixed identities (keys, certificates, tokens) from fixed seeds; the fuzz corpus depends on them
 owner      the real `imprint` CLI on an owner home (Owner), in-process token issue
 servers    loopback fake servers and proxies that serve each connection in a thread
 fake_imds  a fake site's metadata service (EC2 IMDSv2, OpenStack), in a thread or as a program

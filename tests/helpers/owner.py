@@ -13,6 +13,7 @@ from typing import Any
 
 from imprint.owner.home import OwnerHome
 from imprint.owner.store import Store
+from imprint.tokens import Mode
 
 CLI_TIMEOUT = 120.0
 
@@ -53,8 +54,8 @@ class Owner:
 
 
 def issue_token(home: OwnerHome, store: Store, vm: str, mode: str) -> str:
-    """What `imprint token new VM --mode MODE` does, in-process."""
-    token = home.new_token(mode)
+    """What `imprint token new VM --mode MODE` does, in-process (``mode`` as the CLI takes it)."""
+    token = home.new_token(Mode(mode))
     text = token.encode()
-    store.issue_token(vm, mode, token.token_id.hex(), text)
+    store.issue_token(vm, Mode(mode), token.token_id.hex(), text)
     return text

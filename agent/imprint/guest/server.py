@@ -73,14 +73,15 @@ class AgentServer:
         self._vm_cert_der: bytes | None = None
         self._started = time.monotonic()
         self._stopping = threading.Event()
+        self._owner_pin: tls.PinnedCert | None = None
         self._context = self._make_context()
 
     # -- contexts
     def _make_context(self) -> ssl.SSLContext:
         cert, key = str(self._state.cert_file), str(self._state.key_file)
         if self._record.bound:
-            owner_pem = self._state.owner_cert_file.read_text()
-            return tls.agent_pinned_context(cert, key, owner_pem)
+            self._owner_pin = tls.PinnedCert.from_pem(self._state.owner_cert_file.read_text())
+            return tls.agent_pinned_context(cert, key, self._owner_pin)
         return tls.agent_bind_context(cert, key)
 
     @property
@@ -172,7 +173,8 @@ class AgentServer:
         return self._vm_key, self._vm_cert_der
 
     def _serve_exchange(self, sock: ssl.SSLSocket, entry: Connection) -> None:
-        from imprint.protocol import AlertCode, OwnerAuthenticated, RemoteProtocolError, State, VmExchange
+        from imprint.protocol import AlertCode, Event, OwnerAuthenticated, RemoteProtocolError, VmExchange
+        from imprint.protocol.driver import ExchangeDriver
 
         peer = entry.peer
         token = self._token
@@ -185,41 +187,31 @@ class AgentServer:
             return
         vm_key, vm_cert = self._identity()
         session = VmExchange(vm_key=vm_key, token=token, own_cert=vm_cert)
+
+        def handle(event: Event) -> None:
+            if not isinstance(event, OwnerAuthenticated):
+                return
+            # The peer proved the token: it is the owner now, and a flood must not evict it
+            # between the pin and the VmConfirm that tells it so.
+            self._table.promote(entry)
+            try:
+                pinned = self._pin_owner(session, token, event.owner_key, peer)
+            except OSError as exc:
+                log.error("bind from %s: the owner key could not be stored: %s", peer, exc)
+                session.abort(AlertCode.INTERNAL, "the VM could not store the pin; retry")
+            else:
+                if pinned:
+                    session.confirm()
+                else:
+                    session.abort(AlertCode.TOKEN_CONSUMED, "this VM was bound meanwhile")
+
         try:
-            while True:
-                remaining = entry.deadline - time.monotonic()
-                if remaining <= 0:
-                    log.info("bind attempt from %s timed out after %.0f s", peer, EXCHANGE_DEADLINE)
-                    return
-                sock.settimeout(remaining)
-                try:
-                    data = sock.recv(4096)
-                except TimeoutError:
-                    log.info("bind attempt from %s timed out after %.0f s", peer, EXCHANGE_DEADLINE)
-                    return
-                for event in session.receive_data(data):
-                    if isinstance(event, OwnerAuthenticated):
-                        # The peer proved the token: it is the owner now, and a flood must not
-                        # evict it between the pin and the VmConfirm that tells it so.
-                        self._table.promote(entry)
-                        try:
-                            pinned = self._pin_owner(session, token, event.owner_key, peer)
-                        except OSError as exc:
-                            log.error("bind from %s: the owner key could not be stored: %s", peer, exc)
-                            session.abort(AlertCode.INTERNAL, "the VM could not store the pin; retry")
-                        else:
-                            if pinned:
-                                session.confirm()
-                            else:
-                                session.abort(AlertCode.TOKEN_CONSUMED, "this VM was bound meanwhile")
-                sock.sendall(session.data_to_send())
-                if session.state in (State.DONE, State.FAILED):
-                    return
+            ExchangeDriver(session, handle).run(sock, entry.deadline)
         except RemoteProtocolError as exc:
-            with contextlib.suppress(OSError):
-                sock.sendall(session.data_to_send())
             who = "peer said" if exc.from_peer else "refused"
             log.warning("bind attempt from %s %s: %s (%s)", peer, who, exc.detail, exc.code.name)
+        except TimeoutError:
+            log.info("bind attempt from %s timed out after %.0f s", peer, EXCHANGE_DEADLINE)
         except (ssl.SSLError, OSError) as exc:
             log.info("bind attempt from %s: connection error: %s", peer, exc)
 
@@ -230,10 +222,9 @@ class AgentServer:
         with self._bind_lock:
             if self._record.bound:
                 return False
-            owner_pem = _der_to_pem(session.peer_cert)
             self._record = self._state.record_bind(
-                owner_cert_pem=owner_pem.encode(),
-                mode=token.mode.value,
+                owner_cert_pem=tls.PinnedCert(session.peer_cert).pem.encode(),
+                mode=token.mode,
                 owner_fingerprint=owner_key.fingerprint,
                 owner_spki_sha256=crypto.sha256(owner_key.spki).hex(),
                 token_id=token.token_id.hex(),
@@ -249,10 +240,10 @@ class AgentServer:
     def _serve_control(self, sock: ssl.SSLSocket, entry: Connection) -> None:
         from imprint.guest.control import REQUEST_DEADLINE, serve_control
 
-        pinned = self._record.owner_spki_sha256
-        assert pinned is not None
+        pinned = self._owner_pin
+        assert pinned is not None  # set with the pinned context this connection was accepted under
         try:
-            tls.require_peer_key(sock, bytes.fromhex(pinned))
+            pinned.verify(sock)
         except tls.PinMismatch as exc:
             log.warning("control connection from %s refused: %s", entry.peer, exc)
             return
@@ -303,7 +294,3 @@ def _lingering_close(sock: ssl.SSLSocket) -> None:
             if not chunk:
                 break
             drained += len(chunk)
-
-
-def _der_to_pem(der: bytes) -> str:
-    return ssl.DER_cert_to_PEM_cert(der)

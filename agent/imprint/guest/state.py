@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from imprint.fsatomic import ensure_private_dir, remove_stale_temps, write_atomic
+from imprint.tokens import Mode
 
 
 class StateError(Exception):
@@ -32,7 +33,7 @@ class StateError(Exception):
 @dataclass
 class BindRecord:
     bound: bool = False
-    mode: str | None = None
+    mode: str | None = None  # a tokens.Mode's value, as state.json holds it
     owner_fingerprint: str | None = None
     owner_spki_sha256: str | None = None
     bound_at: float | None = None
@@ -93,13 +94,13 @@ class AgentState:
         write_atomic(self.cert_file, key.self_signed_certificate("imprint-vm"), mode=0o644,
                      label="agent.identity-cert")
 
-    def record_bind(self, *, owner_cert_pem: bytes, mode: str, owner_fingerprint: str,
+    def record_bind(self, *, owner_cert_pem: bytes, mode: Mode, owner_fingerprint: str,
                     owner_spki_sha256: str, token_id: str) -> BindRecord:
         record = self.load_record()
         # state.json's write syncs the directory for both
         write_atomic(self.owner_cert_file, owner_cert_pem, sync_dir=False, label="agent.owner-cert")
         record.bound = True
-        record.mode = mode
+        record.mode = mode.value
         record.owner_fingerprint = owner_fingerprint
         record.owner_spki_sha256 = owner_spki_sha256
         record.bound_at = time.time()

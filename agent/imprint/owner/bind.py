@@ -17,11 +17,13 @@ from imprint.owner.store import PinRow, Store
 from imprint.owner.tlsfailures import Refused, classify, owner_error
 from imprint.protocol import (
     AlertCode,
+    Event,
     ExchangeComplete,
     OwnerExchange,
     RemoteProtocolError,
     VmAuthenticated,
 )
+from imprint.protocol.driver import ExchangeDriver
 
 CONNECT_TIMEOUT = timeouts.seconds("IMPRINT_OWNER_CONNECT_SECONDS", 10.0)
 EXCHANGE_DEADLINE = 20.0
@@ -31,7 +33,7 @@ EXCHANGE_DEADLINE = 20.0
 class BindResult:
     vm: str
     address: str
-    mode: str
+    mode: tokens.Mode
     vm_fingerprint: str
     owner_fingerprint: str
     status: dict[str, Any]
@@ -60,7 +62,7 @@ def bind(home: OwnerHome, store: Store, vm: str, address: str, vm_token_text: st
 
 
 def _bound_detail(result: BindResult) -> str:
-    return f"VM key {result.vm_fingerprint}, {result.mode} mode"
+    return f"VM key {result.vm_fingerprint}, {result.mode.value} mode"
 
 
 def _bind(home: OwnerHome, store: Store, vm: str, address: str, vm_token_text: str | None) -> BindResult:
@@ -76,11 +78,11 @@ def _bind(home: OwnerHome, store: Store, vm: str, address: str, vm_token_text: s
         # An earlier attempt saw the VM prove itself but never verified the pinned channel
         # (a lost confirmation, or the pinned channel failed): the pinned channel decides.
         try:
-            status = _pinned_status(home, vm, address, pin.vm_cert_pem)
+            status = _pinned_status(home, vm, address, pin.vm_cert)
         except OwnerError as exc:
             earlier = exc
         else:
-            result = _result(vm, address, pin.mode, pin.vm_cert_pem, owner_key, status,
+            result = _result(vm, address, pin.mode, pin.vm_cert, owner_key, status,
                              ["recovered: the key pinned by an earlier exchange answered over mutual TLS"])
             # Also spends the token: the VM consumed it when it pinned us.
             store.confirm_pin(vm, address, audit_detail=_bound_detail(result))
@@ -106,35 +108,40 @@ def _bind(home: OwnerHome, store: Store, vm: str, address: str, vm_token_text: s
     elif vm_token_text:
         raise UsageError(f"{vm} uses shared-secret mode: --vm-token does not apply")
 
-    host, port = split_address(address)
-    proved: list[str] = []
-    attempt = _Attempt(vm, address, pin if earlier is not None else None, earlier)
-    vm_cert_der = _exchange(home, store, owner_key, token, vm_token, attempt, host, port, proved)
+    attempt = _Attempt(home, store, vm, address, owner_key, token, vm_token,
+                       pin if earlier is not None else None, earlier)
+    vm_cert = _exchange(attempt)
     # The VM consumed the token: K is worthless now and leaves the owner's record too.
     store.consume_token(vm)
-    vm_cert_pem = ssl.DER_cert_to_PEM_cert(vm_cert_der)
     try:
-        status = _pinned_status(home, vm, address, vm_cert_pem)
+        status = _pinned_status(home, vm, address, vm_cert)
     except OwnerError as exc:
         raise type(exc)(f"{exc}; the VM confirmed the exchange and its key {attempt.pending_fingerprint} is a "
                         f"pending pin: rerun `imprint bind {vm} --address {address}` to verify the pinned "
                         "channel") from None
-    proved.append("mutual TLS 1.3: the VM accepted only this owner's key and showed only the pinned VM key")
-    result = _result(vm, address, token.mode.value, vm_cert_pem, owner_key, status, proved)
+    attempt.proved.append("mutual TLS 1.3: the VM accepted only this owner's key and showed only the pinned VM key")
+    result = _result(vm, address, token.mode, vm_cert, owner_key, status, attempt.proved)
     store.confirm_pin(vm, address, audit_detail=_bound_detail(result))
     return result
 
 
 @dataclass
 class _Attempt:
-    """What one exchange has left on this side, so that every failure message tells the truth
-    about it: once the VM proved its key, a pending pin exists and a rerun of bind recovers."""
+    """One exchange: what it runs with, and what it has left on this side, so that every
+    failure message tells the truth about it: once the VM proved its key, a pending pin exists
+    and a rerun of bind recovers. ``proved`` collects what the bind proved, for its result."""
 
+    home: OwnerHome
+    store: Store
     vm: str
     address: str
+    owner_key: crypto.PrivateKey
+    token: tokens.Token
+    vm_token: tokens.Token | None  # the VM token the site relayed (no-secrets mode)
     earlier_pin: PinRow | None  # a pending pin from an earlier attempt whose pinned channel failed
     earlier_failure: OwnerError | None
     pending_fingerprint: str | None = None  # set when this exchange recorded its pending pin
+    proved: list[str] = field(default_factory=list)
 
     def outcome(self) -> str:
         if self.pending_fingerprint is not None:
@@ -154,9 +161,10 @@ class _Attempt:
         return f"{head}: this token is consumed (or this is not your VM). Nothing was pinned by this side."
 
 
-def _exchange(home: OwnerHome, store: Store, owner_key: crypto.PrivateKey, token: tokens.Token,
-              vm_token: tokens.Token | None, attempt: _Attempt, host: str, port: int, proved: list[str]) -> bytes:
-    address, vm = attempt.address, attempt.vm
+def _exchange(attempt: _Attempt) -> tls.PinnedCert:
+    """Connect, run the exchange, record the pending pin; the VM's certificate once the VM confirmed."""
+    address, vm, token, vm_token = attempt.address, attempt.vm, attempt.token, attempt.vm_token
+    host, port = split_address(address)
     try:
         raw = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -178,34 +186,21 @@ def _exchange(home: OwnerHome, store: Store, owner_key: crypto.PrivateKey, token
                     f"the TLS key at {address} ({crypto.fingerprint(seen_spki)}) does not match the VM token: "
                     "a man in the middle, another VM at this address, or the wrong VM token; nothing was pinned"
                 )
-            session = OwnerExchange(owner_key=owner_key, owner_cert=home.cert_der(), token=token,
+            session = OwnerExchange(owner_key=attempt.owner_key, owner_cert=attempt.home.cert_der(), token=token,
                                     seen_server_cert=seen, vm_token=vm_token)
-            sock.sendall(session.initiate())
-            deadline = time.monotonic() + EXCHANGE_DEADLINE
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError
-                sock.settimeout(remaining)
-                data = sock.recv(4096)
-                try:
-                    events = session.receive_data(data)
-                except RemoteProtocolError:
-                    with contextlib.suppress(OSError):
-                        sock.sendall(session.data_to_send())  # tell the agent why
-                    raise
-                for event in events:
-                    if isinstance(event, VmAuthenticated):
-                        store.pin_pending(vm, ssl.DER_cert_to_PEM_cert(seen), event.vm_key.fingerprint,
-                                          token.mode.value, address)
-                        attempt.pending_fingerprint = event.vm_key.fingerprint
-                        proved.append(_vm_proof_text(token.mode, event.vm_key))
-                    elif isinstance(event, ExchangeComplete):
-                        proved.append("the VM verified this owner's key and signature, pinned it, "
-                                      "and consumed the token")
-                        return seen
-                with contextlib.suppress(OSError):
-                    sock.sendall(session.data_to_send())
+
+            def handle(event: Event) -> None:
+                if isinstance(event, VmAuthenticated):
+                    attempt.store.pin_pending(vm, tls.PinnedCert(seen), event.vm_key.fingerprint, token.mode,
+                                              address)
+                    attempt.pending_fingerprint = event.vm_key.fingerprint
+                    attempt.proved.append(_vm_proof_text(token.mode, event.vm_key))
+                elif isinstance(event, ExchangeComplete):
+                    attempt.proved.append("the VM verified this owner's key and signature, pinned it, "
+                                          "and consumed the token")
+
+            ExchangeDriver(session, handle).run(sock, time.monotonic() + EXCHANGE_DEADLINE)
+            return tls.PinnedCert(seen)
     except RemoteProtocolError as exc:
         if exc.code is AlertCode.CLOSED and not exc.from_peer:
             raise Unreachable(f"the connection to {address} closed mid-exchange without a reason; "
@@ -249,17 +244,17 @@ def _explain(exc: RemoteProtocolError, address: str, attempt: _Attempt) -> str:
     return f"{head} — {hint}"
 
 
-def _pinned_status(home: OwnerHome, vm: str, address: str, vm_cert_pem: str) -> dict[str, Any]:
-    client = PinnedClient(home, vm, vm_cert_pem, address)
+def _pinned_status(home: OwnerHome, vm: str, address: str, vm_cert: tls.PinnedCert) -> dict[str, Any]:
+    client = PinnedClient(home, vm, vm_cert, address)
     try:
         return client.get("/v1/status")
     finally:
         client.close()
 
 
-def _result(vm: str, address: str, mode: str, vm_cert_pem: str, owner_key: crypto.PrivateKey,
+def _result(vm: str, address: str, mode: tokens.Mode, vm_cert: tls.PinnedCert, owner_key: crypto.PrivateKey,
             status: dict[str, Any], proved: list[str]) -> BindResult:
-    vm_fp = crypto.fingerprint(crypto.certificate_spki(vm_cert_pem.encode()))
+    vm_fp = vm_cert.fingerprint
     if status.get("vm_fingerprint") != vm_fp or status.get("owner_fingerprint") != owner_key.public.fingerprint:
         raise AuthenticationFailed(
             f"the pinned channel to {address} reports VM {status.get('vm_fingerprint')} / owner "

@@ -86,16 +86,17 @@ def cmd_token_new(home: OwnerHome, args: argparse.Namespace) -> int:
     pin = store.pin(name)
     if pin is not None and pin.state == "bound":
         raise UsageError(f"{name} is already bound to VM key {pin.vm_fingerprint}; a VM binds once")
-    token = home.new_token(args.mode)
-    if args.mode == "shared":
+    mode = tokens.Mode(args.mode)
+    token = home.new_token(mode)
+    if mode is tokens.Mode.SHARED:
         note = ("secret and single-use: give it to the site over a confidential channel, for a boot channel "
                 "only root can read in the VM (fw_cfg, credentials, metadata disk, seed), not the kernel command line")
     else:
         note = "not secret: it is the hash of your owner key; the site needs integrity only"
     text = token.encode()
-    store.issue_token(name, args.mode, token.token_id.hex(), text)
-    _emit(args, {"vm": name, "mode": args.mode, "token_id": token.token_id.hex(), "token": text},
-          [f"{args.mode} token for {name} (id {token.token_id.hex()}; {note})",
+    store.issue_token(name, mode, token.token_id.hex(), text)
+    _emit(args, {"vm": name, "mode": mode.value, "token_id": token.token_id.hex(), "token": text},
+          [f"{mode.value} token for {name} (id {token.token_id.hex()}; {note})",
            "the site builds the boot-channel artefact with: imprint-site seed --channel NAME --token-file FILE",
            text])
     return 0
@@ -141,10 +142,10 @@ def cmd_bind(home: OwnerHome, args: argparse.Namespace) -> int:
         ctx = _apply_context(home, store, name, args.address, args)
         plan = (ctx, profile, applying.prepare(ctx, profile))
     result = bind(home, store, name, args.address, args.vm_token)
-    lines = [f"bound {name} at {result.address} ({result.mode} mode)",
+    lines = [f"bound {name} at {result.address} ({result.mode.value} mode)",
              f"  VM key:    {result.vm_fingerprint}", f"  owner key: {result.owner_fingerprint}", "proved:"]
     lines += [f"  - {item}" for item in result.proved]
-    data: dict[str, Any] = {"vm": name, "address": result.address, "mode": result.mode,
+    data: dict[str, Any] = {"vm": name, "address": result.address, "mode": result.mode.value,
                             "vm_fingerprint": result.vm_fingerprint, "owner_fingerprint": result.owner_fingerprint,
                             "proved": result.proved, "status": result.status}
     if plan is None:
@@ -178,7 +179,7 @@ def _run_apply(home: OwnerHome, ctx: ApplyContext, pin: PinRow, profile: dict[st
     from imprint.owner.apply import apply_profile
     from imprint.owner.client import PinnedClient
 
-    client = PinnedClient(home, ctx.vm, pin.vm_cert_pem, ctx.address)
+    client = PinnedClient(home, ctx.vm, pin.vm_cert, ctx.address)
     try:
         return apply_profile(ctx, client, profile, first)
     finally:
@@ -217,7 +218,7 @@ def cmd_status(home: OwnerHome, args: argparse.Namespace) -> int:
     store = home.store()
     pin = _bound_pin(store, name)
     address = args.address or pin.address
-    client = PinnedClient(home, name, pin.vm_cert_pem, address)
+    client = PinnedClient(home, name, pin.vm_cert, address)
     try:
         status = client.get("/v1/status")
     except OwnerError as exc:
@@ -249,7 +250,7 @@ def cmd_list(home: OwnerHome, args: argparse.Namespace) -> int:
         rows.append({
             "vm": name,
             "state": pin.state if pin else "unbound",
-            "mode": (pin.mode if pin else token.mode if token else None),
+            "mode": (pin.mode.value if pin else token.mode.value if token else None),
             "token_state": token.state if token else None,
             "address": pin.address if pin else None,
             "vm_fingerprint": pin.vm_fingerprint if pin else None,
@@ -284,7 +285,7 @@ def _build_parser(*, with_backends: bool = True) -> argparse.ArgumentParser:
     tok = sub.add_parser("token", help="make tokens").add_subparsers(dest="token_command", required=True)
     p = tok.add_parser("new", parents=[common], help="make a token for a VM; printed alone on the last line")
     p.add_argument("name")
-    p.add_argument("--mode", choices=["shared", "nosecret"], required=True)
+    p.add_argument("--mode", choices=[mode.value for mode in tokens.Mode], required=True)
     p.set_defaults(func=cmd_token_new)
     p = sub.add_parser("bind", parents=[common], help="run the key exchange with a booted VM and pin its key")
     p.add_argument("name")

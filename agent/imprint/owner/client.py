@@ -10,7 +10,6 @@ looks at it.
 from __future__ import annotations
 
 import contextvars
-import hashlib
 import http.client
 import json
 import socket
@@ -26,7 +25,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPSConnection
 from urllib3.connectionpool import HTTPSConnectionPool
 
-from imprint import crypto, timeouts, tls
+from imprint import timeouts, tls
 from imprint.owner.errors import Unreachable
 from imprint.owner.home import OwnerHome
 from imprint.owner.tlsfailures import owner_error
@@ -131,9 +130,9 @@ class PinnedAdapter(HTTPAdapter):
     all of it (its ``timeout``; TIMEOUT when that is None or a pair) and a body of at most
     MAX_ANSWER bytes, read here, whole, before the caller sees the response."""
 
-    def __init__(self, context: ssl.SSLContext, cert_der: bytes) -> None:
+    def __init__(self, context: ssl.SSLContext, pin: tls.PinnedCert) -> None:
         self._context = context
-        self._fingerprint = hashlib.sha256(cert_der).hexdigest()
+        self._fingerprint = pin.der_sha256
         super().__init__(max_retries=0)
 
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
@@ -201,16 +200,18 @@ def _read_answer(raw: Any) -> bytes:
 
 
 class PinnedClient:
-    def __init__(self, home: OwnerHome, vm: str, vm_cert_pem: str, address: str) -> None:
+    """Requests to ``vm`` at ``address``, trusting ``pin`` alone: the context's one trust anchor,
+    urllib3's fingerprint check and requests' CA file (the pin file) are all that one pin."""
+
+    def __init__(self, home: OwnerHome, vm: str, pin: tls.PinnedCert, address: str) -> None:
         self.address = address
         self._base = f"https://{address}"
-        cert_der = crypto.certificate_der(vm_cert_pem.encode())
-        context = tls.owner_pinned_context(str(home.cert_file), str(home.key_file), vm_cert_pem)
+        context = tls.owner_pinned_context(str(home.cert_file), str(home.key_file), pin)
         self._session = requests.Session()
         self._session.trust_env = False  # a proxy from the environment must not sit in this channel
-        self._session.verify = str(home.write_pin_file(vm, vm_cert_pem))
+        self._session.verify = str(home.write_pin_file(vm, pin.pem))
         self._session.headers["Accept-Encoding"] = "identity"  # the adapter reads bodies as sent
-        self._session.mount("https://", PinnedAdapter(context, cert_der))
+        self._session.mount("https://", PinnedAdapter(context, pin))
 
     def get(self, path: str, *, timeout: float = TIMEOUT) -> dict[str, Any]:
         return self._request("GET", path, timeout=timeout)

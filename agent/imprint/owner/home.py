@@ -104,10 +104,10 @@ class OwnerHome:
             raise UsageError(f"{self.cert_file} does not carry the key in {self.key_file}")
         return key
 
-    def new_token(self, mode: str) -> tokens.Token:
+    def new_token(self, mode: tokens.Mode) -> tokens.Token:
         """The token for a new VM: a fresh single-use K (shared), or the hash of this owner's key
         (nosecret)."""
-        if mode == "shared":
+        if mode is tokens.Mode.SHARED:
             return tokens.Token(tokens.TokenKind.SHARED, os.urandom(tokens.PAYLOAD_BYTES))
         return tokens.Token(tokens.TokenKind.NOSECRET, self.load_key().public.digest)
 

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from imprint.faults import crashpoint
+from imprint.tls import PinnedCert
+from imprint.tokens import Mode
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS vms (
@@ -76,7 +78,7 @@ CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
 class TokenRow:
     id: int
     vm: str
-    mode: str
+    mode: Mode
     token_id: str
     token_text: str | None
     state: str
@@ -86,10 +88,10 @@ class TokenRow:
 @dataclass(frozen=True)
 class PinRow:
     vm: str
-    vm_cert_pem: str
+    vm_cert: PinnedCert  # kept as PEM in the table
     vm_fingerprint: str
     state: str
-    mode: str
+    mode: Mode
     address: str
     pinned_at: float
 
@@ -174,7 +176,7 @@ class Store:
     def vm_names(self) -> list[str]:
         return [row[0] for row in self._db.execute("SELECT name FROM vms ORDER BY name")]
 
-    def issue_token(self, vm: str, mode: str, token_id: str, token_text: str) -> None:
+    def issue_token(self, vm: str, mode: Mode, token_id: str, token_text: str) -> None:
         """A new token for ``vm``, superseding (and wiping) any issued one; audited with it."""
         now = time.time()
         with self.transaction() as db:
@@ -187,9 +189,9 @@ class Store:
             db.execute(
                 "INSERT INTO tokens (vm, mode, token_id, token_text, state, created_at) "
                 "VALUES (?, ?, ?, ?, 'issued', ?)",
-                (vm, mode, token_id, token_text, now),
+                (vm, mode.value, token_id, token_text, now),
             )
-            _insert_audit(db, vm, "token", None, "issued", f"{mode} token id {token_id}")
+            _insert_audit(db, vm, "token", None, "issued", f"{mode.value} token id {token_id}")
         self._checkpoint()  # a superseded K was wiped
 
     def current_token(self, vm: str) -> TokenRow | None:
@@ -198,7 +200,10 @@ class Store:
             "WHERE vm = ? ORDER BY id DESC LIMIT 1",
             (vm,),
         ).fetchone()
-        return TokenRow(*row) if row else None
+        if row is None:
+            return None
+        id_, vm_, mode, token_id, token_text, state, created_at = row
+        return TokenRow(id_, vm_, Mode(mode), token_id, token_text, state, created_at)
 
     # -- pins
     def pin(self, vm: str) -> PinRow | None:
@@ -206,14 +211,17 @@ class Store:
             "SELECT vm, vm_cert_pem, vm_fingerprint, state, mode, address, pinned_at FROM pins WHERE vm = ?",
             (vm,),
         ).fetchone()
-        return PinRow(*row) if row else None
+        if row is None:
+            return None
+        vm_, cert_pem, fingerprint, state, mode, address, pinned_at = row
+        return PinRow(vm_, PinnedCert.from_pem(cert_pem), fingerprint, state, Mode(mode), address, pinned_at)
 
-    def pin_pending(self, vm: str, cert_pem: str, fingerprint: str, mode: str, address: str) -> None:
+    def pin_pending(self, vm: str, cert: PinnedCert, fingerprint: str, mode: Mode, address: str) -> None:
         with self.transaction() as db:
             db.execute(
                 "INSERT OR REPLACE INTO pins (vm, vm_cert_pem, vm_fingerprint, state, mode, address, pinned_at) "
                 "VALUES (?, ?, ?, 'pending', ?, ?, ?)",
-                (vm, cert_pem, fingerprint, mode, address, time.time()),
+                (vm, cert.pem, fingerprint, mode.value, address, time.time()),
             )
 
     def consume_token(self, vm: str) -> None:

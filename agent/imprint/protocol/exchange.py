@@ -32,12 +32,13 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import ClassVar
+from typing import ClassVar, NamedTuple, TypeVar
 
 from imprint import crypto
 from imprint.protocol.errors import ALERT_TEXT, AlertCode, LocalProtocolError, RemoteProtocolError
 from imprint.protocol.messages import (
     MESSAGE_TYPES,
+    WIRE_MODE,
     Alert,
     FrameBuffer,
     Message,
@@ -47,7 +48,6 @@ from imprint.protocol.messages import (
     VmConfirm,
     VmHello,
     VmProof,
-    WireMode,
     decode_body,
     encode_body,
 )
@@ -63,7 +63,6 @@ _PROOF_LABEL = {
     "vm-confirm": b"imprint/1 confirm vm\0",
 }
 _MAC_INFO = {"owner": b"imprint/1 shared mac owner->vm", "vm": b"imprint/1 shared mac vm->owner"}
-_WIRE_MODE = {Mode.SHARED: WireMode.SHARED, Mode.NOSECRET: WireMode.NOSECRET}
 
 
 # ---- events --------------------------------------------------------------------------------
@@ -116,6 +115,29 @@ Trigger = MessageType | Local
 _TERMINAL = (State.DONE, State.FAILED)
 
 
+class Transition(NamedTuple):
+    """One row of a TRANSITIONS table: the handler that runs, and the state after it."""
+
+    handler: Callable[..., list[Event]]
+    next_state: State
+
+
+_S = TypeVar("_S", bound="_Session")
+_M = TypeVar("_M", bound=Message)
+
+
+def received(message: type[_M], handler: Callable[[_S, _M, bytes], list[Event]],
+             next_state: State) -> tuple[Trigger, Transition]:
+    """A table row for a message from the peer. The type checker holds ``handler`` to taking
+    exactly ``message`` (and its body), so the table cannot pair a message with another's handler."""
+    return message.TYPE, Transition(handler, next_state)
+
+
+def called(call: Local, handler: Callable[[_S], list[Event]], next_state: State) -> tuple[Trigger, Transition]:
+    """A table row for a local call (``initiate()``, ``confirm()``)."""
+    return call, Transition(handler, next_state)
+
+
 # ---- shared machinery ----------------------------------------------------------------------
 
 
@@ -124,9 +146,9 @@ class _Session:
 
     role: str
     INITIAL: ClassVar[State]
-    # state -> {trigger -> (handler name, next state)}. A message absent here is out of order (a
+    # state -> {trigger -> (handler, next state)}. A message absent here is out of order (a
     # RemoteProtocolError); a local call absent here is misuse (a LocalProtocolError).
-    TRANSITIONS: ClassVar[dict[State, dict[Trigger, tuple[str, State]]]]
+    TRANSITIONS: ClassVar[dict[State, dict[Trigger, Transition]]]
 
     def __init__(self, *, key: crypto.PrivateKey, token: Token, rng: Random) -> None:
         self._key = key
@@ -208,7 +230,7 @@ class _Session:
             self._send(Alert(int(exc.code), ALERT_TEXT[exc.code].encode()))
         self.state = State.FAILED
 
-    def _step(self, trigger: Trigger) -> tuple[str, State]:
+    def _step(self, trigger: Trigger) -> Transition:
         """The table's (handler, next state) for ``trigger`` in the current state."""
         step = self.TRANSITIONS.get(self.state, {}).get(trigger)
         if step is not None:
@@ -223,7 +245,7 @@ class _Session:
     def _local(self, trigger: Local) -> list[Event]:
         """Run a local call through the table: misuse raises before anything changes."""
         handler, next_state = self._step(trigger)
-        events: list[Event] = getattr(self, handler)()
+        events = handler(self)
         self.state = next_state
         return events
 
@@ -247,12 +269,12 @@ class _Session:
             text = printable(message.detail.decode("utf-8", "backslashreplace"))
             raise RemoteProtocolError(code, f"peer refused: {text}", from_peer=True)
         handler, next_state = self._step(message.TYPE)
-        events: list[Event] = getattr(self, handler)(message, body)
+        events = handler(self, message, body)
         self.state = next_state
         return events
 
     def _check_mode(self, wire_mode: int) -> None:
-        if wire_mode != _WIRE_MODE[self._mode]:
+        if wire_mode != WIRE_MODE[self._mode]:
             raise RemoteProtocolError(
                 AlertCode.MODE_MISMATCH,
                 f"peer uses mode {wire_mode}, this side {self._mode.value}: the mode cannot be changed in flight",
@@ -313,12 +335,6 @@ class OwnerExchange(_Session):
 
     role = "owner"
     INITIAL = State.START
-    TRANSITIONS = {
-        State.START: {Local.INITIATE: ("_on_initiate", State.AWAIT_VM_HELLO)},
-        State.AWAIT_VM_HELLO: {MessageType.VM_HELLO: ("_on_vm_hello", State.AWAIT_VM_PROOF)},
-        State.AWAIT_VM_PROOF: {MessageType.VM_PROOF: ("_on_vm_proof", State.AWAIT_VM_CONFIRM)},
-        State.AWAIT_VM_CONFIRM: {MessageType.VM_CONFIRM: ("_on_vm_confirm", State.DONE)},
-    }
 
     def __init__(
         self,
@@ -356,7 +372,7 @@ class OwnerExchange(_Session):
     def _on_initiate(self) -> list[Event]:
         self._send(
             OwnerHello(
-                mode=_WIRE_MODE[self._mode],
+                mode=WIRE_MODE[self._mode],
                 token_id=self._token.token_id,
                 owner_nonce=self._rng(crypto.NONCE_BYTES),
                 owner_cert=self._owner_cert,
@@ -396,6 +412,14 @@ class OwnerExchange(_Session):
         self._absorb(body)
         return [ExchangeComplete(self.peer_key)]
 
+    # Every transition of the owner's side, sent and received (see _Session.TRANSITIONS).
+    TRANSITIONS = {
+        State.START: dict([called(Local.INITIATE, _on_initiate, State.AWAIT_VM_HELLO)]),
+        State.AWAIT_VM_HELLO: dict([received(VmHello, _on_vm_hello, State.AWAIT_VM_PROOF)]),
+        State.AWAIT_VM_PROOF: dict([received(VmProof, _on_vm_proof, State.AWAIT_VM_CONFIRM)]),
+        State.AWAIT_VM_CONFIRM: dict([received(VmConfirm, _on_vm_confirm, State.DONE)]),
+    }
+
 
 # ---- VM ------------------------------------------------------------------------------------
 
@@ -405,11 +429,6 @@ class VmExchange(_Session):
 
     role = "vm"
     INITIAL = State.AWAIT_OWNER_HELLO
-    TRANSITIONS = {
-        State.AWAIT_OWNER_HELLO: {MessageType.OWNER_HELLO: ("_on_owner_hello", State.AWAIT_OWNER_PROOF)},
-        State.AWAIT_OWNER_PROOF: {MessageType.OWNER_PROOF: ("_on_owner_proof", State.AWAIT_LOCAL_CONFIRM)},
-        State.AWAIT_LOCAL_CONFIRM: {Local.CONFIRM: ("_on_confirm", State.DONE)},
-    }
 
     def __init__(
         self, *, vm_key: crypto.PrivateKey, token: Token, own_cert: bytes, rng: Random = os.urandom
@@ -446,7 +465,7 @@ class VmExchange(_Session):
         self.peer_key = owner_key
         self.peer_cert = msg.owner_cert
         self._absorb(body)
-        self._send(VmHello(mode=_WIRE_MODE[self._mode], vm_nonce=self._rng(crypto.NONCE_BYTES),
+        self._send(VmHello(mode=WIRE_MODE[self._mode], vm_nonce=self._rng(crypto.NONCE_BYTES),
                            vm_spki=self._key.public.spki))
         signature, tag = self._prove("vm")
         self._send(VmProof(signature=signature, mac=tag))
@@ -469,3 +488,10 @@ class VmExchange(_Session):
         signature, tag = self._prove("vm-confirm")
         self._send(VmConfirm(signature=signature, mac=tag))
         return [ExchangeComplete(self.peer_key)]
+
+    # Every transition of the VM's side, sent and received (see _Session.TRANSITIONS).
+    TRANSITIONS = {
+        State.AWAIT_OWNER_HELLO: dict([received(OwnerHello, _on_owner_hello, State.AWAIT_OWNER_PROOF)]),
+        State.AWAIT_OWNER_PROOF: dict([received(OwnerProof, _on_owner_proof, State.AWAIT_LOCAL_CONFIRM)]),
+        State.AWAIT_LOCAL_CONFIRM: dict([called(Local.CONFIRM, _on_confirm, State.DONE)]),
+    }

@@ -18,6 +18,7 @@ from enum import IntEnum
 from typing import ClassVar
 
 from imprint.protocol.errors import AlertCode, RemoteProtocolError
+from imprint.tokens import Mode
 
 PROTOCOL_VERSION = 1
 MAX_BODY = 1024
@@ -34,8 +35,13 @@ class MessageType(IntEnum):
 
 
 class WireMode(IntEnum):
+    """A tokens.Mode as the ``mode`` byte of OwnerHello and VmHello spells it."""
+
     SHARED = 1
     NOSECRET = 2
+
+
+WIRE_MODE: dict[Mode, WireMode] = {Mode.SHARED: WireMode.SHARED, Mode.NOSECRET: WireMode.NOSECRET}
 
 
 @dataclass(frozen=True)
