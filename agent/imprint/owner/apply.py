@@ -22,7 +22,9 @@ Every round is one ``POST /v1/apply``; a round carries only the backends that as
 
 from __future__ import annotations
 
+import json
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -128,12 +130,32 @@ def load_profile(path: Path) -> dict[str, dict[str, Any]]:
     except RecursionError:
         # tomllib parses nested arrays and inline tables recursively; a profile is a few flat tables.
         raise UsageError(f"profile {path} nests arrays or tables too deeply") from None
+    return check_profile(profile, f"profile {path}")
+
+
+def check_profile(profile: object, what: str = "the profile") -> dict[str, dict[str, Any]]:
+    """``profile`` (a file's parsed TOML, or a program's mapping: imprint.owner.Owner.apply) as
+    plain JSON data, each top-level key a backend's table; UsageError naming what is wrong."""
+    if not isinstance(profile, Mapping):
+        raise UsageError(f"{what} is a mapping of backend names to tables, not a {type(profile).__name__}")
     if not profile:
-        raise UsageError(f"profile {path} names no backend (expected tables such as [ssh])")
+        raise UsageError(f"{what} names no backend (expected tables such as [ssh])")
     for name, section in profile.items():
-        if not isinstance(section, dict):
-            raise UsageError(f"profile {path}: '{name}' must be a table ([{name}]), not a {type(section).__name__}")
-    return cast(dict[str, dict[str, Any]], profile)
+        if not isinstance(name, str):
+            raise UsageError(f"{what}: a backend's name is a string, not {type(name).__name__}")
+        if not isinstance(section, Mapping):
+            raise UsageError(f"{what}: '{name}' must be a table ([{name}]), not a {type(section).__name__}")
+    try:
+        # What the agent gets is JSON: anything else (a date, a set, bytes) is refused here, and
+        # the copy shares nothing with the caller's objects.
+        text = json.dumps(profile, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"{what} holds a value JSON cannot carry: {exc}") from None
+    except RecursionError:
+        raise UsageError(f"{what} nests arrays or tables too deeply") from None
+    if len(text) > MAX_PROFILE:
+        raise UsageError(f"{what} is larger than {MAX_PROFILE >> 20} MiB")
+    return cast(dict[str, dict[str, Any]], json.loads(text))
 
 
 def _backend(name: str) -> Backend | None:

@@ -13,6 +13,7 @@ from imprint import crypto, timeouts, tls, tokens
 from imprint.owner.client import PinnedClient
 from imprint.owner.errors import AuthenticationFailed, OwnerError, Unreachable, UsageError
 from imprint.owner.home import OwnerHome
+from imprint.owner.names import split_address
 from imprint.owner.store import PinRow, Store
 from imprint.owner.tlsfailures import Refused, classify, owner_error
 from imprint.protocol import (
@@ -38,16 +39,6 @@ class BindResult:
     owner_fingerprint: str
     status: dict[str, Any]
     proved: list[str] = field(default_factory=list)
-
-
-def split_address(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not host:
-        raise UsageError(f"address '{address}' is not HOST:PORT")
-    try:
-        return host.strip("[]"), int(port)
-    except ValueError:
-        raise UsageError(f"address '{address}': port '{port}' is not a number") from None
 
 
 def bind(home: OwnerHome, store: Store, vm: str, address: str, vm_token_text: str | None) -> BindResult:

@@ -15,23 +15,26 @@ every control character is a ``\\u`` escape.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sqlite3
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from imprint import lastresort, tokens
-from imprint.owner.errors import ApplyFailed, AuthenticationFailed, OwnerError, UsageError
+from imprint.owner.errors import ApplyFailed, OwnerError, UsageError
 from imprint.owner.home import OwnerHome, default_home
 from imprint.safetext import printable
 
 if TYPE_CHECKING:
     from imprint.backends.plugin import Backend, OwnerCli
-    from imprint.owner.apply import ApplyContext
+    from imprint.owner.api import Binding, Owner
     from imprint.owner.store import PinRow, Store
 
 Printer = Callable[[str], None]
@@ -66,49 +69,54 @@ def _emit(args: argparse.Namespace, data: dict[str, Any], lines: list[str]) -> N
 
 
 def _valid_name(name: str) -> str:
-    if not name or len(name) > 64 or not all(c.isalnum() or c in "-_." for c in name) or name[0] in "-.":
-        raise UsageError(f"VM name '{name}' must be 1-64 letters, digits, '-', '_' or '.', not starting with - or .")
-    return name
+    from imprint.owner.names import valid_vm_name
+
+    return valid_vm_name(name)
+
+
+def _owner(home: OwnerHome) -> Owner:
+    from imprint.owner.api import Owner
+
+    return Owner(home.dir)
 
 
 def cmd_init(home: OwnerHome, args: argparse.Namespace) -> int:
-    key, created = home.init()
-    verb = "created" if created else "already exists"
-    _emit(args, {"home": str(home.dir), "owner_fingerprint": key.public.fingerprint, "created": created},
-          [f"owner identity {verb} in {home.dir}", f"owner key: {key.public.fingerprint}"])
+    identity = _owner(home).init()
+    verb = "created" if identity.created else "already exists"
+    _emit(args, {"home": str(identity.home), "owner_fingerprint": identity.owner_fingerprint,
+                 "created": identity.created},
+          [f"owner identity {verb} in {identity.home}", f"owner key: {identity.owner_fingerprint}"])
     return 0
 
 
 def cmd_token_new(home: OwnerHome, args: argparse.Namespace) -> int:
-    name = _valid_name(args.name)
-    home.load_key()  # the owner identity comes first, in both modes
-    store = home.store()
-    pin = store.pin(name)
-    if pin is not None and pin.state == "bound":
-        raise UsageError(f"{name} is already bound to VM key {pin.vm_fingerprint}; a VM binds once")
-    mode = tokens.Mode(args.mode)
-    token = home.new_token(mode)
-    if mode is tokens.Mode.SHARED:
+    issued = _owner(home).issue_token(args.name, args.mode)
+    if issued.mode is tokens.Mode.SHARED:
         note = ("secret and single-use: give it to the site over a confidential channel, for a boot channel "
                 "only root can read in the VM (fw_cfg, credentials, metadata disk, seed), not the kernel command line")
     else:
         note = "not secret: it is the hash of your owner key; the site needs integrity only"
-    text = token.encode()
-    store.issue_token(name, mode, token.token_id.hex(), text)
-    _emit(args, {"vm": name, "mode": mode.value, "token_id": token.token_id.hex(), "token": text},
-          [f"{mode.value} token for {name} (id {token.token_id.hex()}; {note})",
+    _emit(args, {"vm": issued.vm, "mode": issued.mode.value, "token_id": issued.token_id, "token": issued.text},
+          [f"{issued.mode.value} token for {issued.vm} (id {issued.token_id}; {note})",
            "the site builds the boot-channel artefact with: imprint-site seed --channel NAME --token-file FILE",
-           text])
+           issued.text])
     return 0
 
 
-def _apply_context(home: OwnerHome, store: Store, name: str, address: str, args: argparse.Namespace) -> ApplyContext:
-    from imprint.owner.apply import ApplyContext
-
-    options: dict[str, Any] = {}
-    for _, hook in _backend_clis():
-        options.update(hook.apply_options(store, name, address, args))
-    return ApplyContext(home=home, store=store, vm=name, address=address, options=options)
+def _apply_options(home: OwnerHome, name: str, address: str | None, args: argparse.Namespace) -> dict[str, Any]:
+    """What the backends' command-line options (``--ssh-host`` ...) give their owner halves."""
+    store = home.store()
+    try:
+        if address is None:
+            pin = store.pin(name)
+            address = pin.address if pin is not None else None
+        options: dict[str, Any] = {}
+        if address is not None:
+            for _, hook in _backend_clis():
+                options.update(hook.apply_options(store, name, address, args))
+        return options
+    finally:
+        store.close()
 
 
 def _backend_clis() -> list[tuple[Backend, OwnerCli]]:
@@ -127,42 +135,102 @@ def _backend_clis() -> list[tuple[Backend, OwnerCli]]:
     return found
 
 
-def cmd_bind(home: OwnerHome, args: argparse.Namespace) -> int:
-    from imprint.owner import apply as applying
-    from imprint.owner.bind import bind
+def _binding_lines(binding: Binding) -> tuple[dict[str, Any], list[str]]:
+    lines = [f"bound {binding.vm} at {binding.address} ({binding.mode.value} mode)",
+             f"  VM key:    {binding.vm_fingerprint}", f"  owner key: {binding.owner_fingerprint}", "proved:"]
+    lines += [f"  - {item}" for item in binding.proved]
+    data: dict[str, Any] = {"vm": binding.vm, "address": binding.address, "mode": binding.mode.value,
+                            "vm_fingerprint": binding.vm_fingerprint, "owner_fingerprint": binding.owner_fingerprint,
+                            "proved": list(binding.proved), "status": dict(binding.status)}
+    return data, lines
 
-    name = _valid_name(args.name)
-    store = home.store()
-    plan = None
-    if args.profile:
-        # The whole profile is checked before the exchange: a bad profile must not spend the token.
-        if not store.vm_exists(name):
-            raise UsageError(f"unknown VM '{name}': make its token first with `imprint token new {name} --mode ...`")
-        profile = applying.load_profile(args.profile)
-        ctx = _apply_context(home, store, name, args.address, args)
-        plan = (ctx, profile, applying.prepare(ctx, profile))
-    result = bind(home, store, name, args.address, args.vm_token)
-    lines = [f"bound {name} at {result.address} ({result.mode.value} mode)",
-             f"  VM key:    {result.vm_fingerprint}", f"  owner key: {result.owner_fingerprint}", "proved:"]
-    lines += [f"  - {item}" for item in result.proved]
-    data: dict[str, Any] = {"vm": name, "address": result.address, "mode": result.mode.value,
-                            "vm_fingerprint": result.vm_fingerprint, "owner_fingerprint": result.owner_fingerprint,
-                            "proved": result.proved, "status": result.status}
-    if plan is None:
+
+def cmd_bind(home: OwnerHome, args: argparse.Namespace) -> int:
+    from imprint.owner.api import Binding
+    from imprint.owner.apply import ApplyReport
+
+    if args.source is not None:
+        return _bind_fleet(home, args)
+    owner = _owner(home)
+    if args.profile is None:
+        data, lines = _binding_lines(owner.bind(args.name, args.address, args.vm_token))
         _emit(args, data, lines)
         return 0
-    ctx, profile, first = plan
-    pin = store.pin(name)
-    assert pin is not None
+    options = _apply_options(home, _valid_name(args.name), args.address, args)
     try:
-        report = _run_apply(home, ctx, pin, profile, first)
+        binding = owner.bind(args.name, args.address, args.vm_token, profile=args.profile, options=options)
     except OwnerError as exc:
-        data["apply"] = {"error": str(exc), "exit_code": exc.exit_code, "kind": type(exc).__name__}
-        _emit(args, data, [*lines, f"bound, but applying the profile failed: {exc}"])
+        if not isinstance(exc.binding, Binding):
+            raise  # nothing was bound
+        data, lines = _binding_lines(exc.binding)
+        report = exc.report if isinstance(exc, ApplyFailed) else None
+        if isinstance(report, ApplyReport):  # a backend failed in the VM; the others ran
+            data["apply"] = report.to_json()
+            _emit(args, data, [*lines, *report.lines()])
+        else:
+            data["apply"] = {"error": str(exc), "exit_code": exc.exit_code, "kind": type(exc).__name__}
+            _emit(args, data, [*lines, f"bound, but applying the profile failed: {exc}"])
         return exc.exit_code
-    data["apply"] = report.to_json()
-    _emit(args, data, [*lines, *report.lines()])
-    return 0 if report.ok else ApplyFailed.exit_code
+    data, lines = _binding_lines(binding)
+    assert binding.applied is not None
+    data["apply"] = binding.applied.to_json()
+    _emit(args, data, [*lines, *binding.applied.lines()])
+    return 0
+
+
+def _bind_fleet(home: OwnerHome, args: argparse.Namespace) -> int:
+    from imprint.owner import fleet
+    from imprint.owner.progress import JsonLines, ProgressBar
+
+    if args.name is not None or args.address is not None or args.vm_token is not None or args.profile is not None:
+        raise UsageError("bind --from reads each VM's name, address and VM token from the file; "
+                         "give none of NAME, --address, --vm-token or --profile with it")
+    requests = fleet.read_requests(_read_source(args.source), name=args.name_pattern, source=f"--from {args.source}")
+    owner = _owner(home)
+    owner.home.load_key()  # no identity: one clear error, not one per VM
+    to_terminal = not args.json and sys.stdout.isatty()
+    display: JsonLines | ProgressBar = ProgressBar(sys.stdout, len(requests)) if to_terminal else JsonLines(sys.stdout)
+    stop = threading.Event()
+    with _stopping_on_signals(stop):
+        summary = owner.bind_many(requests, parallel=args.parallel, on_progress=display.result, stop=stop)
+    display.summary(summary)
+    return summary.exit_code
+
+
+def _read_source(source: str) -> str:
+    from imprint.boundedio import InputError, read_file
+    from imprint.owner.fleet import MAX_INPUT
+
+    try:
+        if source == "-":
+            data = sys.stdin.buffer.read(MAX_INPUT + 1)
+        else:
+            found = read_file(Path(source), MAX_INPUT, follow_links=True)
+            if found is None:
+                raise UsageError(f"--from {source}: no such file")
+            data = found
+        return data.decode()
+    except InputError as exc:
+        raise UsageError(f"--from {source}: {exc}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"--from {source}: not UTF-8 text") from None
+
+
+@contextlib.contextmanager
+def _stopping_on_signals(stop: threading.Event) -> Iterator[None]:
+    """Ctrl-C and SIGTERM set ``stop``: no new bind starts, those under way end (each within
+    its deadline), so every VM is bound or untouched. A second signal changes nothing more."""
+    def handler(signum: int, frame: object) -> None:
+        if not stop.is_set():
+            _err(f"{signal.Signals(signum).name}: starting no new bind; waiting for those under way")
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _bound_pin(store: Store, name: str) -> PinRow:
@@ -174,28 +242,19 @@ def _bound_pin(store: Store, name: str) -> PinRow:
     return pin
 
 
-def _run_apply(home: OwnerHome, ctx: ApplyContext, pin: PinRow, profile: dict[str, dict[str, Any]],
-               first: dict[str, dict[str, Any]]) -> Any:
-    from imprint.owner.apply import apply_profile
-    from imprint.owner.client import PinnedClient
-
-    client = PinnedClient(home, ctx.vm, pin.vm_cert, ctx.address)
-    try:
-        return apply_profile(ctx, client, profile, first)
-    finally:
-        client.close()
-
-
 def cmd_apply(home: OwnerHome, args: argparse.Namespace) -> int:
-    from imprint.owner import apply as applying
+    from imprint.owner.apply import ApplyReport
 
+    owner = _owner(home)
     name = _valid_name(args.name)
-    store = home.store()
-    pin = _bound_pin(store, name)
-    ctx = _apply_context(home, store, name, args.address or pin.address, args)
-    profile = applying.load_profile(args.profile)
-    first = applying.prepare(ctx, profile)
-    report = _run_apply(home, ctx, pin, profile, first)
+    owner.bound_pin(name)
+    options = _apply_options(home, name, args.address, args)
+    try:
+        report = owner.apply(name, args.profile, address=args.address, options=options)
+    except ApplyFailed as exc:
+        if not isinstance(exc.report, ApplyReport):
+            raise
+        report = exc.report
     _emit(args, report.to_json(), report.lines())
     return 0 if report.ok else ApplyFailed.exit_code
 
@@ -212,49 +271,19 @@ def cmd_ca_init(home: OwnerHome, args: argparse.Namespace) -> int:
 
 
 def cmd_status(home: OwnerHome, args: argparse.Namespace) -> int:
-    from imprint.owner.client import PinnedClient
-
-    name = _valid_name(args.name)
-    store = home.store()
-    pin = _bound_pin(store, name)
-    address = args.address or pin.address
-    client = PinnedClient(home, name, pin.vm_cert, address)
-    try:
-        status = client.get("/v1/status")
-    except OwnerError as exc:
-        store.audit(name, "status", address, type(exc).__name__, str(exc))
-        raise
-    finally:
-        client.close()
-    owner_fp = home.load_key().public.fingerprint
-    if status.get("vm_fingerprint") != pin.vm_fingerprint or status.get("owner_fingerprint") != owner_fp:
-        store.audit(name, "status", address, "AuthenticationFailed", "the agent reports other keys than pinned")
-        raise AuthenticationFailed(
-            f"the agent at {address} reports VM key {status.get('vm_fingerprint')} and owner key "
-            f"{status.get('owner_fingerprint')}; pinned are {pin.vm_fingerprint} and {owner_fp}"
-        )
-    if args.address and args.address != pin.address:
-        store.update_address(name, args.address)
-    _emit(args, {"vm": name, "address": address, **status},
-          [f"{name} at {address}: {status.get('state')} ({status.get('mode')} mode), pinned mutual TLS verified",
-           f"  VM key:    {status.get('vm_fingerprint')}", f"  owner key: {status.get('owner_fingerprint')}",
-           f"  agent {status.get('agent_version')}, up {status.get('uptime_seconds')} s"])
+    status = _owner(home).status(args.name, address=args.address)
+    raw = status.raw
+    _emit(args, {"vm": status.vm, "address": status.address, **raw},
+          [f"{status.vm} at {status.address}: {raw.get('state')} ({raw.get('mode')} mode), pinned mutual TLS verified",
+           f"  VM key:    {raw.get('vm_fingerprint')}", f"  owner key: {raw.get('owner_fingerprint')}",
+           f"  agent {raw.get('agent_version')}, up {raw.get('uptime_seconds')} s"])
     return 0
 
 
 def cmd_list(home: OwnerHome, args: argparse.Namespace) -> int:
-    store = home.store()
-    rows: list[dict[str, Any]] = []
-    for name in store.vm_names():
-        pin, token = store.pin(name), store.current_token(name)
-        rows.append({
-            "vm": name,
-            "state": pin.state if pin else "unbound",
-            "mode": (pin.mode.value if pin else token.mode.value if token else None),
-            "token_state": token.state if token else None,
-            "address": pin.address if pin else None,
-            "vm_fingerprint": pin.vm_fingerprint if pin else None,
-        })
+    rows: list[dict[str, Any]] = [
+        {"vm": r.vm, "state": r.state, "mode": r.mode.value if r.mode else None, "token_state": r.token_state,
+         "address": r.address, "vm_fingerprint": r.vm_fingerprint} for r in _owner(home).vms()]
     lines = [f"{'VM':<20} {'STATE':<9} {'MODE':<9} {'TOKEN':<10} {'ADDRESS':<22} VM KEY"]
     lines += [f"{r['vm']:<20} {r['state']:<9} {r['mode'] or '-':<9} {r['token_state'] or '-':<10} "
               f"{r['address'] or '-':<22} {r['vm_fingerprint'] or '-'}" for r in rows]
@@ -263,12 +292,17 @@ def cmd_list(home: OwnerHome, args: argparse.Namespace) -> int:
 
 
 def cmd_audit(home: OwnerHome, args: argparse.Namespace) -> int:
-    store = home.store()
-    entries = store.audit_log(args.name)
+    entries = _owner(home).audit(args.name)
     lines = [f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(e.at))} {e.vm} {e.action} "
              f"{e.address or '-'} {e.outcome}: {e.detail}" for e in entries]
     _emit(args, {"audit": [e.__dict__ for e in entries]}, lines)
     return 0
+
+
+def _positive(value: str) -> int:
+    if not value.isdigit() or not 1 <= int(value) <= 1024:
+        raise argparse.ArgumentTypeError(f"{value[:20]!r} is not a number from 1 to 1024")
+    return int(value)
 
 
 def _build_parser(*, with_backends: bool = True) -> argparse.ArgumentParser:
@@ -288,10 +322,16 @@ def _build_parser(*, with_backends: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=[mode.value for mode in tokens.Mode], required=True)
     p.set_defaults(func=cmd_token_new)
     p = sub.add_parser("bind", parents=[common], help="run the key exchange with a booted VM and pin its key")
-    p.add_argument("name")
-    p.add_argument("--address", required=True, help="HOST:PORT of the agent")
+    p.add_argument("name", nargs="?")
+    p.add_argument("--address", help="HOST:PORT of the agent")
     p.add_argument("--vm-token", help="no-secrets mode: the VM token the site relayed back")
     p.add_argument("--profile", type=Path, help="apply this profile (TOML) right after a successful bind")
+    p.add_argument("--from", dest="source", metavar="FILE",
+                   help="bind many VMs: JSON lines {name, address, vm_token} or imprint-site boot records; - is stdin")
+    p.add_argument("--name", dest="name_pattern", metavar="NAME",
+                   help="with --from: the name of a record that has none ({n}: its number)")
+    p.add_argument("--parallel", type=_positive, metavar="N",
+                   help="with --from: binds at a time (default: 8 per CPU, 4 to 64)")
     for _, hook in hooks:
         hook.add_apply_options(p)
     p.set_defaults(func=cmd_bind)
@@ -333,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         argv, passthrough = argv[:cut], argv[cut + 1:]
     parser = _build_parser(with_backends=_command_word(argv) not in CORE_ONLY)
     args = parser.parse_args(argv)
+    if args.command == "bind" and args.source is None and (args.name is None or args.address is None):
+        parser.error("bind: give NAME and --address HOST:PORT, or --from FILE")
     if passthrough:
         dest = getattr(args, "passthrough", None)
         if dest is None:

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 class OwnerError(Exception):
     exit_code = 1
+    # Set by Owner.bind(profile=...) when the VM was bound before this failure (an apply's):
+    # the imprint.owner.api.Binding, so that a caller knows the VM is bound all the same.
+    binding: object | None = None
 
 
 class UsageError(OwnerError):
@@ -29,3 +32,4 @@ class ApplyFailed(OwnerError):
     """The profile reached the VM but at least one backend failed there (exit 5); the others ran."""
 
     exit_code = 5
+    report: object | None = None  # the imprint.owner.apply.ApplyReport: which backend failed, and why

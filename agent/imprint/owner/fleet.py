@@ -116,7 +116,7 @@ def read_requests(text: str, *, name: str | None = None, source: str = "--from")
     seen: dict[str, str] = {}
     for number, (where, value) in enumerate(records, start=1):
         try:
-            request = _request(value, where, name.replace("{n}", str(number)) if name is not None else None)
+            request = request_from(value, where, name.replace("{n}", str(number)) if name is not None else None)
         except UsageError as exc:
             problems.append(str(exc))
             continue
@@ -159,7 +159,9 @@ def _json_values(text: str, source: str) -> list[tuple[str, Any]]:
         position = end
 
 
-def _request(value: Any, where: str, default_name: str | None) -> FleetRequest:
+def request_from(value: Any, where: str, default_name: str | None = None) -> FleetRequest:
+    """One record (``{"name", "address", "vm_token"?}``, or a boot record's ``agent_address``) as
+    a request; UsageError naming ``where`` and the field."""
     if not isinstance(value, dict):
         raise UsageError(f"{where}: a record is a JSON object, not {type(value).__name__}")
     name = value.get("name", default_name)
@@ -185,6 +187,14 @@ def _request(value: Any, where: str, default_name: str | None) -> FleetRequest:
     return FleetRequest(name=name, address=address, vm_token=vm_token, source=where)
 
 
+def refuse_duplicates(requests: Sequence[FleetRequest]) -> None:
+    seen: dict[str, str] = {}
+    for request in requests:
+        if request.name in seen:
+            raise UsageError(f"{request.source}: VM {request.name} is also {seen[request.name]}")
+        seen[request.name] = request.source
+
+
 # -- the run -----------------------------------------------------------------------------------
 
 
@@ -201,6 +211,7 @@ class FleetRun:
     is_bound: IsBound
     parallel: int
     on_result: OnResult = field(default=lambda result: None)
+    stop_event: threading.Event | None = None  # set from outside: the same as stop()
     _stopping: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
@@ -212,7 +223,7 @@ class FleetRun:
 
     @property
     def stopping(self) -> bool:
-        return self._stopping.is_set()
+        return self._stopping.is_set() or (self.stop_event is not None and self.stop_event.is_set())
 
     def run(self, requests: Sequence[FleetRequest]) -> FleetSummary:
         started = time.monotonic()

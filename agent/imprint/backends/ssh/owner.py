@@ -249,7 +249,7 @@ def saved_target(store: Store, vm: str) -> tuple[str, int] | None:
 
 def resolve_target(store: Store, vm: str, address: str, host: str | None, port: int | None) -> tuple[str, int]:
     """--ssh-host/--ssh-port, else the last ones applied, else the agent address's host and 22."""
-    from imprint.owner.bind import split_address
+    from imprint.owner.names import split_address
 
     previous = saved_target(store, vm)
     return (host or (previous[0] if previous else split_address(address)[0]),

@@ -1,0 +1,351 @@
+"""The owner as a library: everything `imprint` (owner/cli.py) does, for programs.
+
+    from imprint.owner import Owner, Unreachable
+
+    with Owner("/srv/imprint") as owner:
+        owner.init()
+        token = owner.new_token("web1", "nosecret")   # hand it to the site with the VM
+        ...                                            # the site relays the VM token back
+        owner.bind("web1", "10.0.0.5:7443", vm_token=vm_token)
+        owner.apply("web1", {"ssh": {"users": [{"name": "alice", "authorized_keys": [key]}]}})
+        summary = owner.bind_many([{"name": "web2", "address": "10.0.0.6:7443"}], parallel=16)
+
+``Owner(home)`` opens the owner home the CLI uses (the same directory and store): a program and
+the CLI may work on one home at the same time. Results are frozen dataclasses. A failure is one
+of the exceptions :mod:`imprint.owner` exports, one class per exit code of the CLI:
+:class:`UsageError` (2: bad input, an unknown VM), :class:`AuthenticationFailed` (3: a man in
+the middle, a wrong or reused token), :class:`Unreachable` (4), :class:`BackendFailed` (5: a
+profile reached the VM and a backend failed there; ``.report`` says which), and their base
+:class:`OwnerError` (1: the home or its database cannot be used). Nothing else escapes.
+
+An Owner may be used from several threads at once (``bind_many`` does): each thread gets its
+own connection to the store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from imprint import tokens
+from imprint.owner import fleet
+from imprint.owner.errors import ApplyFailed, AuthenticationFailed, OwnerError, UsageError
+from imprint.owner.fleet import FleetRequest, FleetResult, FleetSummary
+from imprint.owner.home import OwnerHome, default_home
+from imprint.owner.names import split_address, valid_vm_name
+from imprint.owner.store import AuditRow, PinRow, Store
+
+if TYPE_CHECKING:  # at run time loaded where used: `import imprint.owner` stays light for the CLI
+    from imprint.owner.apply import ApplyContext, ApplyReport
+
+BackendFailed = ApplyFailed  # exit 5; the CLI's and the library's name for one class
+AuditEntry = AuditRow
+Profile = Mapping[str, Mapping[str, Any]]
+
+
+@dataclass(frozen=True)
+class Identity:
+    home: Path
+    owner_fingerprint: str
+    created: bool
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    vm: str
+    mode: tokens.Mode
+    token_id: str
+    text: str  # K in shared mode: give it to the site over a confidential channel only
+
+
+@dataclass(frozen=True)
+class Binding:
+    vm: str
+    address: str
+    mode: tokens.Mode
+    vm_fingerprint: str
+    owner_fingerprint: str
+    proved: tuple[str, ...]
+    status: Mapping[str, Any]  # what the VM answered over the pinned channel (VM-supplied text)
+    applied: ApplyReport | None = None  # bind(profile=...): what the backends did
+
+
+@dataclass(frozen=True)
+class VmStatus:
+    vm: str
+    address: str
+    state: str
+    mode: str
+    vm_fingerprint: str
+    owner_fingerprint: str
+    raw: Mapping[str, Any]  # every field the agent sent (VM-supplied: render it before showing it)
+
+
+@dataclass(frozen=True)
+class VmRecord:
+    vm: str
+    state: str                # "bound", "pending" or "unbound"
+    mode: tokens.Mode | None
+    token_state: str | None   # the newest token's: "issued", "consumed" or "superseded"
+    address: str | None
+    vm_fingerprint: str | None
+
+
+class Owner:
+    def __init__(self, home: str | os.PathLike[str] | None = None) -> None:
+        self.home = OwnerHome(Path(home).expanduser() if home is not None else default_home())
+        self._local = threading.local()
+        self._stores: list[Store] = []
+        self._lock = threading.Lock()
+
+    # -- lifetime
+    def close(self) -> None:
+        with self._lock:
+            stores, self._stores = self._stores, []
+        for store in stores:
+            with contextlib.suppress(sqlite3.Error):
+                store.close()
+
+    def __enter__(self) -> Owner:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.close()
+
+    def _store(self) -> Store:
+        store: Store | None = getattr(self._local, "store", None)
+        if store is None:
+            with self._errors():
+                store = self.home.store()
+            self._local.store = store
+            with self._lock:
+                self._stores.append(store)
+        return store
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        """What the standard library raises, as the exception the CLI's exit code names."""
+        try:
+            yield
+        except tokens.TokenError as exc:
+            raise UsageError(str(exc)) from None
+        except sqlite3.Error as exc:
+            raise OwnerError(f"the owner database {self.home.db_file} cannot be used: {exc}") from None
+        except OSError as exc:
+            from imprint import lastresort
+
+            raise OwnerError(lastresort.describe(exc)) from None
+
+    # -- identity and tokens
+    def init(self) -> Identity:
+        """Create the owner identity once; later calls report the existing one."""
+        with self._errors():
+            key, created = self.home.init()
+        return Identity(self.home.dir, key.public.fingerprint, created)
+
+    def new_token(self, name: str, mode: tokens.Mode | str) -> str:
+        """A token for VM ``name`` (created if new; any earlier unused token is superseded):
+        its text, for the site. In shared mode it is K: secret and single-use."""
+        return self.issue_token(name, mode).text
+
+    def issue_token(self, name: str, mode: tokens.Mode | str) -> IssuedToken:
+        """:meth:`new_token` with its id and mode."""
+        valid_vm_name(name)
+        mode = _mode(mode)
+        with self._errors():
+            self.home.load_key()  # the owner identity comes first, in both modes
+            store = self._store()
+            pin = store.pin(name)
+            if pin is not None and pin.state == "bound":
+                raise UsageError(f"{name} is already bound to VM key {pin.vm_fingerprint}; a VM binds once")
+            token = self.home.new_token(mode)
+            text = token.encode()
+            store.issue_token(name, mode, token.token_id.hex(), text)
+        return IssuedToken(name, mode, token.token_id.hex(), text)
+
+    # -- binding
+    def bind(self, name: str, address: str, vm_token: str | None = None, *,
+             profile: str | os.PathLike[str] | Profile | None = None,
+             options: Mapping[str, Any] | None = None) -> Binding:
+        """Run the exchange with the agent at ``address`` and pin its key. With ``profile``,
+        the whole profile is checked first (a bad one spends no token) and applied right after;
+        a backend that fails there raises :class:`BackendFailed` whose ``binding`` is this bind."""
+        from imprint.owner import apply as applying
+        from imprint.owner.bind import bind
+
+        valid_vm_name(name)  # the address is checked by the bind (a bad one is audited there)
+        store = self._store()
+        plan = None
+        with self._errors():
+            if profile is not None:
+                if not store.vm_exists(name):
+                    raise UsageError(f"unknown VM '{name}': make its token first with "
+                                     f"`imprint token new {name} --mode ...`")
+                parsed = _profile(profile)
+                ctx = applying.ApplyContext(home=self.home, store=store, vm=name, address=address,
+                                            options=dict(options or {}))
+                plan = (ctx, parsed, applying.prepare(ctx, parsed))
+            result = bind(self.home, store, name, address, vm_token)
+        binding = Binding(name, result.address, result.mode, result.vm_fingerprint, result.owner_fingerprint,
+                          tuple(result.proved), dict(result.status))
+        if plan is None:
+            return binding
+        ctx, parsed, first = plan
+        try:
+            report = self._apply(ctx, parsed, first)
+        except OwnerError as exc:
+            exc.binding = binding  # the VM is bound: the caller must know it though the apply failed
+            raise
+        return dataclasses.replace(binding, applied=report)
+
+    def bind_many(self, requests: Iterable[FleetRequest | Mapping[str, Any]], *, parallel: int | None = None,
+                  on_progress: Callable[[FleetResult], None] | None = None,
+                  stop: threading.Event | None = None) -> FleetSummary:
+        """Bind every VM of ``requests`` (``{"name", "address", "vm_token"?}`` or FleetRequest),
+        ``parallel`` at a time. One VM's failure is its result, not an exception; a VM already
+        bound is reported ``already-bound`` and not bound again. ``on_progress`` gets each result
+        as it comes (from a worker thread); setting ``stop`` starts no new bind, lets those
+        under way end, and reports the rest ``not-started``."""
+        checked = [r if isinstance(r, FleetRequest) else fleet.request_from(r, f"request {n}")
+                   for n, r in enumerate(requests, start=1)]
+        fleet.refuse_duplicates(checked)
+        run = fleet.FleetRun(self._bind_one, self._is_bound,
+                             parallel=parallel or fleet.default_parallel(os.cpu_count()),
+                             on_result=on_progress or (lambda result: None), stop_event=stop)
+        return run.run(checked)
+
+    def _bind_one(self, request: FleetRequest) -> str:
+        return self.bind(request.name, request.address, request.vm_token).vm_fingerprint
+
+    def _is_bound(self, name: str) -> bool:
+        with self._errors():
+            pin = self._store().pin(name)
+        return pin is not None and pin.state == "bound"
+
+    # -- a bound VM
+    def status(self, name: str, *, address: str | None = None) -> VmStatus:
+        """Ask the VM over the pinned channel; both keys it reports must be the pinned ones
+        (else :class:`AuthenticationFailed`). ``address``: where it is now, if it moved."""
+        from imprint.owner.client import PinnedClient
+
+        valid_vm_name(name)
+        if address is not None:
+            split_address(address)
+        store = self._store()
+        with self._errors():
+            pin = self.bound_pin(name)
+            where = address or pin.address
+            client = PinnedClient(self.home, name, pin.vm_cert, where)
+            try:
+                status = client.get("/v1/status")
+            except OwnerError as exc:
+                store.audit(name, "status", where, type(exc).__name__, str(exc))
+                raise
+            finally:
+                client.close()
+            owner_fp = self.home.load_key().public.fingerprint
+            if status.get("vm_fingerprint") != pin.vm_fingerprint or status.get("owner_fingerprint") != owner_fp:
+                store.audit(name, "status", where, "AuthenticationFailed", "the agent reports other keys than pinned")
+                raise AuthenticationFailed(
+                    f"the agent at {where} reports VM key {status.get('vm_fingerprint')} and owner key "
+                    f"{status.get('owner_fingerprint')}; pinned are {pin.vm_fingerprint} and {owner_fp}")
+            if address is not None and address != pin.address:
+                store.update_address(name, address)
+        return VmStatus(name, where, str(status.get("state")), str(status.get("mode")), pin.vm_fingerprint,
+                        owner_fp, dict(status))
+
+    def apply(self, name: str, profile: str | os.PathLike[str] | Profile, *, address: str | None = None,
+              options: Mapping[str, Any] | None = None) -> ApplyReport:
+        """Apply ``profile`` (a TOML file's path, or the mapping it would parse to) over the
+        pinned channel. ``options``: what backends' command-line options would give (e.g.
+        ssh's ``{"ssh_host": ..., "ssh_port": ...}``). Raises :class:`BackendFailed` (with
+        ``.report``) when a backend failed in the VM; the others ran."""
+        from imprint.owner import apply as applying
+
+        valid_vm_name(name)
+        if address is not None:
+            split_address(address)
+        store = self._store()
+        with self._errors():
+            pin = self.bound_pin(name)
+            ctx = applying.ApplyContext(home=self.home, store=store, vm=name, address=address or pin.address,
+                                        options=dict(options or {}))
+            parsed = _profile(profile)
+            first = applying.prepare(ctx, parsed)
+        return self._apply(ctx, parsed, first)
+
+    def _apply(self, ctx: ApplyContext, profile: dict[str, dict[str, Any]],
+               first: dict[str, dict[str, Any]]) -> ApplyReport:
+        from imprint.owner.apply import apply_profile
+        from imprint.owner.client import PinnedClient
+
+        with self._errors():
+            pin = self.bound_pin(ctx.vm)
+            client = PinnedClient(self.home, ctx.vm, pin.vm_cert, ctx.address)
+            try:
+                report = apply_profile(ctx, client, profile, first)
+            finally:
+                client.close()
+        if not report.ok:
+            failed = ", ".join(name for name, outcome in report.results.items() if not outcome.ok)
+            error = BackendFailed(f"applying the profile to {ctx.vm}: backend {failed} failed in the VM")
+            error.report = report
+            raise error
+        return report
+
+    def bound_pin(self, name: str) -> PinRow:
+        """The pin of bound VM ``name`` (UsageError when unknown or not bound yet)."""
+        store = self._store()
+        with self._errors():
+            if not store.vm_exists(name):
+                raise UsageError(f"unknown VM '{name}'")
+            pin = store.pin(name)
+        if pin is None or pin.state != "bound":
+            raise UsageError(f"{name} is not bound yet: run `imprint bind {name} --address HOST:PORT`")
+        return pin
+
+    # -- the record
+    def vms(self) -> list[VmRecord]:
+        store = self._store()
+        records = []
+        with self._errors():
+            for name in store.vm_names():
+                pin, token = store.pin(name), store.current_token(name)
+                records.append(VmRecord(
+                    vm=name, state=pin.state if pin else "unbound",
+                    mode=pin.mode if pin else token.mode if token else None,
+                    token_state=token.state if token else None,
+                    address=pin.address if pin else None, vm_fingerprint=pin.vm_fingerprint if pin else None))
+        return records
+
+    def audit(self, name: str | None = None) -> list[AuditEntry]:
+        """The append-only log, oldest first (of VM ``name`` only, if given)."""
+        with self._errors():
+            return self._store().audit_log(name)
+
+
+def _mode(mode: tokens.Mode | str) -> tokens.Mode:
+    if isinstance(mode, tokens.Mode):
+        return mode
+    try:
+        return tokens.Mode(mode)
+    except ValueError:
+        raise UsageError(f"mode {str(mode)[:40]!r}: expected one of "
+                         f"{', '.join(m.value for m in tokens.Mode)}") from None
+
+
+def _profile(profile: str | os.PathLike[str] | Profile) -> dict[str, dict[str, Any]]:
+    from imprint.owner import apply as applying
+
+    if isinstance(profile, str | os.PathLike):
+        return applying.load_profile(Path(profile))
+    return applying.check_profile(profile, "the profile")
