@@ -14,7 +14,7 @@ from imprint.owner.client import PinnedClient
 from imprint.owner.errors import AuthenticationFailed, OwnerError, Unreachable, UsageError
 from imprint.owner.home import OwnerHome
 from imprint.owner.names import split_address
-from imprint.owner.store import PinRow, Store
+from imprint.owner.store import ClaimHeld, PinRow, Store
 from imprint.owner.tlsfailures import Refused, classify, owner_error
 from imprint.protocol import (
     AlertCode,
@@ -42,14 +42,26 @@ class BindResult:
 
 
 def bind(home: OwnerHome, store: Store, vm: str, address: str, vm_token_text: str | None) -> BindResult:
-    """Bind ``vm`` at ``address``; every attempt, good or bad, goes to the audit log."""
+    """Bind ``vm`` at ``address``; every attempt, good or bad, goes to the audit log. Holds the
+    VM's claim throughout (another bind of it, in this process or another, waits for this one);
+    the wiped token's pages are checkpointed once, at the end (or at the fleet's end)."""
+    deferred = store.defer_checkpoints
+    store.defer_checkpoints = True
     try:
-        result = _bind(home, store, vm, address, vm_token_text)
+        with store.claim(vm):
+            return _bind(home, store, vm, address, vm_token_text)  # audited "bound" by confirm_pin
+    except ClaimHeld as exc:
+        error: OwnerError = Unreachable(f"{exc}; rerun `imprint bind {vm}` once it has ended")
+        store.audit(vm, "bind", address, type(error).__name__, str(error))
+        raise error from None
     except OwnerError as exc:
         if store.vm_exists(vm):
             store.audit(vm, "bind", address, type(exc).__name__, str(exc))
         raise
-    return result  # audited "bound" by confirm_pin, in the pin's own transaction
+    finally:
+        store.defer_checkpoints = deferred
+        if not deferred:
+            store.flush_wipes()
 
 
 def _bound_detail(result: BindResult) -> str:
@@ -76,7 +88,7 @@ def _bind(home: OwnerHome, store: Store, vm: str, address: str, vm_token_text: s
             result = _result(vm, address, pin.mode, pin.vm_cert, owner_key, status,
                              ["recovered: the key pinned by an earlier exchange answered over mutual TLS"])
             # Also spends the token: the VM consumed it when it pinned us.
-            store.confirm_pin(vm, address, audit_detail=_bound_detail(result))
+            _confirm(store, vm, address, result, pin.vm_cert)
             return result
 
     row = store.current_token(vm)
@@ -112,8 +124,16 @@ def _bind(home: OwnerHome, store: Store, vm: str, address: str, vm_token_text: s
                         "channel") from None
     attempt.proved.append("mutual TLS 1.3: the VM accepted only this owner's key and showed only the pinned VM key")
     result = _result(vm, address, token.mode, vm_cert, owner_key, status, attempt.proved)
-    store.confirm_pin(vm, address, audit_detail=_bound_detail(result))
+    _confirm(store, vm, address, result, vm_cert)
     return result
+
+
+def _confirm(store: Store, vm: str, address: str, result: BindResult, cert: tls.PinnedCert) -> None:
+    """The pin this bind wrote becomes bound; under the claim nothing else writes it, so a
+    different pin here is a record changed behind the owner's back, refused."""
+    if not store.confirm_pin(vm, address, audit_detail=_bound_detail(result), cert=cert):
+        raise AuthenticationFailed(f"{vm}: the owner's record holds another pending key than the one this bind "
+                                   f"verified ({result.vm_fingerprint}); nothing was confirmed")
 
 
 @dataclass
@@ -182,8 +202,10 @@ def _exchange(attempt: _Attempt) -> tls.PinnedCert:
 
             def handle(event: Event) -> None:
                 if isinstance(event, VmAuthenticated):
-                    attempt.store.pin_pending(vm, tls.PinnedCert(seen), event.vm_key.fingerprint, token.mode,
-                                              address)
+                    if not attempt.store.pin_pending(vm, tls.PinnedCert(seen), event.vm_key.fingerprint, token.mode,
+                                                     address):
+                        raise UsageError(f"{vm} was bound by another bind while this one ran; nothing was "
+                                         "pinned by this one")
                     attempt.pending_fingerprint = event.vm_key.fingerprint
                     attempt.proved.append(_vm_proof_text(token.mode, event.vm_key))
                 elif isinstance(event, ExchangeComplete):

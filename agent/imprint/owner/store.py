@@ -7,8 +7,17 @@ append-only log of every bind attempt and its outcome, enforced by triggers that
 and DELETE. A home made before backend_data had ssh_targets; opening it moves those rows.
 
 K leaves the file, not only the row: secure_delete zeroes the bytes a wipe frees, and a WAL
-checkpoint after each wipe copies the wiped pages over the old ones and truncates the -wal
-file, where the page images that still held K would otherwise stay until some later checkpoint.
+checkpoint after a wipe copies the wiped pages over the old ones and truncates the -wal file,
+where the page images that still held K would otherwise stay until some later checkpoint. A
+single bind or token checkpoints at once; a fleet (``defer_checkpoints``) once at its end.
+
+Concurrency (many binds in one process, several processes on one home): every write is one
+``BEGIN IMMEDIATE`` transaction, serialised by SQLite's lock with a busy timeout; a bind first
+takes the VM's row in ``claims`` (:meth:`Store.claim`), so two binds of one VM never run at
+once, and a pin is written only by the claim's holder, never over a bound pin. A claim is a
+lock, not a record: it is committed without an fsync of its own (``synchronous = NORMAL``:
+a power loss may forget it, with the process that held it) and a dead holder's claim is taken
+over. Every other commit is durable (``synchronous = FULL``) when it returns.
 """
 
 from __future__ import annotations
@@ -16,16 +25,20 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from imprint.faults import crashpoint
+from imprint.fsatomic import pid_alive
 from imprint.tls import PinnedCert
 from imprint.tokens import Mode
+
+T = TypeVar("T")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS vms (
@@ -67,6 +80,11 @@ CREATE TABLE IF NOT EXISTS backend_data (
     updated_at  REAL NOT NULL,
     PRIMARY KEY (vm, backend)
 );
+CREATE TABLE IF NOT EXISTS claims (
+    vm      TEXT PRIMARY KEY,  -- no foreign key: a bind of an unknown VM claims, then is refused
+    holder  TEXT NOT NULL,     -- pid:start-time:thread of the bind under way
+    since   REAL NOT NULL
+);
 CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
     BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
@@ -107,6 +125,14 @@ class AuditRow:
     detail: str
 
 
+CLAIM_WAIT = 60.0   # the longest a bind waits for another bind of the same VM (theirs is bounded)
+CLAIM_POLL = 0.05
+
+
+class ClaimHeld(Exception):
+    """Another bind of the VM is under way and did not end within the wait."""
+
+
 class Store:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -117,7 +143,10 @@ class Store:
         # K is wiped by overwriting its row; secure_delete zeroes the freed bytes in the file too.
         self._db.execute("PRAGMA secure_delete = ON")
         self._db.execute("PRAGMA journal_mode = WAL")
+        self._db.execute("PRAGMA synchronous = FULL")
         self._db.executescript(SCHEMA)
+        self.defer_checkpoints = False  # a fleet's binds: wiped pages are checkpointed at its end
+        self._wiped = False
         self._migrate()
         self._heal()
 
@@ -149,13 +178,24 @@ class Store:
         self._checkpoint()
 
     def _checkpoint(self) -> None:
-        """Move every page into the database file and empty the -wal (see the module's comment).
-        Another process reading at this moment holds the -wal; its own close or the next wipe
-        empties it then."""
-        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        """After a wipe: move every page into the database file and empty the -wal (see the
+        module's comment), now or, with ``defer_checkpoints``, at :meth:`flush_wipes`."""
+        self._wiped = True
+        if not self.defer_checkpoints:
+            self.flush_wipes()
+
+    def flush_wipes(self) -> None:
+        """The checkpoint a wipe asked for, if any. Another process reading at this moment holds
+        the -wal; its own close or the next wipe empties it then."""
+        if self._wiped:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            self._wiped = False
 
     def close(self) -> None:
-        self._db.close()
+        try:
+            self.flush_wipes()
+        finally:
+            self._db.close()
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -216,13 +256,60 @@ class Store:
         vm_, cert_pem, fingerprint, state, mode, address, pinned_at = row
         return PinRow(vm_, PinnedCert.from_pem(cert_pem), fingerprint, state, Mode(mode), address, pinned_at)
 
-    def pin_pending(self, vm: str, cert: PinnedCert, fingerprint: str, mode: Mode, address: str) -> None:
+    def pin_pending(self, vm: str, cert: PinnedCert, fingerprint: str, mode: Mode, address: str) -> bool:
+        """The key the VM just proved, pending its confirmation; False (nothing written) when the
+        VM is bound already: a pin, once bound, is never replaced."""
         with self.transaction() as db:
-            db.execute(
-                "INSERT OR REPLACE INTO pins (vm, vm_cert_pem, vm_fingerprint, state, mode, address, pinned_at) "
-                "VALUES (?, ?, ?, 'pending', ?, ?, ?)",
+            written = db.execute(
+                "INSERT INTO pins (vm, vm_cert_pem, vm_fingerprint, state, mode, address, pinned_at) "
+                "VALUES (?, ?, ?, 'pending', ?, ?, ?) ON CONFLICT (vm) DO UPDATE SET "
+                "vm_cert_pem = excluded.vm_cert_pem, vm_fingerprint = excluded.vm_fingerprint, state = 'pending', "
+                "mode = excluded.mode, address = excluded.address, pinned_at = excluded.pinned_at "
+                "WHERE pins.state = 'pending'",
                 (vm, cert.pem, fingerprint, mode.value, address, time.time()),
-            )
+            ).rowcount
+        return written == 1
+
+    # -- one bind of a VM at a time
+    @contextmanager
+    def claim(self, vm: str, *, wait: float = CLAIM_WAIT) -> Iterator[None]:
+        """Hold ``vm``'s claim for the block: waits (up to ``wait`` s, then ClaimHeld) while
+        another live bind holds it, takes over a dead holder's."""
+        me = _holder()
+        deadline = time.monotonic() + wait
+        while True:
+            other = self._try_claim(vm, me)
+            if other is None:
+                break
+            if time.monotonic() >= deadline:
+                raise ClaimHeld(f"another bind of {vm} is under way (process {other.split(':')[0]}) "
+                                f"and did not end within {wait:.0f} s")
+            time.sleep(CLAIM_POLL)  # the holder's bind is bounded by its deadlines; SQLite has no wait-for-row
+        try:
+            yield
+        finally:
+            self._with_lock_only(lambda db: db.execute("DELETE FROM claims WHERE vm = ? AND holder = ?", (vm, me)))
+
+    def _try_claim(self, vm: str, me: str) -> str | None:
+        """None when ``me`` holds the claim now; else the live holder."""
+        def take(db: sqlite3.Connection) -> str | None:
+            row = db.execute("SELECT holder FROM claims WHERE vm = ?", (vm,)).fetchone()
+            if row is not None and row[0] != me and _holder_alive(row[0]):
+                return str(row[0])
+            db.execute("INSERT OR REPLACE INTO claims (vm, holder, since) VALUES (?, ?, ?)", (vm, me, time.time()))
+            return None
+
+        return self._with_lock_only(take)
+
+    def _with_lock_only(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """``work`` in one transaction committed without an fsync: for claims only (a lock that a
+        power loss may forget, with its holder)."""
+        self._db.execute("PRAGMA synchronous = NORMAL")
+        try:
+            with self.transaction() as db:
+                return work(db)
+        finally:
+            self._db.execute("PRAGMA synchronous = FULL")
 
     def consume_token(self, vm: str) -> None:
         """The VM confirmed the exchange: its token (with K, if any) is used up."""
@@ -230,19 +317,25 @@ class Store:
             _consume_tokens(db, vm)
         self._checkpoint()
 
-    def confirm_pin(self, vm: str, address: str | None = None, *, audit_detail: str | None = None) -> None:
+    def confirm_pin(self, vm: str, address: str | None = None, *, audit_detail: str | None = None,
+                    cert: PinnedCert | None = None) -> bool:
         """The pinned mutual-TLS channel answered (at ``address``, if given) with the exchanged
         keys: the pin is final, and every token issued for the VM is spent with it, in the same
         transaction. A VM binds once, and the pinned channel proves this one did: a bind recovered
         after a lost VmConfirm never saw the confirmation that otherwise consumes the token, and
         K must not outlive the bind."""
         with self.transaction() as db:
-            db.execute("UPDATE pins SET state = 'bound', pinned_at = ?, address = COALESCE(?, address) "
-                       "WHERE vm = ?", (time.time(), address, vm))
+            confirmed = db.execute(
+                "UPDATE pins SET state = 'bound', pinned_at = ?, address = COALESCE(?, address) "
+                "WHERE vm = ? AND (? IS NULL OR vm_cert_pem = ?)",
+                (time.time(), address, vm, cert.pem if cert else None, cert.pem if cert else None)).rowcount
+            if confirmed != 1:
+                return False  # not the pin this bind wrote: nothing changes
             _consume_tokens(db, vm)
             if audit_detail is not None:  # in the same transaction: a kill -9 cannot lose the "bound" entry
                 _insert_audit(db, vm, "bind", address, "bound", audit_detail)
         self._checkpoint()
+        return True
 
     def update_address(self, vm: str, address: str) -> None:
         self._db.execute("UPDATE pins SET address = ? WHERE vm = ?", (address, vm))
@@ -272,6 +365,31 @@ class Store:
         rows = (self._db.execute(query + " WHERE vm = ? ORDER BY id", (vm,)) if vm
                 else self._db.execute(query + " ORDER BY id"))
         return [AuditRow(*row) for row in rows]
+
+
+def _holder() -> str:
+    """This bind's name in ``claims``: the process (with its start time, so a reused pid is
+    not taken for it) and the thread."""
+    return f"{os.getpid()}:{_start_time(os.getpid())}:{threading.get_ident()}"
+
+
+def _start_time(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError, UnicodeDecodeError):
+        return "?"
+
+
+def _holder_alive(holder: str) -> bool:
+    pid_text, _, rest = holder.partition(":")
+    started, _, thread = rest.partition(":")
+    if not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return started == _start_time(pid) and any(str(t.ident) == thread for t in threading.enumerate())
+    return pid_alive(pid) and started == _start_time(pid)
 
 
 def _consume_tokens(db: sqlite3.Connection, vm: str) -> None:
