@@ -29,7 +29,7 @@ bash image-build/bootstrap.sh   # mmdebstrap, QEMU, packer: the VM and Packer te
 debian="$here/.venv/bin/python"
 newest="$here/.venv-newest/bin/python"
 
-echo "== ruff"; "$debian" -m ruff check agent tests benchmarks tools image-build
+echo "== ruff"; "$debian" -m ruff check agent tests benchmarks tools image-build docs/examples
 echo "== mypy (Debian 12's packages)"; "$debian" -m mypy
 # Its own cache: mypy's cache of one cryptography release crashes mypy run on another.
 echo "== mypy (newest releases)"; "$newest" -m mypy --cache-dir "$here/.venv-newest/mypy-cache"

@@ -213,8 +213,8 @@ class Owner:
         """Bind every VM of ``requests`` (``{"name", "address", "vm_token"?}`` or FleetRequest),
         ``parallel`` at a time. One VM's failure is its result, not an exception; a VM already
         bound is reported ``already-bound`` and not bound again. ``on_progress`` gets each result
-        as it comes (from a worker thread); setting ``stop`` starts no new bind, lets those
-        under way end, and reports the rest ``not-started``."""
+        as it comes, in the calling thread (the binds run in worker threads); setting ``stop``
+        starts no new bind, lets those under way end, and reports the rest ``not-started``."""
         checked = [r if isinstance(r, FleetRequest) else fleet.request_from(r, f"request {n}")
                    for n, r in enumerate(requests, start=1)]
         fleet.refuse_duplicates(checked)
