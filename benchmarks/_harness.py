@@ -21,8 +21,9 @@ sys.path.insert(0, str(REPO))  # run as `python benchmarks/bench_x.py`: the harn
 
 # Re-exported: the benchmarks reach the harness as h.NAME.
 from tests.helpers.agentroot import make_root as make_root  # noqa: E402
-from tests.helpers.agents import AGENT_MODULE, AgentFactory  # noqa: E402
+from tests.helpers.agents import AGENT_MODULE  # noqa: E402
 from tests.helpers.agents import Agent as Agent  # noqa: E402
+from tests.helpers.agents import AgentFactory as AgentFactory  # noqa: E402
 from tests.helpers.agents import start_notifying as start_notifying  # noqa: E402
 from tests.helpers.owner import issue_token as issue_token  # noqa: E402
 

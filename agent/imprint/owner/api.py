@@ -179,7 +179,6 @@ class Owner:
         """Run the exchange with the agent at ``address`` and pin its key. With ``profile``,
         the whole profile is checked first (a bad one spends no token) and applied right after;
         a backend that fails there raises :class:`BackendFailed` whose ``binding`` is this bind."""
-        from imprint.owner import apply as applying
         from imprint.owner.bind import bind
 
         valid_vm_name(name)  # the address is checked by the bind (a bad one is audited there)
@@ -187,6 +186,8 @@ class Owner:
         plan = None
         with self._errors():
             if profile is not None:
+                from imprint.owner import apply as applying  # only then: it loads every backend's declaration
+
                 if not store.vm_exists(name):
                     raise UsageError(f"unknown VM '{name}': make its token first with "
                                      f"`imprint token new {name} --mode ...`")
