@@ -156,7 +156,8 @@ def test_a_database_that_is_not_one_is_an_owner_error(api: Owner, tmp_path: Path
 
 def test_bind_many_from_threads_with_progress(agents: AgentFactory, api: Owner) -> None:
     names = [f"vm{i}" for i in range(12)]
-    started = {n: agents.start(agents.make_root(api.new_token(n, "shared"), n), expect_ready=False) for n in names}
+    issued = {n: api.new_token(n, "shared") for n in names}
+    started = {n: agents.start(agents.make_root(issued[n], n), expect_ready=False) for n in names}
     for agent in started.values():
         agent.port = agents.await_ready(agent)
     seen: list[FleetResult] = []
@@ -173,6 +174,13 @@ def test_bind_many_from_threads_with_progress(agents: AgentFactory, api: Owner) 
     assert sorted(r.name for r in seen) == sorted(names)
     assert threads == {threading.current_thread().name}  # called in the caller's thread: no locking needed
     assert all(started[n].state()["bound"] is True for n in names)
+    # Every K is out of the database file and its -wal once bind_many returns (one checkpoint
+    # at its end), and the worker threads' connections are closed.
+    for path in (api.home.db_file, api.home.db_file.with_name("imprint.db-wal")):
+        data = path.read_bytes() if path.exists() else b""
+        assert not any(tokens.parse(k).payload in data or k.split("-", 1)[1].encode() in data
+                       for k in issued.values()), path
+    assert len(api._stores) == 1  # the caller's own connection only
     again = api.bind_many(requests, parallel=4)
     assert again.count("already-bound") == 12
     with pytest.raises(UsageError, match="also"):

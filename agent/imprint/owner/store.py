@@ -138,7 +138,9 @@ class Store:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         os.close(fd)
-        self._db = sqlite3.connect(path, isolation_level=None, timeout=10)
+        # One thread uses a Store at a time (the owner API gives each thread its own); any thread
+        # may close it, once the one that used it has ended.
+        self._db = sqlite3.connect(path, isolation_level=None, timeout=10, check_same_thread=False)
         self._db.execute("PRAGMA foreign_keys = ON")
         # K is wiped by overwriting its row; secure_delete zeroes the freed bytes in the file too.
         self._db.execute("PRAGMA secure_delete = ON")
@@ -188,8 +190,13 @@ class Store:
         """The checkpoint a wipe asked for, if any. Another process reading at this moment holds
         the -wal; its own close or the next wipe empties it then."""
         if self._wiped:
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-            self._wiped = False
+            self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """Every page into the database file, the -wal emptied: for the wipes of any connection
+        (a fleet's threads defer theirs to one of these at its end)."""
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        self._wiped = False
 
     def close(self) -> None:
         try:
