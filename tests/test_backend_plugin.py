@@ -16,7 +16,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
-from imprint import backends
+from imprint import backends, crypto
 from imprint.backends.plugin import Backend
 from imprint.owner.store import Store
 
@@ -180,13 +180,14 @@ def test_a_kill_during_the_migration_loses_no_target(tmp_path: Path) -> None:
 def test_imprint_ssh_uses_a_migrated_target(owner: Owner) -> None:
     """An old home's `imprint ssh` target still works after the move (known_hosts as it was)."""
     owner.token("web1", "shared")
+    pem = crypto.PrivateKey.generate().self_signed_certificate("web1").decode()
     db = sqlite3.connect(owner.home / "imprint.db")
     db.executescript("""
         CREATE TABLE ssh_targets (vm TEXT PRIMARY KEY REFERENCES vms(name), host TEXT NOT NULL,
                                   port INTEGER NOT NULL, updated_at REAL NOT NULL);
         INSERT INTO ssh_targets VALUES ('web1', 'web1.example', 2222, 5.0);
-        INSERT INTO pins VALUES ('web1', 'PEM', 'SHA256:x', 'bound', 'shared', '127.0.0.1:1', 1.0);
     """)
+    db.execute("INSERT INTO pins VALUES ('web1', ?, 'SHA256:x', 'bound', 'shared', '127.0.0.1:1', 1.0)", (pem,))
     db.commit()
     db.close()
     (owner.home / "known_hosts").mkdir()

@@ -13,6 +13,7 @@ import io
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -264,3 +265,13 @@ def test_agent_log_exception_is_one_line_and_the_traceback_only_at_debug(monkeyp
     assert lines[1] == lines[0] and lines[2] == "imprint-agent: Traceback (most recent call last):"
     assert len(lines) > 3 and all(line.startswith(agent_log.PREFIX) for line in lines)
 
+
+
+def test_owner_pin_that_is_not_a_certificate(owner: Owner) -> None:
+    """A damaged record (or one another program wrote): one line naming the database and the pin."""
+    owner.token("vm1", "shared")
+    db = sqlite3.connect(owner.home / "imprint.db")
+    db.execute("INSERT INTO pins VALUES ('vm1', 'PEM', 'SHA256:x', 'bound', 'shared', '127.0.0.1:1', 1.0)")
+    db.commit()
+    db.close()
+    assert_clean(owner.run("status", "vm1", check=None), 1, "the pin of vm1 is not a PEM certificate")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -261,7 +262,11 @@ class Store:
         if row is None:
             return None
         vm_, cert_pem, fingerprint, state, mode, address, pinned_at = row
-        return PinRow(vm_, PinnedCert.from_pem(cert_pem), fingerprint, state, Mode(mode), address, pinned_at)
+        try:
+            cert = PinnedCert.from_pem(cert_pem)
+        except (ssl.SSLError, TypeError) as exc:  # a record damaged or written by something else
+            raise sqlite3.DatabaseError(f"the pin of {vm} is not a PEM certificate ({exc})") from None
+        return PinRow(vm_, cert, fingerprint, state, Mode(mode), address, pinned_at)
 
     def pin_pending(self, vm: str, cert: PinnedCert, fingerprint: str, mode: Mode, address: str) -> bool:
         """The key the VM just proved, pending its confirmation; False (nothing written) when the
