@@ -36,6 +36,16 @@ def default_home() -> Path:
     return Path(data) / "imprint"
 
 
+_Stamp = tuple[int, int, int, int]
+# The owner keys this process loaded, by home, with the files' identity when they were read.
+_LOADED_KEYS: dict[Path, tuple[tuple[_Stamp, _Stamp], crypto.PrivateKey]] = {}
+
+
+def _file_stamp(path: Path) -> _Stamp:
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
 @dataclass(frozen=True)
 class OwnerHome:
     dir: Path
@@ -86,8 +96,22 @@ class OwnerHome:
         return key, True
 
     def load_key(self) -> crypto.PrivateKey:
+        """The owner key, checked against owner.crt. Parsed once per process while neither file
+        changes (a fleet binds with it hundreds of times a second)."""
         if not self.initialised:
             raise UsageError(f"no owner identity in {self.dir}: run `imprint init` first")
+        try:
+            stamp = (_file_stamp(self.key_file), _file_stamp(self.cert_file))
+        except OSError as exc:
+            raise OwnerError(f"cannot read {self.key_file}: {exc.strerror or exc}") from None
+        cached = _LOADED_KEYS.get(self.dir)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        key = self._load_key()
+        _LOADED_KEYS[self.dir] = (stamp, key)
+        return key
+
+    def _load_key(self) -> crypto.PrivateKey:
         try:
             key = crypto.PrivateKey.from_pem(self.key_file.read_bytes())
         except crypto.CryptoError as exc:
