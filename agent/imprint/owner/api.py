@@ -254,13 +254,8 @@ class Owner:
         (else :class:`AuthenticationFailed`). ``address``: where it is now, if it moved."""
         from imprint.owner.client import PinnedClient
 
-        valid_vm_name(name)
-        if address is not None:
-            split_address(address)
-        store = self._store()
+        store, pin, where = self._reach(name, address)
         with self._errors():
-            pin = self.bound_pin(name)
-            where = address or pin.address
             client = PinnedClient(self.home, name, pin.vm_cert, where)
             try:
                 status = client.get("/v1/status")
@@ -288,13 +283,9 @@ class Owner:
         ``.report``) when a backend failed in the VM; the others ran."""
         from imprint.owner import apply as applying
 
-        valid_vm_name(name)
-        if address is not None:
-            split_address(address)
-        store = self._store()
+        store, _, where = self._reach(name, address)
         with self._errors():
-            pin = self.bound_pin(name)
-            ctx = applying.ApplyContext(home=self.home, store=store, vm=name, address=address or pin.address,
+            ctx = applying.ApplyContext(home=self.home, store=store, vm=name, address=where,
                                         options=dict(options or {}))
             parsed = _profile(profile)
             first = applying.prepare(ctx, parsed)
@@ -321,14 +312,16 @@ class Owner:
 
     def bound_pin(self, name: str) -> PinRow:
         """The pin of bound VM ``name`` (UsageError when unknown or not bound yet)."""
-        store = self._store()
         with self._errors():
-            if not store.vm_exists(name):
-                raise UsageError(f"unknown VM '{name}'")
-            pin = store.pin(name)
-        if pin is None or pin.state != "bound":
-            raise UsageError(f"{name} is not bound yet: run `imprint bind {name} --address HOST:PORT`")
-        return pin
+            return bound_pin(self._store(), name)
+
+    def _reach(self, name: str, address: str | None) -> tuple[Store, PinRow, str]:
+        """A bound VM's store, pin and address (``address`` if it moved, else where it was bound)."""
+        valid_vm_name(name)
+        if address is not None:
+            split_address(address)
+        pin = self.bound_pin(name)
+        return self._store(), pin, address or pin.address
 
     # -- the record
     def vms(self) -> list[VmRecord]:
@@ -348,6 +341,16 @@ class Owner:
         """The append-only log, oldest first (of VM ``name`` only, if given)."""
         with self._errors():
             return self._store().audit_log(name)
+
+
+def bound_pin(store: Store, name: str) -> PinRow:
+    """The pin of bound VM ``name``; UsageError when it is unknown or not bound yet."""
+    if not store.vm_exists(name):
+        raise UsageError(f"unknown VM '{name}'")
+    pin = store.pin(name)
+    if pin is None or pin.state != "bound":
+        raise UsageError(f"{name} is not bound yet: run `imprint bind {name} --address HOST:PORT`")
+    return pin
 
 
 def _mode(mode: tokens.Mode | str) -> tokens.Mode:

@@ -234,12 +234,9 @@ def _stopping_on_signals(stop: threading.Event) -> Iterator[None]:
 
 
 def _bound_pin(store: Store, name: str) -> PinRow:
-    if not store.vm_exists(name):
-        raise UsageError(f"unknown VM '{name}'")
-    pin = store.pin(name)
-    if pin is None or pin.state != "bound":
-        raise UsageError(f"{name} is not bound yet: run `imprint bind {name} --address HOST:PORT`")
-    return pin
+    from imprint.owner.api import bound_pin
+
+    return bound_pin(store, name)
 
 
 def cmd_apply(home: OwnerHome, args: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -162,29 +162,31 @@ def _json_values(text: str, source: str) -> list[tuple[str, Any]]:
 def request_from(value: Any, where: str, default_name: str | None = None) -> FleetRequest:
     """One record (``{"name", "address", "vm_token"?}``, or a boot record's ``agent_address``) as
     a request; UsageError naming ``where`` and the field."""
-    if not isinstance(value, dict):
+    if not isinstance(value, Mapping):
         raise UsageError(f"{where}: a record is a JSON object, not {type(value).__name__}")
     name = value.get("name", default_name)
     if name is None:
         raise UsageError(f"{where}: no name (give the record a \"name\", or --name)")
     if not isinstance(name, str):
         raise UsageError(f"{where}: name is not a string")
-    try:
-        valid_vm_name(name)
-    except UsageError as exc:
-        raise UsageError(f"{where}: {exc}") from None
+    _naming(where, valid_vm_name, name)
     address = value.get("address", value.get("agent_address"))
     if not isinstance(address, str):
         raise UsageError(f"{where}: VM {name}: address is missing or not a string (HOST:PORT)")
-    try:
-        split_address(address)
-    except UsageError as exc:
-        raise UsageError(f"{where}: VM {name}: {exc}") from None
+    _naming(f"{where}: VM {name}", split_address, address)
     vm_token = value.get("vm_token")
     if vm_token is not None and (not isinstance(vm_token, str) or len(vm_token) > MAX_TOKEN_TEXT
                                  or not vm_token.isascii() or not vm_token.isprintable()):
         raise UsageError(f"{where}: VM {name}: vm_token is not a VM token's text")
     return FleetRequest(name=name, address=address, vm_token=vm_token, source=where)
+
+
+def _naming(where: str, check: Callable[[str], object], value: str) -> None:
+    """``check(value)``, its UsageError prefixed with ``where``."""
+    try:
+        check(value)
+    except UsageError as exc:
+        raise UsageError(f"{where}: {exc}") from None
 
 
 def refuse_duplicates(requests: Sequence[FleetRequest]) -> None:
