@@ -146,8 +146,9 @@ def test_a_mixed_fleet_binds_the_good_ones_and_a_rerun_binds_nothing_twice(
     assert entries == [(GOOD,)]
 
 
-def test_sigint_half_way_leaves_every_vm_bound_or_untouched(
-        agents: AgentFactory, owner: Owner, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_half_way_leaves_every_vm_bound_or_untouched(
+        agents: AgentFactory, owner: Owner, tmp_path: Path, sig: signal.Signals) -> None:
     fleet = make_fleet(agents, owner, "shared", good=24, wrong=0, unreachable=0)
     source = fleet.write(tmp_path / "fleet.jsonl")
     proc = subprocess.Popen([sys.executable, "-m", "imprint.owner", "--home", str(owner.home), "bind",
@@ -156,10 +157,10 @@ def test_sigint_half_way_leaves_every_vm_bound_or_untouched(
     assert proc.stdout is not None
     seen = [proc.stdout.readline() for _ in range(4)]  # four VMs have finished: half-way is under way
     assert all('"outcome": "bound"' in line for line in seen), seen
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     rest, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
-    assert "SIGINT: starting no new bind" in stderr and "Traceback" not in stderr
+    assert f"{sig.name}: starting no new bind" in stderr and "Traceback" not in stderr
     by_vm, summary = results("".join(seen) + rest)
     assert summary["interrupted"] is True and summary["not_started"] > 0
     assert summary["bound"] + summary["not_started"] == 24
