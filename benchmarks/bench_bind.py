@@ -7,9 +7,9 @@ Both sides are measured in this process, so interpreter start-up is excluded:
 bind      imprint.owner.bind.bind(home, store, vm, address, vm_token) against a real, freshly
           started `imprint-agent` (one per iteration: tokens are single-use). It covers the TCP
           connect and server-authenticated TLS 1.3 handshake, the key exchange (two round trips),
-          the owner's pending pin and confirmation in SQLite, the pin file, a second connection
-          with pinned mutual TLS 1.3 and one GET /v1/status, and the audit record. Agent start-up
-          and token issue are outside the timed region.
+          the owner's pending pin in SQLite, one GET /v1/status on the same connection (now the
+          control channel, docs/protocol.md 4.4), and the confirmation with its audit record in
+          one transaction. Agent start-up and token issue are outside the timed region.
 baseline  a fresh SSLContext (imprint.tls.owner_pinned_context: TLS 1.3 only, Ed25519 certificates,
           CERT_REQUIRED against one pinned certificate), a fresh requests.Session with a pinned
           adapter like imprint.owner.client's, one TCP connect + mutual TLS 1.3 handshake + one GET
@@ -17,9 +17,9 @@ baseline  a fresh SSLContext (imprint.tls.owner_pinned_context: TLS 1.3 only, Ed
           http.server, like the agent's control channel. The server stays up between iterations.
 
 Iterations interleave baseline, shared bind and no-secrets bind. The bind is split into the
-exchange (connect, TLS, exchange, pending pin), the pinned status call (client set-up, pin
-file, mTLS connect, GET) and the rest (owner key load, SQLite reads and writes, audit) by timing
-wrappers around imprint.owner.bind._exchange and ._pinned_status.
+exchange (connect, TLS, exchange, pending pin), the status call on the bind's connection and
+the rest (owner key load, SQLite reads and writes, audit) by timing wrappers around
+imprint.owner.bind._exchange (which makes the status call) and the ask_on it calls.
 
 Goal (issue): median bind <= 2x median baseline, in both modes.
 """
@@ -172,12 +172,13 @@ def phase_timer(phases: dict[str, float]) -> Iterator[None]:
         setattr(bind_module, attr, timed)
 
     wrap("_exchange", "exchange")
-    wrap("_pinned_status", "status")
+    wrap("ask_on", "status")  # called inside _exchange, on its connection
     try:
         yield
     finally:
         for attr, original in originals.items():
             setattr(bind_module, attr, original)
+        phases["exchange"] = phases.get("exchange", 0.0) - phases.get("status", 0.0)
 
 
 # What a bind would cost with small changes, patched at run time (imprint's code is not changed).

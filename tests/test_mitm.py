@@ -320,8 +320,9 @@ class ExchangingMitm(Mitm):
     token). ``agent_facing_token`` is what its OwnerExchange presents to the agent: K, or by
     default the no-secrets token of its own owner-side key (which only works if the agent was
     booted with it).
-    After both sides completed, later connections are pinned mutual TLS on both sides, and the
-    status the agent reports is rewritten to show the keys each side expects.
+    After both sides completed, the two bind connections go on as control channels, later
+    connections are pinned mutual TLS on both sides, and (unless ``rewrite_status`` is off) the
+    status the agent reports on either is rewritten to show the keys each side expects.
     """
 
     owner_facing_token: tokens.Token | None = None
@@ -360,19 +361,22 @@ class ExchangingMitm(Mitm):
                 return
             # The genuine owner proved its key to the MITM; now the MITM binds the agent as itself.
             self.owner_cert_der = vm_session.peer_cert
-            self.bind_agent(self.agent_facing_token or self.me_as_owner.nosecret_token)
+            agent_tls = self.bind_agent(self.agent_facing_token or self.me_as_owner.nosecret_token)
             # Later connections go to the pinned relay; set before the owner can open one.
             self.bound_both.set()
             vm_session.confirm()
             owner_tls.sendall(vm_session.data_to_send())
-            # Wait for the owner to close its end (it opens the pinned connection next).
-            while _recv(owner_tls):
-                pass
+            # Both bind connections go on as control channels (the owner checks its bind with a
+            # status request on its own): relay between them as on any later connection.
+            with agent_tls:
+                self._relay_http(owner_tls, agent_tls)
 
-    def bind_agent(self, token: tokens.Token) -> None:
-        """The MITM's own owner side, toward the real agent, with its own key and certificate."""
+    def bind_agent(self, token: tokens.Token) -> ssl.SSLSocket:
+        """The MITM's own owner side, toward the real agent, with its own key and certificate;
+        the connection, now the MITM's control channel to the agent."""
         agent_tls = self.tls_to_agent_for_bind()
-        with agent_tls:
+        with contextlib.ExitStack() as on_failure:
+            on_failure.enter_context(agent_tls)
             seen = tls.peer_certificate(agent_tls)
             vm_token = None
             if token.mode is tokens.Mode.NOSECRET:
@@ -388,6 +392,8 @@ class ExchangingMitm(Mitm):
                     break
                 assert all(isinstance(e, VmAuthenticated) for e in events)
             self.agent_cert_der = seen
+            on_failure.pop_all()
+        return agent_tls
 
     # -- later connections: pinned mutual TLS on both sides, HTTP relayed (and rewritten)
     def _serve_pinned(self, conn: socket.socket) -> None:
@@ -401,24 +407,28 @@ class ExchangingMitm(Mitm):
         agent_tls = self.track(client_ctx.wrap_socket(raw))
         seen_spki = crypto.certificate_spki(tls.peer_certificate(agent_tls))
         assert seen_spki == crypto.certificate_spki(self.agent_cert_der), "not the agent the MITM bound"
+        with owner_tls, agent_tls:
+            self._relay_http(owner_tls, agent_tls)
+
+    def _relay_http(self, owner_tls: ssl.SSLSocket, agent_tls: ssl.SSLSocket) -> None:
+        assert self.owner_cert_der is not None
         genuine_owner_fp = crypto.fingerprint(crypto.self_signed_certificate_spki(self.owner_cert_der))
         from_owner, from_agent = bytearray(), bytearray()
-        with owner_tls, agent_tls:
-            while (request := read_http(owner_tls, from_owner)) is not None:
-                agent_tls.sendall(request[0] + request[1])
-                response = read_http(agent_tls, from_agent)
-                assert response is not None, "the agent closed the pinned channel"
-                head, body = response
-                if self.rewrite_status and head.startswith(b"HTTP/1.1 200"):
-                    status = json.loads(body)
-                    self.agent_replies.append(dict(status))
-                    status["vm_fingerprint"] = self.vm_side.fingerprint
-                    status["owner_fingerprint"] = genuine_owner_fp
-                    body = json.dumps(status, sort_keys=True).encode()
-                    lines = [line for line in head.split(b"\r\n")
-                             if line and not line.lower().startswith(b"content-length:")]
-                    head = b"\r\n".join([*lines, b"Content-Length: %d" % len(body)]) + b"\r\n\r\n"
-                owner_tls.sendall(head + body)
+        while (request := read_http(owner_tls, from_owner)) is not None:
+            agent_tls.sendall(request[0] + request[1])
+            response = read_http(agent_tls, from_agent)
+            assert response is not None, "the agent closed the pinned channel"
+            head, body = response
+            if self.rewrite_status and head.startswith(b"HTTP/1.1 200"):
+                status = json.loads(body)
+                self.agent_replies.append(dict(status))
+                status["vm_fingerprint"] = self.vm_side.fingerprint
+                status["owner_fingerprint"] = genuine_owner_fp
+                body = json.dumps(status, sort_keys=True).encode()
+                lines = [line for line in head.split(b"\r\n")
+                         if line and not line.lower().startswith(b"content-length:")]
+                head = b"\r\n".join([*lines, b"Content-Length: %d" % len(body)]) + b"\r\n\r\n"
+            owner_tls.sendall(head + body)
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 from imprint import tls
-from imprint.owner.client import MAX_ANSWER, TIMEOUT, PinnedClient
+from imprint.owner.client import MAX_ANSWER, MAX_HEAD, TIMEOUT, PinnedClient, ask_on
 from imprint.owner.errors import Unreachable
 from imprint.owner.home import OwnerHome
 
@@ -67,6 +67,16 @@ class Pinned:
     def client(self, address: str) -> PinnedClient:
         pin = tls.PinnedCert.from_pem(self.vm_cert.read_text())
         return PinnedClient(OwnerHome(self.owner_home), "vm1", pin, address)
+
+    def ask_on_a_connection(self, address: str, timeout: float) -> dict[str, Any]:
+        """``GET /v1/status`` as the bind sends it on its own connection (owner.client.ask_on),
+        here on a pinned mutual-TLS connection to the fake: after the handshake the two are
+        the same channel."""
+        pin = tls.PinnedCert.from_pem(self.vm_cert.read_text())
+        context = tls.owner_pinned_context(str(self.owner_home / "owner.crt"), str(self.owner_home / "owner.key"), pin)
+        host, port = address.rsplit(":", 1)
+        with context.wrap_socket(socket.create_connection((host, int(port)), timeout=timeout)) as sock:
+            return ask_on(sock, "GET", "/v1/status", address, timeout=timeout)
 
 
 Behaviour = Callable[["CompromisedVm", socket.socket, Seen], None]
@@ -274,6 +284,39 @@ def test_a_trickled_answer_ends_at_the_deadline(pinned: Pinned, compromised: Any
         client.close()
     _assert_deadline(vm, elapsed, error, DEADLINE, SLACK)
     assert vm.seen[0].sent < MAX_ANSWER
+
+
+@pytest.mark.parametrize("behaviour", [trickles_the_status_line_and_headers, trickles_the_body],
+                         ids=["status-line-and-headers", "body"])
+def test_a_trickled_answer_on_the_bind_connection_ends_at_the_deadline(
+        pinned: Pinned, compromised: Any, behaviour: Behaviour) -> None:
+    """The bind's own status request (no urllib3, no timer thread) keeps the same deadline."""
+    vm = compromised(behaviour)
+    elapsed, error = _timed(lambda: pinned.ask_on_a_connection(vm.address, DEADLINE))
+    _assert_deadline(vm, elapsed, error, DEADLINE, SLACK)
+    assert vm.seen[0].sent < MAX_ANSWER
+
+
+def test_the_fake_answers_the_bind_connections_request(pinned: Pinned, compromised: Any) -> None:
+    vm = compromised(answers_properly)
+    assert pinned.ask_on_a_connection(vm.address, DEADLINE) == {"state": "bound"}
+
+
+@pytest.mark.parametrize(("behaviour", "message"), [
+    (endless_body(64 * 1024, 0), "a body without Content-Length, which the agent always sends"),
+    (announces(b"Content-Length: 10737418240\r\n"), f"a body of 10737418240 bytes (at most {MAX_ANSWER} are read)"),
+    (announces(b"Transfer-Encoding: chunked\r\n"), "a chunked or compressed body"),
+    (announces(b"Content-Encoding: gzip\r\nContent-Length: 100\r\n"), "a chunked or compressed body"),
+    (announces(b"Content-Length: 2\r\n"), "more bytes than its Content-Length"),
+    (announces(b"X-Long: " + b"h" * MAX_HEAD + b"\r\nContent-Length: 2\r\n"), f"a head longer than {MAX_HEAD} bytes"),
+], ids=["no-length", "huge-length", "chunked", "compressed", "overlong-body", "huge-head"])
+def test_an_answer_on_the_bind_connection_too_large_or_framed_otherwise_is_refused_at_once(
+        pinned: Pinned, compromised: Any, behaviour: Behaviour, message: str) -> None:
+    vm = compromised(behaviour)
+    elapsed, error = _timed(lambda: pinned.ask_on_a_connection(vm.address, TIMEOUT))
+    assert isinstance(error, Unreachable), f"{type(error).__name__}: {error}"
+    assert f"the agent at {vm.address} answered GET /v1/status with {message}" in str(error), str(error)
+    assert elapsed < SLACK, f"took {elapsed:.2f} s"
 
 
 def test_post_takes_its_timeout_as_the_deadline_of_the_whole_answer(pinned: Pinned, compromised: Any) -> None:

@@ -187,8 +187,10 @@ class AgentServer:
             return
         vm_key, vm_cert = self._identity()
         session = VmExchange(vm_key=vm_key, token=token, own_cert=vm_cert)
+        bound_here = False
 
         def handle(event: Event) -> None:
+            nonlocal bound_here
             if not isinstance(event, OwnerAuthenticated):
                 return
             # The peer proved the token: it is the owner now, and a flood must not evict it
@@ -201,6 +203,7 @@ class AgentServer:
                 session.abort(AlertCode.INTERNAL, "the VM could not store the pin; retry")
             else:
                 if pinned:
+                    bound_here = True
                     session.confirm()
                 else:
                     session.abort(AlertCode.TOKEN_CONSUMED, "this VM was bound meanwhile")
@@ -210,10 +213,21 @@ class AgentServer:
         except RemoteProtocolError as exc:
             who = "peer said" if exc.from_peer else "refused"
             log.warning("bind attempt from %s %s: %s (%s)", peer, who, exc.detail, exc.code.name)
+            return
         except TimeoutError:
             log.info("bind attempt from %s timed out after %.0f s", peer, EXCHANGE_DEADLINE)
+            return
         except (ssl.SSLError, OSError) as exc:
             log.info("bind attempt from %s: connection error: %s", peer, exc)
+            return
+        if bound_here:
+            # The peer of this TLS session sent OwnerProof: a signature by the key just pinned
+            # over a transcript with this VM's fresh nonce and the certificate this session
+            # showed, which the owner signs only inside a session that ends at this VM's key.
+            # So the session is the pinned owner's as surely as a new mutual-TLS handshake
+            # would make it (docs/protocol.md §4.4), and goes on as its control channel: the
+            # owner checks the bind with a status request here, without a second handshake.
+            self._serve_control_on(sock, entry)
 
     def _pin_owner(self, session: VmExchange, token: Token, owner_key: crypto.PublicKey, peer: str) -> bool:
         from imprint import crypto
@@ -238,8 +252,6 @@ class AgentServer:
 
     # -- after binding: the pinned control channel
     def _serve_control(self, sock: ssl.SSLSocket, entry: Connection) -> None:
-        from imprint.guest.control import REQUEST_DEADLINE, serve_control
-
         pinned = self._owner_pin
         assert pinned is not None  # set with the pinned context this connection was accepted under
         try:
@@ -251,6 +263,12 @@ class AgentServer:
             if entry.cut is None:
                 log.warning("control connection from %s refused: %d owner connections are busy", entry.peer, MAX_OWNER)
             return
+        self._serve_control_on(sock, entry)
+
+    def _serve_control_on(self, sock: ssl.SSLSocket, entry: Connection) -> None:
+        """The control channel on a connection of the pinned owner (already in the owner pool)."""
+        from imprint.guest.control import REQUEST_DEADLINE, serve_control
+
         sock.settimeout(REQUEST_DEADLINE + _BACKSTOP)
         serve_control(sock, entry.peer, self, entry)
 

@@ -1,4 +1,4 @@
-"""The owner's bind driver: one TLS connection, the exchange, the pin, then a pinned status call."""
+"""The owner's bind driver: one TLS connection for the exchange, the pin and a status call."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from imprint import crypto, timeouts, tls, tokens
-from imprint.owner.client import PinnedClient
+from imprint.owner.client import PinnedClient, ask_on
 from imprint.owner.errors import AuthenticationFailed, OwnerError, Unreachable, UsageError
 from imprint.owner.home import OwnerHome
 from imprint.owner.names import split_address
@@ -113,18 +113,20 @@ def _bind(home: OwnerHome, store: Store, vm: str, address: str, vm_token_text: s
 
     attempt = _Attempt(home, store, vm, address, owner_key, token, vm_token,
                        pin if earlier is not None else None, earlier)
-    vm_cert = _exchange(attempt)
-    # The VM consumed the token: K is worthless now and leaves the owner's record too.
-    store.consume_token(vm)
+    vm_cert, answer = _exchange(attempt)
     try:
-        status = _pinned_status(home, vm, address, vm_cert)
-    except OwnerError as exc:
-        raise type(exc)(f"{exc}; the VM confirmed the exchange and its key {attempt.pending_fingerprint} is a "
-                        f"pending pin: rerun `imprint bind {vm} --address {address}` to verify the pinned "
-                        "channel") from None
-    attempt.proved.append("mutual TLS 1.3: the VM accepted only this owner's key and showed only the pinned VM key")
-    result = _result(vm, address, token.mode, vm_cert, owner_key, status, attempt.proved)
-    _confirm(store, vm, address, result, vm_cert)
+        if isinstance(answer, OwnerError):
+            raise type(answer)(f"{answer}; the VM confirmed the exchange and its key {attempt.pending_fingerprint} "
+                               f"is a pending pin: rerun `imprint bind {vm} --address {address}` to verify the "
+                               "pinned channel")
+        attempt.proved.append("the VM answered as its pinned owner's control channel, on the connection the "
+                              "exchange ran in, with the two keys just exchanged")
+        result = _result(vm, address, token.mode, vm_cert, owner_key, answer, attempt.proved)
+    except OwnerError:
+        # The VM consumed the token: K is worthless now and leaves the owner's record too.
+        store.consume_token(vm)
+        raise
+    _confirm(store, vm, address, result, vm_cert)  # spends the token in the same transaction
     return result
 
 
@@ -172,8 +174,9 @@ class _Attempt:
         return f"{head}: this token is consumed (or this is not your VM). Nothing was pinned by this side."
 
 
-def _exchange(attempt: _Attempt) -> tls.PinnedCert:
-    """Connect, run the exchange, record the pending pin; the VM's certificate once the VM confirmed."""
+def _exchange(attempt: _Attempt) -> tuple[tls.PinnedCert, dict[str, Any] | OwnerError]:
+    """Connect, run the exchange, record the pending pin; once the VM confirmed, its certificate
+    and its answer to ``GET /v1/status`` on the same connection (or why there is none)."""
     address, vm, token, vm_token = attempt.address, attempt.vm, attempt.token, attempt.vm_token
     host, port = split_address(address)
     try:
@@ -213,7 +216,11 @@ def _exchange(attempt: _Attempt) -> tls.PinnedCert:
                                           "and consumed the token")
 
             ExchangeDriver(session, handle).run(sock, time.monotonic() + EXCHANGE_DEADLINE)
-            return tls.PinnedCert(seen)
+            try:
+                answer: dict[str, Any] | OwnerError = ask_on(sock, "GET", "/v1/status", address)
+            except OwnerError as exc:
+                answer = exc
+            return tls.PinnedCert(seen), answer
     except RemoteProtocolError as exc:
         if exc.code is AlertCode.CLOSED and not exc.from_peer:
             raise Unreachable(f"the connection to {address} closed mid-exchange without a reason; "

@@ -16,7 +16,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import requests
@@ -234,18 +234,96 @@ class PinnedClient:
             raise Unreachable(f"the agent at {self.address} answered {what} with {exc}") from None
         except requests.exceptions.RequestException as exc:
             raise owner_error(exc, self.address, f"{what} over the pinned channel") from None
-        data = _json(response.content)
-        if response.status_code != 200:
-            error = data.get("error") if isinstance(data, dict) else None
-            raise Unreachable(f"the agent at {self.address} answered {response.status_code} to {what}"
-                              + (f": {str(error)[:300]}" if error else ""))
-        if not isinstance(data, dict):
-            raise Unreachable(f"the agent at {self.address} answered {what} with something other "
-                              "than a JSON object")
-        return data
+        return _decode(response.status_code, response.content, what, self.address)
 
     def close(self) -> None:
         self._session.close()
+
+
+def _decode(status: int, body: bytes, what: str, address: str) -> dict[str, Any]:
+    data = _json(body)
+    if status != 200:
+        error = data.get("error") if isinstance(data, dict) else None
+        raise Unreachable(f"the agent at {address} answered {status} to {what}"
+                          + (f": {str(error)[:300]}" if error else ""))
+    if not isinstance(data, dict):
+        raise Unreachable(f"the agent at {address} answered {what} with something other than a JSON object")
+    return data
+
+
+MAX_HEAD = 16 * 1024  # the agent's status line and headers are ~150 bytes
+
+
+def ask_on(sock: ssl.SSLSocket, method: str, path: str, address: str, *, timeout: float = TIMEOUT,
+           clock: Callable[[], float] = time.monotonic) -> dict[str, Any]:
+    """One bodiless request on a connection that is already the pinned channel: the bind's
+    own, once its exchange completed (docs/protocol.md §4.4), so no second handshake and no
+    urllib3. The same rules as PinnedClient: ``timeout`` seconds (on ``clock``) for the request
+    and its whole answer, kept here between reads (this thread owns the socket, and every read
+    waits at most what remains), at most MAX_HEAD bytes of head and MAX_ANSWER of body, framed
+    by Content-Length, never chunked or compressed."""
+    what = f"{method} {path}"
+    reader = _AnswerReader(sock, clock() + timeout, clock)
+    try:
+        sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: imprint\r\nAccept-Encoding: identity\r\n"
+                     "Content-Length: 0\r\nConnection: close\r\n\r\n".encode())
+        status, body = reader.answer()
+    except TimeoutError:
+        raise Unreachable(f"{what} on the bind's connection: the agent at {address} did not answer "
+                          f"within {timeout:g} s (the deadline for the whole answer)") from None
+    except BadAnswer as exc:
+        raise Unreachable(f"the agent at {address} answered {what} with {exc}") from None
+    except OSError as exc:  # ssl.SSLError included
+        raise owner_error(exc, address, f"{what} on the bind's connection") from None
+    return _decode(status, body, what, address)
+
+
+class _AnswerReader:
+    def __init__(self, sock: ssl.SSLSocket, deadline: float, clock: Callable[[], float]) -> None:
+        self._sock, self._deadline, self._clock = sock, deadline, clock
+        self._data = bytearray()
+
+    def _more(self) -> bool:
+        remaining = self._deadline - self._clock()
+        if remaining <= 0:
+            raise TimeoutError
+        self._sock.settimeout(remaining)
+        chunk = self._sock.recv(_READ_CHUNK)
+        self._data += chunk
+        return bool(chunk)
+
+    def answer(self) -> tuple[int, bytes]:
+        while (end := self._data.find(b"\r\n\r\n")) < 0:
+            if len(self._data) > MAX_HEAD:
+                raise BadAnswer(f"a head longer than {MAX_HEAD} bytes")
+            if not self._more():
+                raise BadAnswer("an answer cut short in its head")
+        if end > MAX_HEAD:
+            raise BadAnswer(f"a head longer than {MAX_HEAD} bytes")
+        lines = bytes(self._data[:end]).decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not (parts[1].isdigit() and len(parts[1]) == 3):
+            raise BadAnswer(f"a malformed status line ({printable(lines[0], 60)})")
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if not sep:
+                raise BadAnswer(f"a malformed header line ({printable(line, 60)})")
+            headers[name.strip().lower()] = value.strip()
+        if "transfer-encoding" in headers or headers.get("content-encoding", "identity").lower() != "identity":
+            raise BadAnswer("a chunked or compressed body, which the agent never sends")
+        length = headers.get("content-length")
+        if length is None:
+            raise BadAnswer("a body without Content-Length, which the agent always sends")
+        if not (length.isdigit() and int(length) <= MAX_ANSWER):
+            raise BadAnswer(f"a body of {printable(length, 40)} bytes (at most {MAX_ANSWER} are read)")
+        body_start, size = end + 4, int(length)
+        while len(self._data) - body_start < size:
+            if not self._more():
+                raise BadAnswer(f"the connection closed {len(self._data) - body_start} bytes into a body of {size}")
+        if len(self._data) - body_start > size:
+            raise BadAnswer("more bytes than its Content-Length")
+        return int(parts[1]), bytes(self._data[body_start:])
 
 
 def _json(body: bytes) -> Any:
