@@ -161,9 +161,10 @@ def raiser(make: Callable[[], BaseException]) -> Callable[..., object]:
 
 
 FACADE_PARSERS: dict[str, tuple[object, str, Callable[[], object]]] = {
-    "PublicKey.from_spki": (serialization, "load_der_public_key",
+    # A canonical Ed25519 SPKI is parsed from its raw 32 bytes (crypto._ED25519_SPKI_HEADER).
+    "PublicKey.from_spki": (ed25519.Ed25519PublicKey, "from_public_bytes",
                             lambda: crypto.PublicKey.from_spki(OWNER_KEY.public.spki)),
-    "PublicKey.verify": (serialization, "load_der_public_key",
+    "PublicKey.verify": (ed25519.Ed25519PublicKey, "from_public_bytes",
                          lambda: OWNER_KEY.public.verify(OWNER_KEY.sign(b"m"), b"m")),
     "PrivateKey.from_pem": (serialization, "load_pem_private_key",
                             lambda: crypto.PrivateKey.from_pem(OWNER_KEY.to_pem())),

@@ -191,22 +191,25 @@ def _exchange(attempt: _Attempt) -> tuple[tls.PinnedCert, dict[str, Any] | Owner
             raise owner_error(exc, address, "TLS 1.3 handshake") from None
         with sock:
             seen = tls.peer_certificate(sock)
-            try:
-                seen_spki = crypto.certificate_spki(seen)
-            except crypto.CryptoError as exc:
-                raise AuthenticationFailed(f"the TLS certificate at {address} is unusable: {exc}") from None
+            session = OwnerExchange(owner_key=attempt.owner_key, owner_cert=attempt.home.cert_der(), token=token,
+                                    seen_server_cert=seen, vm_token=vm_token)
+            seen_spki = session.seen_spki
+            if not seen_spki:
+                try:
+                    crypto.certificate_spki(seen)
+                except crypto.CryptoError as exc:
+                    raise AuthenticationFailed(f"the TLS certificate at {address} is unusable: {exc}") from None
+                raise AuthenticationFailed(f"the TLS certificate at {address} is unusable")
             if vm_token is not None and not crypto.digests_equal(crypto.sha256(seen_spki), vm_token.payload):
                 raise AuthenticationFailed(
                     f"the TLS key at {address} ({crypto.fingerprint(seen_spki)}) does not match the VM token: "
                     "a man in the middle, another VM at this address, or the wrong VM token; nothing was pinned"
                 )
-            session = OwnerExchange(owner_key=attempt.owner_key, owner_cert=attempt.home.cert_der(), token=token,
-                                    seen_server_cert=seen, vm_token=vm_token)
+            vm_cert = tls.PinnedCert.with_spki(seen, seen_spki)
 
             def handle(event: Event) -> None:
                 if isinstance(event, VmAuthenticated):
-                    if not attempt.store.pin_pending(vm, tls.PinnedCert(seen), event.vm_key.fingerprint, token.mode,
-                                                     address):
+                    if not attempt.store.pin_pending(vm, vm_cert, event.vm_key.fingerprint, token.mode, address):
                         raise UsageError(f"{vm} was bound by another bind while this one ran; nothing was "
                                          "pinned by this one")
                     attempt.pending_fingerprint = event.vm_key.fingerprint
@@ -220,7 +223,7 @@ def _exchange(attempt: _Attempt) -> tuple[tls.PinnedCert, dict[str, Any] | Owner
                 answer: dict[str, Any] | OwnerError = ask_on(sock, "GET", "/v1/status", address)
             except OwnerError as exc:
                 answer = exc
-            return tls.PinnedCert(seen), answer
+            return vm_cert, answer
     except RemoteProtocolError as exc:
         if exc.code is AlertCode.CLOSED and not exc.from_peer:
             raise Unreachable(f"the connection to {address} closed mid-exchange without a reason; "

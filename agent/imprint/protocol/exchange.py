@@ -28,6 +28,7 @@ error, a close mid-exchange, or ``abort``.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -322,6 +323,13 @@ class _Session:
 # ---- owner ---------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=16)
+def _own_certificate_spki(cert: bytes) -> bytes:
+    """The key in this side's own certificate (a check of the caller, not of peer input): the
+    owner's is the same for every bind of a home, so it is parsed once per process."""
+    return crypto.certificate_spki(cert)
+
+
 class OwnerExchange(_Session):
     """The owner's side (TLS client).
 
@@ -353,7 +361,7 @@ class OwnerExchange(_Session):
                 raise LocalProtocolError("the no-secrets token is not the hash of this owner's key")
             if vm_token is None or vm_token.kind is not TokenKind.VM:
                 raise LocalProtocolError("no-secrets mode needs the VM token that came back through the site")
-        if not crypto.digests_equal(crypto.certificate_spki(owner_cert), owner_key.public.spki):
+        if not crypto.digests_equal(_own_certificate_spki(owner_cert), owner_key.public.spki):
             raise LocalProtocolError("the owner certificate does not carry the owner key")
         super().__init__(key=owner_key, token=token, rng=rng)
         self._owner_cert = owner_cert
@@ -363,6 +371,12 @@ class OwnerExchange(_Session):
             self._seen_spki = crypto.certificate_spki(seen_server_cert)
         except crypto.CryptoError:
             self._seen_spki = b""
+
+    @property
+    def seen_spki(self) -> bytes:
+        """The key of the certificate the TLS handshake showed (b"" if it has none this side
+        reads): what VmHello must name, and, in no-secrets mode, what must hash to the VM token."""
+        return self._seen_spki
 
     def initiate(self) -> bytes:
         """The OwnerHello to send first."""
