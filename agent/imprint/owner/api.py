@@ -135,8 +135,12 @@ class Owner:
     def _store(self) -> Store:
         store: Store | None = getattr(self._local, "store", None)
         if store is None:
+            with self._lock:
+                opened = self._stores[0][1] if self._stores else None
             with self._errors():
-                store = self.home.store()
+                # The first connection creates, migrates and heals the record; the others (a
+                # fleet's threads) only connect.
+                store = opened.sibling() if opened is not None else self.home.store()
             self._local.store = store
             with self._lock:
                 self._stores.append((threading.current_thread(), store))

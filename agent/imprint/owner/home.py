@@ -39,6 +39,7 @@ def default_home() -> Path:
 _Stamp = tuple[int, int, int, int]
 # The owner keys this process loaded, by home, with the files' identity when they were read.
 _LOADED_KEYS: dict[Path, tuple[tuple[_Stamp, _Stamp], crypto.PrivateKey]] = {}
+_LOADED_CERTS: dict[Path, tuple[_Stamp, bytes]] = {}
 
 
 def _file_stamp(path: Path) -> _Stamp:
@@ -136,7 +137,17 @@ class OwnerHome:
         return tokens.Token(tokens.TokenKind.NOSECRET, self.load_key().public.digest)
 
     def cert_der(self) -> bytes:
-        return crypto.certificate_der(self.cert_file.read_bytes())
+        """owner.crt as DER; parsed once per process while the file does not change."""
+        try:
+            stamp = _file_stamp(self.cert_file)
+        except OSError as exc:
+            raise OwnerError(f"cannot read {self.cert_file}: {exc.strerror or exc}") from None
+        cached = _LOADED_CERTS.get(self.dir)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        der = crypto.certificate_der(self.cert_file.read_bytes())
+        _LOADED_CERTS[self.dir] = (stamp, der)
+        return der
 
     def store(self) -> Store:
         self._ensure_dir()

@@ -135,23 +135,34 @@ class ClaimHeld(Exception):
 
 
 class Store:
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        os.close(fd)
+    def __init__(self, path: Path, *, prepared: bool = False) -> None:
+        """Open the record at ``path``, creating, migrating and healing it unless ``prepared``
+        (another Store of this process opened it already: see :meth:`sibling`)."""
+        if not prepared:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            os.close(fd)
+        self.path = path
         # One thread uses a Store at a time (the owner API gives each thread its own); any thread
         # may close it, once the one that used it has ended.
         self._db = sqlite3.connect(path, isolation_level=None, timeout=10, check_same_thread=False)
+        self._writers = _writers_of(path)
         self._db.execute("PRAGMA foreign_keys = ON")
         # K is wiped by overwriting its row; secure_delete zeroes the freed bytes in the file too.
         self._db.execute("PRAGMA secure_delete = ON")
         self._db.execute("PRAGMA journal_mode = WAL")
         self._db.execute("PRAGMA synchronous = FULL")
-        self._db.executescript(SCHEMA)
         self.defer_checkpoints = False  # a fleet's binds: wiped pages are checkpointed at its end
         self._wiped = False
-        self._migrate()
-        self._heal()
+        if not prepared:
+            self._db.executescript(SCHEMA)
+            self._migrate()
+            self._heal()
+
+    def sibling(self) -> Store:
+        """Another connection to this record, for another thread: the schema, migration and
+        healing are this Store's already (a fleet's threads each open one: 0.8 ms saved each)."""
+        return Store(self.path, prepared=True)
 
     def _migrate(self) -> None:
         """ssh_targets (vm, host, port, updated_at), from before backend_data, becomes ssh's rows
@@ -207,15 +218,20 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        crashpoint("store.commit.before")
-        self._db.execute("COMMIT")
-        crashpoint("store.commit.after")
+        # Writers of this process queue here, woken the moment the one before commits; on
+        # SQLite's lock alone they would poll its busy handler, which sleeps up to 100 ms between
+        # tries (a fleet's 16 threads spent more time asleep there than binding). Other
+        # processes on the home still meet at SQLite's lock, with the busy timeout.
+        with self._writers:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            crashpoint("store.commit.before")
+            self._db.execute("COMMIT")
+            crashpoint("store.commit.after")
 
     # -- VMs and tokens
     def vm_exists(self, name: str) -> bool:
@@ -377,6 +393,19 @@ class Store:
         rows = (self._db.execute(query + " WHERE vm = ? ORDER BY id", (vm,)) if vm
                 else self._db.execute(query + " ORDER BY id"))
         return [AuditRow(*row) for row in rows]
+
+
+_WRITERS: dict[str, threading.RLock] = {}
+_WRITERS_GUARD = threading.Lock()
+
+
+def _writers_of(path: Path) -> threading.RLock:
+    """The one lock of this process for write transactions on the database at ``path``
+    (re-entrant: a thread that opened a second write through another Store of the home while
+    in one meets SQLite's busy timeout, as without this lock, instead of waiting on itself)."""
+    key = os.path.realpath(path)
+    with _WRITERS_GUARD:
+        return _WRITERS.setdefault(key, threading.RLock())
 
 
 def _holder() -> str:
