@@ -273,7 +273,8 @@ class Binder:
         return phases
 
     def agent_imports_during_bind(self, mode: str) -> dict[str, float]:
-        """Imports the agent does after READY, i.e. inside the bind (-X importtime, ms)."""
+        """Imports the agent logs after its "listening on" line (-X importtime, ms): imprint.protocol
+        just before READY, the rest in its preparation thread after READY, none left for the bind."""
         vm, agent, vm_token = self.prepare(mode, "", "-X", "importtime")
         try:
             bind_module.bind(self.home, self.store, vm, agent.address, vm_token)
@@ -397,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
 
         agent_imports = {mode: binder.agent_imports_during_bind(mode) for mode in MODES}
         out["agent_imports_during_bind_ms"] = agent_imports
-        print("\nagent-side imports inside the bind (first connection; -X importtime, one run, ms):")
+        print("\nagent-side imports after it logged 'listening on' (before READY, and in its preparation "
+              "thread after READY; -X importtime, one run, ms):")
         for mode, found in agent_imports.items():
             print(f"  {mode}: " + (", ".join(f"{n} {v}" for n, v in found.items()) or "none"))
 

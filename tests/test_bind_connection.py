@@ -10,10 +10,13 @@ fixed test identities, so each step can be held or altered.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from imprint import crypto, tls, tokens
@@ -23,7 +26,7 @@ from imprint.protocol import AlertCode, OwnerExchange, RemoteProtocolError
 from imprint.protocol.driver import ExchangeDriver
 
 from tests.helpers import Agent, AgentFactory
-from tests.helpers.keys import NOSECRET, OWNER_CERT, OWNER_KEY, K
+from tests.helpers.keys import NOSECRET, OWNER_CERT, OWNER_KEY, VM_KEY, K
 
 IO_TIMEOUT = 10.0
 STATUS_REQUEST = b"GET /v1/status HTTP/1.1\r\nHost: imprint\r\nContent-Length: 0\r\n\r\n"
@@ -193,3 +196,43 @@ def test_status_on_the_bind_connection_of_a_vm_that_hangs_up_is_unreachable(
     with pytest.raises(Unreachable) as unreachable:
         ask_on(side.sock, "GET", "/v1/status", agent.address, timeout=5.0)
     assert agent.address in str(unreachable.value)
+
+
+
+def test_the_pinned_context_built_ahead_accepts_no_client_until_it_is_pinned(tmp_path: Path) -> None:
+    """The agent builds its pinned server context before the bind (guest/server.py prepare()):
+    until the pin is its trust anchor, no client certificate passes, the owner's included."""
+    files = {n: tmp_path / n for n in ("vm.crt", "vm.key", "owner.crt", "owner.key")}
+    files["vm.crt"].write_bytes(VM_KEY.self_signed_certificate("vm"))
+    files["vm.key"].write_bytes(VM_KEY.to_pem())
+    files["owner.crt"].write_bytes(OWNER_KEY.self_signed_certificate("owner"))
+    files["owner.key"].write_bytes(OWNER_KEY.to_pem())
+    server_context = tls.agent_unpinned_context(str(files["vm.crt"]), str(files["vm.key"]))
+    client_context = tls.owner_pinned_context(str(files["owner.crt"]), str(files["owner.key"]),
+                                              tls.PinnedCert.from_pem(files["vm.crt"].read_text()))
+
+    def server_side(sock: socket.socket, outcome: list[str]) -> None:
+        try:
+            with server_context.wrap_socket(sock, server_side=True) as tls_sock:
+                peer = crypto.certificate_spki(tls.peer_certificate(tls_sock))
+                outcome.append(f"accepted {crypto.fingerprint(peer)}")
+        except (ssl.SSLError, OSError) as exc:
+            outcome.append(f"refused: {exc}")
+
+    def attempt() -> str:
+        ours, theirs = socket.socketpair()
+        ours.settimeout(IO_TIMEOUT)
+        theirs.settimeout(IO_TIMEOUT)
+        outcome: list[str] = []
+        thread = threading.Thread(target=server_side, args=(theirs, outcome))
+        thread.start()
+        with contextlib.suppress(ssl.SSLError, OSError), client_context.wrap_socket(ours) as client:
+            client.recv(1)  # TLS 1.3: the server's verdict on our certificate comes after the handshake
+        ours.close()
+        thread.join(IO_TIMEOUT)
+        assert not thread.is_alive()
+        return outcome[0]
+
+    assert attempt().startswith("refused")  # no trust anchor: the owner's certificate is refused
+    tls.PinnedCert.from_pem(files["owner.crt"].read_text()).trust(server_context)
+    assert attempt() == f"accepted {OWNER_KEY.public.fingerprint}"

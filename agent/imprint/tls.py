@@ -105,10 +105,18 @@ def agent_bind_context(cert_file: str, key_file: str) -> ssl.SSLContext:
 
 
 def agent_pinned_context(cert_file: str, key_file: str, owner: PinnedCert) -> ssl.SSLContext:
+    ctx = agent_unpinned_context(cert_file, key_file)
+    owner.trust(ctx)
+    return ctx
+
+
+def agent_unpinned_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+    """The pinned server context before its pin: CERT_REQUIRED with no trust anchor, so it
+    accepts no client at all until ``PinnedCert.trust`` gives it the one. The agent builds it
+    ahead of its bind (loading the key and chain is most of the cost) and pins it at the bind."""
     ctx = _base(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(cert_file, key_file)
     ctx.verify_mode = ssl.CERT_REQUIRED
-    owner.trust(ctx)
     return ctx
 
 

@@ -31,6 +31,7 @@ from imprint.tokens import Mode, Token
 # where the agent looks at its boot channels: a bound restart never does, so it never loads them.
 if TYPE_CHECKING:
     from imprint.channels import Found
+    from imprint.guest.server import AgentServer
 
 log = agent_log.get("imprint.agent")
 
@@ -145,10 +146,13 @@ class _Announcer:
                 log.error("cannot write the VM token to %s: %s", console, exc.strerror)
 
 
-def _preload() -> None:
-    """After READY: import what the pinned channel needs, so the owner does not wait for it."""
+def _preload(server: AgentServer) -> None:
+    """After READY: import what the pinned channel needs and prepare for the bind, so the owner
+    does not wait for either."""
     import imprint.crypto
     import imprint.guest.control  # noqa: F401
+
+    server.prepare()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -253,7 +257,7 @@ def run(args: argparse.Namespace) -> int:
         # READY promises an exchange without delay: its code is loaded before, not during, the bind.
         import imprint.protocol  # noqa: F401
     notify_status(f"listening on {host}:{bound_port} ({phase})", ready=True)
-    threading.Thread(target=_preload, daemon=True).start()
+    threading.Thread(target=_preload, args=(server,), daemon=True).start()
     server.serve_forever()
     log.info("stopped")
     return 0

@@ -102,26 +102,14 @@ class VmRecord:
 class Owner:
     def __init__(self, home: str | os.PathLike[str] | None = None) -> None:
         self.home = OwnerHome(Path(home).expanduser() if home is not None else default_home())
-        self._local = threading.local()
-        self._stores: list[tuple[threading.Thread, Store]] = []  # every connection, with its thread
+        self._shared: Store | None = None  # one connection for every thread (Store says why)
         self._lock = threading.Lock()
 
     # -- lifetime
     def close(self) -> None:
         with self._lock:
-            stores, self._stores = self._stores, []
-        for _, store in stores:
-            with contextlib.suppress(sqlite3.Error):
-                store.close()
-        self._local = threading.local()
-
-    def _close_stores_of_ended_threads(self) -> None:
-        """A fleet's worker threads are gone once it ends; so are their connections (closing
-        one checkpoints the wipes it deferred)."""
-        with self._lock:
-            ended = [store for thread, store in self._stores if not thread.is_alive()]
-            self._stores = [(thread, store) for thread, store in self._stores if thread.is_alive()]
-        for store in ended:
+            store, self._shared = self._shared, None
+        if store is not None:
             with contextlib.suppress(sqlite3.Error):
                 store.close()
 
@@ -133,18 +121,11 @@ class Owner:
         self.close()
 
     def _store(self) -> Store:
-        store: Store | None = getattr(self._local, "store", None)
-        if store is None:
-            with self._lock:
-                opened = self._stores[0][1] if self._stores else None
-            with self._errors():
-                # The first connection creates, migrates and heals the record; the others (a
-                # fleet's threads) only connect.
-                store = opened.sibling() if opened is not None else self.home.store()
-            self._local.store = store
-            with self._lock:
-                self._stores.append((threading.current_thread(), store))
-        return store
+        with self._lock:
+            if self._shared is None:
+                with self._errors():
+                    self._shared = self.home.store()
+            return self._shared
 
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:
@@ -237,14 +218,11 @@ class Owner:
         run = fleet.FleetRun(self._bind_one, self._is_bound,
                              parallel=parallel or fleet.default_parallel(os.cpu_count()),
                              on_result=on_progress or (lambda result: None), stop_event=stop)
-        try:
+        store = self._store()
+        with self._errors(), store.deferred_checkpoints():  # every bind's wiped token checkpointed at once, at the end
             return run.run(checked)
-        finally:
-            with self._errors():
-                self._close_stores_of_ended_threads()  # and so checkpoints every bind's wiped token at once
 
     def _bind_one(self, request: FleetRequest) -> str:
-        self._store().defer_checkpoints = True  # this worker's store: checkpointed when bind_many ends
         return self.bind(request.name, request.address, request.vm_token).vm_fingerprint
 
     def _is_bound(self, name: str) -> bool:

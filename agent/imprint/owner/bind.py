@@ -45,23 +45,18 @@ def bind(home: OwnerHome, store: Store, vm: str, address: str, vm_token_text: st
     """Bind ``vm`` at ``address``; every attempt, good or bad, goes to the audit log. Holds the
     VM's claim throughout (another bind of it, in this process or another, waits for this one);
     the wiped token's pages are checkpointed once, at the end (or at the fleet's end)."""
-    deferred = store.defer_checkpoints
-    store.defer_checkpoints = True
-    try:
-        with store.claim(vm):
-            return _bind(home, store, vm, address, vm_token_text)  # audited "bound" by confirm_pin
-    except ClaimHeld as exc:
-        error: OwnerError = Unreachable(f"{exc}; rerun `imprint bind {vm}` once it has ended")
-        store.audit(vm, "bind", address, type(error).__name__, str(error))
-        raise error from None
-    except OwnerError as exc:
-        if store.vm_exists(vm):
-            store.audit(vm, "bind", address, type(exc).__name__, str(exc))
-        raise
-    finally:
-        store.defer_checkpoints = deferred
-        if not deferred:
-            store.flush_wipes()
+    with store.deferred_checkpoints():
+        try:
+            with store.claim(vm):
+                return _bind(home, store, vm, address, vm_token_text)  # audited "bound" by confirm_pin
+        except ClaimHeld as exc:
+            error: OwnerError = Unreachable(f"{exc}; rerun `imprint bind {vm}` once it has ended")
+            store.audit(vm, "bind", address, type(error).__name__, str(error))
+            raise error from None
+        except OwnerError as exc:
+            if store.vm_exists(vm):
+                store.audit(vm, "bind", address, type(exc).__name__, str(exc))
+            raise
 
 
 def _bound_detail(result: BindResult) -> str:

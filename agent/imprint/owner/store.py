@@ -9,10 +9,11 @@ and DELETE. A home made before backend_data had ssh_targets; opening it moves th
 K leaves the file, not only the row: secure_delete zeroes the bytes a wipe frees, and a WAL
 checkpoint after a wipe copies the wiped pages over the old ones and truncates the -wal file,
 where the page images that still held K would otherwise stay until some later checkpoint. A
-single bind or token checkpoints at once; a fleet (``defer_checkpoints``) once at its end.
+single bind or token checkpoints at once; a fleet (``deferred_checkpoints``) once at its end.
 
 Concurrency (many binds in one process, several processes on one home): every write is one
-``BEGIN IMMEDIATE`` transaction, serialised by SQLite's lock with a busy timeout; a bind first
+``BEGIN IMMEDIATE`` transaction, serialised in a process by the Store's lock and between
+processes by SQLite's lock with a busy timeout; a bind first
 takes the VM's row in ``claims`` (:meth:`Store.claim`), so two binds of one VM never run at
 once, and a pin is written only by the claim's holder, never over a bound pin. A claim is a
 lock, not a record: it is committed without an fsync of its own (``synchronous = NORMAL``:
@@ -22,6 +23,7 @@ over. Every other commit is durable (``synchronous = FULL``) when it returns.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sqlite3
@@ -32,7 +34,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from imprint.faults import crashpoint
 from imprint.fsatomic import pid_alive
@@ -40,6 +42,7 @@ from imprint.tls import PinnedCert
 from imprint.tokens import Mode
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS vms (
@@ -134,35 +137,55 @@ class ClaimHeld(Exception):
     """Another bind of the VM is under way and did not end within the wait."""
 
 
+def _locked(method: Callable[P, T]) -> Callable[P, T]:
+    """``method`` under its Store's lock (see Store)."""
+    @functools.wraps(method)
+    def locked(*args: P.args, **kwargs: P.kwargs) -> T:
+        with args[0]._lock:  # type: ignore[attr-defined]
+            return method(*args, **kwargs)
+    return locked
+
+
 class Store:
-    def __init__(self, path: Path, *, prepared: bool = False) -> None:
-        """Open the record at ``path``, creating, migrating and healing it unless ``prepared``
-        (another Store of this process opened it already: see :meth:`sibling`)."""
-        if not prepared:
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-            os.close(fd)
-        self.path = path
-        # One thread uses a Store at a time (the owner API gives each thread its own); any thread
-        # may close it, once the one that used it has ended.
-        self._db = sqlite3.connect(path, isolation_level=None, timeout=10, check_same_thread=False)
-        self._writers = _writers_of(path)
-        self._db.execute("PRAGMA foreign_keys = ON")
-        # K is wiped by overwriting its row; secure_delete zeroes the freed bytes in the file too.
-        self._db.execute("PRAGMA secure_delete = ON")
-        self._db.execute("PRAGMA journal_mode = WAL")
-        self._db.execute("PRAGMA synchronous = FULL")
-        self.defer_checkpoints = False  # a fleet's binds: wiped pages are checkpointed at its end
-        self._wiped = False
-        if not prepared:
+    """The record, for every thread of a process: one connection, each method (and each
+    transaction, whole) under a lock that every Store of this database in the process shares.
+    A fleet's threads share one Store: one connection reads what the last commit wrote without
+    reloading pages another connection changed, and writers queue on the lock, woken the moment
+    the one before commits (on SQLite's lock alone they would poll its busy handler, which sleeps
+    up to 100 ms between tries). Other processes on the home meet at SQLite's lock, with the
+    busy timeout."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.close(fd)
+        self._lock = _lock_of(path)
+        self._deferring = 0  # binds under way that checkpoint at their (or their fleet's) end
+        self.wiped = False  # a wipe is committed but not checkpointed yet (see flush_wipes)
+        with self._lock:
+            self._db = sqlite3.connect(path, isolation_level=None, timeout=10, check_same_thread=False)
+            self._db.execute("PRAGMA foreign_keys = ON")
+            # K is wiped by overwriting its row; secure_delete zeroes the freed bytes in the file too.
+            self._db.execute("PRAGMA secure_delete = ON")
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("PRAGMA synchronous = FULL")
             self._db.executescript(SCHEMA)
             self._migrate()
             self._heal()
 
-    def sibling(self) -> Store:
-        """Another connection to this record, for another thread: the schema, migration and
-        healing are this Store's already (a fleet's threads each open one: 0.8 ms saved each)."""
-        return Store(self.path, prepared=True)
+    @contextmanager
+    def deferred_checkpoints(self) -> Iterator[None]:
+        """Wipes inside are checkpointed once, when the last such block of this Store ends (a
+        bind's; a fleet's around all of its binds)."""
+        with self._lock:
+            self._deferring += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._deferring -= 1
+                if self._deferring == 0:
+                    self.flush_wipes()
 
     def _migrate(self) -> None:
         """ssh_targets (vm, host, port, updated_at), from before backend_data, becomes ssh's rows
@@ -194,22 +217,25 @@ class Store:
     def _checkpoint(self) -> None:
         """After a wipe: move every page into the database file and empty the -wal (see the
         module's comment), now or, with ``defer_checkpoints``, at :meth:`flush_wipes`."""
-        self._wiped = True
-        if not self.defer_checkpoints:
+        self.wiped = True
+        if not self._deferring:
             self.flush_wipes()
 
+    @_locked
     def flush_wipes(self) -> None:
         """The checkpoint a wipe asked for, if any. Another process reading at this moment holds
         the -wal; its own close or the next wipe empties it then."""
-        if self._wiped:
+        if self.wiped:
             self.checkpoint()
 
+    @_locked
     def checkpoint(self) -> None:
         """Every page into the database file, the -wal emptied: for the wipes of any connection
         (a fleet's threads defer theirs to one of these at its end)."""
         self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-        self._wiped = False
+        self.wiped = False
 
+    @_locked
     def close(self) -> None:
         try:
             self.flush_wipes()
@@ -218,11 +244,7 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        # Writers of this process queue here, woken the moment the one before commits; on
-        # SQLite's lock alone they would poll its busy handler, which sleeps up to 100 ms between
-        # tries (a fleet's 16 threads spent more time asleep there than binding). Other
-        # processes on the home still meet at SQLite's lock, with the busy timeout.
-        with self._writers:
+        with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
@@ -234,12 +256,15 @@ class Store:
             crashpoint("store.commit.after")
 
     # -- VMs and tokens
+    @_locked
     def vm_exists(self, name: str) -> bool:
         return self._db.execute("SELECT 1 FROM vms WHERE name = ?", (name,)).fetchone() is not None
 
+    @_locked
     def vm_names(self) -> list[str]:
         return [row[0] for row in self._db.execute("SELECT name FROM vms ORDER BY name")]
 
+    @_locked
     def issue_token(self, vm: str, mode: Mode, token_id: str, token_text: str) -> None:
         """A new token for ``vm``, superseding (and wiping) any issued one; audited with it."""
         now = time.time()
@@ -258,6 +283,7 @@ class Store:
             _insert_audit(db, vm, "token", None, "issued", f"{mode.value} token id {token_id}")
         self._checkpoint()  # a superseded K was wiped
 
+    @_locked
     def current_token(self, vm: str) -> TokenRow | None:
         row = self._db.execute(
             "SELECT id, vm, mode, token_id, token_text, state, created_at FROM tokens "
@@ -270,6 +296,7 @@ class Store:
         return TokenRow(id_, vm_, Mode(mode), token_id, token_text, state, created_at)
 
     # -- pins
+    @_locked
     def pin(self, vm: str) -> PinRow | None:
         row = self._db.execute(
             "SELECT vm, vm_cert_pem, vm_fingerprint, state, mode, address, pinned_at FROM pins WHERE vm = ?",
@@ -284,6 +311,7 @@ class Store:
             raise sqlite3.DatabaseError(f"the pin of {vm} is not a PEM certificate ({exc})") from None
         return PinRow(vm_, cert, fingerprint, state, Mode(mode), address, pinned_at)
 
+    @_locked
     def pin_pending(self, vm: str, cert: PinnedCert, fingerprint: str, mode: Mode, address: str) -> bool:
         """The key the VM just proved, pending its confirmation; False (nothing written) when the
         VM is bound already: a pin, once bound, is never replaced."""
@@ -329,6 +357,7 @@ class Store:
 
         return self._with_lock_only(take)
 
+    @_locked
     def _with_lock_only(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """``work`` in one transaction committed without an fsync: for claims only (a lock that a
         power loss may forget, with its holder)."""
@@ -339,12 +368,14 @@ class Store:
         finally:
             self._db.execute("PRAGMA synchronous = FULL")
 
+    @_locked
     def consume_token(self, vm: str) -> None:
         """The VM confirmed the exchange: its token (with K, if any) is used up."""
         with self.transaction() as db:
             _consume_tokens(db, vm)
         self._checkpoint()
 
+    @_locked
     def confirm_pin(self, vm: str, address: str | None = None, *, audit_detail: str | None = None,
                     cert: PinnedCert | None = None) -> bool:
         """The pinned mutual-TLS channel answered (at ``address``, if given) with the exchanged
@@ -365,14 +396,17 @@ class Store:
         self._checkpoint()
         return True
 
+    @_locked
     def update_address(self, vm: str, address: str) -> None:
         self._db.execute("UPDATE pins SET address = ? WHERE vm = ?", (address, vm))
 
     # -- what a backend's owner half keeps per VM
+    @_locked
     def set_backend_data(self, vm: str, backend: str, data: dict[str, Any]) -> None:
         self._db.execute("INSERT OR REPLACE INTO backend_data (vm, backend, data, updated_at) VALUES (?, ?, ?, ?)",
                          (vm, backend, json.dumps(data, sort_keys=True), time.time()))
 
+    @_locked
     def backend_data(self, vm: str, backend: str) -> dict[str, Any] | None:
         """What ``backend`` kept for ``vm``; None if nothing (or not an object: not ours)."""
         row = self._db.execute("SELECT data FROM backend_data WHERE vm = ? AND backend = ?", (vm, backend)).fetchone()
@@ -385,9 +419,11 @@ class Store:
         return data if isinstance(data, dict) else None
 
     # -- audit
+    @_locked
     def audit(self, vm: str, action: str, address: str | None, outcome: str, detail: str) -> None:
         _insert_audit(self._db, vm, action, address, outcome, detail)
 
+    @_locked
     def audit_log(self, vm: str | None = None) -> list[AuditRow]:
         query = "SELECT id, at, vm, action, address, outcome, detail FROM audit"
         rows = (self._db.execute(query + " WHERE vm = ? ORDER BY id", (vm,)) if vm
@@ -395,17 +431,17 @@ class Store:
         return [AuditRow(*row) for row in rows]
 
 
-_WRITERS: dict[str, threading.RLock] = {}
-_WRITERS_GUARD = threading.Lock()
+_LOCKS: dict[str, threading.RLock] = {}
+_LOCKS_GUARD = threading.Lock()
 
 
-def _writers_of(path: Path) -> threading.RLock:
-    """The one lock of this process for write transactions on the database at ``path``
-    (re-entrant: a thread that opened a second write through another Store of the home while
-    in one meets SQLite's busy timeout, as without this lock, instead of waiting on itself)."""
+def _lock_of(path: Path) -> threading.RLock:
+    """The one lock of this process for the database at ``path`` (re-entrant: a method calls
+    others, and a thread that began a write through a second Store of the home while in one
+    meets SQLite's busy timeout, as without this lock, instead of waiting on itself)."""
     key = os.path.realpath(path)
-    with _WRITERS_GUARD:
-        return _WRITERS.setdefault(key, threading.RLock())
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(key, threading.RLock())
 
 
 def _holder() -> str:
