@@ -6,8 +6,8 @@
 #   bake-existing.sh --wheel vm_imprint-*.whl --unit imprint-agent.service [--root DIR] [--generalize]
 #
 # What it does, and nothing else:
-#   - checks the system's python3 (>= 3.11) has cryptography and requests (Debian 12:
-#     python3-cryptography, python3-requests; installs them with apt-get when missing and
+#   - checks the system's python3 (>= 3.11) has cryptography (Debian 12:
+#     python3-cryptography; installs it with apt-get when missing and
 #     --apt is given)
 #   - unpacks the wheel into /usr/local/lib/python3.X/dist-packages (no pip needed in the
 #     image), writes the console scripts imprint-agent, imprint, imprint-site to /usr/local/bin,
@@ -43,13 +43,13 @@ in_target() { if [ "$root" = / ]; then "$@"; else chroot "$root" "$@"; fi; }
 if ! in_target python3 -c 'import sys; assert sys.version_info >= (3, 11)' 2>/dev/null; then
   echo "bake-existing: the target needs python3 >= 3.11" >&2; exit 1
 fi
-if ! in_target python3 -c 'import cryptography, requests' 2>/dev/null; then
+if ! in_target python3 -c 'import cryptography' 2>/dev/null; then
   if [ "$apt" = 1 ]; then
-    say "installing python3-cryptography python3-requests with apt-get"
+    say "installing python3-cryptography with apt-get"
     in_target env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-      python3-cryptography python3-requests
+      python3-cryptography
   else
-    echo "bake-existing: the target's python3 lacks cryptography/requests (Debian: python3-cryptography python3-requests; or pass --apt)" >&2
+    echo "bake-existing: the target's python3 lacks cryptography (Debian: python3-cryptography; or pass --apt)" >&2
     exit 1
   fi
 fi

@@ -65,7 +65,7 @@ find "$work/src" -name __pycache__ -prune -exec rm -rf {} + -o -name '*.egg-info
 wheel_file=$(ls "$work/wheel"/*.whl)
 
 packages=(systemd-sysv udev kmod iproute2 e2fsprogs linux-image-cloud-amd64 initramfs-tools
-          python3 python3-cryptography python3-requests python3-pycdlib python3-pyroute2 mtools
+          python3 python3-cryptography python3-pycdlib python3-pyroute2 mtools
           openssh-server cloud-init ca-certificates dbus)
 pkg_list=$(IFS=,; echo "${packages[*]}")
 sources=/etc/apt/sources.list.d/debian.sources

@@ -165,11 +165,13 @@ def trickles_the_body(vm: CompromisedVm, raw: socket.socket, seen: Seen) -> None
     vm.trickle(sock, _bytes(body), seen)
 
 
-def endless_body(block: int, pace: float) -> Behaviour:
-    """A body without a length, ``block`` bytes each ``pace`` s, without end."""
+def endless_body(block: int, pace: float, announce: int | None = None) -> Behaviour:
+    """A body, ``block`` bytes each ``pace`` s, without end: without a length, or announcing
+    ``announce`` bytes (and sending more, if it is given the time)."""
     def behaviour(vm: CompromisedVm, raw: socket.socket, seen: Seen) -> None:
         sock = vm.handshake_and_read_request(raw)
-        sock.sendall(HEADERS + b"Connection: close\r\n\r\n")
+        length = b"" if announce is None else b"Content-Length: %d\r\n" % announce
+        sock.sendall(HEADERS + length + b"Connection: close\r\n\r\n")
         vm.trickle(sock, itertools.repeat(b" " * block), seen, pace)
     return behaviour
 
@@ -271,7 +273,7 @@ def test_the_fake_is_a_working_pinned_agent(pinned: Pinned, compromised: Any) ->
 
 
 @pytest.mark.parametrize("behaviour", [trickles_the_handshake, trickles_the_status_line_and_headers,
-                                       trickles_the_body, endless_body(16 * 1024, PACE)],
+                                       trickles_the_body, endless_body(16 * 1024, PACE, announce=MAX_ANSWER)],
                          ids=["handshake", "status-line-and-headers", "body", "endless-body"])
 def test_a_trickled_answer_ends_at_the_deadline(pinned: Pinned, compromised: Any, behaviour: Behaviour) -> None:
     """A byte every PACE s would hold a per-read timeout forever; the whole answer gets DEADLINE.
@@ -302,23 +304,6 @@ def test_the_fake_answers_the_bind_connections_request(pinned: Pinned, compromis
     assert pinned.ask_on_a_connection(vm.address, DEADLINE) == {"state": "bound"}
 
 
-@pytest.mark.parametrize(("behaviour", "message"), [
-    (endless_body(64 * 1024, 0), "a body without Content-Length, which the agent always sends"),
-    (announces(b"Content-Length: 10737418240\r\n"), f"a body of 10737418240 bytes (at most {MAX_ANSWER} are read)"),
-    (announces(b"Transfer-Encoding: chunked\r\n"), "a chunked or compressed body"),
-    (announces(b"Content-Encoding: gzip\r\nContent-Length: 100\r\n"), "a chunked or compressed body"),
-    (announces(b"Content-Length: 2\r\n"), "more bytes than its Content-Length"),
-    (announces(b"X-Long: " + b"h" * MAX_HEAD + b"\r\nContent-Length: 2\r\n"), f"a head longer than {MAX_HEAD} bytes"),
-], ids=["no-length", "huge-length", "chunked", "compressed", "overlong-body", "huge-head"])
-def test_an_answer_on_the_bind_connection_too_large_or_framed_otherwise_is_refused_at_once(
-        pinned: Pinned, compromised: Any, behaviour: Behaviour, message: str) -> None:
-    vm = compromised(behaviour)
-    elapsed, error = _timed(lambda: pinned.ask_on_a_connection(vm.address, TIMEOUT))
-    assert isinstance(error, Unreachable), f"{type(error).__name__}: {error}"
-    assert f"the agent at {vm.address} answered GET /v1/status with {message}" in str(error), str(error)
-    assert elapsed < SLACK, f"took {elapsed:.2f} s"
-
-
 def test_post_takes_its_timeout_as_the_deadline_of_the_whole_answer(pinned: Pinned, compromised: Any) -> None:
     """apply passes post() a longer timeout; it too bounds the whole answer, not each read."""
     vm = compromised(trickles_the_body)
@@ -330,20 +315,28 @@ def test_post_takes_its_timeout_as_the_deadline_of_the_whole_answer(pinned: Pinn
     _assert_deadline(vm, elapsed, error, DEADLINE + 1, SLACK)
 
 
-@pytest.mark.parametrize(("behaviour", "message"), [
-    (endless_body(64 * 1024, 0), f"a body larger than {MAX_ANSWER} bytes"),
+FRAMINGS = [
+    (endless_body(64 * 1024, 0), "a body without Content-Length, which the agent always sends"),
     (announces(b"Content-Length: 10737418240\r\n"), f"a body of 10737418240 bytes (at most {MAX_ANSWER} are read)"),
     (announces(b"Transfer-Encoding: chunked\r\n"), "a chunked or compressed body"),
     (announces(b"Content-Encoding: gzip\r\nContent-Length: 100\r\n"), "a chunked or compressed body"),
-], ids=["endless-fast", "huge-length", "endless-chunk-size-line", "compressed"])
+    (announces(b"Content-Length: 2\r\n"), "more bytes than its Content-Length"),
+    (announces(b"X-Long: " + b"h" * MAX_HEAD + b"\r\nContent-Length: 2\r\n"), f"a head longer than {MAX_HEAD} bytes"),
+]
+FRAMING_IDS = ["no-length", "huge-length", "chunked", "compressed", "overlong-body", "huge-head"]
+
+
+@pytest.mark.parametrize(("behaviour", "message"), FRAMINGS, ids=FRAMING_IDS)
+@pytest.mark.parametrize("transport", ["pinned-client", "bind-connection"])
 def test_an_answer_too_large_or_framed_otherwise_is_refused_at_once(
-        pinned: Pinned, compromised: Any, behaviour: Behaviour, message: str) -> None:
+        pinned: Pinned, compromised: Any, behaviour: Behaviour, message: str, transport: str) -> None:
+    """One reader for both: a new pinned connection (PinnedClient) and the bind's own (ask_on)."""
     vm = compromised(behaviour)
-    client = pinned.client(vm.address)
-    try:
+    if transport == "pinned-client":
+        client = pinned.client(vm.address)
         elapsed, error = _timed(lambda: client.get("/v1/status", timeout=TIMEOUT))
-    finally:
-        client.close()
+    else:
+        elapsed, error = _timed(lambda: pinned.ask_on_a_connection(vm.address, TIMEOUT))
     assert isinstance(error, Unreachable), f"{type(error).__name__}: {error}"
     assert f"the agent at {vm.address} answered GET /v1/status with {message}" in str(error), str(error)
     assert elapsed < SLACK, f"took {elapsed:.2f} s"

@@ -2,7 +2,7 @@
 # Installs everything imprint's demo and tests need on a Debian 12 machine, then prepares two
 # venvs on Debian's own python3, the two ends of the dependency range pyproject.toml declares:
 #   .venv         with Debian's system packages visible: the agent is exercised on the same
-#                 python3-cryptography/-requests/-pycdlib/-pyroute2 it meets in images (the floor)
+#                 python3-cryptography/-pycdlib/-pyroute2 it meets in images (the floor)
 #   .venv-newest  the same, with the newest PyPI release of every declared dependency (and of
 #                 theirs) installed in the venv over Debian's: only the range's end changes, the
 #                 rest (Debian's cloud-init, PyYAML, jsonschema that tests and backends use) is

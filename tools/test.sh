@@ -13,7 +13,7 @@
 #             kerberos, cloudinit: about 2 minutes on 2 cores): they test the backends'
 #             durable writes, which use no declared dependency; the backends' own tests
 #             (tests/test_backend_*.py, cryptography in x509 included) and the kill -9 tests of
-#             the bind (owner store, TLS, crypto, requests) do run here.
+#             the bind (owner store, TLS, crypto) do run here.
 #           That is the whole rest: every other test of the owner, site, protocol, crypto, agent
 #           and backend code runs on the newest releases too.
 #

@@ -55,7 +55,7 @@ class PinnedCert:
 
     @property
     def der_sha256(self) -> str:
-        """The certificate's SHA-256, hex: what urllib3's assert_fingerprint compares."""
+        """The certificate's SHA-256, hex: what the pinned client compares the certificate shown with."""
         return hashlib.sha256(self.der).hexdigest()
 
     @cached_property

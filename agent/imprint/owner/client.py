@@ -1,33 +1,30 @@
 """Requests to a bound VM over mutual TLS, pinned to the VM certificate recorded at bind time.
 
 A compromised VM holds the pinned key, so what it answers is hostile input like any other: it
-can trickle an answer a byte at a time, which requests' timeout (per socket read) never ends,
-or send one without end. So every request has one deadline for all of it (connect, TLS, the
-request, the whole answer), and an answer is read whole, up to MAX_ANSWER bytes, before anyone
-looks at it.
+can trickle an answer a byte at a time or send one without end. So every request has one
+deadline for all of it (connect, TLS, the request, the whole answer), kept in the thread that
+waits: each blocking call gets only what remains of it (the ssl module bounds a whole handshake
+or read by its timeout, not each byte). An answer is read whole, at most MAX_HEAD bytes of head
+and MAX_ANSWER of body, framed by Content-Length, never chunked, compressed or redirected,
+before anyone looks at it. The same reader serves the bind's own connection (``ask_on``), so
+there is one HTTP client for the pinned channel, and no third-party one: no proxy from the
+environment, no redirect, no connection pool, nothing imported but the standard library.
 """
 
 from __future__ import annotations
 
-import contextvars
-import http.client
+import hmac
 import json
 import socket
 import ssl
-import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
-
-import requests
-import urllib3
-from requests.adapters import HTTPAdapter
-from urllib3.connection import HTTPSConnection
-from urllib3.connectionpool import HTTPSConnectionPool
 
 from imprint import timeouts, tls
 from imprint.owner.errors import Unreachable
 from imprint.owner.home import OwnerHome
+from imprint.owner.names import split_address
 from imprint.owner.tlsfailures import owner_error
 from imprint.safetext import printable
 
@@ -35,209 +32,108 @@ from imprint.safetext import printable
 TIMEOUT = timeouts.seconds("IMPRINT_OWNER_REQUEST_SECONDS", 10.0)
 MAX_ANSWER = 1 << 20  # bytes of an answer's body: /v1/status is ~300 bytes, an apply's results a few KiB
 _READ_CHUNK = 64 * 1024
+Clock = Callable[[], float]
 
 
-class DeadlinePassed(requests.exceptions.Timeout):
-    """The request and its whole answer did not finish within the deadline."""
-
-    def __init__(self, seconds: float) -> None:
-        super().__init__(f"no complete answer within {seconds:g} s")
-        self.seconds = seconds
-
-
-class BadAnswer(requests.exceptions.RequestException):
+class BadAnswer(Exception):
     """An answer the pinned channel does not read: too large, or framed as the agent never frames one."""
 
 
-class _Deadline:
-    """One request's deadline, kept by a timer thread: the thread that waits on the peer cannot
-    keep it (urllib3 gives it a timeout per socket operation, no clock). When it passes, every
-    socket opened under it is shut down, which ends a blocked connect, handshake, send or read
-    at once, with an error."""
+class PinnedClient:
+    """Requests to ``vm`` at ``address``, trusting ``pin`` alone: it is the context's one trust
+    anchor, and the certificate the handshake showed must also be the pin's exact bytes. Each
+    request has a connection of its own (no pool: it proves the pinned key afresh and holds
+    none of the agent's owner slots idle)."""
 
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        self._end = time.monotonic() + seconds
-        self._lock = threading.Lock()
-        self._sockets: list[socket.socket] = []
-        self._expired = False
-        self._timer = threading.Timer(seconds, self._expire)
-        self._timer.daemon = True
-        self._timer.start()
+    def __init__(self, home: OwnerHome, vm: str, pin: tls.PinnedCert, address: str) -> None:
+        self.address = address
+        self.vm = vm
+        self._host, self._port = split_address(address)
+        self._pin = pin
+        self._context = tls.owner_pinned_context(str(home.cert_file), str(home.key_file), pin)
+        home.write_pin_file(vm, pin.pem)  # the copy an owner's own tools can use (openssl s_client -CAfile)
 
-    @property
-    def passed(self) -> bool:
-        return self._expired or time.monotonic() >= self._end
+    def get(self, path: str, *, timeout: float = TIMEOUT) -> dict[str, Any]:
+        return self._request("GET", path, None, timeout=timeout)
 
-    def watch(self, sock: socket.socket) -> None:
-        # A duplicate descriptor: the ssl module detaches urllib3's socket object when it wraps
-        # it, and a bare number may be reused by then; a shutdown through either ends the connection.
-        duplicate = sock.dup()
-        with self._lock:
-            self._sockets.append(duplicate)
-            if self._expired:
-                _shut(duplicate)
-
-    def _expire(self) -> None:
-        with self._lock:
-            self._expired = True
-            for sock in self._sockets:
-                _shut(sock)
+    def post(self, path: str, body: dict[str, Any], *, timeout: float = TIMEOUT) -> dict[str, Any]:
+        return self._request("POST", path, json.dumps(body, sort_keys=True).encode(), timeout=timeout)
 
     def close(self) -> None:
-        self._timer.cancel()
-        with self._lock:  # never while _expire shuts them down
-            for sock in self._sockets:
-                sock.close()
-            self._sockets.clear()
+        """Nothing is held between requests; kept for the callers' ``finally``."""
 
-
-def _shut(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass  # already closed by the peer or by urllib3
-
-
-# urllib3 builds pools and connections itself, from keyword arguments it checks; a request runs
-# in the thread that sends it, so the context carries its deadline to where each socket is born.
-# Unset outside PinnedAdapter.send: a connection opened there fails (LookupError), not unwatched.
-_DEADLINE: contextvars.ContextVar[_Deadline] = contextvars.ContextVar("imprint_pinned_deadline")
-
-
-class _WatchedConnection(HTTPSConnection):
-    """urllib3's connection, handing each socket to the request's deadline as soon as it is
-    connected: before TLS, so a trickled handshake ends at the deadline too."""
-
-    def _new_conn(self) -> socket.socket:
-        sock: socket.socket = super()._new_conn()  # type: ignore[misc]  # not in types-urllib3 1.26
+    def _request(self, method: str, path: str, body: bytes | None, *, timeout: float,
+                 clock: Clock = time.monotonic) -> dict[str, Any]:
+        """``timeout``: seconds for the whole request and answer, not per read."""
+        what = f"{method} {path}"
+        deadline = clock() + timeout
         try:
-            _DEADLINE.get().watch(sock)
+            sock = self._connect(deadline, clock)
+        except TimeoutError:
+            raise Unreachable(_late(what, "over the pinned channel", self.address, timeout)) from None
+        except OSError as exc:  # ssl.SSLError (and tls.PinMismatch) included
+            raise owner_error(exc, self.address, f"{what} over the pinned channel") from None
+        with sock:
+            return _ask(sock, method, path, body, self.address, "over the pinned channel", timeout, deadline, clock)
+
+    def _connect(self, deadline: float, clock: Clock) -> ssl.SSLSocket:
+        raw = socket.create_connection((self._host, self._port), timeout=_remaining(deadline, clock))
+        try:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock = self._context.wrap_socket(raw, do_handshake_on_connect=False)
+        except BaseException:
+            raw.close()
+            raise
+        try:
+            sock.settimeout(_remaining(deadline, clock))
+            sock.do_handshake()  # bounded as a whole by the timeout (the ssl module keeps a deadline)
+            shown = tls.peer_certificate(sock)
+            if not hmac.compare_digest(tls.PinnedCert(shown).der_sha256, self._pin.der_sha256):
+                raise tls.PinMismatch("the certificate shown is not the pinned certificate's bytes")
         except BaseException:
             sock.close()
             raise
         return sock
 
 
-class _WatchedPool(HTTPSConnectionPool):
-    ConnectionCls = _WatchedConnection
+def ask_on(sock: ssl.SSLSocket, method: str, path: str, address: str, *, timeout: float = TIMEOUT,
+           clock: Clock = time.monotonic) -> dict[str, Any]:
+    """One bodiless request on a connection that is already the pinned channel: the bind's
+    own, once its exchange completed (docs/protocol.md §4.4), so no second handshake. The
+    rules of PinnedClient: ``timeout`` seconds for the request and its whole answer."""
+    return _ask(sock, method, path, None, address, "on the bind's connection", timeout, clock() + timeout, clock)
 
 
-class PinnedAdapter(HTTPAdapter):
-    """The pinned channel's transport. Trusts exactly one certificate: the context's only CA is
-    the pin, hostnames are not checked (the identity is the key), and urllib3 compares the
-    certificate fingerprint too. Each request gets a connection of its own, one deadline for
-    all of it (its ``timeout``; TIMEOUT when that is None or a pair) and a body of at most
-    MAX_ANSWER bytes, read here, whole, before the caller sees the response."""
-
-    def __init__(self, context: ssl.SSLContext, pin: tls.PinnedCert) -> None:
-        self._context = context
-        self._fingerprint = pin.der_sha256
-        super().__init__(max_retries=0)
-
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.update(ssl_context=self._context, assert_hostname=False, assert_fingerprint=self._fingerprint)
-        super().init_poolmanager(*args, **kwargs)  # type: ignore[no-untyped-call]
-        self.poolmanager.pool_classes_by_scheme = {"https": _WatchedPool}  # no plain http at all
-
-    def send(self, request: requests.PreparedRequest, stream: bool = False,
-             timeout: None | float | tuple[float, float] | tuple[float, None] = None,
-             verify: bool | str = True, cert: None | bytes | str | tuple[bytes | str, bytes | str] = None,
-             proxies: Mapping[str, str] | None = None) -> requests.Response:
-        seconds = float(timeout) if isinstance(timeout, int | float) else TIMEOUT
-        deadline = _Deadline(seconds)
-        context = _DEADLINE.set(deadline)
-        try:
-            response = super().send(request, stream=True, timeout=seconds, verify=verify, cert=cert,
-                                    proxies=proxies)
-            try:
-                response._content = _read_answer(response.raw)
-            finally:
-                response.close()
-            if deadline.passed:  # the shutdown may read as the end of the headers or the body: cut short
-                raise DeadlinePassed(seconds)
-            response._content_consumed = True  # type: ignore[attr-defined]  # in memory: requests reads no more
-            return response
-        except DeadlinePassed:
-            raise
-        except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, http.client.HTTPException,
-                OSError) as exc:
-            if deadline.passed:  # whatever broke, the deadline broke it (or came first)
-                raise DeadlinePassed(seconds) from exc
-            if isinstance(exc, requests.exceptions.RequestException):
-                raise
-            raise requests.exceptions.ConnectionError(exc) from exc  # urllib3's, from reading the body
-        finally:
-            _DEADLINE.reset(context)
-            deadline.close()
-            # No connection outlives its request: the next one opens a new one under its own
-            # deadline, proves the pinned key afresh, and holds none of the agent's owner slots idle.
-            self.poolmanager.clear()
+def _ask(sock: ssl.SSLSocket, method: str, path: str, body: bytes | None, address: str, where: str,
+         timeout: float, deadline: float, clock: Clock) -> dict[str, Any]:
+    what = f"{method} {path}"
+    head = f"{method} {path} HTTP/1.1\r\nHost: imprint\r\nAccept-Encoding: identity\r\n"
+    if body is not None:
+        head += "Content-Type: application/json\r\n"
+    head += f"Content-Length: {len(body or b'')}\r\nConnection: close\r\n\r\n"
+    try:
+        sock.settimeout(_remaining(deadline, clock))
+        sock.sendall(head.encode() + (body or b""))  # one write: no delayed-ACK stall between head and body
+        status, answer = _AnswerReader(sock, deadline, clock).answer()
+    except TimeoutError:
+        raise Unreachable(_late(what, where, address, timeout)) from None
+    except BadAnswer as exc:
+        raise Unreachable(f"the agent at {address} answered {what} with {exc}") from None
+    except OSError as exc:  # ssl.SSLError included
+        raise owner_error(exc, address, f"{what} {where}") from None
+    return _decode(status, answer, what, address)
 
 
-def _read_answer(raw: Any) -> bytes:
-    """The body as sent, at most MAX_ANSWER bytes. Never decompressed (a small answer inflates
-    without bound) and never chunked (urllib3 1.26 reads a chunk's size line without bound): the
-    agent sends neither, it frames every answer with Content-Length (guest/control.py)."""
-    headers = raw.headers
-    if headers.get("Transfer-Encoding") or headers.get("Content-Encoding", "identity").lower() != "identity":
-        raise BadAnswer("a chunked or compressed body, which the agent never sends")
-    length = headers.get("Content-Length")
-    if length is not None and not (length.isdigit() and int(length) <= MAX_ANSWER):
-        raise BadAnswer(f"a body of {printable(length, 40)} bytes (at most {MAX_ANSWER} are read)")
-    data = bytearray()
-    while len(data) <= MAX_ANSWER:
-        chunk = raw.read(min(_READ_CHUNK, MAX_ANSWER + 1 - len(data)), decode_content=False)
-        if not chunk:
-            break
-        data += chunk
-    if len(data) > MAX_ANSWER:
-        raise BadAnswer(f"a body larger than {MAX_ANSWER} bytes")
-    if length is not None and len(data) != int(length):
-        raise requests.exceptions.ConnectionError(f"the connection closed {len(data)} bytes into "
-                                                  f"a body of {length}")
-    return bytes(data)
+def _late(what: str, where: str, address: str, timeout: float) -> str:
+    return (f"{what} {where}: the agent at {address} did not answer within {timeout:g} s "
+            "(the deadline for the whole answer)")
 
 
-class PinnedClient:
-    """Requests to ``vm`` at ``address``, trusting ``pin`` alone: the context's one trust anchor,
-    urllib3's fingerprint check and requests' CA file (the pin file) are all that one pin."""
-
-    def __init__(self, home: OwnerHome, vm: str, pin: tls.PinnedCert, address: str) -> None:
-        self.address = address
-        self._base = f"https://{address}"
-        context = tls.owner_pinned_context(str(home.cert_file), str(home.key_file), pin)
-        self._session = requests.Session()
-        self._session.trust_env = False  # a proxy from the environment must not sit in this channel
-        self._session.verify = str(home.write_pin_file(vm, pin.pem))
-        self._session.headers["Accept-Encoding"] = "identity"  # the adapter reads bodies as sent
-        self._session.mount("https://", PinnedAdapter(context, pin))
-
-    def get(self, path: str, *, timeout: float = TIMEOUT) -> dict[str, Any]:
-        return self._request("GET", path, timeout=timeout)
-
-    def post(self, path: str, body: dict[str, Any], *, timeout: float = TIMEOUT) -> dict[str, Any]:
-        return self._request("POST", path, json=body, timeout=timeout)
-
-    def _request(self, method: str, path: str, *, timeout: float, **kwargs: Any) -> dict[str, Any]:
-        """``timeout``: seconds for the whole request and answer, not per read."""
-        what = f"{method} {path}"
-        try:
-            # No redirects: a VM's Location would take the request, body and all, off the
-            # pinned channel (an http:// URL goes through an adapter that pins nothing).
-            response = self._session.request(method, self._base + path, timeout=timeout,
-                                             allow_redirects=False, **kwargs)
-        except DeadlinePassed as exc:
-            raise Unreachable(f"{what} over the pinned channel: the agent at {self.address} did not answer "
-                              f"within {exc.seconds:g} s (the deadline for the whole answer)") from None
-        except BadAnswer as exc:
-            raise Unreachable(f"the agent at {self.address} answered {what} with {exc}") from None
-        except requests.exceptions.RequestException as exc:
-            raise owner_error(exc, self.address, f"{what} over the pinned channel") from None
-        return _decode(response.status_code, response.content, what, self.address)
-
-    def close(self) -> None:
-        self._session.close()
+def _remaining(deadline: float, clock: Clock) -> float:
+    remaining = deadline - clock()
+    if remaining <= 0:
+        raise TimeoutError
+    return remaining
 
 
 def _decode(status: int, body: bytes, what: str, address: str) -> dict[str, Any]:
@@ -254,40 +150,13 @@ def _decode(status: int, body: bytes, what: str, address: str) -> dict[str, Any]
 MAX_HEAD = 16 * 1024  # the agent's status line and headers are ~150 bytes
 
 
-def ask_on(sock: ssl.SSLSocket, method: str, path: str, address: str, *, timeout: float = TIMEOUT,
-           clock: Callable[[], float] = time.monotonic) -> dict[str, Any]:
-    """One bodiless request on a connection that is already the pinned channel: the bind's
-    own, once its exchange completed (docs/protocol.md §4.4), so no second handshake and no
-    urllib3. The same rules as PinnedClient: ``timeout`` seconds (on ``clock``) for the request
-    and its whole answer, kept here between reads (this thread owns the socket, and every read
-    waits at most what remains), at most MAX_HEAD bytes of head and MAX_ANSWER of body, framed
-    by Content-Length, never chunked or compressed."""
-    what = f"{method} {path}"
-    reader = _AnswerReader(sock, clock() + timeout, clock)
-    try:
-        sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: imprint\r\nAccept-Encoding: identity\r\n"
-                     "Content-Length: 0\r\nConnection: close\r\n\r\n".encode())
-        status, body = reader.answer()
-    except TimeoutError:
-        raise Unreachable(f"{what} on the bind's connection: the agent at {address} did not answer "
-                          f"within {timeout:g} s (the deadline for the whole answer)") from None
-    except BadAnswer as exc:
-        raise Unreachable(f"the agent at {address} answered {what} with {exc}") from None
-    except OSError as exc:  # ssl.SSLError included
-        raise owner_error(exc, address, f"{what} on the bind's connection") from None
-    return _decode(status, body, what, address)
-
-
 class _AnswerReader:
-    def __init__(self, sock: ssl.SSLSocket, deadline: float, clock: Callable[[], float]) -> None:
+    def __init__(self, sock: ssl.SSLSocket, deadline: float, clock: Clock) -> None:
         self._sock, self._deadline, self._clock = sock, deadline, clock
         self._data = bytearray()
 
     def _more(self) -> bool:
-        remaining = self._deadline - self._clock()
-        if remaining <= 0:
-            raise TimeoutError
-        self._sock.settimeout(remaining)
+        self._sock.settimeout(_remaining(self._deadline, self._clock))
         chunk = self._sock.recv(_READ_CHUNK)
         self._data += chunk
         return bool(chunk)

@@ -1,6 +1,6 @@
 """What a failed connection to an agent means: not authenticated (exit 3) or unreachable (exit 4).
 
-The one classification for the bind driver (ssl sockets) and the pinned client (requests).
+The one classification for the bind driver and the pinned client (both ssl sockets).
 Only a verification failure is an authentication failure: our check of the agent's certificate
 failed (not the pinned VM certificate, or not its fingerprint), or the agent refused ours with
 a TLS alert. Everything else (refused, reset, closed, timed out, a peer that does not speak
@@ -43,12 +43,11 @@ class Failure:
 _CERTIFICATE_ALERTS = ("CERTIFICATE_REQUIRED", "BAD_CERTIFICATE", "UNKNOWN_CA", "CERTIFICATE_UNKNOWN",
                        "UNSUPPORTED_CERTIFICATE", "CERTIFICATE_REVOKED", "CERTIFICATE_EXPIRED",
                        "ACCESS_DENIED", "DECRYPT_ERROR")
-_FINGERPRINT_MISMATCH = "Fingerprints did not match"  # urllib3's assert_fingerprint
 _CLOSED = ("UNEXPECTED_EOF_WHILE_READING", "EOF occurred in violation of protocol")
 
 
 def classify(exc: BaseException) -> Failure:
-    """The meaning of ``exc``, raised by ssl, socket, http.client, urllib3 or requests."""
+    """The meaning of ``exc``, raised by ssl or socket (or wrapping theirs)."""
     chain = list(_chain(exc))
     for e in chain:
         if isinstance(e, ssl.SSLCertVerificationError):
@@ -56,8 +55,6 @@ def classify(exc: BaseException) -> Failure:
             return Failure(Refused.THEIRS, f"its certificate is not the pinned one ({detail})")
         if isinstance(e, PinMismatch):
             return Failure(Refused.THEIRS, str(e))
-        if e.args and isinstance(e.args[0], str) and e.args[0].startswith(_FINGERPRINT_MISMATCH):
-            return Failure(Refused.THEIRS, "its certificate's fingerprint is not the pinned one")
     for e in chain:
         reason = _ssl_reason(e)
         if reason and "ALERT" in reason and reason.endswith(_CERTIFICATE_ALERTS):
@@ -82,8 +79,8 @@ def owner_error(exc: BaseException, address: str, doing: str) -> OwnerError:
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
-    """``exc`` and what it wraps: causes, contexts, urllib3's ``reason`` and exceptions among
-    the arguments (requests wraps urllib3, which wraps ssl), outermost first."""
+    """``exc`` and what it wraps: causes, contexts, a ``reason`` attribute and exceptions among
+    the arguments, outermost first."""
     seen: set[int] = set()
     todo = [exc]
     while todo and len(seen) < 32:
