@@ -497,26 +497,26 @@ def test_status_from_the_pinned_key_that_closes_without_answering_is_unreachable
 
 
 def test_classification_of_wrapped_errors() -> None:
-    """requests wraps urllib3, which wraps ssl: the innermost cause decides."""
-    import requests
-    import urllib3.exceptions
+    """The innermost cause decides, however the error reached the owner (raised from another,
+    or carried as an argument)."""
     from imprint.owner.tlsfailures import Refused, classify
 
     def wrapped(inner: BaseException) -> BaseException:
-        return requests.exceptions.SSLError(urllib3.exceptions.MaxRetryError(None, "/v1/status", inner))  # type: ignore[arg-type]
+        outer = OSError(f"while talking to the agent: {inner}")
+        outer.__cause__ = inner
+        return outer
 
     eof = ssl.SSLEOFError(8, "EOF occurred in violation of protocol")
-    assert classify(wrapped(urllib3.exceptions.SSLError(eof))).refused is Refused.NOTHING
+    assert classify(wrapped(eof)).refused is Refused.NOTHING
     assert classify(eof).reason == "the connection closed during TLS"
-    fingerprint = urllib3.exceptions.SSLError('Fingerprints did not match. Expected "00", got "11".')
-    assert classify(wrapped(fingerprint)).refused is Refused.THEIRS
+    mismatch = tls.PinMismatch("the certificate shown is not the pinned certificate's bytes")
+    assert classify(wrapped(mismatch)).refused is Refused.THEIRS
     verify = ssl.SSLCertVerificationError(1, "certificate verify failed")
-    assert classify(wrapped(urllib3.exceptions.SSLError(verify))).refused is Refused.THEIRS
-    reset = requests.exceptions.ConnectionError(urllib3.exceptions.ProtocolError(
-        "Connection aborted.", ConnectionResetError(104, "Connection reset by peer")))
+    assert classify(wrapped(verify)).refused is Refused.THEIRS
+    reset = OSError("Connection aborted.", ConnectionResetError(104, "Connection reset by peer"))
     assert classify(reset) == classify(ConnectionResetError(104, "x"))
     assert classify(reset).reason == "connection reset"
-    assert classify(requests.exceptions.ReadTimeout("read timed out")).reason == "timed out"
+    assert classify(TimeoutError("The read operation timed out")).reason == "timed out"
     # A cycle in the chain ends.
     a, b = ValueError("a"), ValueError("b")
     a.__context__, b.__context__ = b, a

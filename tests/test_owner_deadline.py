@@ -292,7 +292,7 @@ def test_a_trickled_answer_ends_at_the_deadline(pinned: Pinned, compromised: Any
                          ids=["status-line-and-headers", "body"])
 def test_a_trickled_answer_on_the_bind_connection_ends_at_the_deadline(
         pinned: Pinned, compromised: Any, behaviour: Behaviour) -> None:
-    """The bind's own status request (no urllib3, no timer thread) keeps the same deadline."""
+    """The bind's own status request keeps the same deadline."""
     vm = compromised(behaviour)
     elapsed, error = _timed(lambda: pinned.ask_on_a_connection(vm.address, DEADLINE))
     _assert_deadline(vm, elapsed, error, DEADLINE, SLACK)

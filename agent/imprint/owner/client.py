@@ -14,6 +14,7 @@ environment, no redirect, no connection pool, nothing imported but the standard 
 from __future__ import annotations
 
 import hmac
+import http.client
 import json
 import socket
 import ssl
@@ -166,6 +167,8 @@ class _AnswerReader:
             if len(self._data) > MAX_HEAD:
                 raise BadAnswer(f"a head longer than {MAX_HEAD} bytes")
             if not self._more():
+                if not self._data:  # the transport's failure, not a malformed answer
+                    raise http.client.RemoteDisconnected("the connection closed before the agent answered")
                 raise BadAnswer("an answer cut short in its head")
         if end > MAX_HEAD:
             raise BadAnswer(f"a head longer than {MAX_HEAD} bytes")
