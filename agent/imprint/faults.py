@@ -19,6 +19,8 @@ import os
 import signal
 import threading
 
+from imprint.safetext import ascii_number
+
 TARGET_ENV = "IMPRINT_CRASHPOINT"
 TRACE_ENV = "IMPRINT_CRASHPOINT_TRACE"
 
@@ -42,7 +44,7 @@ def crashpoint(name: str) -> None:
 
 def _matches(target: str, name: str, count: int) -> bool:
     wanted, sep, nth = target.rpartition("#")
-    if not sep or not nth.isdigit():
+    if not sep or not ascii_number(nth):
         wanted, nth = target, "1"
     return wanted == name and count == int(nth)
 

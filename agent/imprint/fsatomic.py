@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from imprint.faults import crashpoint
+from imprint.safetext import ascii_number
 
 TEMP_MARK = ".tmp."
 
@@ -45,7 +46,7 @@ def remove_stale_temps_at(dir_fd: int, name: str) -> None:
             if not entry.name.startswith(prefix) or entry.is_dir(follow_symlinks=False):
                 continue
             pid = entry.name[len(prefix):]
-            if pid.isdigit() and int(pid) != os.getpid() and pid_alive(int(pid)):
+            if ascii_number(pid) and int(pid) != os.getpid() and pid_alive(int(pid)):
                 continue
             with contextlib.suppress(OSError):
                 os.unlink(entry.name, dir_fd=dir_fd)

@@ -69,3 +69,10 @@ def _truncated(parts: list[str], used: int, limit: int, left: int) -> str:
         used -= len(parts.pop())
         left += 1
 
+
+
+def ascii_number(text: str, most: int = 20) -> bool:
+    """``text`` is 1 to ``most`` ASCII digits: what may go to int() as a count from outside.
+    str.isdigit alone also says yes to '¹' or '٣' (a latin-1 header byte, a forged file name),
+    for which int() raises ValueError, or reads a number the sender spelled in another script."""
+    return 0 < len(text) <= most and text.isascii() and text.isdigit()

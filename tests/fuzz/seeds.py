@@ -149,6 +149,28 @@ def control_http() -> dict[str, bytes]:
     }
 
 
+def owner_answer() -> dict[str, bytes]:
+    """A VM's answers as the owner reads them; the first byte sets the size of each read."""
+    status = b'{"state": "bound", "vm_fingerprint": "SHA256:x", "owner_fingerprint": "SHA256:y"}'
+
+    def answer(body: bytes, head: bytes = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n") -> bytes:
+        return head + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body
+
+    return {
+        "status-whole": b"\xff" + answer(status),
+        "status-byte-by-byte": b"\x00" + answer(status),
+        "error-404": b"\x01" + answer(b'{"error": "no such endpoint: /v2"}', b"HTTP/1.1 404 Not Found\r\n"),
+        "not-an-object": b"\x02" + answer(b"[1, 2]"),
+        "deep-json": b"\x03" + answer(b"[" * 5000 + b"]" * 5000),
+        "chunked": b"\x04HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        "no-length": b"\x05HTTP/1.1 200 OK\r\n\r\n{}",
+        "too-long-body": b"\x06HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}{}",
+        "truncated-body": b"\x07HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{}",
+        "bad-status-line": b"\x08HTTP/1.1 2000 OK\r\nContent-Length: 2\r\n\r\n{}",
+        "empty": b"\x09",
+    }
+
+
 def profile_toml() -> dict[str, bytes]:
     return {
         "ssh": b'[ssh]\nusers = [\n'
@@ -177,6 +199,7 @@ SEEDS: dict[str, Callable[[], dict[str, bytes]]] = {
     "vm_token_lines": vm_token_lines,
     "control_http": control_http,
     "profile_toml": profile_toml,
+    "owner_answer": owner_answer,
 }
 
 

@@ -60,7 +60,7 @@ from imprint import boundedio, tokens
 from imprint.channels.channel import TOKEN_KEY, Channel, ChannelBroken, parse_token
 from imprint.guest import log as agent_log
 from imprint.guest.distro import Distro
-from imprint.safetext import printable
+from imprint.safetext import ascii_number, printable
 
 NAME = "http-metadata"
 KEY = TOKEN_KEY
@@ -228,7 +228,7 @@ def receive(source: Readable, method: str, url: str, limit: int) -> _Answer:
     try:
         response.begin()
         length = response.getheader("Content-Length")
-        if length is not None and length.isdigit() and int(length) > limit:
+        if length is not None and ascii_number(length) and int(length) > limit:
             raise ChannelBroken(NAME, f"{url}: the answer is {printable(length, 40)} bytes (at most {limit} expected)")
         data = response.read(limit + 1)
     except _TooLarge:

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from imprint import lastresort, tokens
 from imprint.owner.errors import ApplyFailed, OwnerError, UsageError
 from imprint.owner.home import OwnerHome, default_home
-from imprint.safetext import printable
+from imprint.safetext import ascii_number, printable
 
 if TYPE_CHECKING:
     from imprint.backends.plugin import Backend, OwnerCli
@@ -297,7 +297,7 @@ def cmd_audit(home: OwnerHome, args: argparse.Namespace) -> int:
 
 
 def _positive(value: str) -> int:
-    if not value.isdigit() or not 1 <= int(value) <= 1024:
+    if not ascii_number(value, 4) or not 1 <= int(value) <= 1024:
         raise argparse.ArgumentTypeError(f"{value[:20]!r} is not a number from 1 to 1024")
     return int(value)
 

@@ -27,7 +27,7 @@ from imprint.owner.errors import Unreachable
 from imprint.owner.home import OwnerHome
 from imprint.owner.names import split_address
 from imprint.owner.tlsfailures import owner_error
-from imprint.safetext import printable
+from imprint.safetext import ascii_number, printable
 
 # Seconds for a whole request and its answer, unless the caller gives another.
 TIMEOUT = timeouts.seconds("IMPRINT_OWNER_REQUEST_SECONDS", 10.0)
@@ -174,7 +174,8 @@ class _AnswerReader:
             raise BadAnswer(f"a head longer than {MAX_HEAD} bytes")
         lines = bytes(self._data[:end]).decode("latin-1").split("\r\n")
         parts = lines[0].split(" ", 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not (parts[1].isdigit() and len(parts[1]) == 3):
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not (len(parts[1]) == 3
+                                                                        and ascii_number(parts[1], 3)):
             raise BadAnswer(f"a malformed status line ({printable(lines[0], 60)})")
         headers: dict[str, str] = {}
         for line in lines[1:]:
@@ -187,7 +188,7 @@ class _AnswerReader:
         length = headers.get("content-length")
         if length is None:
             raise BadAnswer("a body without Content-Length, which the agent always sends")
-        if not (length.isdigit() and int(length) <= MAX_ANSWER):
+        if not (ascii_number(length) and int(length) <= MAX_ANSWER):
             raise BadAnswer(f"a body of {printable(length, 40)} bytes (at most {MAX_ANSWER} are read)")
         body_start, size = end + 4, int(length)
         while len(self._data) - body_start < size:

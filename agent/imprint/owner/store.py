@@ -38,6 +38,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from imprint.faults import crashpoint
 from imprint.fsatomic import pid_alive
+from imprint.safetext import ascii_number
 from imprint.tls import PinnedCert
 from imprint.tokens import Mode
 
@@ -461,7 +462,7 @@ def _start_time(pid: int) -> str:
 def _holder_alive(holder: str) -> bool:
     pid_text, _, rest = holder.partition(":")
     started, _, thread = rest.partition(":")
-    if not pid_text.isdigit():
+    if not ascii_number(pid_text):
         return False
     pid = int(pid_text)
     if pid == os.getpid():
