@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from imprint.safetext import printable
+from imprint.safetext import ascii_number, printable
 
 from tests.helpers import AgentFactory, Owner
 from tests.helpers.agents import with_prelude
@@ -20,6 +20,22 @@ HOSTILE = [
     "astral \U0001f600 surrogate \udcff",
     "tab\tbackslash\\x1b",
 ]
+
+
+@pytest.mark.parametrize(("text", "most", "number"), [
+    ("0", 20, True), ("1048576", 20, True), ("9" * 20, 20, True), ("9" * 21, 20, False), ("200", 3, True),
+    ("", 20, False), ("-1", 20, False), ("+1", 20, False), (" 1", 20, False), ("1_000", 20, False),
+    ("\u00b9", 20, False),    # SUPERSCRIPT ONE: a latin-1 header byte; isdigit() says yes, int() raises
+    ("1\u00b92", 20, False),
+    ("\u0663", 20, False),    # ARABIC-INDIC THREE: int() reads it as 3
+    ("\uff11", 20, False),    # FULLWIDTH ONE
+])
+def test_ascii_number_takes_ascii_digits_only(text: str, most: int, number: bool) -> None:
+    """What may go to int() as a count from outside: the check the owner's answer reader, the
+    metadata client and the CLI share (the fuzz target owner_answer found the isdigit() hole)."""
+    assert ascii_number(text, most) is number
+    if number:
+        assert int(text) >= 0
 
 
 @pytest.mark.parametrize("text", HOSTILE)
