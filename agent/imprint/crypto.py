@@ -97,7 +97,7 @@ class PublicKey:
     def from_spki(cls, spki: bytes) -> PublicKey:
         if _is_ed25519_spki(spki):
             with _refusing("public key is not a valid Ed25519 key"):
-                ed25519.Ed25519PublicKey.from_public_bytes(spki[len(_ED25519_SPKI_HEADER):])
+                _ed25519_key(spki)
             return cls(bytes(spki))
         with _refusing("public key is not valid SubjectPublicKeyInfo DER"):
             key = serialization.load_der_public_key(spki)
@@ -122,7 +122,7 @@ class PublicKey:
         with _refusing("signature does not verify"):
             if not _is_ed25519_spki(self.spki):
                 raise CryptoError("public key is not Ed25519")
-            key = ed25519.Ed25519PublicKey.from_public_bytes(self.spki[len(_ED25519_SPKI_HEADER):])
+            key = _ed25519_key(self.spki)
             try:
                 key.verify(signature, data)
             except InvalidSignature:
@@ -210,6 +210,11 @@ def self_signed_certificate_spki(der: bytes) -> bytes:
 
 def _is_ed25519_spki(spki: bytes) -> bool:
     return len(spki) == SPKI_BYTES and spki.startswith(_ED25519_SPKI_HEADER)
+
+
+def _ed25519_key(spki: bytes) -> ed25519.Ed25519PublicKey:
+    """The library's key for a canonical Ed25519 SPKI (see _is_ed25519_spki), from its raw bytes."""
+    return ed25519.Ed25519PublicKey.from_public_bytes(spki[len(_ED25519_SPKI_HEADER):])
 
 
 def _spki_of(key: object) -> bytes:

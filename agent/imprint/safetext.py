@@ -70,7 +70,6 @@ def _truncated(parts: list[str], used: int, limit: int, left: int) -> str:
         left += 1
 
 
-
 def ascii_number(text: str, most: int = 20) -> bool:
     """``text`` is 1 to ``most`` ASCII digits: what may go to int() as a count from outside.
     str.isdigit alone also says yes to '¹' or '٣' (a latin-1 header byte, a forged file name),

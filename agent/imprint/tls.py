@@ -9,13 +9,16 @@ compared with the pin once more after the handshake.
 A pinned certificate has one form, PinnedCert (its DER bytes), on both sides: the owner's pin
 of a VM (owner/store.py, owner/bind.py, owner/client.py) and the agent's pin of its owner
 (guest/server.py). Every other form (PEM for a context's trust anchor, the key's digest, the
-fingerprint) derives from it, and PinnedCert.verify is the one check of a peer against it.
+fingerprint) derives from it, and the checks of a peer against it are its methods: verify (the
+key, the agent's check of its owner) and verify_exact (the very certificate, the owner's check
+of a VM).
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import hmac
 import ssl
 from dataclasses import dataclass
 from functools import cached_property
@@ -55,7 +58,7 @@ class PinnedCert:
 
     @property
     def der_sha256(self) -> str:
-        """The certificate's SHA-256, hex: what the pinned client compares the certificate shown with."""
+        """The certificate's SHA-256, hex."""
         return hashlib.sha256(self.der).hexdigest()
 
     @cached_property
@@ -83,6 +86,13 @@ class PinnedCert:
         if not crypto.digests_equal(crypto.sha256(spki), crypto.sha256(self.spki)):
             raise PinMismatch(f"peer key {crypto.fingerprint(spki)} is not the pinned key")
         return spki
+
+    def verify_exact(self, sock: ssl.SSLSocket) -> None:
+        """Fail closed unless the peer's certificate is the pinned certificate's very bytes:
+        stricter than ``verify``, for the owner's side (a VM's certificate never changes)."""
+        shown = hashlib.sha256(peer_certificate(sock)).digest()
+        if not hmac.compare_digest(shown, hashlib.sha256(self.der).digest()):
+            raise PinMismatch("the certificate shown is not the pinned certificate's bytes")
 
 
 def _base(purpose: int) -> ssl.SSLContext:

@@ -71,7 +71,6 @@ class AgentServer:
         self._table = ConnectionTable(preauth_max=MAX_PREAUTH, owner_max=MAX_OWNER)
         self._vm_key: crypto.PrivateKey | None = None
         self._vm_cert_der: bytes | None = None
-        self._vm_fingerprint: str | None = None
         self._identity_lock = threading.Lock()
         # The pinned context, built ahead by prepare() without its pin (tls.agent_unpinned_context).
         self._unpinned: ssl.SSLContext | None = None
@@ -296,14 +295,13 @@ class AgentServer:
         serve_control(sock, entry.peer, self, entry)
 
     def status(self) -> dict[str, object]:
-        from imprint import __version__, crypto
+        from imprint import __version__
 
-        if self._vm_fingerprint is None:  # the VM key does not change while the agent runs
-            self._vm_fingerprint = crypto.fingerprint(crypto.certificate_spki(self._state.cert_file.read_bytes()))
+        vm_key, _ = self._identity()  # loaded once (prepare() loads it after READY)
         return {
             "state": "bound" if self._record.bound else "waiting",
             "mode": self._record.mode,
-            "vm_fingerprint": self._vm_fingerprint,
+            "vm_fingerprint": vm_key.public.fingerprint,
             "owner_fingerprint": self._record.owner_fingerprint,
             "bound_at": self._record.bound_at,
             "agent_version": __version__,

@@ -13,7 +13,6 @@ environment, no redirect, no connection pool, nothing imported but the standard 
 
 from __future__ import annotations
 
-import hmac
 import http.client
 import json
 import socket
@@ -88,9 +87,7 @@ class PinnedClient:
         try:
             sock.settimeout(_remaining(deadline, clock))
             sock.do_handshake()  # bounded as a whole by the timeout (the ssl module keeps a deadline)
-            shown = tls.peer_certificate(sock)
-            if not hmac.compare_digest(tls.PinnedCert(shown).der_sha256, self._pin.der_sha256):
-                raise tls.PinMismatch("the certificate shown is not the pinned certificate's bytes")
+            self._pin.verify_exact(sock)
         except BaseException:
             sock.close()
             raise

@@ -16,13 +16,17 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 from imprint import crypto, tokens
 from imprint.fsatomic import ensure_private_dir, write_atomic
 from imprint.owner.errors import OwnerError, UsageError
 from imprint.owner.store import Store
+
+T = TypeVar("T")
 
 # A backend's file or directory name in the home: one component, not hidden, not the core's.
 _BACKEND_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}\Z")
@@ -37,9 +41,8 @@ def default_home() -> Path:
 
 
 _Stamp = tuple[int, int, int, int]
-# The owner keys this process loaded, by home, with the files' identity when they were read.
-_LOADED_KEYS: dict[Path, tuple[tuple[_Stamp, _Stamp], crypto.PrivateKey]] = {}
-_LOADED_CERTS: dict[Path, tuple[_Stamp, bytes]] = {}
+# What this process loaded from owner homes: (what, home) -> (the files' identity when read, value).
+_LOADED: dict[tuple[str, Path], tuple[tuple[_Stamp, ...], Any]] = {}
 
 
 def _file_stamp(path: Path) -> _Stamp:
@@ -101,16 +104,21 @@ class OwnerHome:
         changes (a fleet binds with it hundreds of times a second)."""
         if not self.initialised:
             raise UsageError(f"no owner identity in {self.dir}: run `imprint init` first")
+        return self._loaded("key", (self.key_file, self.cert_file), self._load_key)
+
+    def _loaded(self, what: str, files: tuple[Path, ...], load: Callable[[], T]) -> T:
+        """``load()``, once per process while none of ``files`` changes (by device, inode,
+        mtime and size)."""
         try:
-            stamp = (_file_stamp(self.key_file), _file_stamp(self.cert_file))
+            stamp = tuple(_file_stamp(path) for path in files)
         except OSError as exc:
-            raise OwnerError(f"cannot read {self.key_file}: {exc.strerror or exc}") from None
-        cached = _LOADED_KEYS.get(self.dir)
+            raise OwnerError(f"cannot read {files[0]}: {exc.strerror or exc}") from None
+        cached = _LOADED.get((what, self.dir))
         if cached is not None and cached[0] == stamp:
-            return cached[1]
-        key = self._load_key()
-        _LOADED_KEYS[self.dir] = (stamp, key)
-        return key
+            return cached[1]  # type: ignore[no-any-return]
+        value = load()
+        _LOADED[(what, self.dir)] = (stamp, value)
+        return value
 
     def _load_key(self) -> crypto.PrivateKey:
         try:
@@ -138,16 +146,7 @@ class OwnerHome:
 
     def cert_der(self) -> bytes:
         """owner.crt as DER; parsed once per process while the file does not change."""
-        try:
-            stamp = _file_stamp(self.cert_file)
-        except OSError as exc:
-            raise OwnerError(f"cannot read {self.cert_file}: {exc.strerror or exc}") from None
-        cached = _LOADED_CERTS.get(self.dir)
-        if cached is not None and cached[0] == stamp:
-            return cached[1]
-        der = crypto.certificate_der(self.cert_file.read_bytes())
-        _LOADED_CERTS[self.dir] = (stamp, der)
-        return der
+        return self._loaded("cert", (self.cert_file,), lambda: crypto.certificate_der(self.cert_file.read_bytes()))
 
     def store(self) -> Store:
         self._ensure_dir()

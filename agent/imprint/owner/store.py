@@ -162,7 +162,7 @@ class Store:
         os.close(fd)
         self._lock = _lock_of(path)
         self._deferring = 0  # binds under way that checkpoint at their (or their fleet's) end
-        self.wiped = False  # a wipe is committed but not checkpointed yet (see flush_wipes)
+        self._wiped = False  # a wipe is committed but not checkpointed yet (see flush_wipes)
         with self._lock:
             self._db = sqlite3.connect(path, isolation_level=None, timeout=10, check_same_thread=False)
             self._db.execute("PRAGMA foreign_keys = ON")
@@ -217,8 +217,8 @@ class Store:
 
     def _checkpoint(self) -> None:
         """After a wipe: move every page into the database file and empty the -wal (see the
-        module's comment), now or, with ``defer_checkpoints``, at :meth:`flush_wipes`."""
-        self.wiped = True
+        module's comment), now or, inside ``deferred_checkpoints``, at the end of the outermost one."""
+        self._wiped = True
         if not self._deferring:
             self.flush_wipes()
 
@@ -226,7 +226,7 @@ class Store:
     def flush_wipes(self) -> None:
         """The checkpoint a wipe asked for, if any. Another process reading at this moment holds
         the -wal; its own close or the next wipe empties it then."""
-        if self.wiped:
+        if self._wiped:
             self.checkpoint()
 
     @_locked
@@ -234,7 +234,7 @@ class Store:
         """Every page into the database file, the -wal emptied: for the wipes of any connection
         (a fleet's threads defer theirs to one of these at its end)."""
         self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-        self.wiped = False
+        self._wiped = False
 
     @_locked
     def close(self) -> None:
@@ -379,7 +379,7 @@ class Store:
     @_locked
     def confirm_pin(self, vm: str, address: str | None = None, *, audit_detail: str | None = None,
                     cert: PinnedCert | None = None) -> bool:
-        """The pinned mutual-TLS channel answered (at ``address``, if given) with the exchanged
+        """The pinned channel answered (at ``address``, if given) with the exchanged
         keys: the pin is final, and every token issued for the VM is spent with it, in the same
         transaction. A VM binds once, and the pinned channel proves this one did: a bind recovered
         after a lost VmConfirm never saw the confirmation that otherwise consumes the token, and
