@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable
 
 from imprint.protocol.driver import ExchangeDriver, Handler
-from imprint.protocol.exchange import Event, OwnerAuthenticated, OwnerExchange, VmExchange
+from imprint.protocol.exchange import Event, OwnerAuthenticated, OwnerExchange, VmDialled, VmExchange
 from imprint.protocol.messages import FrameBuffer, Message, decode_body
 from imprint.tokens import Mode
 
@@ -28,6 +28,38 @@ def owner_session(mode: Mode, *, rng: Random = os.urandom) -> OwnerExchange:
 
 def vm_session(mode: Mode, *, rng: Random = os.urandom) -> VmExchange:
     return VmExchange(vm_key=VM_KEY, token=K if mode is Mode.SHARED else NOSECRET, own_cert=VM_CERT, rng=rng)
+
+
+OWNER_ADDRESS = "owner.example:7444"  # what the dialling VM was told on its boot channel
+
+
+def owner_listening_session(*, rng: Random = os.urandom) -> OwnerExchange:
+    """The owner's side of a connection the VM dialled (the owner is the TLS server)."""
+    return OwnerExchange.listening(owner_key=OWNER_KEY, owner_cert=OWNER_CERT, rng=rng)
+
+
+def vm_dialling_session(mode: Mode, *, server_cert: bytes = OWNER_CERT, address: str = OWNER_ADDRESS,
+                        rng: Random = os.urandom) -> VmExchange:
+    """The VM's side of a connection it dialled; ``server_cert`` is what the TLS handshake showed."""
+    return VmExchange.dialling(vm_key=VM_KEY, token=K if mode is Mode.SHARED else NOSECRET,
+                               server_cert=server_cert, owner_address=address, rng=rng)
+
+
+def accepting(owner: OwnerExchange, mode: Mode, also: Handler | None = None) -> Handler:
+    """The listener's handler: on VmDialled it accepts with the fixed tokens of ``mode``."""
+
+    def handle(event: Event) -> None:
+        if also is not None:
+            also(event)
+        if isinstance(event, VmDialled):
+            owner.accept(*((K, None) if mode is Mode.SHARED else (NOSECRET, VM_TOKEN)))
+
+    return handle
+
+
+def dial_out_drivers(owner: OwnerExchange, vm: VmExchange, mode: Mode) -> tuple[ExchangeDriver, ExchangeDriver]:
+    """The listener's driver (which accepts) and the dialling VM's (which confirms)."""
+    return ExchangeDriver(owner, accepting(owner, mode)), ExchangeDriver(vm, confirming(vm))
 
 
 def confirming(vm: VmExchange, also: Handler | None = None) -> Handler:

@@ -58,8 +58,10 @@ class ExchangeDriver:
         return self.session.state in _TERMINAL
 
     def opening(self) -> bytes:
-        """What to send before reading anything: the OwnerHello on the owner's side, nothing on the VM's."""
-        if isinstance(self.session, OwnerExchange):
+        """What to send before reading anything: the side that speaks first (the owner dial-in,
+        the VM dial-out) sends its first message; the other nothing. Raises RemoteProtocolError
+        when the VM refuses the listener's certificate before sending anything."""
+        if self.session.state is State.START:
             return self.session.initiate()
         return b""
 
@@ -81,7 +83,7 @@ class ExchangeDriver:
         ``clock``) passes, OSError (ssl.SSLError included) when the connection fails. A failed
         send is not raised while the exchange goes on: the next read says what the link has
         become, and reads the peer's Alert if it sent one before it closed."""
-        self._send(peer, self.opening())
+        self._send(peer, self.opening())  # a refusal here is raised: nothing was sent
         while not self.finished:
             remaining = deadline - clock()
             if remaining <= 0:

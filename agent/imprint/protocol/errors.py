@@ -24,6 +24,7 @@ class AlertCode(IntEnum):
     TOKEN_CONSUMED = 9
     INTERNAL = 10
     CLOSED = 11
+    NOT_EXPECTED = 12
 
 
 ALERT_TEXT: dict[AlertCode, str] = {
@@ -39,6 +40,7 @@ ALERT_TEXT: dict[AlertCode, str] = {
     AlertCode.TOKEN_CONSUMED: "the token was already used for a bind and is consumed",
     AlertCode.INTERNAL: "the peer failed internally",
     AlertCode.CLOSED: "the connection closed before the exchange finished",
+    AlertCode.NOT_EXPECTED: "the owner expects no VM with this token and key (yet): the VM retries later",
 }
 
 

@@ -31,6 +31,7 @@ class MessageType(IntEnum):
     VM_PROOF = 3
     OWNER_PROOF = 4
     VM_CONFIRM = 5
+    VM_DIAL = 6
     ALERT = 15
 
 
@@ -124,6 +125,25 @@ class VmConfirm(Message):
     mac: bytes
 
 
+MAX_ADDRESS_BYTES = 300
+
+
+@dataclass(frozen=True)
+class VmDial(Message):
+    """VM -> owner, first, only when the VM dialled the owner (the VM is the TLS client). Says
+    which token the VM holds (its id), which VM key it will prove (its hash: how a listener with
+    many pending binds finds this one in no-secrets mode), the owner address it dialled (so the
+    transcript covers where the VM was sent) and the hash of the TLS server certificate it saw."""
+
+    TYPE = MessageType.VM_DIAL
+    SCHEMA = (U8, _Fixed(8), _Fixed(32), _Var(1, MAX_ADDRESS_BYTES), _Fixed(32))
+    mode: int
+    token_id: bytes
+    vm_key_sha256: bytes
+    owner_address: bytes  # ASCII HOST:PORT as the boot channel gave it
+    seen_server_cert_sha256: bytes
+
+
 @dataclass(frozen=True)
 class Alert(Message):
     """Either way. Ends the exchange with a reason; never carries secrets."""
@@ -135,7 +155,7 @@ class Alert(Message):
 
 
 MESSAGE_TYPES: dict[int, type[Message]] = {
-    cls.TYPE: cls for cls in (OwnerHello, VmHello, VmProof, OwnerProof, VmConfirm, Alert)
+    cls.TYPE: cls for cls in (OwnerHello, VmHello, VmProof, OwnerProof, VmConfirm, VmDial, Alert)
 }
 
 
