@@ -41,7 +41,7 @@ def owner_listening_session(*, rng: Random = os.urandom) -> OwnerExchange:
 def vm_dialling_session(mode: Mode, *, server_cert: bytes = OWNER_CERT, address: str = OWNER_ADDRESS,
                         rng: Random = os.urandom) -> VmExchange:
     """The VM's side of a connection it dialled; ``server_cert`` is what the TLS handshake showed."""
-    return VmExchange.dialling(vm_key=VM_KEY, token=K if mode is Mode.SHARED else NOSECRET,
+    return VmExchange.dialling(vm_key=VM_KEY, token=K if mode is Mode.SHARED else NOSECRET, own_cert=VM_CERT,
                                server_cert=server_cert, owner_address=address, rng=rng)
 
 

@@ -9,7 +9,7 @@ VM's opening VmDial (and, on the owner's side, the local ``accept()`` once the l
 which token the VM holds); every later message is the same in both directions.
 
     owner                                            VM
-                       (dial-out only)  <-  VmDial(mode, token_id, H(vm_spki), address, H(server cert))
+                       (dial-out only)  <-  VmDial(mode, token_id, vm_cert, address, H(server cert))
     OwnerHello(mode, token_id, Na, owner_cert, H(server cert))  ->
                         <-  VmHello(mode, Nb, vm_spki), VmProof(sig_vm, mac_vm)
     OwnerProof(sig_owner, mac_owner)                          ->
@@ -97,12 +97,14 @@ class OwnerAuthenticated:
 class VmDialled:
     """Owner side, dial-out: a VM dialled the listener. The listener finds the token it issued
     with ``token_id`` (and, in no-secrets mode, the VM token whose payload is ``vm_key_sha256``)
-    and calls ``accept()``, or ``abort()`` when it expects no such VM. ``owner_address`` is what
-    the VM dialled (VM-supplied text: printable ASCII, not yet checked as an address)."""
+    and calls ``accept()``, or ``abort()`` when it expects no such VM. ``vm_cert`` is the VM's
+    self-signed certificate of the key it is about to prove (the pin, once it has); ``owner_address``
+    is what the VM dialled (VM-supplied text: printable ASCII, not yet checked as an address)."""
 
     mode: Mode
     token_id: bytes
     vm_key_sha256: bytes
+    vm_cert: bytes
     owner_address: str
 
 
@@ -500,7 +502,11 @@ class OwnerExchange(_Session):
         address = msg.owner_address
         if not (address.isascii() and address.decode().isprintable()):
             raise RemoteProtocolError(AlertCode.MALFORMED, "the dialled owner address is not printable ASCII")
-        self._dial = VmDialled(mode, msg.token_id, msg.vm_key_sha256, address.decode())
+        try:
+            vm_spki = crypto.self_signed_certificate_spki(msg.vm_cert)
+        except crypto.CryptoError as exc:
+            raise RemoteProtocolError(AlertCode.MALFORMED, f"VM certificate: {exc}") from None
+        self._dial = VmDialled(mode, msg.token_id, crypto.sha256(vm_spki), msg.vm_cert, address.decode())
         self._absorb(body)
         return [self._dial]
 
@@ -528,7 +534,7 @@ class OwnerExchange(_Session):
         if self._dial is not None and not crypto.digests_equal(vm_key.digest, self._dial.vm_key_sha256):
             raise RemoteProtocolError(
                 AlertCode.KEY_MISMATCH,
-                f"the VM key {vm_key.fingerprint} is not the key the VM named when it dialled",
+                f"the VM key {vm_key.fingerprint} is not the key of the certificate the VM sent when it dialled",
             )
         if self._vm_token is not None and not crypto.digests_equal(vm_key.digest, self._vm_token.payload):
             raise RemoteProtocolError(
@@ -587,15 +593,19 @@ class VmExchange(_Session):
         if not crypto.digests_equal(crypto.certificate_spki(own_cert), vm_key.public.spki):
             raise LocalProtocolError("the TLS certificate does not carry the VM key")
         self._setup(vm_key, token, rng, State.AWAIT_OWNER_HELLO, TlsRole.SERVER, own_cert, b"")
+        self._own_cert = own_cert
 
     @classmethod
-    def dialling(cls, *, vm_key: crypto.PrivateKey, token: Token, server_cert: bytes, owner_address: str,
-                 rng: Random = os.urandom) -> VmExchange:
+    def dialling(cls, *, vm_key: crypto.PrivateKey, token: Token, own_cert: bytes, server_cert: bytes,
+                 owner_address: str, rng: Random = os.urandom) -> VmExchange:
         encoded = owner_address.encode("ascii", "strict") if owner_address.isascii() else b""
         if not encoded or len(encoded) > MAX_ADDRESS_BYTES or not owner_address.isprintable():
-            raise LocalProtocolError("the owner address must be 1..300 printable ASCII characters")
+            raise LocalProtocolError(f"the owner address must be 1..{MAX_ADDRESS_BYTES} printable ASCII characters")
+        if not crypto.digests_equal(crypto.certificate_spki(own_cert), vm_key.public.spki):
+            raise LocalProtocolError("the VM certificate does not carry the VM key")
         self = cls.__new__(cls)
         self._setup(vm_key, token, rng, State.START, TlsRole.CLIENT, server_cert, encoded)
+        self._own_cert = own_cert
         return self
 
     def _setup(self, vm_key: crypto.PrivateKey, token: Token, rng: Random, initial: State, tls_role: TlsRole,
@@ -631,7 +641,7 @@ class VmExchange(_Session):
                     "this VM holds: it is not the owner (nothing was sent)",
                 )
         self._send(VmDial(mode=WIRE_MODE[self._mode], token_id=self._token.token_id,
-                          vm_key_sha256=self._key.public.digest, owner_address=self._owner_address,
+                          vm_cert=self._own_cert, owner_address=self._owner_address,
                           seen_server_cert_sha256=self._server_cert_digest))
         return []
 

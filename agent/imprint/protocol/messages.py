@@ -125,21 +125,24 @@ class VmConfirm(Message):
     mac: bytes
 
 
-MAX_ADDRESS_BYTES = 300
+MAX_ADDRESS_BYTES = 255
+MAX_VM_CERT_BYTES = 600  # the agent's self-signed Ed25519 certificate is about 240 bytes
 
 
 @dataclass(frozen=True)
 class VmDial(Message):
     """VM -> owner, first, only when the VM dialled the owner (the VM is the TLS client). Says
-    which token the VM holds (its id), which VM key it will prove (its hash: how a listener with
-    many pending binds finds this one in no-secrets mode), the owner address it dialled (so the
+    which token the VM holds (its id), the certificate of the VM key it will prove (the VM shows
+    no certificate in the TLS handshake of a bind, since a listener cannot accept one it does
+    not know; this is the certificate it presents once bound, and how a listener with many
+    pending binds finds this VM in no-secrets mode), the owner address it dialled (so the
     transcript covers where the VM was sent) and the hash of the TLS server certificate it saw."""
 
     TYPE = MessageType.VM_DIAL
-    SCHEMA = (U8, _Fixed(8), _Fixed(32), _Var(1, MAX_ADDRESS_BYTES), _Fixed(32))
+    SCHEMA = (U8, _Fixed(8), _Var(1, MAX_VM_CERT_BYTES), _Var(1, MAX_ADDRESS_BYTES), _Fixed(32))
     mode: int
     token_id: bytes
-    vm_key_sha256: bytes
+    vm_cert: bytes  # canonical DER, self-signed by the VM key
     owner_address: bytes  # ASCII HOST:PORT as the boot channel gave it
     seen_server_cert_sha256: bytes
 
