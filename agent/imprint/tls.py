@@ -154,6 +154,41 @@ def owner_pinned_context(cert_file: str, key_file: str, vm: PinnedCert | None = 
     return ctx
 
 
+# ---- the VM dials its owner (docs/protocol.md §4.6): the roles of TLS reversed
+
+
+@functools.cache
+def agent_dial_bind_context() -> ssl.SSLContext:
+    """The dialling VM's bind connection: accepts any listener certificate, presents none. The
+    exchange authenticates the listener (in no-secrets mode its key must hash to the owner token
+    before the VM sends anything), and binds itself to the certificate seen here."""
+    ctx = _base(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def agent_dial_pinned_context(cert_file: str, key_file: str, owner: PinnedCert) -> ssl.SSLContext:
+    """A bound VM dialling its owner: presents the VM certificate, trusts only the pinned owner's."""
+    ctx = _base(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False  # the owner's identity is its key; the address is only where to dial
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    owner.trust(ctx)
+    ctx.load_cert_chain(cert_file, key_file)
+    return ctx
+
+
+def owner_listener_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+    """The owner's listener: presents the owner certificate. A client certificate is optional
+    (a VM that binds shows none: it proves its key in the exchange), but one that is shown must
+    chain to a trust anchor, and the only anchors are the pinned VMs' own certificates, added
+    with ``PinnedCert.trust`` as VMs are bound: an unknown certificate fails the handshake."""
+    ctx = _base(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert_file, key_file)
+    ctx.verify_mode = ssl.CERT_OPTIONAL
+    return ctx
+
+
 def peer_certificate(sock: ssl.SSLSocket) -> bytes:
     der = sock.getpeercert(binary_form=True)
     if not der:

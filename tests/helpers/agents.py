@@ -71,6 +71,8 @@ class NotifySocket:
 def listening_port(message: str) -> int:
     """The port of the agent's READY=1 message ("... listening on HOST:PORT ...")."""
     match = _LISTENING.search(message)
+    if match is None and "no inbound port" in message:
+        return 0  # --listen none: the agent only dials its owner
     if match is None:
         raise NotReady(f"READY without a port: {message!r}")
     return int(match.group(1))

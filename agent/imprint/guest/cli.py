@@ -23,7 +23,7 @@ from imprint import lastresort
 from imprint.guest import log as agent_log
 from imprint.guest.distro import Distro
 from imprint.guest.notify import notify_status
-from imprint.guest.state import AgentState, StateError
+from imprint.guest.state import AgentState, BindRecord, StateError
 from imprint.ports import AGENT_PORT
 from imprint.tokens import Mode, Token
 
@@ -31,7 +31,9 @@ from imprint.tokens import Mode, Token
 # where the agent looks at its boot channels: a bound restart never does, so it never loads them.
 if TYPE_CHECKING:
     from imprint.channels import Found
+    from imprint.guest.dialer import OwnerDialer
     from imprint.guest.server import AgentServer
+    from imprint.owneraddr import OwnerAddress
 
 log = agent_log.get("imprint.agent")
 
@@ -40,7 +42,9 @@ class AgentFailure(Exception):
     """A fatal, explained condition: the agent exits 1 with this message."""
 
 
-def parse_listen(value: str) -> tuple[str, int]:
+def parse_listen(value: str) -> tuple[str, int] | None:
+    if value == "none":
+        return None  # no inbound port: the agent only dials its owner
     host, sep, port = value.rpartition(":")
     if not sep:
         host, port = value, str(AGENT_PORT)
@@ -73,7 +77,8 @@ def _build_parser() -> argparse.ArgumentParser:
                          formatter_class=_HelpFormatter)
     run.add_argument("--root", type=Path, default=Path("/"), help="prefix for every guest path (default /)")
     run.add_argument("--listen", type=parse_listen, default=("0.0.0.0", AGENT_PORT),
-                     help=f"HOST:PORT to listen on (default 0.0.0.0:{AGENT_PORT})")
+                     help=f"HOST:PORT to listen on (default 0.0.0.0:{AGENT_PORT}), or 'none' for no inbound "
+                          "port (the agent then only dials the owner addresses its boot channel gave)")
     run.add_argument("--console", type=Path, help="where to print the VM token (default <root>/dev/console)")
     run.add_argument("--channels",
                      help="comma-separated channels to search (default all: {channels})")
@@ -146,6 +151,21 @@ class _Announcer:
                 log.error("cannot write the VM token to %s: %s", console, exc.strerror)
 
 
+def _owner_addresses(found: Found | None, record: BindRecord) -> tuple[OwnerAddress, ...]:
+    """Where to dial: what the boot channel gave with the token, or, once bound, what the bind
+    recorded (a bound restart reads no channel)."""
+    if found is not None:
+        return found.owners
+    if not record.owner_addresses:
+        return ()
+    from imprint.owneraddr import OwnerAddressError, parse_list
+
+    try:
+        return parse_list(",".join(record.owner_addresses))
+    except OwnerAddressError as exc:
+        raise AgentFailure(f"the bind record's owner addresses are corrupt: {exc}") from None
+
+
 def _preload(server: AgentServer) -> None:
     """After READY: import what the pinned channel needs and prepare for the bind, so the owner
     does not wait for either."""
@@ -192,13 +212,22 @@ def run(args: argparse.Namespace) -> int:
     except (StateError, OSError) as exc:
         raise AgentFailure(f"cannot prepare the VM key: {exc}") from None
 
-    host, port = args.listen
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    try:
-        listener = socket.create_server((host, port), family=family)
-    except OSError as exc:
-        raise AgentFailure(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    bound_port = listener.getsockname()[1]
+    owners = _owner_addresses(found, record)
+    listener: socket.socket | None = None
+    where = "no inbound port"
+    if args.listen is not None:
+        host, port = args.listen
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            listener = socket.create_server((host, port), family=family)
+        except OSError as exc:
+            raise AgentFailure(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        where = f"listening on {host}:{listener.getsockname()[1]}"
+    elif not owners:
+        raise AgentFailure("--listen none, and no owner address to dial (the boot channel gave none, "
+                           "and the bind record has none): nothing could ever reach this agent")
+    if owners:
+        where += f", dialling the owner at {', '.join(str(a) for a in owners)}"
 
     announcer: _Announcer | None = None
     if found is not None and found.token.mode is Mode.NOSECRET:
@@ -239,12 +268,21 @@ def run(args: argparse.Namespace) -> int:
     from imprint.guest.server import AgentServer
 
     try:
-        server = AgentServer(state, listener, token=token, record=record, paths=paths, on_bound=_on_bound)
+        server = AgentServer(state, listener, token=token, record=record, paths=paths, on_bound=_on_bound,
+                             owner_addresses=[str(a) for a in owners])
     except (OSError, ValueError) as exc:
         raise AgentFailure(f"cannot load the VM key and certificate from {state.dir}: {exc}") from None
 
+    dialler: OwnerDialer | None = None
+    if owners:
+        from imprint.guest.dialer import OwnerDialer
+
+        dialler = OwnerDialer(server, owners)
+
     def _terminate(signum: int, frame: FrameType | None) -> None:
         server.stop()
+        if dialler is not None:
+            dialler.stop()
 
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, _terminate)
@@ -252,12 +290,14 @@ def run(args: argparse.Namespace) -> int:
         announcer.start()
     phase = "bound, serving the pinned owner" if server.bound else "waiting for the owner to bind"
     # The CPU the start took (imports, token search, key): the agent's own cost at boot.
-    log.info("listening on %s:%d (%s); start-up used %.2f s of CPU", host, bound_port, phase, time.process_time())
+    log.info("%s (%s); start-up used %.2f s of CPU", where, phase, time.process_time())
     if not server.bound:
         # READY promises an exchange without delay: its code is loaded before, not during, the bind.
         import imprint.protocol  # noqa: F401
-    notify_status(f"listening on {host}:{bound_port} ({phase})", ready=True)
+    notify_status(f"{where} ({phase})", ready=True)
     threading.Thread(target=_preload, args=(server,), daemon=True).start()
+    if dialler is not None:
+        dialler.start()
     server.serve_forever()
     log.info("stopped")
     return 0

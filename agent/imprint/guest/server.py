@@ -19,7 +19,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from imprint import timeouts, tls
@@ -53,12 +53,13 @@ class AgentServer:
     def __init__(
         self,
         state: AgentState,
-        listener: socket.socket,
+        listener: socket.socket | None,
         *,
         token: Token | None,
         record: BindRecord,
         paths: Distro,
         on_bound: Callable[[], None] = lambda: None,
+        owner_addresses: Sequence[str] = (),
     ) -> None:
         self._state = state
         self._paths = paths
@@ -67,6 +68,7 @@ class AgentServer:
         self._token = token
         self._record = record
         self._on_bound = on_bound
+        self._owner_addresses = list(owner_addresses)  # recorded with the pin: where to dial after a restart
         self._bind_lock = threading.Lock()
         self._table = ConnectionTable(preauth_max=MAX_PREAUTH, owner_max=MAX_OWNER)
         self._vm_key: crypto.PrivateKey | None = None
@@ -99,7 +101,7 @@ class AgentServer:
         try:
             import imprint.protocol.driver  # noqa: F401
 
-            self._identity()
+            self.identity()
             if not self._record.bound:
                 self._unpinned = tls.agent_unpinned_context(str(self._state.cert_file), str(self._state.key_file))
         except Exception as exc:  # the bind will meet it again and say so
@@ -109,8 +111,29 @@ class AgentServer:
     def bound(self) -> bool:
         return self._record.bound
 
+    @property
+    def state(self) -> AgentState:
+        return self._state
+
+    @property
+    def token(self) -> Token | None:
+        """The owner's token until the bind consumed it."""
+        return self._token
+
+    @property
+    def owner_pin(self) -> tls.PinnedCert | None:
+        """The pinned owner certificate, once bound."""
+        return self._owner_pin
+
+    @property
+    def stopping(self) -> threading.Event:
+        return self._stopping
+
     # -- accept loop
     def serve_forever(self) -> None:
+        if self._listener is None:  # dial-out only: the dialler's thread does the work
+            self._stopping.wait()
+            return
         threading.Thread(target=self._table.reap_forever, daemon=True, name="imprint-reaper").start()
         while not self._stopping.is_set():
             try:
@@ -128,8 +151,9 @@ class AgentServer:
     def stop(self) -> None:
         self._stopping.set()
         self._table.close()
-        with contextlib.suppress(OSError):
-            self._listener.close()
+        if self._listener is not None:
+            with contextlib.suppress(OSError):
+                self._listener.close()
 
     def _start(self, conn: socket.socket, addr: tuple[str, int]) -> None:
         context = self._context
@@ -185,7 +209,7 @@ class AgentServer:
                 sock.close()
 
     # -- before binding: the exchange
-    def _identity(self) -> tuple[crypto.PrivateKey, bytes]:
+    def identity(self) -> tuple[crypto.PrivateKey, bytes]:
         with self._identity_lock:
             if self._vm_key is None or self._vm_cert_der is None:
                 from imprint import crypto
@@ -207,7 +231,7 @@ class AgentServer:
             with contextlib.suppress(OSError):
                 sock.sendall(encode_frame(Alert(int(AlertCode.TOKEN_CONSUMED), b"this VM was bound meanwhile")))
             return
-        vm_key, vm_cert = self._identity()
+        vm_key, vm_cert = self.identity()
         session = VmExchange(vm_key=vm_key, token=token, own_cert=vm_cert)
         bound_here = False
 
@@ -219,7 +243,7 @@ class AgentServer:
             # between the pin and the VmConfirm that tells it so.
             self._table.promote(entry)
             try:
-                pinned = self._pin_owner(session, token, event.owner_key, peer)
+                pinned = self.pin_owner(session, token, event.owner_key, peer)
             except OSError as exc:
                 log.error("bind from %s: the owner key could not be stored: %s", peer, exc)
                 session.abort(AlertCode.INTERNAL, "the VM could not store the pin; retry")
@@ -251,7 +275,7 @@ class AgentServer:
             # owner checks the bind with a status request here, without a second handshake.
             self._serve_control_on(sock, entry)
 
-    def _pin_owner(self, session: VmExchange, token: Token, owner_key: crypto.PublicKey, peer: str) -> bool:
+    def pin_owner(self, session: VmExchange, token: Token, owner_key: crypto.PublicKey, peer: str) -> bool:
         from imprint import crypto
 
         assert session.peer_cert is not None
@@ -264,6 +288,7 @@ class AgentServer:
                 owner_fingerprint=owner_key.fingerprint,
                 owner_spki_sha256=crypto.sha256(owner_key.spki).hex(),
                 token_id=token.token_id.hex(),
+                owner_addresses=self._owner_addresses,
             )
             self._context = self._make_context()
             self._token = None  # K is consumed: forget it
@@ -297,7 +322,7 @@ class AgentServer:
     def status(self) -> dict[str, object]:
         from imprint import __version__
 
-        vm_key, _ = self._identity()  # loaded once (prepare() loads it after READY)
+        vm_key, _ = self.identity()  # loaded once (prepare() loads it after READY)
         return {
             "state": "bound" if self._record.bound else "waiting",
             "mode": self._record.mode,

@@ -4,7 +4,7 @@
     vm.crt       self-signed certificate of that key, presented in TLS
     owner.crt    the pinned owner certificate (present once bound)
     state.json   {"bound": ..., "mode": ..., "owner_fingerprint": ..., "bound_at": ...,
-                  "consumed_tokens": [token ids]}
+                  "consumed_tokens": [token ids], "owner_addresses": [HOST:PORT where it dials]}
 
 The pin and the consumed-token record are written together in state.json, after owner.crt, so
 a crash between the two leaves the VM unbound (it keeps listening for its genuine owner).
@@ -38,6 +38,8 @@ class BindRecord:
     owner_spki_sha256: str | None = None
     bound_at: float | None = None
     consumed_tokens: list[str] = field(default_factory=list)
+    # Where the bound VM dials its owner (owneraddr text forms), from the boot channel at the bind.
+    owner_addresses: list[str] = field(default_factory=list)
 
     def to_json(self) -> bytes:
         return json.dumps(self.__dict__, indent=2, sort_keys=True).encode() + b"\n"
@@ -51,6 +53,8 @@ class BindRecord:
             raise StateError(f"state.json is corrupt: {exc}") from None
         if not isinstance(record.consumed_tokens, list):
             raise StateError("state.json is corrupt: consumed_tokens is not a list")
+        if not (isinstance(record.owner_addresses, list) and all(isinstance(a, str) for a in record.owner_addresses)):
+            raise StateError("state.json is corrupt: owner_addresses is not a list of strings")
         return record
 
 
@@ -95,7 +99,7 @@ class AgentState:
                      label="agent.identity-cert")
 
     def record_bind(self, *, owner_cert_pem: bytes, mode: Mode, owner_fingerprint: str,
-                    owner_spki_sha256: str, token_id: str) -> BindRecord:
+                    owner_spki_sha256: str, token_id: str, owner_addresses: list[str] | None = None) -> BindRecord:
         record = self.load_record()
         # state.json's write syncs the directory for both
         write_atomic(self.owner_cert_file, owner_cert_pem, sync_dir=False, label="agent.owner-cert")
@@ -104,6 +108,7 @@ class AgentState:
         record.owner_fingerprint = owner_fingerprint
         record.owner_spki_sha256 = owner_spki_sha256
         record.bound_at = time.time()
+        record.owner_addresses = list(owner_addresses or [])
         if token_id not in record.consumed_tokens:
             record.consumed_tokens.append(token_id)
         write_atomic(self.record_file, record.to_json(), label="agent.bind-record")

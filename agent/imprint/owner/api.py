@@ -29,6 +29,7 @@ import dataclasses
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,6 +205,39 @@ class Owner:
             raise
         return dataclasses.replace(binding, applied=report)
 
+    def give_vm_token(self, name: str, vm_token: str, *, wait: float = 15.0) -> VmRecord:
+        """No-secrets mode, for a VM that dials the owner's listener (`imprint serve`): keep the
+        VM token the site relayed, so the listener binds the VM when it dials (at once, if it
+        is waiting there). Waits up to ``wait`` seconds for that bind when a listener runs;
+        returns the VM's record (state "bound" if it bound meanwhile)."""
+        from imprint.owner import viaserve
+
+        valid_vm_name(name)
+        with self._errors():
+            try:
+                parsed = tokens.parse(vm_token, expect=tokens.TokenKind.VM)
+            except tokens.TokenError as exc:
+                raise UsageError(f"--vm-token: {exc}") from None
+            store = self._store()
+            if not store.vm_exists(name):
+                raise UsageError(f"unknown VM '{name}': make its token first with `imprint token new {name} "
+                                 "--mode nosecret`")
+            row = store.current_token(name)
+            pin = store.pin(name)
+            if pin is not None and pin.state == "bound":
+                raise UsageError(f"{name} is already bound to VM key {pin.vm_fingerprint}; a VM binds once")
+            if row is None or row.mode is not tokens.Mode.NOSECRET or row.state != "issued":
+                raise UsageError(f"{name} has no unused no-secrets token: make one with `imprint token new {name} "
+                                 "--mode nosecret`")
+            store.give_dial_vm_token(name, parsed.encode(), parsed.payload.hex())
+        listening = viaserve.vm_token_given(self.home.dir)
+        deadline = time.monotonic() + (wait if listening else 0.0)
+        while True:
+            record = next(r for r in self.vms() if r.vm == name)
+            if record.state == "bound" or time.monotonic() >= deadline:
+                return record
+            threading.Event().wait(0.1)  # the listener binds in its own process: its record is the signal
+
     def bind_many(self, requests: Iterable[FleetRequest | Mapping[str, Any]], *, parallel: int | None = None,
                   on_progress: Callable[[FleetResult], None] | None = None,
                   stop: threading.Event | None = None) -> FleetSummary:
@@ -254,7 +288,7 @@ class Owner:
                     f"{status.get('owner_fingerprint')}; pinned are {pin.vm_fingerprint} and {owner_fp}")
             if address is not None and address != pin.address:
                 store.update_address(name, address)
-        return VmStatus(name, where, str(status.get("state")), str(status.get("mode")), pin.vm_fingerprint,
+        return VmStatus(name, client.address, str(status.get("state")), str(status.get("mode")), pin.vm_fingerprint,
                         owner_fp, dict(status))
 
     def apply(self, name: str, profile: str | os.PathLike[str] | Profile, *, address: str | None = None,

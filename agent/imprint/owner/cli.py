@@ -42,7 +42,7 @@ PROG = "imprint"
 LINE_LIMIT = 4000
 # Commands that take nothing from a backend: they skip loading the backends' command-line hooks
 # (importlib.metadata and every plugin's declaration, tens of milliseconds on each run).
-CORE_ONLY = frozenset({"init", "token", "status", "list", "audit"})
+CORE_ONLY = frozenset({"init", "token", "status", "list", "audit", "serve"})
 
 
 def _out(line: str) -> None:
@@ -152,6 +152,16 @@ def cmd_bind(home: OwnerHome, args: argparse.Namespace) -> int:
     if args.source is not None:
         return _bind_fleet(home, args)
     owner = _owner(home)
+    if args.address is None:  # the VM dials the owner's listener: it binds there
+        if args.vm_token is None or args.profile is not None:
+            raise UsageError("bind without --address is for a no-secrets VM that dials `imprint serve`: give "
+                             "--vm-token (and no --profile: apply it once bound)")
+        record = owner.give_vm_token(args.name, args.vm_token)
+        bound = record.state == "bound"
+        _emit(args, {"vm": record.vm, "state": record.state, "vm_fingerprint": record.vm_fingerprint,
+                     "address": record.address}, [f"bound {record.vm} (dialled in): VM key {record.vm_fingerprint}" if bound else
+                           f"VM token recorded for {record.vm}: `imprint serve` binds it when it dials"])
+        return 0
     if args.profile is None:
         data, lines = _binding_lines(owner.bind(args.name, args.address, args.vm_token))
         _emit(args, data, lines)
@@ -277,6 +287,42 @@ def cmd_status(home: OwnerHome, args: argparse.Namespace) -> int:
     return 0
 
 
+def _listen_address(text: str) -> tuple[str, int]:
+    from imprint.owneraddr import OwnerAddressError, parse
+
+    try:
+        address = parse(text)
+    except OwnerAddressError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return address.host, address.port
+
+
+def cmd_serve(home: OwnerHome, args: argparse.Namespace) -> int:
+    import signal
+
+    from imprint.guest.notify import notify, notify_status
+    from imprint.owner.serve import Listener
+
+    owner = _owner(home)
+    owner.home.load_key()
+    try:
+        listener = Listener(owner, args.listen, on_change=lambda status: None if notify_status(status) else None)
+    except OSError as exc:
+        raise OwnerError(f"cannot listen: {lastresort.describe(exc)}") from None
+
+    def stop(signum: int, frame: object) -> None:
+        listener.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    _err(f"imprint serve: listening on {', '.join(listener.addresses)} (owner key "
+         f"{owner.home.load_key().public.fingerprint})")
+    notify("READY=1")
+    listener.serve_forever()
+    notify("STOPPING=1")
+    return 0
+
+
 def cmd_list(home: OwnerHome, args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = [
         {"vm": r.vm, "state": r.state, "mode": r.mode.value if r.mode else None, "token_state": r.token_state,
@@ -350,6 +396,10 @@ def _build_parser(*, with_backends: bool = True) -> argparse.ArgumentParser:
     for _, hook in hooks:
         hook.add_ca_options(p)
     p.set_defaults(func=cmd_ca_init)
+    p = sub.add_parser("serve", help="listen for VMs that dial their owner: bind them, keep their connections")
+    p.add_argument("--listen", action="append", required=True, type=_listen_address, metavar="HOST:PORT",
+                   help="where VMs dial (repeat for more); give the same address to the site (seed --owner)")
+    p.set_defaults(func=cmd_serve)
     p = sub.add_parser("list", parents=[common], help="list VMs and their state")
     p.set_defaults(func=cmd_list)
     p = sub.add_parser("audit", parents=[common], help="show the append-only log of bind attempts")
@@ -370,8 +420,10 @@ def main(argv: list[str] | None = None) -> int:
         argv, passthrough = argv[:cut], argv[cut + 1:]
     parser = _build_parser(with_backends=_command_word(argv) not in CORE_ONLY)
     args = parser.parse_args(argv)
-    if args.command == "bind" and args.source is None and (args.name is None or args.address is None):
-        parser.error("bind: give NAME and --address HOST:PORT, or --from FILE")
+    if args.command == "bind" and args.source is None and (args.name is None or (args.address is None
+                                                                                and args.vm_token is None)):
+        parser.error("bind: give NAME and --address HOST:PORT, or NAME and --vm-token (a VM that dials "
+                     "`imprint serve`), or --from FILE")
     if passthrough:
         dest = getattr(args, "passthrough", None)
         if dest is None:

@@ -50,6 +50,7 @@ class PinnedClient:
         self.vm = vm
         self._host, self._port = split_address(address)
         self._pin = pin
+        self._home_dir = home.dir
         self._context = tls.owner_pinned_context(str(home.cert_file), str(home.key_file), pin)
         home.write_pin_file(vm, pin.pem)  # the copy an owner's own tools can use (openssl s_client -CAfile)
 
@@ -66,6 +67,13 @@ class PinnedClient:
                  clock: Clock = time.monotonic) -> dict[str, Any]:
         """``timeout``: seconds for the whole request and answer, not per read."""
         what = f"{method} {path}"
+        from imprint.owner import viaserve
+
+        through = viaserve.request(self._home_dir, self.vm, method, path, body, timeout)
+        if through is not None:  # the VM dialled the owner's listener: its connection is there
+            status, answer, peer = through
+            self.address = f"{peer} (dialled in)"
+            return _decode(status, answer, what, self.address)
         deadline = clock() + timeout
         try:
             sock = self._connect(deadline, clock)
@@ -102,17 +110,32 @@ def ask_on(sock: ssl.SSLSocket, method: str, path: str, address: str, *, timeout
     return _ask(sock, method, path, None, address, "on the bind's connection", timeout, clock() + timeout, clock)
 
 
-def _ask(sock: ssl.SSLSocket, method: str, path: str, body: bytes | None, address: str, where: str,
-         timeout: float, deadline: float, clock: Clock) -> dict[str, Any]:
-    what = f"{method} {path}"
+def exchange_on(sock: ssl.SSLSocket, method: str, path: str, body: bytes | None, *, timeout: float,
+                keep_alive: bool, clock: Clock = time.monotonic) -> tuple[int, bytes]:
+    """One request on a pinned connection and its raw answer (status, body), read by the rules
+    of PinnedClient; the connection stays open for the next when ``keep_alive``. Raises
+    TimeoutError, BadAnswer or OSError: the callers name the failure."""
+    deadline = clock() + timeout
     head = f"{method} {path} HTTP/1.1\r\nHost: imprint\r\nAccept-Encoding: identity\r\n"
     if body is not None:
         head += "Content-Type: application/json\r\n"
-    head += f"Content-Length: {len(body or b'')}\r\nConnection: close\r\n\r\n"
+    head += f"Content-Length: {len(body or b'')}\r\nConnection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n"
+    sock.settimeout(_remaining(deadline, clock))
+    sock.sendall(head.encode() + (body or b""))  # one write: no delayed-ACK stall between head and body
+    return _AnswerReader(sock, deadline, clock).answer()
+
+
+def decode_answer(status: int, body: bytes, what: str, address: str) -> dict[str, Any]:
+    """An answer's JSON object, or Unreachable naming what the agent answered instead."""
+    return _decode(status, body, what, address)
+
+
+def _ask(sock: ssl.SSLSocket, method: str, path: str, body: bytes | None, address: str, where: str,
+         timeout: float, deadline: float, clock: Clock) -> dict[str, Any]:
+    what = f"{method} {path}"
     try:
-        sock.settimeout(_remaining(deadline, clock))
-        sock.sendall(head.encode() + (body or b""))  # one write: no delayed-ACK stall between head and body
-        status, answer = _AnswerReader(sock, deadline, clock).answer()
+        status, answer = exchange_on(sock, method, path, body, timeout=_remaining(deadline, clock),
+                                     keep_alive=False, clock=clock)
     except TimeoutError:
         raise Unreachable(_late(what, where, address, timeout)) from None
     except BadAnswer as exc:

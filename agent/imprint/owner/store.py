@@ -90,6 +90,12 @@ CREATE TABLE IF NOT EXISTS claims (
     holder  TEXT NOT NULL,     -- pid:start-time:thread of the bind under way
     since   REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS dial_vm_tokens (
+    vm          TEXT PRIMARY KEY REFERENCES vms(name),
+    vm_token    TEXT NOT NULL,     -- the VM token the site relayed, for a bind when the VM dials in
+    payload     TEXT NOT NULL,     -- its payload (hex): how the listener finds the VM that dialled
+    given_at    REAL NOT NULL
+);
 CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
     BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
@@ -396,6 +402,40 @@ class Store:
                 _insert_audit(db, vm, "bind", address, "bound", audit_detail)
         self._checkpoint()
         return True
+
+    # -- binds of VMs that dial the owner's listener
+    @_locked
+    def issued_token_by_id(self, token_id: str, mode: Mode) -> TokenRow | None:
+        """The newest issued token of ``mode`` with ``token_id`` (hex): in shared mode it names
+        one VM's K; a no-secrets id is the owner key's and names no VM (see dial_vm_token)."""
+        row = self._db.execute(
+            "SELECT id, vm, mode, token_id, token_text, state, created_at FROM tokens "
+            "WHERE token_id = ? AND mode = ? AND state = 'issued' ORDER BY id DESC LIMIT 1",
+            (token_id, mode.value)).fetchone()
+        if row is None:
+            return None
+        id_, vm_, mode_, token_id_, token_text, state, created_at = row
+        return TokenRow(id_, vm_, Mode(mode_), token_id_, token_text, state, created_at)
+
+    @_locked
+    def give_dial_vm_token(self, vm: str, vm_token: str, payload_hex: str) -> None:
+        """The VM token the site relayed for ``vm``, kept until the VM dials the listener."""
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO dial_vm_tokens (vm, vm_token, payload, given_at) VALUES (?, ?, ?, ?)",
+                       (vm, vm_token, payload_hex, time.time()))
+            _insert_audit(db, vm, "vm-token", None, "given", f"VM token {payload_hex[:16]} for a bind when it dials")
+
+    @_locked
+    def dial_vm_token(self, payload_hex: str) -> tuple[str, str] | None:
+        """(VM name, VM token text) given for the VM key whose hash is ``payload_hex``."""
+        row = self._db.execute("SELECT vm, vm_token FROM dial_vm_tokens WHERE payload = ? ORDER BY given_at DESC "
+                               "LIMIT 1", (payload_hex,)).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    @_locked
+    def bound_pins(self) -> list[PinRow]:
+        names = [row[0] for row in self._db.execute("SELECT vm FROM pins WHERE state = 'bound' ORDER BY vm")]
+        return [pin for pin in (self.pin(name) for name in names) if pin is not None]  # the lock is re-entrant
 
     @_locked
     def update_address(self, vm: str, address: str) -> None:
