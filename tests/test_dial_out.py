@@ -1,0 +1,222 @@
+"""The VM dials its owner (issue 12), on loopback with real processes: agents with no inbound
+port (`--listen none`) and `imprint serve`.
+
+Synchronisation is the agents' own systemd notifications (STATUS= "connected to the owner",
+"exchanging keys") and the listener's READY=1: no sleeps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from imprint import crypto
+from imprint.tokens import Mode
+
+from tests.helpers import AgentFactory, Owner
+from tests.helpers.agents import Agent, read_log, start_notifying
+from tests.sshkit import free_port, seed_root
+
+AGENT_ENV = {"IMPRINT_AGENT_RECONNECT_SECONDS": "0.2", "IMPRINT_AGENT_RECONNECT_CAP_SECONDS": "1"}
+WAIT = 60.0
+
+
+@dataclass
+class Serve:
+    owner: Owner
+    port: int
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> Serve:
+        cmd = [sys.executable, "-m", "imprint.owner", "--home", str(self.owner.home), "serve", "--listen", self.address]
+        self.proc, _, _ = start_notifying(cmd, self.log, os.environ)
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=20)
+
+
+@pytest.fixture
+def serve(owner: Owner, tmp_path: Path) -> Iterator[Serve]:
+    listener = Serve(owner, free_port(), tmp_path / "serve.log").start()
+    yield listener
+    listener.kill()
+
+
+def dialling_root(agents: AgentFactory, token: str | None, *addresses: str, name: str = "vm") -> Path:
+    root = seed_root(agents.make_root(token, name))  # a user database for an [ssh] apply
+    cmdline = root / "proc" / "cmdline"
+    cmdline.write_text(cmdline.read_text().strip() + f" imprint.owner={','.join(addresses)}\n")
+    return root
+
+
+def start_dialling(agents: AgentFactory, root: Path) -> Agent:
+    return agents.start(root, "--listen", "none", env=dict(os.environ, **AGENT_ENV))
+
+
+def await_status(agent: Agent, text: str) -> str:
+    """The agent's next STATUS= notification containing ``text``."""
+    agent.notify._sock.settimeout(WAIT)
+    while True:
+        try:
+            message = agent.notify.recv().decode()
+        except TimeoutError:
+            raise AssertionError(f"no STATUS with {text!r} within {WAIT:g} s:\n{agent.log()}") from None
+        if text in message:
+            return message
+
+
+def bind_dialled(agents: AgentFactory, owner: Owner, serve: Serve, mode: Mode, *addresses: str) -> Agent:
+    root = dialling_root(agents, owner.token("web1", mode.value), *(addresses or (serve.address,)))
+    agent = start_dialling(agents, root)
+    if mode is Mode.NOSECRET:
+        await_status(agent, "exchanging keys")  # it waits at the listener: nothing is pinned yet
+        assert owner.json("list")["vms"][0]["state"] == "unbound"
+        result = owner.json("bind", "web1", "--vm-token", agent.vm_token())
+        assert result["state"] == "bound", result
+    await_status(agent, "connected to the owner")
+    return agent
+
+
+@pytest.mark.parametrize("mode", list(Mode))
+def test_dialling_agent_binds_status_apply_and_survives_restarts(agents: AgentFactory, owner: Owner, serve: Serve,
+                                                                 mode: Mode, tmp_path: Path) -> None:
+    agent = bind_dialled(agents, owner, serve, mode)
+    assert agent.state()["bound"] is True
+    status = owner.json("status", "web1")
+    assert status["state"] == "bound" and "dialled in" in status["address"]
+    fingerprint = status["vm_fingerprint"]
+    profile = tmp_path / "p.toml"
+    profile.write_text('[ssh]\nusers = [{ name = "alice" }]\n')
+    applied = owner.json("apply", "web1", "--profile", str(profile))
+    assert applied["results"]["ssh"]["ok"], applied
+    assert "alice:" in (agent.root / "etc/passwd").read_text()
+
+    # kill -9 the listener and start it again on the same address: the agent comes back.
+    serve.kill()
+    down = owner.run("status", "web1", check=4)  # nothing listens for the VM: unreachable, not "MITM"
+    assert "man in the middle" not in down.stderr
+    serve.start()
+    await_status(agent, "connected to the owner")
+    assert owner.json("status", "web1")["vm_fingerprint"] == fingerprint
+
+    # Restart the agent with no token on any channel: the bind record says where to dial.
+    agent.kill()
+    (agent.root / "proc" / "cmdline").write_text("console=ttyS0 root=LABEL=root ro\n")
+    again = start_dialling(agents, agent.root)
+    await_status(again, "connected to the owner")
+    assert owner.json("status", "web1")["vm_fingerprint"] == fingerprint
+
+
+def test_vm_token_given_before_the_vm_dials(agents: AgentFactory, owner: Owner, serve: Serve) -> None:
+    root = dialling_root(agents, owner.token("web1", "nosecret"), serve.address)
+    # The VM token exists before the VM runs: the agent's key is made by a first start.
+    first = agents.start(root, "--listen", "127.0.0.1:0")  # listens only: nothing dials yet
+    vm_token = first.vm_token()
+    first.kill()
+    recorded = owner.json("bind", "web1", "--vm-token", vm_token)
+    assert recorded["state"] == "unbound"
+    agent = start_dialling(agents, root)
+    await_status(agent, "connected to the owner")
+    assert owner.json("status", "web1")["state"] == "bound"
+
+
+class RelayingMitm:
+    """A man in the middle with its own TLS key: terminates the VM's TLS, opens its own to the
+    genuine listener, and relays the plaintext both ways. Counts what the VM sent it."""
+
+    def __init__(self, tmp: Path, upstream: str) -> None:
+        key = crypto.PrivateKey.generate()
+        (tmp / "mitm.key").write_bytes(key.to_pem())
+        (tmp / "mitm.crt").write_bytes(key.self_signed_certificate("mitm"))
+        self._ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self._ctx.load_cert_chain(str(tmp / "mitm.crt"), str(tmp / "mitm.key"))
+        self._up = upstream.rsplit(":", 1)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self.from_vm = 0
+        self.connections = threading.Event()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self._listener.accept()
+                threading.Thread(target=self._relay, args=(conn,), daemon=True).start()
+
+    def _relay(self, conn: socket.socket) -> None:
+        client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+        with contextlib.suppress(OSError), self._ctx.wrap_socket(conn, server_side=True) as vm, \
+                client.wrap_socket(socket.create_connection((self._up[0], int(self._up[1])))) as up:
+            self.connections.set()
+
+            def pump(src: ssl.SSLSocket, dst: ssl.SSLSocket, count: bool) -> None:
+                with contextlib.suppress(OSError):
+                    while data := src.recv(65536):
+                        if count:
+                            self.from_vm += len(data)
+                        dst.sendall(data)
+                with contextlib.suppress(OSError):
+                    dst.shutdown(socket.SHUT_RDWR)
+
+            back = threading.Thread(target=pump, args=(up, vm, False), daemon=True)
+            back.start()
+            pump(vm, up, True)
+            back.join(WAIT)
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+@pytest.mark.parametrize("mode", list(Mode))
+def test_active_mitm_with_its_own_tls_key_binds_nothing(agents: AgentFactory, owner: Owner, serve: Serve,
+                                                        mode: Mode, tmp_path: Path) -> None:
+    mitm = RelayingMitm(tmp_path, serve.address)
+    try:
+        # The MITM's address first: the agent meets it, is refused or refuses, then dials the genuine one.
+        agent = bind_dialled(agents, owner, serve, mode, mitm.address, serve.address)
+    finally:
+        mitm.close()
+    assert mitm.connections.is_set()
+    log = agent.log()
+    if mode is Mode.NOSECRET:
+        assert mitm.from_vm == 0, "the VM sent bytes to a listener whose key is not the owner's"
+        assert "does not hash to the owner token" in log
+    else:
+        assert "CHANNEL_BINDING_MISMATCH" in read_log(serve.log) or "CHANNEL_BINDING_MISMATCH" in log
+    assert f"from owner {serve.address}" in log  # bound through the genuine listener only
+    assert f"from owner {mitm.address}" not in log
+    assert owner.json("status", "web1")["state"] == "bound"
+
+
+@pytest.mark.parametrize("mode", list(Mode))
+def test_rewritten_address_to_an_attackers_listener_binds_nothing(agents: AgentFactory, owner: Owner, serve: Serve,
+                                                                  mode: Mode, tmp_path: Path) -> None:
+    attacker = Owner.create(tmp_path / "attacker-home")
+    attacker.token("web1", mode.value)  # the attacker expects a VM of that name too
+    evil = Serve(attacker, free_port(), tmp_path / "evil.log").start()
+    try:
+        agent = bind_dialled(agents, owner, serve, mode, evil.address, serve.address)
+        assert f"from owner {evil.address}" not in agent.log()
+        assert [vm["state"] for vm in attacker.json("list")["vms"]] == ["unbound"]
+    finally:
+        evil.kill()
+    assert owner.json("status", "web1")["state"] == "bound"
