@@ -24,7 +24,7 @@ def _root_with(tmp_path: Path, *units: Path) -> Path:
     resolves every dependency and checks ExecStart= (nothing runs)."""
     root = tmp_path / "root"
     shutil.copytree(SYSTEM_UNITS, root / "usr/lib/systemd/system", symlinks=True)
-    for binary in ("usr/local/bin/imprint-agent", "usr/bin/ssh-keygen"):
+    for binary in ("usr/local/bin/imprint-agent", "usr/local/bin/imprint", "usr/bin/ssh-keygen"):
         path = root / binary
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("#!/bin/sh\n")
@@ -111,3 +111,22 @@ def test_unit_parses_as_ini() -> None:
     parser.optionxform = str  # type: ignore[assignment,method-assign]
     parser.read_string(UNIT.read_text())
     assert parser.get("Service", "ExecStart") == "/usr/local/bin/imprint-agent run"
+
+
+SERVE_UNIT = UNIT.parent / "imprint-serve.service"
+
+
+def test_serve_unit_verifies_clean_and_is_confined(tmp_path: Path) -> None:
+    """The owner's listener (issue 12): Type=notify (it sends READY=1 once listening), and far
+    more confined than the agent, which must write much of /etc."""
+    root = _root_with(tmp_path, SERVE_UNIT)
+    result = subprocess.run(["systemd-analyze", "verify", f"--root={root}", SERVE_UNIT.name],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), result.stdout + result.stderr
+    assert _directives(SERVE_UNIT)["Service"]["Type"] == ["notify"]
+    result = subprocess.run(["systemd-analyze", "security", "--offline=yes", f"--root={root}",
+                             "--no-pager", SERVE_UNIT.name], capture_output=True, text=True, timeout=60)
+    match = re.search(r"Overall exposure level for imprint-serve.service: ([0-9.]+)", result.stdout + result.stderr)
+    assert match, result.stdout + result.stderr
+    print(f"imprint-serve.service exposure: {match.group(1)}")
+    assert float(match.group(1)) <= 2.5

@@ -157,10 +157,10 @@ def cmd_bind(home: OwnerHome, args: argparse.Namespace) -> int:
             raise UsageError("bind without --address is for a no-secrets VM that dials `imprint serve`: give "
                              "--vm-token (and no --profile: apply it once bound)")
         record = owner.give_vm_token(args.name, args.vm_token)
-        bound = record.state == "bound"
+        line = (f"bound {record.vm} (dialled in): VM key {record.vm_fingerprint}" if record.state == "bound"
+                else f"VM token recorded for {record.vm}: `imprint serve` binds it when it dials")
         _emit(args, {"vm": record.vm, "state": record.state, "vm_fingerprint": record.vm_fingerprint,
-                     "address": record.address}, [f"bound {record.vm} (dialled in): VM key {record.vm_fingerprint}" if bound else
-                           f"VM token recorded for {record.vm}: `imprint serve` binds it when it dials"])
+                     "address": record.address}, [line])
         return 0
     if args.profile is None:
         data, lines = _binding_lines(owner.bind(args.name, args.address, args.vm_token))
