@@ -18,6 +18,7 @@ from imprint.channels import (
     CHANNELS,
     Channel,
     ChannelBroken,
+    Offer,
     channel_names,
     consume_token,
     credentials,
@@ -102,13 +103,13 @@ def test_credentials_from_system_dir_and_env(paths: Distro, monkeypatch: pytest.
     system = paths.under("/run/credentials/@system")
     system.mkdir(parents=True)
     (system / "imprint.token").write_text(GOOD.encode())
-    assert credentials.read(paths) == GOOD
+    assert credentials.read(paths) == Offer(GOOD)
     # The unit's own credentials directory comes first.
     unit_dir = paths.under("/run/credentials/imprint-agent.service")
     unit_dir.mkdir(parents=True)
     (unit_dir / "imprint.token").write_text(GOOD.encode() + "\n")
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", "/run/credentials/imprint-agent.service")
-    assert credentials.read(paths) == GOOD
+    assert credentials.read(paths) == Offer(GOOD)
 
 
 @pytest.mark.parametrize("case", list(_corruptions(GOOD.encode())))
@@ -266,7 +267,7 @@ def test_a_channel_is_one_object_the_search_and_its_hooks_go_through(paths: Dist
         calls.append("consume")
         return True
 
-    extra = Channel("test-channel", lambda _: GOOD, reply=reply, consume=consume)
+    extra = Channel("test-channel", lambda _: Offer(GOOD), reply=reply, consume=consume)
     channels = (*CHANNELS, extra)
     assert "test-channel" in channel_names(channels)
     found = find_token(paths, channels=channels)

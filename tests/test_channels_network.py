@@ -68,7 +68,7 @@ def test_imdsv2_session_then_tag(server: FakeIMDS, paths: Distro) -> None:
     token = new_token()
     server.site.tag = token
     found = imds.read(paths)
-    assert found is not None and found.encode() == token
+    assert found is not None and found.token.encode() == token
     # The session PUT comes first, and the server (IMDSv2 only) answered the GET: it carried it.
     assert server.site.requests[:2] == [("PUT", SESSION_PATH), ("GET", TAG_URL_PATH)]
 
@@ -82,7 +82,7 @@ def test_imdsv1_fallback_when_the_session_put_is_refused(server: FakeIMDS, paths
     server.site.session_refusal = refusal
     server.site.require_session = False
     found = imds.read(paths)
-    assert found is not None and found.encode() == token
+    assert found is not None and found.token.encode() == token
 
 
 def test_session_refused_but_required_is_broken(server: FakeIMDS, paths: Distro) -> None:
@@ -131,7 +131,7 @@ def test_one_500_then_success_is_retried(server: FakeIMDS, paths: Distro) -> Non
         time.sleep(seconds)
 
     found = imds.read(paths, imds.Timeouts(retry_pause=0.01, sleep=recover))
-    assert found is not None and found.encode() == token
+    assert found is not None and found.token.encode() == token
 
 
 def test_slow_service_is_absent(server: FakeIMDS, paths: Distro) -> None:
@@ -212,7 +212,7 @@ def test_openstack_meta(openstack: FakeIMDS, paths: Distro) -> None:
     token = new_token(TokenKind.NOSECRET)
     openstack.site.openstack = openstack_meta_data({"imprint-token": token, "role": "web"})
     found = imds.read(paths)
-    assert found is not None and found.encode() == token
+    assert found is not None and found.token.encode() == token
 
 
 @pytest.mark.parametrize(("document", "fault"), [
@@ -248,7 +248,7 @@ def test_reply_puts_the_vm_token_line(server: FakeIMDS, paths: Distro) -> None:
     found = imds.read(paths)
     assert found is not None
     line = vm_token_line(Token(TokenKind.VM, secrets.token_bytes(32)))
-    assert publish_vm_token(paths, Found("http-metadata", found), line) == ["http-metadata"]
+    assert publish_vm_token(paths, Found("http-metadata", found.token), line) == ["http-metadata"]
     [(path, body, headers)] = server.site.replies
     assert path == imds.REPLY_PATH
     assert body == (line + "\n").encode()
@@ -463,7 +463,7 @@ def test_cloudinit_metadata(paths: Distro, shape: str) -> None:
     ds = {"nocloud": nocloud, "configdrive": configdrive, "ec2": ec2}[shape]({"imprint-token": token})
     write_instance_data(paths, instance_data(ds))
     found = ci.read(paths)
-    assert found is not None and found.encode() == token
+    assert found is not None and found.token.encode() == token
 
 
 @pytest.mark.parametrize("text", [
@@ -478,7 +478,7 @@ def test_cloudinit_user_data(paths: Distro, text: str) -> None:
     write_instance_data(paths, instance_data(nocloud({})))
     write_user_data(paths, text.format(token=token))
     found = ci.read(paths)
-    assert found is not None and found.encode() == token
+    assert found is not None and found.token.encode() == token
 
 
 @pytest.mark.parametrize("text", [
@@ -562,7 +562,7 @@ def test_cloudinit_metadata_and_user_data_disagree(paths: Distro) -> None:
     write_instance_data(paths, instance_data(nocloud({"imprint-token": token})))
     write_user_data(paths, f"#cloud-config\nimprint-token: {token}\n")
     found = ci.read(paths)
-    assert found is not None and found.encode() == token
+    assert found is not None and found.token.encode() == token
     write_user_data(paths, f"#cloud-config\nimprint-token: {new_token()}\n")
     with pytest.raises(ChannelBroken, match="carry different tokens"):
         ci.read(paths)
@@ -576,7 +576,7 @@ def test_cloudinit_base64_encoded_value(paths: Distro) -> None:
     data["base64_encoded_keys"] = ["ds/meta_data/imprint-token"]
     write_instance_data(paths, data)
     found = ci.read(paths)
-    assert found is not None and found.encode() == token
+    assert found is not None and found.token.encode() == token
 
 
 # --- cloud-init instance data written by Debian's cloud-init itself ----------------------------
@@ -600,7 +600,7 @@ def test_real_cloudinit_nocloud_meta_data(tmp_path: Path) -> None:
     (seed / "user-data").write_text("#cloud-config\npackages: [curl]\n")
     assert "datasource NoCloud iid-web1" in run_cloudinit(root, "NoCloud")
     found = ci.read(Distro(root))
-    assert found is not None and found.encode() == token
+    assert found is not None and found.token.encode() == token
 
 
 def test_real_cloudinit_nocloud_user_data(tmp_path: Path) -> None:
@@ -612,7 +612,7 @@ def test_real_cloudinit_nocloud_user_data(tmp_path: Path) -> None:
     (seed / "user-data").write_text(f"#cloud-config\nhostname: web1\nimprint-token: {token}\n")
     run_cloudinit(root, "NoCloud")
     found = ci.read(Distro(root))
-    assert found is not None and found.encode() == token
+    assert found is not None and found.token.encode() == token
 
 
 def test_real_cloudinit_configdrive(tmp_path: Path) -> None:
@@ -623,7 +623,7 @@ def test_real_cloudinit_configdrive(tmp_path: Path) -> None:
     (latest / "meta_data.json").write_text(json.dumps(openstack_meta_data({"imprint-token": token})))
     assert "datasource ConfigDrive" in run_cloudinit(root, "ConfigDrive")
     found = ci.read(Distro(root))
-    assert found is not None and found.encode() == token
+    assert found is not None and found.token.encode() == token
 
 
 def test_real_cloudinit_ec2_crawls_the_fake_service(tmp_path: Path) -> None:
@@ -635,7 +635,7 @@ def test_real_cloudinit_ec2_crawls_the_fake_service(tmp_path: Path) -> None:
         out = run_cloudinit(root, "Ec2", "--network", "--metadata-url", fake.url)
     assert "datasource Ec2 i-0123456789abcdef0" in out
     found = ci.read(Distro(root))
-    assert found is not None and found.encode() == token
+    assert found is not None and found.token.encode() == token
 
 
 @pytest.mark.parametrize("mode", ["shared", "nosecret"])

@@ -22,6 +22,7 @@ import pytest
 from imprint import tokens
 from imprint.channels import (
     ChannelBroken,
+    Offer,
     channel_names,
     configdrive,
     consume_token,
@@ -70,7 +71,7 @@ def config2_files(token: str, *, meta: dict[str, object] | None = None) -> Files
     return {"openstack/latest/meta_data.json": json.dumps(document).encode()}
 
 
-Reader = Callable[[Distro], tokens.Token | None]
+Reader = Callable[[Distro], Offer | None]
 
 # channel -> (reader, ISO label, vfat label, files, site channel prefix)
 CHANNELS: dict[str, tuple[Reader, str, str, Callable[[str], Files], str]] = {
@@ -143,7 +144,9 @@ def make(channel: str, maker: str, token: str, out: Path) -> tuple[str, Path]:
 
 
 def read(channel: str, paths: Distro) -> tokens.Token | None:
-    return CHANNELS[channel][0](paths)
+    """The token the channel's reader finds (its owner addresses: tests/test_channel_owners.py)."""
+    found = CHANNELS[channel][0](paths)
+    return None if found is None else found.token
 
 
 # -- registry
@@ -502,7 +505,7 @@ def test_a_vfat_seed_is_read_and_wiped_with_the_mtools_the_distro_names(tmp_path
     # A token file in a directory, so that writing it back needs mmd too.
     image = mkfs_vfat("IMPRINT", {"token": f"{GOOD.encode()}\n".encode()}, tmp_path / "seed.img")
     attach(paths, "IMPRINT", image)
-    assert seed.read(paths) == GOOD
+    assert seed.read(paths) == Offer(GOOD)
     assert logs["mdir"].exists() and logs["mtype"].exists()
     assert seed.consume(paths)
     assert logs["mshowfat"].exists() and logs["mcopy"].exists()

@@ -5,14 +5,19 @@ reads back the disk) and the agent (which reads the token, writes the reply, wip
 Header, at offset 0 (all integers big-endian)::
 
     0   8  magic      b"IMPRMETA"
-    8   2  version    1
+    8   2  version    1, or 2 when the disk carries owner addresses
     10  2  flags      bit 0: the token was consumed and wiped
     12  2  length     token length in bytes, 0..256 (0 once wiped)
-    14  2  reserved   0
+    14  2  owners     version 2: length of the owner address list; version 1: reserved, 0
     16  4  reply_off  offset of the reply area (4096)
     20  4  reply_len  size of the reply area (4096)
-    24  32 checksum   SHA-256 over bytes 0..23 and the token bytes
+    24  32 checksum   SHA-256 over bytes 0..23, the token bytes and the owner bytes
     56  .. token      ASCII
+    ..  .. owners     ASCII, right after the token: the owner addresses in the list form
+                      (``host:port,host:port``, imprint.owneraddr), which the channel parses
+
+A disk without owner addresses is exactly a version 1 disk, so a site that gives none writes what
+it always wrote; an agent that predates version 2 refuses a disk with owners by its version.
 
 Reply area, at reply_off::
 
@@ -40,10 +45,13 @@ from dataclasses import dataclass
 MAGIC = b"IMPRMETA"
 REPLY_MAGIC = b"IMPRREPL"
 VERSION = 1
+VERSION_OWNERS = 2  # the header carries owner addresses (the reply area stays at VERSION)
 FLAG_CONSUMED = 1
 MAX_TOKEN = 256
 REPLY_OFFSET = 4096
 REPLY_SIZE = 4096
+# The owner list fills at most what is left of the header block after the longest token.
+MAX_OWNERS = REPLY_OFFSET - 56 - MAX_TOKEN
 DISK_SIZE = REPLY_OFFSET + REPLY_SIZE
 # Where a reply area may end: version 1 disks put it at 4096..8192; room to grow, no more.
 MAX_REPLY_END = 64 * 1024
@@ -62,41 +70,52 @@ class Header:
     token: str
     reply_offset: int
     reply_size: int
+    owners: str = ""  # the owner address list as written (not yet parsed); "" when none
 
     @property
     def consumed(self) -> bool:
         return bool(self.flags & FLAG_CONSUMED)
 
 
-def build(token: str, *, flags: int = 0) -> bytes:
-    """A whole disk image carrying ``token`` and an empty reply area."""
-    return encode_header(token, flags=flags) + bytes(DISK_SIZE - REPLY_OFFSET)
+def build(token: str, *, flags: int = 0, owners: str = "") -> bytes:
+    """A whole disk image carrying ``token`` (and the owner list ``owners``) and an empty reply area."""
+    return encode_header(token, flags=flags, owners=owners) + bytes(DISK_SIZE - REPLY_OFFSET)
 
 
-def encode_header(token: str, *, flags: int = 0) -> bytes:
+def encode_header(token: str, *, flags: int = 0, owners: str = "") -> bytes:
     raw = token.encode("ascii")
     if len(raw) > MAX_TOKEN:
         raise MetadiskError(f"token of {len(raw)} bytes exceeds {MAX_TOKEN}")
-    fixed = _HEADER.pack(MAGIC, VERSION, flags, len(raw), 0, REPLY_OFFSET, REPLY_SIZE)
-    header = fixed + hashlib.sha256(fixed + raw).digest() + raw
+    owner_raw = owners.encode("ascii")
+    if len(owner_raw) > MAX_OWNERS:
+        raise MetadiskError(f"owner address list of {len(owner_raw)} bytes exceeds {MAX_OWNERS}")
+    version = VERSION_OWNERS if owner_raw else VERSION
+    fixed = _HEADER.pack(MAGIC, version, flags, len(raw), len(owner_raw), REPLY_OFFSET, REPLY_SIZE)
+    header = fixed + hashlib.sha256(fixed + raw + owner_raw).digest() + raw + owner_raw
     return header + bytes(REPLY_OFFSET - len(header))
 
 
 def decode_header(data: bytes) -> Header:
     if len(data) < _HEADER.size + 32:
         raise MetadiskError(f"disk is {len(data)} bytes, too small for the header")
-    magic, version, flags, length, _reserved, reply_off, reply_len = _HEADER.unpack_from(data)
+    magic, version, flags, length, owner_length, reply_off, reply_len = _HEADER.unpack_from(data)
     if magic != MAGIC:
         raise MetadiskError("bad magic: not an imprint metadata disk")
-    if version != VERSION:
-        raise MetadiskError(f"header version {version} is not supported (this imprint reads {VERSION})")
+    if version not in (VERSION, VERSION_OWNERS):
+        raise MetadiskError(f"header version {version} is not supported (this imprint reads {VERSION} "
+                            f"and {VERSION_OWNERS})")
+    if version == VERSION:
+        owner_length = 0  # reserved in version 1, and not covered by anything but the checksum
     if length > MAX_TOKEN:
         raise MetadiskError(f"token length {length} exceeds {MAX_TOKEN}")
+    if owner_length > MAX_OWNERS:
+        raise MetadiskError(f"owner address list length {owner_length} exceeds {MAX_OWNERS}")
     start = _HEADER.size + 32
-    if len(data) < start + length:
-        raise MetadiskError("disk truncated inside the token")
+    if len(data) < start + length + owner_length:
+        raise MetadiskError("disk truncated inside the token or the owner addresses")
     raw = data[start : start + length]
-    if hashlib.sha256(data[: _HEADER.size] + raw).digest() != data[_HEADER.size : start]:
+    owner_raw = data[start + length : start + length + owner_length]
+    if hashlib.sha256(data[: _HEADER.size] + raw + owner_raw).digest() != data[_HEADER.size : start]:
         raise MetadiskError("header checksum mismatch: the disk is corrupt")
     if reply_off < REPLY_OFFSET:
         raise MetadiskError(f"reply area at offset {reply_off} overlaps the header block (0..{REPLY_OFFSET})")
@@ -109,7 +128,13 @@ def decode_header(data: bytes) -> Header:
         token = raw.decode("ascii")
     except UnicodeDecodeError:
         raise MetadiskError("token is not ASCII") from None
-    return Header(flags=flags, token=token, reply_offset=reply_off, reply_size=reply_len)
+    try:
+        owners = owner_raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise MetadiskError("the owner address list is not ASCII") from None
+    if version == VERSION_OWNERS and not owners:
+        raise MetadiskError("a version 2 header with no owner addresses (a version 1 header has none)")
+    return Header(flags=flags, token=token, reply_offset=reply_off, reply_size=reply_len, owners=owners)
 
 
 def encode_reply(payload: str, size: int = REPLY_SIZE) -> bytes:

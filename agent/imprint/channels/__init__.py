@@ -8,9 +8,9 @@ To add a channel: write one module here that defines ``CHANNEL = Channel(...)`` 
 channel.py), then add one line to ``CHANNELS``. Nothing else names it: the agent's
 ``--channels``, the site's ``seed``/``boot --channel`` and the docs' list come from here.
 
-All local channels are read (they are cheap), so two channels carrying different tokens are
-caught and refused. Network channels are asked only when no local channel carries a token,
-because an absent metadata service costs timeouts.
+All local channels are read (they are cheap), so two channels carrying different tokens, or the
+same token with different owner addresses, are caught and refused. Network channels are asked
+only when no local channel carries a token, because an absent metadata service costs timeouts.
 """
 
 from __future__ import annotations
@@ -29,11 +29,12 @@ from imprint.channels import (
     nocloud,
     seed,
 )
-from imprint.channels.channel import Channel, ChannelBroken, SiteArtefact, agreeing
+from imprint.channels.channel import Channel, ChannelBroken, Offer, SiteArtefact, agreeing
 from imprint.guest.distro import Distro
+from imprint.owneraddr import OwnerAddress, encode_list
 from imprint.tokens import Token, TokenKind
 
-__all__ = ["CHANNELS", "Channel", "ChannelBroken", "Found", "channel_names", "consume_token", "find_token",
+__all__ = ["CHANNELS", "Channel", "ChannelBroken", "Found", "Offer", "channel_names", "consume_token", "find_token",
            "publish_vm_token", "site_artefacts"]
 
 # The order is the search order and the precedence shown in logs and docs.
@@ -55,6 +56,9 @@ class Found:
     channel: str
     token: Token
     also_on: tuple[str, ...] = ()
+    # Where the VM dials its owner, as the site gave them beside the token (every channel that
+    # carries the token agrees on them); () when the site gave none.
+    owners: tuple[OwnerAddress, ...] = ()
 
     @property
     def channels(self) -> tuple[str, ...]:
@@ -93,30 +97,40 @@ def consume_token(paths: Distro, found: Found, channels: Sequence[Channel] = CHA
     return wiped
 
 
-def _read(channel: Channel, paths: Distro) -> Token | None:
-    token = channel.read(paths)
-    if token is not None and token.kind is TokenKind.VM:
+def _read(channel: Channel, paths: Distro) -> Offer | None:
+    found = channel.read(paths)
+    if found is not None and found.token.kind is TokenKind.VM:
         raise ChannelBroken(channel.name, "it carries a VM token where the owner's token belongs")
-    return token
+    return found
 
 
 def find_token(paths: Distro, only: list[str] | None = None, channels: Sequence[Channel] = CHANNELS) -> Found | None:
     """The token on the boot channels; None when every channel searched is absent."""
     selected = [channel for channel in channels if only is None or channel.name in only]
     for network in (False, True):
-        found: list[tuple[str, Token]] = []
+        found: list[tuple[str, Offer]] = []
         for channel in selected:
             if channel.network != network:
                 continue
-            token = _read(channel, paths)
-            if token is not None:
-                found.append((channel.name, token))
+            offer = _read(channel, paths)
+            if offer is not None:
+                found.append((channel.name, offer))
         agreed = agreeing(found, _disagree)
         if agreed is not None:
-            return Found(*agreed, also_on=tuple(name for name, _ in found[1:]))
+            name, offer = agreed
+            return Found(name, offer.token, also_on=tuple(name for name, _ in found[1:]), owners=offer.owners)
     return None
 
 
-def _disagree(first_name: str, first: Token, name: str, token: Token) -> ChannelBroken:
-    return ChannelBroken(f"{first_name}+{name}", f"the channels disagree: {first_name} carries token "
-                                                 f"{first.token_id.hex()}, {name} carries token {token.token_id.hex()}")
+def _owners(owners: tuple[OwnerAddress, ...]) -> str:
+    # Parsed addresses: their text form is safe to show (and they are not secret).
+    return encode_list(owners) if owners else "none"
+
+
+def _disagree(first_name: str, first: Offer, name: str, other: Offer) -> ChannelBroken:
+    if first.token != other.token:
+        return ChannelBroken(f"{first_name}+{name}", f"the channels disagree: {first_name} carries token "
+                                                     f"{first.token.token_id.hex()}, {name} carries token "
+                                                     f"{other.token.token_id.hex()}")
+    return ChannelBroken(f"{first_name}+{name}", f"the channels disagree on the owner addresses: {first_name} "
+                                                 f"gives {_owners(first.owners)}, {name} gives {_owners(other.owners)}")

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from imprint import tokens
-from imprint.channels.channel import Artefact, ChannelBroken, SiteArtefact, agreeing
+from imprint.channels.channel import Artefact, ChannelBroken, Offer, Owners, SiteArtefact, agreeing, encode_owners
 from imprint.guest import volumes
 from imprint.guest.distro import Distro
 
@@ -25,9 +25,9 @@ class SeedFault(Exception):
     """What is wrong with the content of a seed volume (the channel adds which volume)."""
 
 
-VolumeReader = Callable[[volumes.Volume], tokens.Token | None]
+VolumeReader = Callable[[volumes.Volume], Offer | None]
 Files = dict[str, bytes]  # absolute path on the volume -> content
-FilesMaker = Callable[[str], Files]
+FilesMaker = Callable[[str, Owners], Files]  # (token, owner addresses) -> the volume's files
 
 # cloud-init copies meta-data (NoCloud) and meta (config-2) into the guest's world-readable
 # /run/cloud-init/instance-data.json: the site's notes say so, since a shared-mode token is K.
@@ -69,30 +69,31 @@ def instance_name(token: str) -> str:
     return f"imprint-{tokens.parse(token).token_id.hex()}"
 
 
-def _describe(label: str, token: tokens.Token | None) -> str:
-    if token is None:
+def _describe(label: str, found: Offer | None) -> str:
+    if found is None:
         return f"{label} carries no imprint token"
-    return f"{label} carries token {token.token_id.hex()}"
+    owners = f" with owner addresses {encode_owners(found.owners)}" if found.owners else " without owner addresses"
+    return f"{label} carries token {found.token.token_id.hex()}{owners}"
 
 
-def read_labelled(channel: str, paths: Distro, labels: Sequence[str], reader: VolumeReader) -> tokens.Token | None:
-    """The token on the volume(s) with one of ``labels``; None when none is present or the one
-    present carries no imprint token (someone else's seed)."""
-    results: list[tuple[str, tokens.Token | None]] = []
+def read_labelled(channel: str, paths: Distro, labels: Sequence[str], reader: VolumeReader) -> Offer | None:
+    """The token (and owner addresses) on the volume(s) with one of ``labels``; None when none is
+    present or the one present carries no imprint token (someone else's seed)."""
+    results: list[tuple[str, Offer | None]] = []
     for label, device in labelled(paths, labels):
         where = f"{label} ({device})"
         try:
             with volumes.open_volume(device, paths.programs) as volume:
-                token = reader(volume)
+                found = reader(volume)
         except (volumes.VolumeError, SeedFault) as exc:
             raise ChannelBroken(channel, f"{where}: {exc}") from None
         except ChannelBroken as exc:
             raise ChannelBroken(channel, f"{where}: {exc.fault}") from None
-        results.append((label, token))
+        results.append((label, found))
 
-    def refuse(first_label: str, first: tokens.Token | None, label: str, token: tokens.Token | None) -> ChannelBroken:
+    def refuse(first_label: str, first: Offer | None, label: str, other: Offer | None) -> ChannelBroken:
         return ChannelBroken(channel, f"two seeds labelled {first_label} and {label} disagree: "
-                                      f"{_describe(first_label, first)}, {_describe(label, token)}")
+                                      f"{_describe(first_label, first)}, {_describe(label, other)}")
 
     agreed = agreeing(results, refuse)
     return None if agreed is None else agreed[1]
@@ -102,14 +103,15 @@ def seed_artefacts(channel: str, iso_label: str, vfat_label: str, files: FilesMa
                    vfat_note: str, vfat_writable: bool = False) -> tuple[SiteArtefact, ...]:
     """The ``iso`` and ``vfat`` artefacts of a seed-volume channel, both hot-pluggable."""
 
-    def build_iso(token: str, out: Path) -> Artefact:
+    def build_iso(token: str, out: Path, owners: Owners = ()) -> Artefact:
         from imprint.channels import _images
 
-        return _images.iso_artefact(channel, iso_label, files(token), out, iso_note)
+        return _images.iso_artefact(channel, iso_label, files(token, owners), out, iso_note)
 
-    def build_vfat(token: str, out: Path) -> Artefact:
+    def build_vfat(token: str, out: Path, owners: Owners = ()) -> Artefact:
         from imprint.channels import _images
 
-        return _images.vfat_artefact(channel, vfat_label, files(token), out, vfat_note, readonly=not vfat_writable)
+        return _images.vfat_artefact(channel, vfat_label, files(token, owners), out, vfat_note,
+                                     readonly=not vfat_writable)
 
     return (SiteArtefact("iso", build_iso, hotplug=True), SiteArtefact("vfat", build_vfat, hotplug=True))

@@ -2,9 +2,15 @@
 artefacts a site builds for it, and the helpers every channel's reader shares (bounded reads,
 JSON, and the one way a channel turns text into a token).
 
-A channel's ``read(paths)`` has three outcomes: the token it found; ``None`` when the channel is
-absent (try the next); or it raises :class:`ChannelBroken` when the channel is present but
-corrupt. Broken fails closed: the agent never falls through from a broken channel to the next.
+A channel's ``read(paths)`` has three outcomes: the :class:`Offer` it found (the token and the
+owner addresses given beside it on the same channel); ``None`` when the channel is absent (try
+the next); or it raises :class:`ChannelBroken` when the channel is present but corrupt. Broken
+fails closed: the agent never falls through from a broken channel to the next. Owner addresses
+belong to a token: a channel that carries them without one is broken, and so is one whose
+addresses do not parse (:mod:`imprint.owneraddr`).
+
+A site builder is ``build(token, out, owners=())``: with owners it writes them under the
+channel's owner key, without them it writes exactly what it wrote before there were owners.
 """
 
 from __future__ import annotations
@@ -12,15 +18,18 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from imprint import boundedio, tokens
+from imprint import boundedio, owneraddr, tokens
 from imprint.fsatomic import write_atomic
 from imprint.guest.distro import Distro
 
 # The key that carries the token wherever a channel is a key-value document (NoCloud meta-data,
 # OpenStack meta, an EC2 instance tag, cloud-init's instance data, #cloud-config user-data).
 TOKEN_KEY = "imprint-token"  # noqa: S105 (the name of a key, not a secret)
+# The key of the owner addresses in those same documents (a string in the list form
+# "host:port,host:port"; where the document is JSON or YAML, a list of such strings too).
+OWNER_KEY = "imprint-owner"
 
 # A token file holds one short line; anything much larger is not a token file.
 MAX_TOKEN_FILE = 4096
@@ -33,7 +42,18 @@ class ChannelBroken(Exception):
         self.fault = fault
 
 
-Reader = Callable[[Distro], "tokens.Token | None"]
+Owners = tuple[owneraddr.OwnerAddress, ...]
+
+
+@dataclass(frozen=True)
+class Offer:
+    """What one channel carries: the token and the owner addresses the site put beside it."""
+
+    token: tokens.Token
+    owners: Owners = ()
+
+
+Reader = Callable[[Distro], "Offer | None"]
 # Write the VM token line to the channel's reverse area; False when there is none.
 Replier = Callable[[Distro, str], bool]
 # Wipe K from the channel after a shared-mode bind; False when there is nothing to wipe.
@@ -54,7 +74,10 @@ class Artefact:
     serial: str | None = None
 
 
-Builder = Callable[[str, Path], Artefact]
+class Builder(Protocol):
+    """Writes the artefact carrying ``token`` (and ``owners``, when given) at ``out``."""
+
+    def __call__(self, token: str, out: Path, owners: Owners = ...) -> Artefact: ...
 
 
 @dataclass(frozen=True)
@@ -91,6 +114,38 @@ def parse_token(channel: str, text: str, what: str = "") -> tokens.Token:
         return tokens.parse(text)
     except tokens.TokenError as exc:
         raise ChannelBroken(channel, f"{what}: {exc}" if what else str(exc)) from None
+
+
+def parse_owners(channel: str, value: object, what: str) -> Owners:
+    """The owner addresses in ``value``: a string in the list form, or (from a JSON or YAML
+    document) a list of address strings; ChannelBroken naming the channel, ``what`` (the key
+    or file) and the fault otherwise."""
+    try:
+        if isinstance(value, str):
+            return owneraddr.parse_list(value)
+        if isinstance(value, list) and all(isinstance(item, str) for item in value):
+            if len(value) > owneraddr.MAX_ADDRESSES:
+                raise owneraddr.OwnerAddressError(f"owner address list has {len(value)} items, "
+                                                  f"more than {owneraddr.MAX_ADDRESSES}")
+            # Each item one address (parse refuses a comma), then the list's own rules.
+            return owneraddr.parse_list(",".join(str(owneraddr.parse(item)) for item in value))
+    except owneraddr.OwnerAddressError as exc:
+        raise ChannelBroken(channel, f"{what}: {exc}") from None
+    raise ChannelBroken(channel, f"{what} is {type(value).__name__}, not a list of owner addresses")
+
+
+def offer(channel: str, token: tokens.Token | None, owners: Owners, what: str) -> Offer | None:
+    """The channel's offer; broken when it carries owner addresses (at ``what``) but no token."""
+    if token is None:
+        if owners:
+            raise ChannelBroken(channel, f"{what} gives owner addresses but the channel carries no token")
+        return None
+    return Offer(token, owners)
+
+
+def encode_owners(owners: Owners) -> str:
+    """The site's form of the owner list (raises ValueError for a list that is not one)."""
+    return owneraddr.encode_list(owners)
 
 
 _Value = TypeVar("_Value")
@@ -137,6 +192,25 @@ def read_token_file(channel: str, path: Path) -> tokens.Token | None:
     except UnicodeDecodeError:
         raise ChannelBroken(channel, f"{path} is not ASCII text") from None
     return parse_token(channel, text, str(path))
+
+
+def read_owner_file(channel: str, path: Path) -> Owners:
+    """The owner addresses in a small text file (the list form, one per line or comma-separated);
+    () when the file does not exist."""
+    raw = read_bounded(channel, path, owneraddr.MAX_LIST_TEXT, ": not an owner address file")
+    if raw is None:
+        return ()
+    try:
+        text = raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise ChannelBroken(channel, f"{path}: owner address file is not ASCII text") from None
+    return parse_owners(channel, text, str(path))
+
+
+def owner_file_path(out: Path) -> Path:
+    """Where a site writes the owner file that goes with the token artefact ``out`` (channels
+    that need a file per entry: fw_cfg, credentials)."""
+    return out.with_name(f"{out.name}.owner")
 
 
 def write_private(path: Path, data: bytes) -> None:

@@ -19,6 +19,11 @@ looked for in these places (key paths written the way cloud-init writes them in
   booted VM) is never read. Gzipped, MIME multi-part and Jinja-templated user-data are not
   searched: that needs cloud-init's own parser; put the token in metadata instead.
 
+The owner addresses are the key ``imprint-owner`` in those same places (a string in the list
+form, or a list of address strings where the place is JSON; in ``#cloud-config`` a one-line
+string: quote it when it starts with ``[``). They belong to the token: every place that gives
+them must give the same list, and owner addresses with no token anywhere make the channel broken.
+
 ``v1`` is not searched (a fixed set of standard keys, never user keys), nor ``merged_cfg``
 (/etc/cloud configuration, the same on every VM made from an image: no place for a token).
 
@@ -50,15 +55,21 @@ from typing import Any
 
 from imprint import boundedio, tokens
 from imprint.channels.channel import (
+    OWNER_KEY,
     TOKEN_KEY,
     Channel,
     ChannelBroken,
+    Offer,
+    Owners,
     agreeing,
     load_json,
+    offer,
+    parse_owners,
     parse_token,
     read_bounded,
 )
 from imprint.guest.distro import Distro
+from imprint.owneraddr import encode_list
 from imprint.safetext import printable
 
 NAME = "cloud-init"
@@ -108,29 +119,41 @@ def _load(path: Path, reread_pause: float, sleep: Callable[[float], None]) -> di
     return data
 
 
-def _metadata_tokens(path: Path, data: dict[str, Any]) -> list[tuple[str, tokens.Token]]:
+def _metadata_values(path: Path, data: dict[str, Any], key: str) -> list[tuple[str, object]]:
+    """(where, value) of ``key`` in each of LOCATIONS that has it, base64 values decoded."""
     encoded = data.get("base64_encoded_keys")
     encoded_keys = set(encoded) if isinstance(encoded, list) else set()
-    found = []
+    found: list[tuple[str, object]] = []
     for location in LOCATIONS:
         node: Any = data
         for step in location:
             node = node.get(step) if isinstance(node, dict) else None
-        if not isinstance(node, dict) or KEY not in node:
+        if not isinstance(node, dict) or key not in node:
             continue
-        key_path = "/".join((*location, KEY))
+        key_path = "/".join((*location, key))
         where = f"{path} {key_path}"
-        value = node[KEY]
-        if not isinstance(value, str):
-            raise ChannelBroken(NAME, f"{where} is {type(value).__name__}, not a token string")
-        if key_path in encoded_keys:
+        value = node[key]
+        if key_path in encoded_keys and isinstance(value, str):
             # cloud-init stored a binary value base64-encoded (its "ci-b64:" convention).
             try:
                 value = base64.b64decode(value, validate=True).decode("ascii")
             except (binascii.Error, UnicodeDecodeError):
-                raise ChannelBroken(NAME, f"{where}: base64-encoded value is not an ASCII token") from None
+                raise ChannelBroken(NAME, f"{where}: base64-encoded value is not ASCII text") from None
+        found.append((where, value))
+    return found
+
+
+def _metadata_tokens(path: Path, data: dict[str, Any]) -> list[tuple[str, tokens.Token]]:
+    found = []
+    for where, value in _metadata_values(path, data, KEY):
+        if not isinstance(value, str):
+            raise ChannelBroken(NAME, f"{where} is {type(value).__name__}, not a token string")
         found.append((where, parse_token(NAME, value, where)))
     return found
+
+
+def _metadata_owners(path: Path, data: dict[str, Any]) -> list[tuple[str, Owners]]:
+    return [(where, parse_owners(NAME, value, where)) for where, value in _metadata_values(path, data, OWNER_KEY)]
 
 
 def _scalar(rest: str) -> str:
@@ -167,15 +190,16 @@ def _user_data_lines(path: Path) -> Iterator[bytes]:
     yield from iter(lambda: lines.readline(MAX_LINE), b"")
 
 
-def _user_data_values(path: Path) -> list[str]:
-    """Every top-level ``imprint-token:`` value in a ``#cloud-config`` file (a tiny line reader:
-    PyYAML is not loaded at agent start, and the token is one plain scalar)."""
-    values: list[str] = []
+def _user_data_values(path: Path) -> dict[str, list[str]]:
+    """Every top-level ``imprint-token:`` and ``imprint-owner:`` value in a ``#cloud-config``
+    file, by key (a tiny line reader: PyYAML is not loaded at agent start, and each value is one
+    plain scalar)."""
+    values: dict[str, list[str]] = {KEY: [], OWNER_KEY: []}
     lines = _user_data_lines(path)
     header = next(lines, None)
     if header is None:
         return values
-    block = False  # the key's value is a block scalar: it is on the next indented line
+    block: str | None = None  # the key whose value is a block scalar: it is on the next indented line
     whole = header.endswith(b"\n")  # the previous read ended its line
     for raw in lines:
         starts_line, whole = whole, raw.endswith(b"\n")
@@ -184,26 +208,28 @@ def _user_data_values(path: Path) -> list[str]:
         try:
             line = raw.decode("utf-8").rstrip("\r\n")
         except UnicodeDecodeError:
-            if block or raw.startswith(KEY.encode()):
-                raise ChannelBroken(NAME, f"{path}: the {KEY} line is not UTF-8 text") from None
+            named = block or next((k for k in values if raw.startswith(k.encode())), None)
+            if named is not None:
+                raise ChannelBroken(NAME, f"{path}: the {named} line is not UTF-8 text") from None
             continue
-        if block and line.strip() and not line.startswith("#"):
-            block = False
+        if block is not None and line.strip() and not line.startswith("#"):
+            key, block = block, None
             if line[0] in " \t":
-                values.append(line.strip())
+                values[key].append(line.strip())
                 continue
-            values.append("")  # an empty block: this line is the next key
+            values[key].append("")  # an empty block: this line is the next key
         if not line or line[0] in " \t#":
             continue  # nested, a comment, or blank: not a top-level key
         key, sep, rest = line.partition(":")
-        if not sep or key.strip().strip("'\"") != KEY or (rest and rest[0] not in " \t"):
+        key = key.strip().strip("'\"")
+        if not sep or key not in values or (rest and rest[0] not in " \t"):
             continue
         if rest.strip() in _BLOCK_SCALARS:
-            block = True
+            block = key
             continue
-        values.append(_scalar(rest))
-    if block:
-        values.append("")
+        values[key].append(_scalar(rest))
+    if block is not None:
+        values[block].append("")
     return values
 
 
@@ -219,32 +245,48 @@ def _instance_id(path: Path, data: dict[str, Any]) -> str | None:
     return instance_id
 
 
-def _user_data_tokens(paths: Distro, data: dict[str, Any]) -> list[tuple[str, tokens.Token]]:
+def _user_data(paths: Distro, data: dict[str, Any]
+               ) -> tuple[list[tuple[str, tokens.Token]], list[tuple[str, Owners]]]:
+    """The token and the owner addresses of this instance's #cloud-config user-data."""
     instance_id = _instance_id(paths.cloud_init_instance_data, data)
     if instance_id is None:
-        return []
+        return [], []
     path = paths.cloud_init_user_data(instance_id)
     values = _user_data_values(path)
-    where = f"{path} (#cloud-config {KEY})"
-    if len(set(values)) > 1:
-        raise ChannelBroken(NAME, f"{where} is given {len(values)} times with different values")
-    return [(where, parse_token(NAME, values[0], where))] if values else []
+
+    def one(key: str) -> tuple[str, str] | None:
+        where = f"{path} (#cloud-config {key})"
+        if len(set(values[key])) > 1:
+            raise ChannelBroken(NAME, f"{where} is given {len(values[key])} times with different values")
+        return (where, values[key][0]) if values[key] else None
+
+    token, owners = one(KEY), one(OWNER_KEY)
+    return ([(token[0], parse_token(NAME, token[1], token[0]))] if token else [],
+            [(owners[0], parse_owners(NAME, owners[1], owners[0]))] if owners else [])
 
 
 def read(paths: Distro, *, reread_pause: float = REREAD_PAUSE,
-         sleep: Callable[[float], None] = time.sleep) -> tokens.Token | None:
+         sleep: Callable[[float], None] = time.sleep) -> Offer | None:
     path = paths.cloud_init_instance_data
     data = _load(path, reread_pause, sleep)
     if data is None:
         return None
-    found = _metadata_tokens(path, data) + _user_data_tokens(paths, data)
+    user_tokens, user_owners = _user_data(paths, data)
+    found = _metadata_tokens(path, data) + user_tokens
+    owners_found = _metadata_owners(path, data) + user_owners
 
     def refuse(first_where: str, first: tokens.Token, where: str, token: tokens.Token) -> ChannelBroken:
         return ChannelBroken(NAME, f"{first_where} and {where} carry different tokens "
                                    f"({first.token_id.hex()}, {token.token_id.hex()})")
 
+    def refuse_owners(first_where: str, first: Owners, where: str, owners: Owners) -> ChannelBroken:
+        return ChannelBroken(NAME, f"{first_where} and {where} carry different owner addresses "
+                                   f"({encode_list(first)}; {encode_list(owners)})")
+
     agreed = agreeing(found, refuse)
-    return None if agreed is None else agreed[1]
+    agreed_owners = agreeing(owners_found, refuse_owners)
+    where, owners = agreed_owners if agreed_owners is not None else ("", ())
+    return offer(NAME, None if agreed is None else agreed[1], owners, where)
 
 
 # No site artefact of its own: cloud-init's datasource is fed by the nocloud or config-2 seed, or

@@ -11,15 +11,20 @@ absent. Invalid JSON (nested deeper than the bound, duplicate keys or a NUL in a
 :func:`imprint.boundedio.load_json`), a ``meta`` that is not an object, or a key that is not a
 valid token string make the channel broken.
 
+The owner addresses are ``meta`` -> ``imprint-owner`` beside the token (``--property
+imprint-owner=owner.example:7444,[2001:db8::1]:7444``): a string in the list form (OpenStack
+metadata values are strings), or a JSON list of address strings. Without a token in ``meta``
+it makes the channel broken.
+
 The site's ``config-2-iso``/``config-2-vfat`` artefact is a config drive cloud-init accepts
-(:func:`files`: a uuid, names, and the token in ``meta``).
+(:func:`files`: a uuid, names, and the token and owner addresses in ``meta``).
 """
 
 from __future__ import annotations
 
 import json
 
-from imprint import boundedio, tokens
+from imprint import boundedio
 from imprint.channels._volume import (
     CLOUD_INIT_COPIES,
     Files,
@@ -29,7 +34,17 @@ from imprint.channels._volume import (
     read_labelled,
     seed_artefacts,
 )
-from imprint.channels.channel import TOKEN_KEY, Channel, parse_token
+from imprint.channels.channel import (
+    OWNER_KEY,
+    TOKEN_KEY,
+    Channel,
+    Offer,
+    Owners,
+    encode_owners,
+    offer,
+    parse_owners,
+    parse_token,
+)
 from imprint.guest import volumes
 from imprint.guest.distro import Distro
 
@@ -41,7 +56,7 @@ _WHAT = META_DATA.lstrip("/")
 _UUID_NAMESPACE = "5b0c6a39-8f5e-4d0a-9a57-2b0f8d1f6c11"  # imprint's, for config-2 uuids
 
 
-def _read_volume(volume: volumes.Volume) -> tokens.Token | None:
+def _read_volume(volume: volumes.Volume) -> Offer | None:
     raw = volume.read(META_DATA)
     if raw is None:
         return None
@@ -57,19 +72,21 @@ def _read_volume(volume: volumes.Volume) -> tokens.Token | None:
     meta = document["meta"]
     if not isinstance(meta, dict):
         raise SeedFault(f"{_WHAT}: meta is not an object")
-    if KEY not in meta:
-        return None
-    value = meta[KEY]
-    if not isinstance(value, str):
-        raise SeedFault(f"{_WHAT}: meta.{KEY} is not a string")
-    return parse_token(NAME, value, not_a_token(f"{_WHAT}: meta.{KEY}"))
+    owners = parse_owners(NAME, meta[OWNER_KEY], f"{_WHAT}: meta.{OWNER_KEY}") if OWNER_KEY in meta else ()
+    token = None
+    if KEY in meta:
+        value = meta[KEY]
+        if not isinstance(value, str):
+            raise SeedFault(f"{_WHAT}: meta.{KEY} is not a string")
+        token = parse_token(NAME, value, not_a_token(f"{_WHAT}: meta.{KEY}"))
+    return offer(NAME, token, owners, f"{_WHAT}: meta.{OWNER_KEY}")
 
 
-def read(paths: Distro) -> tokens.Token | None:
+def read(paths: Distro) -> Offer | None:
     return read_labelled(NAME, paths, LABELS, _read_volume)
 
 
-def files(token: str) -> Files:
+def files(token: str, owners: Owners = ()) -> Files:
     import uuid  # the site's only: not on the agent's start path
 
     name = instance_name(token)
@@ -78,7 +95,7 @@ def files(token: str) -> Files:
         "hostname": name,
         "name": name,
         "launch_index": 0,
-        "meta": {KEY: token},
+        "meta": {KEY: token, **({OWNER_KEY: encode_owners(owners)} if owners else {})},
     }
     return {META_DATA: (json.dumps(meta_data, indent=2) + "\n").encode()}
 

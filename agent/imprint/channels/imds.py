@@ -13,6 +13,14 @@ Where the token is looked for, in order:
 - OpenStack: ``GET http://169.254.169.254/openstack/latest/meta_data.json``, key ``meta`` ->
   ``imprint-token`` (``openstack server create --property imprint-token=...``).
 
+The owner addresses go beside the token under the key ``imprint-owner``: the EC2 instance tag
+``latest/meta-data/tags/instance/imprint-owner`` (asked only when the token tag is there, or
+when no token is found anywhere, to catch owners given without a token) or OpenStack ``meta``
+-> ``imprint-owner`` (a string, or a JSON list of address strings). AWS tag values allow
+neither commas nor brackets, so in the tag the addresses may also be separated by spaces
+(``owner1.example:7444 192.0.2.7:7444``); an IPv6 literal needs OpenStack metadata or a
+service of the site's own. Owner addresses without a token make the channel broken.
+
 The reverse channel (no-secrets mode) is a guest-attributes-style PUT of the VM token line::
 
       PUT http://169.254.169.254/latest/guest-attributes/imprint/vm-token   (text/plain, one line)
@@ -57,7 +65,17 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from imprint import boundedio, tokens
-from imprint.channels.channel import TOKEN_KEY, Channel, ChannelBroken, parse_token
+from imprint.channels.channel import (
+    OWNER_KEY,
+    TOKEN_KEY,
+    Channel,
+    ChannelBroken,
+    Offer,
+    Owners,
+    offer,
+    parse_owners,
+    parse_token,
+)
 from imprint.guest import log as agent_log
 from imprint.guest.distro import Distro
 from imprint.safetext import ascii_number, printable
@@ -74,6 +92,7 @@ SESSION_HEADER = "X-aws-ec2-metadata-token"
 # Long enough for one read or one reply; a leaked session token soon stops working.
 SESSION_TTL_SECONDS = 60
 TAG_PATH = f"/latest/meta-data/tags/instance/{KEY}"
+OWNER_TAG_PATH = f"/latest/meta-data/tags/instance/{OWNER_KEY}"
 OPENSTACK_PATH = "/openstack/latest/meta_data.json"
 REPLY_PATH = "/latest/guest-attributes/imprint/vm-token"
 
@@ -333,8 +352,26 @@ def tag_from(answer: _Answer, session: str | None) -> tokens.Token | None:
     return parse_token(NAME, text, answer.url)
 
 
-def openstack_from(answer: _Answer) -> tokens.Token | None:
-    """The token in the answer to the OpenStack meta_data.json GET; None when it carries none."""
+def owner_tag_from(answer: _Answer) -> Owners:
+    """The owner addresses in the answer to the EC2 owner tag GET; () when there is no such tag."""
+    if answer.status in (403, 404):
+        return ()
+    if answer.status != 200:
+        raise _broken_status(answer)
+    try:
+        text = answer.body.decode("ascii")
+    except UnicodeDecodeError:
+        raise ChannelBroken(NAME, f"{answer.url}: the answer is not ASCII text") from None
+    if "," not in text:
+        # AWS tag values cannot hold commas: spaces separate the addresses there (only spaces:
+        # any other control or blank character stays, for the parser to refuse).
+        text = ",".join(part for part in text.split(" ") if part)
+    return parse_owners(NAME, text, answer.url)
+
+
+def openstack_from(answer: _Answer) -> Offer | None:
+    """The token (and owner addresses) in the answer to the OpenStack meta_data.json GET; None
+    when it carries no token."""
     if answer.status in (403, 404):
         return None
     if answer.status != 200:
@@ -350,12 +387,15 @@ def openstack_from(answer: _Answer) -> tokens.Token | None:
         return None
     if not isinstance(meta, dict):
         raise ChannelBroken(NAME, f"{answer.url}: 'meta' is not an object")
+    owner_where = f"{answer.url} meta '{OWNER_KEY}'"
+    owners = parse_owners(NAME, meta[OWNER_KEY], owner_where) if meta.get(OWNER_KEY) is not None else ()
     value = meta.get(KEY)
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise ChannelBroken(NAME, f"{answer.url}: meta '{KEY}' is not a string")
-    return parse_token(NAME, value, f"{answer.url} meta '{KEY}'")
+    token = None
+    if value is not None:
+        if not isinstance(value, str):
+            raise ChannelBroken(NAME, f"{answer.url}: meta '{KEY}' is not a string")
+        token = parse_token(NAME, value, f"{answer.url} meta '{KEY}'")
+    return offer(NAME, token, owners, owner_where)
 
 
 # -- the requests
@@ -370,22 +410,30 @@ def _session(service: _Service, poll: _Deadline, timeouts: Timeouts) -> str | No
                                   MAX_TOKEN_BODY, poll, timeouts))
 
 
-def read(paths: Distro, timeouts: Timeouts = DEFAULT_TIMEOUTS) -> tokens.Token | None:
+def read(paths: Distro, timeouts: Timeouts = DEFAULT_TIMEOUTS) -> Offer | None:
     service = _service(paths)
     if service is None:
         return None
     poll = _Deadline(timeouts.poll)
     try:
         session = _session(service, poll, timeouts)
-        token = tag_from(_exchange(service, "GET", TAG_PATH, _headers(session), MAX_TOKEN_BODY, poll, timeouts),
-                         session)
-        if token is None:
-            token = openstack_from(_exchange(service, "GET", OPENSTACK_PATH, _headers(session), MAX_JSON_BODY, poll,
-                                             timeouts))
+        headers = _headers(session)
+
+        def owner_tag() -> Owners:
+            return owner_tag_from(_exchange(service, "GET", OWNER_TAG_PATH, headers, MAX_TOKEN_BODY, poll,
+                                            timeouts))
+
+        token = tag_from(_exchange(service, "GET", TAG_PATH, headers, MAX_TOKEN_BODY, poll, timeouts), session)
+        if token is not None:
+            return Offer(token, owner_tag())
+        found = openstack_from(_exchange(service, "GET", OPENSTACK_PATH, headers, MAX_JSON_BODY, poll, timeouts))
+        if found is not None:
+            return found
+        # No token anywhere: an owner tag alone is a site's mistake, not someone else's service.
+        return offer(NAME, None, owner_tag(), service.url(OWNER_TAG_PATH))
     except Absent as exc:
         log.debug("metadata service absent: %s", exc)
         return None
-    return token
 
 
 def reply(paths: Distro, line: str, timeouts: Timeouts = DEFAULT_TIMEOUTS) -> bool:

@@ -4,6 +4,10 @@ The by-id link is followed (udev makes it); what it points to must be a block de
 image file under a test root): a FIFO there is refused at once instead of blocking the agent.
 The site's ``metadata-disk`` artefact is a raw image with the serial set on its virtio-blk
 device; its reply area is the site's preferred reverse channel.
+
+The owner addresses are the header's ``owners`` field (a version 2 header: the list form right
+after the token, under the same checksum; see imprint.metadisk). A header with owner addresses
+and an empty token is broken.
 """
 
 from __future__ import annotations
@@ -11,8 +15,20 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from imprint import boundedio, metadisk, tokens
-from imprint.channels.channel import Artefact, Channel, ChannelBroken, SiteArtefact, parse_token, write_private
+from imprint import boundedio, metadisk
+from imprint.channels.channel import (
+    Artefact,
+    Channel,
+    ChannelBroken,
+    Offer,
+    Owners,
+    SiteArtefact,
+    encode_owners,
+    offer,
+    parse_owners,
+    parse_token,
+    write_private,
+)
 from imprint.guest.distro import Distro
 
 NAME = "metadata-disk"
@@ -52,14 +68,17 @@ def _header(device: str) -> tuple[metadisk.Header, int]:
         raise ChannelBroken(NAME, str(exc)) from None
 
 
-def read(paths: Distro) -> tokens.Token | None:
+def read(paths: Distro) -> Offer | None:
     device = _device(paths)
     if device is None:
         return None
     header, _ = _header(device)
     if header.consumed:
         raise ChannelBroken(NAME, "its token was consumed by an earlier bind (the disk says so)")
-    return parse_token(NAME, header.token)
+    owners = parse_owners(NAME, header.owners, "header owners") if header.owners else ()
+    if owners and not header.token:
+        return offer(NAME, None, owners, "header owners")
+    return Offer(parse_token(NAME, header.token), owners)
 
 
 def _write(device: str, offset: int, data: bytes) -> None:
@@ -96,8 +115,8 @@ def consume(paths: Distro) -> bool:
     return True
 
 
-def build(token: str, out: Path) -> Artefact:
-    write_private(out, metadisk.build(token))
+def build(token: str, out: Path, owners: Owners = ()) -> Artefact:
+    write_private(out, metadisk.build(token, owners=encode_owners(owners) if owners else ""))
     return Artefact(
         NAME, out,
         qemu_args=["-drive", f"file={out},if=none,id=imprint-meta,format=raw",

@@ -10,13 +10,18 @@ or the content of a file ``imprint`` at the root of the filesystem (which cloud-
 so K there does not end up in cloud-init's world-readable instance-data.json). When both are
 given they must carry the same token. A seed with neither is someone else's: absent.
 
+The owner addresses are the ``imprint-owner`` key of ``meta-data``, a string in the list form
+(``imprint-owner: owner.example:7444,[2001:db8::1]:7444``; quote it when it starts with ``[``,
+which YAML reads as a list). It belongs to the token on the same seed (in meta-data or the
+``imprint`` file); without a token it makes the channel broken.
+
 The site's ``nocloud-iso``/``nocloud-vfat`` artefact is a complete NoCloud seed (:func:`files`:
 meta-data with the token, an empty ``#cloud-config`` user-data), so cloud-init boots from it too.
 
 ``meta-data`` is YAML. The agent must not need PyYAML (nor pay for importing it), so only the
 subset a seed actually uses is read: top-level ``key: value`` lines with a plain, single- or
 double-quoted value, comments, and a document that is a JSON object (JSON is YAML too). When
-``imprint-token`` is present in any other form (a block scalar, a value continued on the next
+``imprint-token`` or ``imprint-owner`` is present in any other form (a block scalar, a value continued on the next
 line, given twice) the channel is broken rather than guessing what a YAML parser would make of
 it; other keys may use any YAML at all, since they are not read.
 """
@@ -25,7 +30,7 @@ from __future__ import annotations
 
 import re
 
-from imprint import boundedio, tokens
+from imprint import boundedio
 from imprint.channels._volume import (
     CLOUD_INIT_COPIES,
     Files,
@@ -36,7 +41,17 @@ from imprint.channels._volume import (
     read_labelled,
     seed_artefacts,
 )
-from imprint.channels.channel import TOKEN_KEY, Channel, parse_token
+from imprint.channels.channel import (
+    OWNER_KEY,
+    TOKEN_KEY,
+    Channel,
+    Offer,
+    Owners,
+    encode_owners,
+    offer,
+    parse_owners,
+    parse_token,
+)
 from imprint.guest import volumes
 from imprint.guest.distro import Distro
 
@@ -158,15 +173,20 @@ def meta_data_value(text: str, key: str) -> str | None:
     return values[0] if values else None
 
 
-def _read_volume(volume: volumes.Volume) -> tokens.Token | None:
+def _read_volume(volume: volumes.Volume) -> Offer | None:
     from_meta_data = None
+    owners: Owners = ()
     meta_data = volume.read(META_DATA)
     if meta_data is not None:
+        # Not ASCII-only: other keys may hold any text; the token itself is checked by parse.
+        text = meta_data.decode("utf-8", "replace")
         try:
-            # Not ASCII-only: other keys may hold any text; the token itself is checked by parse.
-            value = meta_data_value(meta_data.decode("utf-8", "replace"), KEY)
+            value = meta_data_value(text, KEY)
+            owner_value = meta_data_value(text, OWNER_KEY)
         except MetaDataError as exc:
             raise SeedFault(f"meta-data: {exc}") from None
+        if owner_value is not None:
+            owners = parse_owners(NAME, owner_value, f"meta-data: {OWNER_KEY}")
         if value is not None:
             from_meta_data = parse_token(NAME, value, not_a_token(f"meta-data: {KEY}"))
     raw = volume.read(TOKEN_FILE)
@@ -175,16 +195,19 @@ def _read_volume(volume: volumes.Volume) -> tokens.Token | None:
     if from_meta_data is not None and from_file is not None and from_meta_data != from_file:
         raise SeedFault(f"meta-data's {KEY} (token {from_meta_data.token_id.hex()}) and the imprint file "
                         f"(token {from_file.token_id.hex()}) disagree")
-    return from_meta_data or from_file
+    return offer(NAME, from_meta_data or from_file, owners, f"meta-data: {OWNER_KEY}")
 
 
-def read(paths: Distro) -> tokens.Token | None:
+def read(paths: Distro) -> Offer | None:
     return read_labelled(NAME, paths, LABELS, _read_volume)
 
 
-def files(token: str) -> Files:
+def files(token: str, owners: Owners = ()) -> Files:
     name = instance_name(token)
     meta_data = f"instance-id: {name}\nlocal-hostname: {name}\n{KEY}: {token}\n"
+    if owners:
+        # Quoted: a list starting with "[" (an IPv6 literal) would be a YAML flow sequence.
+        meta_data += f"{OWNER_KEY}: '{encode_owners(owners)}'\n"
     # cloud-init requires user-data next to meta-data; an empty #cloud-config changes nothing.
     return {META_DATA: meta_data.encode(), USER_DATA: b"#cloud-config\n{}\n"}
 

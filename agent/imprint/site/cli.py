@@ -1,6 +1,7 @@
 """imprint-site: what a site runs to hand a VM its token and to relay the VM token back.
 
     imprint-site seed --channel NAME --token T --out PATH     build the channel artefact
+                      [--owner HOST:PORT ...]                 (with the owner addresses beside the token)
     imprint-site reverse --from console.log|disk.img          print the VM token
     imprint-site boot --image IMG --channel NAME --token T    boot a QEMU VM with the token (JSON out)
     imprint-site attach RUN_DIR --channel NAME --token T      hot-plug a token disk into that VM
@@ -23,7 +24,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from imprint import lastresort, tokens
+from imprint import lastresort, owneraddr, tokens
 from imprint.safetext import printable
 from imprint.site import reverse, seeds, vm
 
@@ -49,6 +50,12 @@ def _json(data: object, indent: int | None = 2) -> None:
 
 
 
+def _add_owner(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--owner", action="append", default=[], metavar="HOST:PORT",
+                        help="an owner address the VM dials, written beside the token (repeatable, or a "
+                             "comma-separated list; IPv6 as [ADDRESS]:PORT)")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--debug", action="store_true", help="show the traceback of an internal error")
@@ -59,6 +66,7 @@ def _build_parser() -> argparse.ArgumentParser:
     token_source.add_argument("--token", help="the owner's token (visible in argv: prefer --token-file for K)")
     token_source.add_argument("--token-file", type=Path, help="read the token from this file")
     p.add_argument("--out", type=Path, required=True)
+    _add_owner(p)
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("reverse", help="extract the VM token from a console log or metadata disk")
     p.add_argument("--from", dest="source", type=Path, required=True)
@@ -75,6 +83,7 @@ def _build_parser() -> argparse.ArgumentParser:
     token_source = p.add_mutually_exclusive_group()
     token_source.add_argument("--token", help="the owner's token (visible in argv: prefer --token-file for K)")
     token_source.add_argument("--token-file", type=Path)
+    _add_owner(p)
     p.add_argument("--mode", choices=["shared", "nosecret"], help="check the token is of this mode")
     p.add_argument("--accel", choices=["auto", "kvm", "tcg"], default="auto",
                    help="auto: KVM if a bounded test boot works, else TCG (default)")
@@ -92,6 +101,7 @@ def _build_parser() -> argparse.ArgumentParser:
     token_source = p.add_mutually_exclusive_group(required=True)
     token_source.add_argument("--token")
     token_source.add_argument("--token-file", type=Path)
+    _add_owner(p)
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--no-wait", action="store_true")
 
@@ -124,6 +134,20 @@ def _parse_token(text: str) -> tokens.Token:
         raise UsageError(f"--token: {exc}") from None
 
 
+def _owners(args: argparse.Namespace) -> tuple[owneraddr.OwnerAddress, ...]:
+    """The --owner addresses, in order, duplicates dropped; a usage error when one is malformed."""
+    values: list[str] = getattr(args, "owner", None) or []
+    try:
+        owners: list[owneraddr.OwnerAddress] = []
+        for value in values:
+            owners += [address for address in owneraddr.parse_list(value) if address not in owners]
+        if len(owners) > owneraddr.MAX_ADDRESSES:
+            raise owneraddr.OwnerAddressError(f"{len(owners)} owner addresses, more than {owneraddr.MAX_ADDRESSES}")
+    except owneraddr.OwnerAddressError as exc:
+        raise UsageError(f"--owner: {exc}") from None
+    return tuple(owners)
+
+
 def _failure(exc: Exception) -> UsageError:
     return UsageError(lastresort.describe(exc) if isinstance(exc, OSError) else str(exc))
 
@@ -134,8 +158,9 @@ def _seed(args: argparse.Namespace) -> int:
     token = _parse_token(text)
     if token.kind is tokens.TokenKind.VM:
         raise UsageError("--token: a VM token goes to the owner, not onto the VM's boot channel")
+    owners = _owners(args)
     try:
-        artefact = seeds.build(args.channel, token.encode(), args.out)
+        artefact = seeds.build(args.channel, token.encode(), args.out, owners)
     except (OSError, ValueError, subprocess.SubprocessError) as exc:
         raise UsageError(f"cannot build the {args.channel} artefact at {args.out}: {_failure(exc)}") from None
     # A kernel command line that carries K is named by its file, never printed.
@@ -144,9 +169,11 @@ def _seed(args: argparse.Namespace) -> int:
     if args.json:
         _json({"channel": artefact.channel, "path": str(artefact.path), "qemu_args": artefact.qemu_args,
                "kernel_cmdline": shown, "kernel_cmdline_file": str(artefact.path) if cmdline else None,
-               "note": artefact.note})
+               "note": artefact.note, "owners": [str(address) for address in owners]})
         return 0
     _out(f"{artefact.channel}: wrote {artefact.path}")
+    if owners:
+        _out(f"  owner addresses: {owneraddr.encode_list(owners)}")
     if cmdline is not None:
         _out(f"  kernel command line: {shown}" if shown is not None else
              f"  kernel command line: append the contents of {artefact.path} (it carries K: not printed)")
@@ -185,6 +212,9 @@ def _boot(args: argparse.Namespace) -> int:
     import tempfile
 
     token = _read_token(args)
+    owners = _owners(args)
+    if owners and token is None:
+        raise UsageError("--owner goes with --token or --token-file (the owner addresses belong to a token)")
     if token is not None:
         parsed = _parse_token(token)
         if args.mode and parsed.kind is not tokens.TokenKind.VM and parsed.mode.value != args.mode:
@@ -199,7 +229,7 @@ def _boot(args: argparse.Namespace) -> int:
         record = vm.boot(image=args.image, kernel=args.kernel or near / "vmlinuz",
                          initrd=args.initrd or near / "initrd.img", run_dir=run_dir, channel=args.channel,
                          token=token, accel=args.accel, memory_mib=args.memory, cpus=args.cpus, append=args.append,
-                         reuse_disk=args.reuse_disk)
+                         reuse_disk=args.reuse_disk, owners=owners)
     except (vm.SiteError, tokens.TokenError, OSError, subprocess.SubprocessError) as exc:
         raise _failure(exc) from None
     _err(record.accel_note)
@@ -211,8 +241,9 @@ def _boot(args: argparse.Namespace) -> int:
 def _attach(args: argparse.Namespace) -> int:
     token = _read_token(args)
     assert token is not None  # argparse requires --token or --token-file
+    owners = _owners(args)
     try:
-        vm.attach(args.run_dir, args.channel, token)
+        vm.attach(args.run_dir, args.channel, token, owners)
         record = vm.BootRecord.load(args.run_dir)
     except (vm.SiteError, tokens.TokenError, OSError, ValueError, subprocess.SubprocessError) as exc:
         raise _failure(exc) from None

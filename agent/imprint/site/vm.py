@@ -36,7 +36,7 @@ from typing import Any
 
 from imprint import tokens
 from imprint.channels import metadisk
-from imprint.channels.channel import Artefact
+from imprint.channels.channel import Artefact, Owners
 from imprint.fsatomic import write_atomic
 from imprint.ports import AGENT_PORT
 from imprint.site import reverse, seeds
@@ -85,6 +85,8 @@ class BootRecord:
     vm_token: str | None = None
     vm_token_source: str | None = None
     seconds_to_status: float | None = None
+    # The owner addresses written beside the token (their text form; not secret).
+    owners: list[str] = field(default_factory=list)
 
     def save(self) -> None:
         write_atomic(Path(self.run_dir) / "boot.json", (json.dumps(asdict(self), indent=2) + "\n").encode())
@@ -245,12 +247,14 @@ def _token_mode(token: str | None) -> tuple[str | None, str | None]:
 
 def boot(*, image: Path | None, kernel: Path, initrd: Path, run_dir: Path, channel: str | None,
          token: str | None, accel: str = "auto", memory_mib: int = 1024, cpus: int = 1, append: str = "",
-         reuse_disk: Path | None = None, extra_qemu: list[str] | None = None) -> BootRecord:
+         reuse_disk: Path | None = None, extra_qemu: list[str] | None = None, owners: Owners = ()) -> BootRecord:
     """Start the VM and return its record (status "started"); :func:`follow` then watches it."""
     qemu = qemu_binary()
     mode, token_id = _token_mode(token)
     if (channel is None) != (token is None):
         raise SiteError("--channel and --token go together (or neither, for a VM with no token)")
+    if owners and token is None:
+        raise SiteError("--owner goes with a token (the owner addresses belong to it)")
     for path in (kernel, initrd):
         if not path.is_file():
             raise SiteError(f"{path} does not exist (build the image with image-build/build.sh)")
@@ -271,7 +275,7 @@ def boot(*, image: Path | None, kernel: Path, initrd: Path, run_dir: Path, chann
     qemu_args: list[str] = []
     if channel is not None and token is not None:
         try:
-            artefact = seeds.build(channel, token, run_dir / f"token-{channel}")
+            artefact = seeds.build(channel, token, run_dir / f"token-{channel}", owners)
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
             raise SiteError(f"cannot build the {channel} artefact: {exc}") from None
         qemu_args += artefact.qemu_args
@@ -311,7 +315,7 @@ def boot(*, image: Path | None, kernel: Path, initrd: Path, run_dir: Path, chann
         agent_port=agent_port, ssh_port=ssh_port, console=str(console), qmp=str(qmp), disk=str(disk),
         image=str(image.resolve()) if image else None, channel=channel,
         artefact=str(artefact.path) if artefact else None, mode=mode, token_id=token_id,
-        qemu_args=cmd, started_at=started,
+        qemu_args=cmd, started_at=started, owners=[str(address) for address in owners],
     )
     # K never goes into boot.json: argv (recorded there) carries file names only.
     record.save()
@@ -493,7 +497,7 @@ def stop(run_dir: Path, *, graceful: bool = False, timeout: float = 60.0) -> str
 HOTPLUG_CHANNELS = seeds.HOTPLUG
 
 
-def attach(run_dir: Path, channel: str, token: str) -> Artefact:
+def attach(run_dir: Path, channel: str, token: str, owners: Owners = ()) -> Artefact:
     """Hot-plug a token disk into a running VM (PCI hot-plug of a virtio-blk device)."""
     if channel not in HOTPLUG_CHANNELS:
         raise SiteError(f"only disks can be hot-plugged: {', '.join(HOTPLUG_CHANNELS)}")
@@ -501,7 +505,7 @@ def attach(run_dir: Path, channel: str, token: str) -> Artefact:
     record = BootRecord.load(run_dir)
     if not is_running(record.pid):
         raise SiteError(f"the VM of {run_dir} is not running")
-    artefact = seeds.build(channel, token, run_dir / f"hotplug-{channel}")
+    artefact = seeds.build(channel, token, run_dir / f"hotplug-{channel}", owners)
     ident = "hp" + hashlib.sha256(str(artefact.path).encode()).hexdigest()[:8]
     readonly = "readonly=on" in " ".join(artefact.qemu_args)
     file = str(artefact.path.resolve()).replace(",", ",,")
@@ -518,5 +522,6 @@ def attach(run_dir: Path, channel: str, token: str) -> Artefact:
         qmp.close()
     record.channel, record.artefact = channel, str(artefact.path)
     record.mode, record.token_id = _token_mode(token)
+    record.owners = [str(address) for address in owners]
     record.save()
     return artefact
