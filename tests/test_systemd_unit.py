@@ -88,7 +88,7 @@ def test_unit_settings_the_boot_path_relies_on() -> None:
     assert service["Restart"] == ["on-failure"]
     assert service["TimeoutStartSec"] == ["infinity"]  # an unbound VM may wait for its token
     assert service["StandardOutput"] == ["journal+console"]
-    assert service["LoadCredential"] == ["imprint.token"]
+    assert service["LoadCredential"] == ["imprint.token", "imprint.owner"]  # the owner addresses (issue 12)
     assert service["StateDirectory"] == ["imprint"]
     # Started with the network, not after DHCP (the agent polls late channels); stopped before it.
     after = head["After"][0].split()
