@@ -9,14 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import ssl
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -24,33 +20,12 @@ from imprint import crypto
 from imprint.tokens import Mode
 
 from tests.helpers import AgentFactory, Owner
-from tests.helpers.agents import Agent, read_log, start_notifying
+from tests.helpers.agents import Agent, read_log
+from tests.helpers.serve import Serve
 from tests.sshkit import free_port, seed_root
 
 AGENT_ENV = {"IMPRINT_AGENT_RECONNECT_SECONDS": "0.2", "IMPRINT_AGENT_RECONNECT_CAP_SECONDS": "1"}
 WAIT = 60.0
-
-
-@dataclass
-class Serve:
-    owner: Owner
-    port: int
-    log: Path
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> Serve:
-        cmd = [sys.executable, "-m", "imprint.owner", "--home", str(self.owner.home), "serve", "--listen", self.address]
-        self.proc, _, _ = start_notifying(cmd, self.log, os.environ)
-        return self
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=20)
 
 
 @pytest.fixture
@@ -71,27 +46,15 @@ def start_dialling(agents: AgentFactory, root: Path) -> Agent:
     return agents.start(root, "--listen", "none", env=dict(os.environ, **AGENT_ENV))
 
 
-def await_status(agent: Agent, text: str) -> str:
-    """The agent's next STATUS= notification containing ``text``."""
-    agent.notify._sock.settimeout(WAIT)
-    while True:
-        try:
-            message = agent.notify.recv().decode()
-        except TimeoutError:
-            raise AssertionError(f"no STATUS with {text!r} within {WAIT:g} s:\n{agent.log()}") from None
-        if text in message:
-            return message
-
-
 def bind_dialled(agents: AgentFactory, owner: Owner, serve: Serve, mode: Mode, *addresses: str) -> Agent:
     root = dialling_root(agents, owner.token("web1", mode.value), *(addresses or (serve.address,)))
     agent = start_dialling(agents, root)
     if mode is Mode.NOSECRET:
-        await_status(agent, "exchanging keys")  # it waits at the listener: nothing is pinned yet
+        agent.await_status("exchanging keys")  # it waits at the listener: nothing is pinned yet
         assert owner.json("list")["vms"][0]["state"] == "unbound"
         result = owner.json("bind", "web1", "--vm-token", agent.vm_token())
         assert result["state"] == "bound", result
-    await_status(agent, "connected to the owner")
+    agent.await_status("connected to the owner")
     return agent
 
 
@@ -114,14 +77,14 @@ def test_dialling_agent_binds_status_apply_and_survives_restarts(agents: AgentFa
     down = owner.run("status", "web1", check=4)  # nothing listens for the VM: unreachable, not "MITM"
     assert "man in the middle" not in down.stderr
     serve.start()
-    await_status(agent, "connected to the owner")
+    agent.await_status("connected to the owner")
     assert owner.json("status", "web1")["vm_fingerprint"] == fingerprint
 
     # Restart the agent with no token on any channel: the bind record says where to dial.
     agent.kill()
     (agent.root / "proc" / "cmdline").write_text("console=ttyS0 root=LABEL=root ro\n")
     again = start_dialling(agents, agent.root)
-    await_status(again, "connected to the owner")
+    again.await_status("connected to the owner")
     assert owner.json("status", "web1")["vm_fingerprint"] == fingerprint
 
 
@@ -134,7 +97,7 @@ def test_vm_token_given_before_the_vm_dials(agents: AgentFactory, owner: Owner, 
     recorded = owner.json("bind", "web1", "--vm-token", vm_token)
     assert recorded["state"] == "unbound"
     agent = start_dialling(agents, root)
-    await_status(agent, "connected to the owner")
+    agent.await_status("connected to the owner")
     assert owner.json("status", "web1")["state"] == "bound"
 
 

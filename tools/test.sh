@@ -7,6 +7,9 @@
 #   pass 2, the newest PyPI release of every declared dependency (.venv-newest): every test but
 #           - the VM/QEMU/Packer tests (-m "not vm", tests/test_packer.py): they boot the image,
 #             whose agent runs on the image's own Debian packages, not on this venv's;
+#           - tests/test_dial_out_scale.py (200 real agents dialling one listener, about 2
+#             minutes): the agents run on pass 1's packages either way, and the listener's own
+#             code on the newest releases is exercised by tests/test_dial_out.py;
 #           - tests/test_dependency_range.py: it builds its own clean venv with the newest
 #             releases whichever interpreter runs it, so a second run proves nothing new;
 #           - the kill -9 tests of the backend applies (tests/test_crashpoints.py, ssh, x509,
@@ -59,7 +62,8 @@ pytest_pass "1, Debian 12's packages" "$debian" debian "" "$@"
 # A -m of your own replaces pass 2's "not vm".
 pytest_pass "2, newest PyPI releases" "$newest" pypi \
   "${1:+the arguments select no test that pass 2 runs (it leaves out VM, Packer, dependency-range and backend-apply kill tests)}" \
-  -m "not vm" --ignore=tests/test_vm_boot.py --ignore=tests/test_packer.py \
+  -m "not vm" --ignore=tests/test_vm_boot.py --ignore=tests/test_vm_dial_out.py --ignore=tests/test_packer.py \
+  --ignore=tests/test_dial_out_scale.py \
   --ignore=tests/test_dependency_range.py \
   --deselect tests/test_crashpoints.py::test_kill_at_every_point_of_an_ssh_apply \
   --deselect tests/test_crashpoints.py::test_kill_at_every_point_of_an_x509_apply \

@@ -144,6 +144,22 @@ class Agent:
         data: dict[str, object] = json.loads(path.read_text()) if path.exists() else {}
         return data
 
+    def await_status(self, text: str, timeout: float = 60.0) -> str:
+        """The agent's next systemd notification containing ``text`` (STATUS= "connected to the
+        owner", ...); AssertionError with the agent's log when none comes within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no STATUS with {text!r} within {timeout:g} s:\n{self.log()}")
+            self.notify._sock.settimeout(remaining)
+            try:
+                message = self.notify.recv().decode()
+            except TimeoutError:
+                continue
+            if text in message:
+                return message
+
     def kill(self, sig: int = signal.SIGKILL) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)

@@ -94,6 +94,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--append", default="", help="more kernel command line")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the agent's status")
     p.add_argument("--no-wait", action="store_true", help="print the JSON right after QEMU started")
+    p.add_argument("--no-agent-port", action="store_true",
+                   help="forward no host port to the agent's 7443 (a VM that dials its owner needs none)")
 
     p = sub.add_parser("attach", help="hot-plug a token disk into a running VM")
     p.add_argument("run_dir", type=Path)
@@ -229,7 +231,7 @@ def _boot(args: argparse.Namespace) -> int:
         record = vm.boot(image=args.image, kernel=args.kernel or near / "vmlinuz",
                          initrd=args.initrd or near / "initrd.img", run_dir=run_dir, channel=args.channel,
                          token=token, accel=args.accel, memory_mib=args.memory, cpus=args.cpus, append=args.append,
-                         reuse_disk=args.reuse_disk, owners=owners)
+                         reuse_disk=args.reuse_disk, owners=owners, forward_agent=not args.no_agent_port)
     except (vm.SiteError, tokens.TokenError, OSError, subprocess.SubprocessError) as exc:
         raise _failure(exc) from None
     _err(record.accel_note)

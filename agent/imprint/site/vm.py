@@ -247,7 +247,8 @@ def _token_mode(token: str | None) -> tuple[str | None, str | None]:
 
 def boot(*, image: Path | None, kernel: Path, initrd: Path, run_dir: Path, channel: str | None,
          token: str | None, accel: str = "auto", memory_mib: int = 1024, cpus: int = 1, append: str = "",
-         reuse_disk: Path | None = None, extra_qemu: list[str] | None = None, owners: Owners = ()) -> BootRecord:
+         reuse_disk: Path | None = None, extra_qemu: list[str] | None = None, owners: Owners = (),
+         forward_agent: bool = True) -> BootRecord:
     """Start the VM and return its record (status "started"); :func:`follow` then watches it."""
     qemu = qemu_binary()
     mode, token_id = _token_mode(token)
@@ -282,7 +283,7 @@ def boot(*, image: Path | None, kernel: Path, initrd: Path, run_dir: Path, chann
         if artefact.kernel_cmdline:
             cmdline += " " + artefact.kernel_cmdline
 
-    agent_port, ssh_port = free_port(), free_port()
+    agent_port, ssh_port = (free_port() if forward_agent else 0), free_port()
     console = run_dir / "console.log"
     console.unlink(missing_ok=True)
     # QEMU keeps the mode of a file that exists; the guest kernel prints its command line here.
@@ -297,8 +298,9 @@ def boot(*, image: Path | None, kernel: Path, initrd: Path, run_dir: Path, chann
         "-display", "none", "-vga", "none", "-monitor", "none",
         "-kernel", str(kernel), "-initrd", str(initrd), "-readconfig", str(machine_config),
         "-drive", f"file={drive},if=virtio,format=qcow2",
-        "-netdev", (f"user,id=n0,hostfwd=tcp:127.0.0.1:{agent_port}-:{AGENT_PORT},"
-                    f"hostfwd=tcp:127.0.0.1:{ssh_port}-:22"),
+        "-netdev", ("user,id=n0,"
+                    + (f"hostfwd=tcp:127.0.0.1:{agent_port}-:{AGENT_PORT}," if forward_agent else "")
+                    + f"hostfwd=tcp:127.0.0.1:{ssh_port}-:22"),
         "-device", "virtio-net-pci,netdev=n0", "-device", "virtio-rng-pci",
         "-serial", f"file:{console}", "-qmp", f"unix:{qmp},server=on,wait=off",
         *qemu_args, *(extra_qemu or []),
@@ -311,7 +313,7 @@ def boot(*, image: Path | None, kernel: Path, initrd: Path, run_dir: Path, chann
     pid = int(pidfile.read_text().strip())
     record = BootRecord(
         run_dir=str(run_dir), pid=pid, accel=chosen, accel_note=note,
-        agent_address=f"127.0.0.1:{agent_port}", ssh_address=f"127.0.0.1:{ssh_port}",
+        agent_address=f"127.0.0.1:{agent_port}" if forward_agent else "", ssh_address=f"127.0.0.1:{ssh_port}",
         agent_port=agent_port, ssh_port=ssh_port, console=str(console), qmp=str(qmp), disk=str(disk),
         image=str(image.resolve()) if image else None, channel=channel,
         artefact=str(artefact.path) if artefact else None, mode=mode, token_id=token_id,
@@ -338,7 +340,9 @@ def _agent_lines(text: str) -> list[str]:
 
 # systemd's own status line (it may cut the line at 80 columns), at the start of a line.
 _FAILED = re.compile(r"^\[[^\]\n]*FAILED[^\]\n]*\] Failed to start imprint-ag", re.MULTILINE)
-_READY = re.compile(r"listening on \S+ \(.*?\)")
+# The agent's ready line: "listening on HOST:PORT[, dialling the owner at ...] (phase)", or with
+# --listen none "no inbound port, dialling the owner at ... (phase)".
+_READY = re.compile(r"(?:listening on \S+|no inbound port)[^(\n]* \(.*?\)")
 _WAITING = re.compile(r"waiting for a token on: .*")
 
 
