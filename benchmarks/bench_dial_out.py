@@ -52,7 +52,7 @@ def dialling_root(factory: h.AgentFactory, token: str, name: str, owner_address:
 def latency(base: Path, binds: int, env: dict[str, str]) -> dict[str, list[float]]:
     owner = Owner(base / "home")
     owner.init()
-    serve = Serve(OwnerCli(owner.home), free_port(), base / "serve.log").start()
+    serve = Serve(OwnerCli(owner.home.dir), free_port(), base / "serve.log").start()
     factory = h.AgentFactory(base / "agents", env=env, ready_timeout=h.READY_TIMEOUT)
     factory.base.mkdir()
     out: dict[str, list[float]] = {"dial-in": [], "dial-out": []}
