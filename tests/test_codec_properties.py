@@ -413,5 +413,5 @@ def test_vm_fed_mutated_owner_hello_raises_only_remote_protocol_error(mode: Mode
 
 def test_message_type_numbers_are_the_documented_wire_constants() -> None:
     assert {t.name: int(t) for t in MessageType} == {
-        "OWNER_HELLO": 1, "VM_HELLO": 2, "VM_PROOF": 3, "OWNER_PROOF": 4, "VM_CONFIRM": 5, "ALERT": 15,
+        "OWNER_HELLO": 1, "VM_HELLO": 2, "VM_PROOF": 3, "OWNER_PROOF": 4, "VM_CONFIRM": 5, "VM_DIAL": 6, "ALERT": 15,
     }

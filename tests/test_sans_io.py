@@ -50,8 +50,15 @@ from imprint.protocol.messages import (
 from imprint.tokens import Mode
 
 from tests.helpers import AgentFactory, Owner
-from tests.helpers.exchange import decoded, owner_session, split_frames, vm_session
-from tests.helpers.keys import NOSECRET, OWNER_CERT, OWNER_KEY, VM_CERT, K
+from tests.helpers.exchange import (
+    decoded,
+    owner_listening_session,
+    owner_session,
+    split_frames,
+    vm_dialling_session,
+    vm_session,
+)
+from tests.helpers.keys import NOSECRET, OWNER_CERT, OWNER_KEY, VM_CERT, VM_TOKEN, K
 
 IO_TIMEOUT = 20.0  # upper bound on a socket wait in the hand-made peers below
 
@@ -244,6 +251,46 @@ def test_vm_refuses_an_owner_certificate_with_an_unknown_key_algorithm(mode: Mod
     assert vm.peer_key is None
 
 
+def vm_dial_frame(token_mode: Mode, **changes: object) -> bytes:
+    """The genuine VmDial of ``token_mode`` with ``changes``: bytes a hostile dialler may send."""
+    import dataclasses
+
+    (dial,) = decoded(vm_dialling_session(token_mode).initiate())
+    return encode_frame(dataclasses.replace(dial, **changes))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("case", "changes"), [
+    ("mode 0", {"mode": 0}), ("mode 3", {"mode": 3}), ("mode 255", {"mode": 255}),
+    ("address with NUL", {"owner_address": b"owner\x00:7444"}),
+    ("address with ESC", {"owner_address": b"\x1b[2Jowner:7444"}),
+    ("address with newline", {"owner_address": b"owner:7444\nIMPRINT-VM-TOKEN x"}),
+    ("address with DEL", {"owner_address": b"owner\x7f:7444"}),
+    ("address not ASCII (Latin-1)", {"owner_address": b"\xf3wner:7444"}),
+    ("address not ASCII (UTF-8)", {"owner_address": "ówner:7444".encode()}),
+    ("certificate with an unknown key algorithm", {"vm_cert": with_unknown_key_oid(VM_CERT)}),
+    ("certificate not DER", {"vm_cert": b"\x30\x03\x02\x01\x01"}),
+    ("certificate not self-signed", {"vm_cert": VM_CERT[:-1] + bytes([VM_CERT[-1] ^ 1])}),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_the_listener_refuses_a_hostile_vm_dial_as_malformed(mode: Mode, case: str, changes: dict[str, object]) -> None:
+    listener = owner_listening_session()
+    with pytest.raises(RemoteProtocolError) as info:
+        listener.receive_data(vm_dial_frame(mode, **changes))
+    assert_refused(listener, info, AlertCode.MALFORMED)
+    assert listener.dial is None
+
+
+def reach_vm_dial(mode: Mode) -> tuple[OwnerExchange | VmExchange, bytes]:
+    return owner_listening_session(), vm_dialling_session(mode).initiate()
+
+
+def reach_dialled_owner_hello(mode: Mode) -> tuple[OwnerExchange | VmExchange, bytes]:
+    owner, vm = owner_listening_session(), vm_dialling_session(mode)
+    owner.receive_data(vm.initiate())
+    owner.accept(*((K, None) if mode is Mode.SHARED else (NOSECRET, VM_TOKEN)))
+    return vm, owner.data_to_send()
+
+
 # Each step of each side, and the crypto function it calls on the peer's bytes there. ``reach``
 # brings a fresh pair to the step and returns the side under test and the bytes it is fed next.
 Reach = Callable[[str], tuple[OwnerExchange | VmExchange, bytes]]
@@ -285,6 +332,12 @@ STEPS: dict[str, tuple[Reach, object, str]] = {
     "owner/VmProof/verify": (reach_vm_flight, crypto.PublicKey, "verify"),
     "owner/VmConfirm/verify": (reach_vm_confirm, crypto.PublicKey, "verify"),
     "owner/VmConfirm/sha256": (reach_vm_confirm, crypto, "sha256"),
+    # dial-out: the listener at AWAIT_VM_DIAL, the dialling VM at its OwnerHello
+    "owner/VmDial/self_signed_certificate_spki": (reach_vm_dial, crypto, "self_signed_certificate_spki"),
+    "owner/VmDial/digests_equal": (reach_vm_dial, crypto, "digests_equal"),
+    "owner/VmDial/sha256": (reach_vm_dial, crypto, "sha256"),
+    "vm/OwnerHello/certificate_spki": (reach_dialled_owner_hello, crypto, "certificate_spki"),
+    "vm/OwnerHello/digests_equal (dial-out)": (reach_dialled_owner_hello, crypto, "digests_equal"),
 }
 
 
@@ -355,19 +408,44 @@ def test_an_unknown_alert_code_is_internal() -> None:
 # ---- the table owns every transition
 
 
-OWNER_STATES = [State.START, State.AWAIT_VM_HELLO, State.AWAIT_VM_PROOF, State.AWAIT_VM_CONFIRM, State.DONE]
-VM_STATES = [State.AWAIT_OWNER_HELLO, State.AWAIT_OWNER_PROOF, State.AWAIT_LOCAL_CONFIRM, State.DONE]
+OWNER_STATES = [State.START, State.AWAIT_VM_DIAL, State.AWAIT_LOCAL_ACCEPT, State.AWAIT_VM_HELLO,
+                State.AWAIT_VM_PROOF, State.AWAIT_VM_CONFIRM, State.DONE]
+VM_STATES = [State.START, State.AWAIT_OWNER_HELLO, State.AWAIT_OWNER_PROOF, State.AWAIT_LOCAL_CONFIRM, State.DONE]
+# Where each direction starts: a state no transition leads to.
+INITIAL = {"owner": {State.START, State.AWAIT_VM_DIAL}, "vm": {State.START}}
+# (direction, state) of every state a genuine exchange brings each side to.
+REACHED = {
+    "owner": [("dial-in", s) for s in (State.START, State.AWAIT_VM_HELLO, State.AWAIT_VM_PROOF,
+                                       State.AWAIT_VM_CONFIRM, State.DONE)]
+    + [("dial-out", s) for s in (State.AWAIT_VM_DIAL, State.AWAIT_LOCAL_ACCEPT, State.AWAIT_VM_HELLO,
+                                 State.AWAIT_VM_PROOF, State.AWAIT_VM_CONFIRM, State.DONE)],
+    "vm": [("dial-in", s) for s in (State.AWAIT_OWNER_HELLO, State.AWAIT_OWNER_PROOF, State.AWAIT_LOCAL_CONFIRM,
+                                    State.DONE)]
+    + [("dial-out", s) for s in VM_STATES],
+}
 
 
-def session_at(side: str, mode: Mode, state: State) -> OwnerExchange | VmExchange:
+def session_at(side: str, mode: Mode, state: State, direction: str = "dial-in") -> OwnerExchange | VmExchange:
     """A fresh session of ``side`` driven by the genuine exchange, frame by frame, to ``state``
-    (each side under the one driver; the VM confirms as a step of its own)."""
-    owner, vm = owner_session(mode), vm_session(mode)
+    (each side under the one driver; the VM confirms, and the dial-out owner accepts, as steps
+    of their own)."""
+    if direction == "dial-out":
+        owner, vm = owner_listening_session(), vm_dialling_session(mode)
+    else:
+        owner, vm = owner_session(mode), vm_session(mode)
     owner_driver, vm_driver = ExchangeDriver(owner), ExchangeDriver(vm)
     me = owner if side == "owner" else vm
     flight: list[bytes] = []
-    steps: list[Callable[[], object]] = [
+    opening: list[Callable[[], object]] = [
         lambda: flight.extend(split_frames(vm_driver.feed(owner_driver.opening()).to_send)),
+    ] if direction == "dial-in" else [
+        lambda: flight.append(vm_driver.opening()),
+        lambda: owner_driver.feed(flight.pop()),  # VmDial: the listener is told VmDialled
+        lambda: owner.accept(*((K, None) if mode is Mode.SHARED else (NOSECRET, VM_TOKEN))),
+        lambda: flight.extend(split_frames(vm_driver.feed(owner.data_to_send()).to_send)),
+    ]
+    steps: list[Callable[[], object]] = [
+        *opening,
         lambda: owner_driver.feed(flight.pop(0)),  # VmHello alone
         lambda: flight.append(owner_driver.feed(flight.pop(0)).to_send),  # VmProof, answered by OwnerProof
         lambda: vm_driver.feed(flight.pop()),
@@ -396,18 +474,21 @@ def some_message(message_type: MessageType) -> bytes:
 def test_every_message_the_table_does_not_list_is_unexpected(side: str, mode: Mode) -> None:
     cls = OwnerExchange if side == "owner" else VmExchange
     states = OWNER_STATES if side == "owner" else VM_STATES
-    # The table names exactly the live states; DONE and FAILED have no way on.
+    # The table names exactly the live states; DONE and FAILED have no way on; every state but
+    # the initial ones is reached by a transition.
     assert list(cls.TRANSITIONS) == states[:-1]
-    assert {next_state for steps in cls.TRANSITIONS.values() for _, next_state in steps.values()} == set(states[1:])
-    for state in states:
+    assert {next_state for steps in cls.TRANSITIONS.values() for _, next_state in steps.values()} == \
+        set(states) - INITIAL[side]
+    assert {state for _, state in REACHED[side]} == set(states)
+    for direction, state in REACHED[side]:
         listed = cls.TRANSITIONS.get(state, {})
         for message_type in MessageType:
             if message_type in listed or message_type is MessageType.ALERT:
                 continue
-            session = session_at(side, mode, state)
+            session = session_at(side, mode, state, direction)
             with pytest.raises(RemoteProtocolError) as info:
                 session.receive_data(some_message(message_type))
-            assert info.value.code is AlertCode.UNEXPECTED_MESSAGE, (state, message_type)
+            assert info.value.code is AlertCode.UNEXPECTED_MESSAGE, (direction, state, message_type)
             assert session.state is State.FAILED
 
 
@@ -439,9 +520,9 @@ def test_receive_data_of_the_wrong_type_is_local_misuse() -> None:
 
 
 def test_abort_fails_every_live_state_and_leaves_terminal_ones() -> None:
-    for side, states in (("owner", OWNER_STATES), ("vm", VM_STATES)):
-        for state in states:
-            session = session_at(side, Mode.SHARED, state)
+    for side in ("owner", "vm"):
+        for direction, state in REACHED[side]:
+            session = session_at(side, Mode.SHARED, state, direction)
             session.abort(AlertCode.INTERNAL, "storage failed")
             sent = decoded(session.data_to_send())
             if state is State.DONE:

@@ -196,8 +196,16 @@ def self_signed_certificate_spki(der: bytes) -> bytes:
         canonical = cert.public_bytes(serialization.Encoding.DER)
         key = cert.public_key()
         signature, tbs = cert.signature, cert.tbs_certificate_bytes
+        outer_algorithm = cert.signature_algorithm_oid
     if canonical != der:
         raise CryptoError("certificate DER is not canonical")
+    # The signature covers the TBS part only: the outer algorithm and the signature BIT STRING's
+    # unused-bits byte must be checked here, or a certificate that differs from the signed one
+    # in those bytes would pass as the same key's (and could become a pin).
+    if outer_algorithm != x509.oid.SignatureAlgorithmOID.ED25519:
+        raise CryptoError("certificate's signature algorithm is not Ed25519")
+    if not der.endswith(b"\x03\x41\x00" + signature) or len(signature) != 64:
+        raise CryptoError("certificate's signature is not one 64-byte Ed25519 signature BIT STRING")
     if not isinstance(key, ed25519.Ed25519PublicKey):
         raise CryptoError("certificate key is not Ed25519")
     with _refusing("certificate is not self-signed by its own key"):

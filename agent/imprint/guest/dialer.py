@@ -34,6 +34,7 @@ from imprint import timeouts, tls
 from imprint.guest import log as agent_log
 from imprint.guest.notify import notify_status
 from imprint.owneraddr import OwnerAddress
+from imprint.tokens import Mode
 
 if TYPE_CHECKING:
     from imprint.guest.server import AgentServer
@@ -44,9 +45,13 @@ CONNECT_TIMEOUT = timeouts.seconds("IMPRINT_AGENT_CONNECT_SECONDS", 10.0)  # TCP
 # The first retry window, and the cap the window doubles up to.
 RECONNECT_FIRST = timeouts.seconds("IMPRINT_AGENT_RECONNECT_SECONDS", 10.0)
 RECONNECT_CAP = timeouts.seconds("IMPRINT_AGENT_RECONNECT_CAP_SECONDS", 300.0)
-# A no-secrets VM waits at the listener until the owner is given its VM token; the listener
-# ends the wait first (an Alert NOT_EXPECTED) and the VM dials again.
-DIAL_EXCHANGE_DEADLINE = 30 * 60.0
+# The whole bind connection. A shared-mode listener answers at once (it has the token or it has
+# not), so a listener that stalls is cut soon and the next address tried. A no-secrets VM waits
+# at the listener until the owner is given its VM token: only a listener whose key hashes to
+# the owner token gets that long (the VM checked before it sent anything), and it ends the wait
+# first (an Alert NOT_EXPECTED), then the VM dials again.
+EXCHANGE_DEADLINE = 30.0
+WAIT_DEADLINE = 30 * 60.0
 # A silent owner connection is probed by TCP keepalive: a dead owner host is noticed in about
 # KEEPIDLE + KEEPINTVL * KEEPCNT seconds even with nothing to send.
 KEEPIDLE, KEEPINTVL, KEEPCNT = 60, 10, 6
@@ -208,8 +213,9 @@ class OwnerDialer:
                     session.abort(AlertCode.TOKEN_CONSUMED, "this VM was bound meanwhile")
 
         notify_status(f"not bound; dialled the owner at {address}, exchanging keys")
+        budget = WAIT_DEADLINE if token.mode is Mode.NOSECRET else EXCHANGE_DEADLINE
         try:
-            ExchangeDriver(session, handle).run(sock, time.monotonic() + DIAL_EXCHANGE_DEADLINE)
+            ExchangeDriver(session, handle).run(sock, time.monotonic() + budget)
         except RemoteProtocolError as exc:
             if exc.code is AlertCode.NOT_EXPECTED and exc.from_peer:
                 log.info("%s does not expect this VM yet: %s", peer, exc.detail)
@@ -218,7 +224,7 @@ class OwnerDialer:
                 log.warning("bind with %s %s: %s (%s)", peer, who, exc.detail, exc.code.name)
             return False
         except TimeoutError:
-            log.info("bind with %s timed out after %.0f s", peer, DIAL_EXCHANGE_DEADLINE)
+            log.info("bind with %s timed out after %.0f s", peer, budget)
             return False
         if not bound_here:
             return False

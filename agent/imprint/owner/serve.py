@@ -40,7 +40,7 @@ from imprint.owner.api import Owner
 from imprint.owner.bind import _result, _vm_proof_text
 from imprint.owner.client import BadAnswer, exchange_on
 from imprint.owner.errors import OwnerError
-from imprint.owner.store import ClaimHeld, Store
+from imprint.owner.store import ClaimHeld, PinRow, Store
 from imprint.owner.viaserve import socket_path
 from imprint.ports import AGENT_PORT
 from imprint.protocol import AlertCode, Event, ExchangeComplete, OwnerExchange, RemoteProtocolError, VmAuthenticated
@@ -49,11 +49,11 @@ from imprint.protocol.exchange import VmDialled
 from imprint.safetext import printable
 
 HANDSHAKE_SECONDS = timeouts.seconds("IMPRINT_SERVE_HANDSHAKE_SECONDS", 10.0)
-EXCHANGE_SECONDS = 20.0  # from OwnerHello to VmConfirm and the status answer
+EXCHANGE_SECONDS = 20.0  # the bind connection, but for a no-secrets VM's wait for its VM token
 WAIT_SECONDS = timeouts.seconds("IMPRINT_SERVE_WAIT_SECONDS", 600.0)  # a no-secrets VM waiting for its VM token
 REQUEST_SECONDS = timeouts.seconds("IMPRINT_OWNER_REQUEST_SECONDS", 10.0)
 MAX_WAITING = 1024  # dialled-in VMs waiting for their VM token (anyone can dial and claim to be one)
-MAX_CONNECTIONS = 16384
+MAX_CONNECTIONS = 4096  # a thread each
 MAX_LOCAL_REQUEST = 2 << 20  # a local client's request line (an apply's profile included)
 
 
@@ -146,7 +146,7 @@ class Listener:
         of a VM's client certificate): the ones bound here, and by binds of other processes."""
         with self._trust_lock:
             self._last_refresh = time.monotonic()
-            for pin in self._store.bound_pins():
+            for pin in self._store.pins():
                 digest = pin.vm_cert.der_sha256
                 if digest not in self._trusted:
                     pin.vm_cert.trust(self._context)
@@ -232,10 +232,33 @@ class Listener:
         with self._trust_lock:
             vm = self._trusted.get(digest)
         pin = self._store.pin(vm) if vm is not None else None
-        if vm is None or pin is None or pin.state != "bound" or pin.vm_cert.der_sha256 != digest:
-            _log(f"connection from {peer} refused: its certificate is not a bound pin's")
+        if vm is None or pin is None or pin.vm_cert.der_sha256 != digest:
+            _log(f"connection from {peer} refused: its certificate is not a pin's")
+            return
+        if pin.state == "pending" and not self._recover(sock, vm, pin, peer):
             return
         self._hold(VmConnection(vm, sock, peer, time.time()))
+
+    def _recover(self, sock: ssl.SSLSocket, vm: str, pin: PinRow, peer: str) -> bool:
+        """A VM whose exchange this side never saw confirmed (the listener died, VmConfirm was
+        lost) dials with the pending pin's certificate: it pinned this owner. Its answer over
+        this mutual-TLS connection, with both keys, makes the pin final, as a dial-in bind's
+        recovery does (owner/bind.py)."""
+        try:
+            status, body = exchange_on(sock, "GET", "/v1/status", None, timeout=REQUEST_SECONDS, keep_alive=True)
+            answer = json.loads(body) if status == 200 else None
+            if not isinstance(answer, dict):
+                raise BadAnswer(f"status {status}")
+            result = _result(vm, pin.address, pin.mode, pin.vm_cert, self._key, answer, [])
+        except (OSError, TimeoutError, BadAnswer, ValueError, RecursionError, OwnerError) as exc:
+            _log(f"{vm}: the pending pin's VM dialled in, but its status failed: {exc}")
+            return False
+        if not self._store.confirm_pin(vm, pin.address, cert=pin.vm_cert, audit_detail=(
+                f"VM key {result.vm_fingerprint}, {pin.mode.value} mode, recovered: the pending pin's VM dialled "
+                f"in from {peer} and answered over mutual TLS")):
+            return False
+        _log(f"{vm} bound (recovered a pending pin; dialled in from {peer})")
+        return True
 
     def _hold(self, conn: VmConnection) -> None:
         """Keep ``conn`` as its VM's control channel until it closes."""
@@ -303,8 +326,10 @@ class Listener:
         name), under the VM's claim; None when it did not bind (audited)."""
         peer = bind.peer
         try:
+            # The wait for a VM token happens in the handler; it is not counted against the
+            # exchange's own deadline (a peer that sends nothing is cut after EXCHANGE_SECONDS).
             ExchangeDriver(bind.session, bind.handle).run(
-                sock, time.monotonic() + HANDSHAKE_SECONDS + WAIT_SECONDS + EXCHANGE_SECONDS)
+                sock, time.monotonic() + EXCHANGE_SECONDS, clock=lambda: time.monotonic() - bind.waited)
         except RemoteProtocolError as exc:
             bind.failed(f"{'the VM refused' if exc.from_peer else 'refused'} ({exc.code.name}): {exc.detail}")
             return None
@@ -450,12 +475,15 @@ class _DialBind:
         self.mode: tokens.Mode | None = None
         self.vm_cert = b""
         self.proved: list[str] = []
+        self.waited = 0.0  # seconds the handler waited for the owner's VM token
         self._claim: contextlib.ExitStack | None = None
 
     def handle(self, event: Event) -> None:
         store = self._listener._store
         if isinstance(event, VmDialled):
+            began = time.monotonic()
             found = self._listener.wait_for(event)
+            self.waited += time.monotonic() - began
             if found is None:
                 self.session.abort(AlertCode.NOT_EXPECTED, "this owner expects no VM with this token and key now")
                 return

@@ -433,8 +433,9 @@ class Store:
         return None if row is None else (row[0], row[1])
 
     @_locked
-    def bound_pins(self) -> list[PinRow]:
-        names = [row[0] for row in self._db.execute("SELECT vm FROM pins WHERE state = 'bound' ORDER BY vm")]
+    def pins(self) -> list[PinRow]:
+        """Every pin, pending or bound."""
+        names = [row[0] for row in self._db.execute("SELECT vm FROM pins ORDER BY vm")]
         return [pin for pin in (self.pin(name) for name in names) if pin is not None]  # the lock is re-entrant
 
     @_locked
