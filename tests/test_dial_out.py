@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import sqlite3
 import ssl
 import threading
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from imprint import crypto
+from imprint.owner import viaserve
 from imprint.tokens import Mode
 
 from tests.helpers import AgentFactory, Owner
@@ -183,3 +185,54 @@ def test_rewritten_address_to_an_attackers_listener_binds_nothing(agents: AgentF
     finally:
         evil.kill()
     assert owner.json("status", "web1")["state"] == "bound"
+
+
+def test_listener_survives_hostile_peers_and_local_clients(agents: AgentFactory, owner: Owner,
+                                                          tmp_path: Path) -> None:
+    """A silent TLS peer is cut after the bind deadline; a stranger's client certificate is
+    refused in the handshake; garbage on the local socket gets an error; and the listener
+    still binds a genuine VM afterwards."""
+    listener = Serve(owner, free_port(), tmp_path / "serve.log",
+                     env=dict(os.environ, IMPRINT_SERVE_EXCHANGE_SECONDS="1")).start()
+    try:
+        client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+        with client.wrap_socket(socket.create_connection(("127.0.0.1", listener.port))) as silent:
+            silent.settimeout(WAIT)
+            assert silent.recv(1) == b""  # cut: the listener's deadline, not ours
+        key = crypto.PrivateKey.generate()
+        (tmp_path / "s.key").write_bytes(key.to_pem())
+        (tmp_path / "s.crt").write_bytes(key.self_signed_certificate("stranger"))
+        client.load_cert_chain(str(tmp_path / "s.crt"), str(tmp_path / "s.key"))
+        with pytest.raises((ssl.SSLError, ConnectionError)), \
+                client.wrap_socket(socket.create_connection(("127.0.0.1", listener.port))) as stranger:
+            stranger.settimeout(WAIT)
+            stranger.recv(1)  # TLS 1.3: the refusal of a client certificate arrives after the handshake
+        assert viaserve.ask(owner.home, {"op": "no-such-op"}, WAIT) == {"ok": False, "error": "unknown-op"}
+        assert viaserve.ask(owner.home, {"op": "request", "vm": 3}, WAIT) == {"ok": False, "error": "bad-request"}
+        with socket.socket(socket.AF_UNIX) as raw:
+            raw.settimeout(WAIT)
+            raw.connect(str(viaserve.socket_path(owner.home)))
+            raw.sendall(b"\x1b[2J not json\n")
+            assert raw.recv(4096) == b""  # not JSON: closed without an answer, and the listener goes on
+        assert viaserve.connected(owner.home) == []
+        agent = bind_dialled(agents, owner, listener, Mode.SHARED)
+        assert agent.state()["bound"] is True
+        assert listener.proc is not None and listener.proc.poll() is None
+    finally:
+        listener.kill()
+
+
+def test_pending_pin_recovered_when_its_vm_dials_again(agents: AgentFactory, owner: Owner, serve: Serve) -> None:
+    """The listener died after the VM pinned it but before it confirmed its own pin (here: the
+    record put back to pending): the VM dials in with its certificate, and its answer over
+    mutual TLS makes the pin final."""
+    agent = bind_dialled(agents, owner, serve, Mode.SHARED)
+    serve.kill()
+    with sqlite3.connect(owner.home / "imprint.db") as db:
+        db.execute("UPDATE pins SET state = 'pending' WHERE vm = 'web1'")
+    assert owner.json("list")["vms"][0]["state"] == "pending"
+    serve.start()
+    agent.await_status("connected to the owner")
+    assert owner.json("status", "web1")["state"] == "bound"
+    assert any("recovered" in entry["detail"] for entry in owner.json("audit", "web1")["audit"])

@@ -8,6 +8,12 @@ imported, replaces it. The variables:
     IMPRINT_AGENT_REQUEST_SECONDS    guest/control.py  the next control request, waited for and read (30)
     IMPRINT_OWNER_CONNECT_SECONDS    owner/bind.py     TCP connect and TLS handshake of a bind (10)
     IMPRINT_OWNER_REQUEST_SECONDS    owner/client.py   a whole pinned request and its answer (10)
+    IMPRINT_SERVE_HANDSHAKE_SECONDS  owner/serve.py    a dialled-in TLS handshake (10)
+    IMPRINT_SERVE_EXCHANGE_SECONDS   owner/serve.py    a dialled-in bind, but for the wait for a VM token (20)
+    IMPRINT_SERVE_WAIT_SECONDS       owner/serve.py    a no-secrets VM waiting for its VM token (600)
+    IMPRINT_AGENT_CONNECT_SECONDS    guest/dialer.py   the agent's connect and TLS handshake to its owner (10)
+    IMPRINT_AGENT_RECONNECT_SECONDS  guest/dialer.py   the first window of the agent's reconnection backoff (10)
+    IMPRINT_AGENT_RECONNECT_CAP_SECONDS  guest/dialer.py   the window's cap (300)
 
 A value that is not a positive, finite number of seconds is refused, naming the variable:
 a deadline is never silently dropped.

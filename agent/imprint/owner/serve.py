@@ -49,7 +49,8 @@ from imprint.protocol.exchange import VmDialled
 from imprint.safetext import printable
 
 HANDSHAKE_SECONDS = timeouts.seconds("IMPRINT_SERVE_HANDSHAKE_SECONDS", 10.0)
-EXCHANGE_SECONDS = 20.0  # the bind connection, but for a no-secrets VM's wait for its VM token
+# The bind connection, but for a no-secrets VM's wait for its VM token.
+EXCHANGE_SECONDS = timeouts.seconds("IMPRINT_SERVE_EXCHANGE_SECONDS", 20.0)
 WAIT_SECONDS = timeouts.seconds("IMPRINT_SERVE_WAIT_SECONDS", 600.0)  # a no-secrets VM waiting for its VM token
 REQUEST_SECONDS = timeouts.seconds("IMPRINT_OWNER_REQUEST_SECONDS", 10.0)
 MAX_WAITING = 1024  # dialled-in VMs waiting for their VM token (anyone can dial and claim to be one)
