@@ -1,4 +1,6 @@
-"""The VM's state machine (VmExchange) fed arbitrary bytes in each state it can be in.
+"""The VM's state machine (VmExchange) fed arbitrary bytes in each state it can be in, in both
+directions: dial-in (the constructor, AWAIT_OWNER_HELLO .. DONE) and dial-out (``dialling``,
+START .. DONE).
 
 Only RemoteProtocolError may leave receive_data, and a refusing side is FAILED with exactly one
 Alert to send. Beyond the sans-IO rule: the fuzzer holds no private key, so an OwnerAuthenticated
@@ -16,8 +18,8 @@ from tests.fuzz import _exchange as ex
 def test_one_input(data: bytes) -> None:
     if len(data) < 2:
         return
-    mode, state, size, close, stream = ex.parse_selector(data, ex.VM_STATES)
-    vm = ex.vm_at(mode, state)
+    mode, point, size, close, stream = ex.parse_selector(data, ex.VM_STATES)
+    vm = ex.vm_at(mode, point)
     try:
         for chunk in [*ex.chunks(stream, size), *([b""] if close else [])]:
             for event in vm.receive_data(chunk):

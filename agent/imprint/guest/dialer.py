@@ -198,19 +198,8 @@ class OwnerDialer:
 
         def handle(event: Event) -> None:
             nonlocal bound_here
-            if not isinstance(event, OwnerAuthenticated):
-                return
-            try:
-                pinned = self._server.pin_owner(session, token, event.owner_key, peer)
-            except OSError as exc:
-                log.error("bind with %s: the owner key could not be stored: %s", peer, exc)
-                session.abort(AlertCode.INTERNAL, "the VM could not store the pin; retry")
-            else:
-                if pinned:
-                    bound_here = True
-                    session.confirm()
-                else:
-                    session.abort(AlertCode.TOKEN_CONSUMED, "this VM was bound meanwhile")
+            if isinstance(event, OwnerAuthenticated):
+                bound_here = self._server.settle_bind(session, token, event.owner_key, peer)
 
         notify_status(f"not bound; dialled the owner at {address}, exchanging keys")
         budget = WAIT_DEADLINE if token.mode is Mode.NOSECRET else EXCHANGE_DEADLINE

@@ -242,17 +242,7 @@ class AgentServer:
             # The peer proved the token: it is the owner now, and a flood must not evict it
             # between the pin and the VmConfirm that tells it so.
             self._table.promote(entry)
-            try:
-                pinned = self.pin_owner(session, token, event.owner_key, peer)
-            except OSError as exc:
-                log.error("bind from %s: the owner key could not be stored: %s", peer, exc)
-                session.abort(AlertCode.INTERNAL, "the VM could not store the pin; retry")
-            else:
-                if pinned:
-                    bound_here = True
-                    session.confirm()
-                else:
-                    session.abort(AlertCode.TOKEN_CONSUMED, "this VM was bound meanwhile")
+            bound_here = self.settle_bind(session, token, event.owner_key, peer)
 
         try:
             ExchangeDriver(session, handle).run(sock, entry.deadline)
@@ -274,6 +264,23 @@ class AgentServer:
             # would make it (docs/protocol.md §4.4), and goes on as its control channel: the
             # owner checks the bind with a status request here, without a second handshake.
             self._serve_control_on(sock, entry)
+
+    def settle_bind(self, session: VmExchange, token: Token, owner_key: crypto.PublicKey, peer: str) -> bool:
+        """The owner proved the token (OwnerAuthenticated), in either direction: pin it and
+        confirm, or abort saying why. True when this bind pinned the owner."""
+        from imprint.protocol import AlertCode
+
+        try:
+            pinned = self.pin_owner(session, token, owner_key, peer)
+        except OSError as exc:
+            log.error("bind with %s: the owner key could not be stored: %s", peer, exc)
+            session.abort(AlertCode.INTERNAL, "the VM could not store the pin; retry")
+            return False
+        if not pinned:
+            session.abort(AlertCode.TOKEN_CONSUMED, "this VM was bound meanwhile")
+            return False
+        session.confirm()
+        return True
 
     def pin_owner(self, session: VmExchange, token: Token, owner_key: crypto.PublicKey, peer: str) -> bool:
         from imprint import crypto
