@@ -83,13 +83,74 @@ def test_genuine_seeds_reach_the_end_of_the_exchange() -> None:
     from tests.fuzz import _exchange as ex
 
     for mode in ex.MODES:
-        g = ex.genuine(mode)
-        vm = ex.vm_at(mode, State.AWAIT_OWNER_HELLO)
-        vm.receive_data(g["OwnerHello"] + g["OwnerProof"])
-        vm.confirm()
-        owner = ex.owner_at(mode, State.AWAIT_VM_HELLO)
-        owner.receive_data(g["VmHello"] + g["VmProof"] + g["VmConfirm"])
-        assert vm.state is State.DONE and owner.state is State.DONE
+        for direction in ex.Direction:
+            g = ex.genuine(mode, direction)
+            vm = ex.vm_at(mode, ex.Point(direction, State.AWAIT_OWNER_HELLO))
+            vm.receive_data(g["OwnerHello"] + g["OwnerProof"])
+            vm.confirm()
+            owner = ex.owner_at(mode, ex.Point(direction, State.AWAIT_VM_HELLO))
+            owner.receive_data(g["VmHello"] + g["VmProof"] + g["VmConfirm"])
+            assert vm.state is State.DONE and owner.state is State.DONE, (mode, direction)
+
+
+def test_the_dial_out_seeds_complete_the_exchange_through_the_target() -> None:
+    # The listener's genuine seeds begin with VmDial: only the target's accept() on VmDialled
+    # leads on to DONE. Replayed step by step as the target does, the session must end there.
+    from imprint.protocol.exchange import State, VmDialled
+
+    from tests.fuzz import _exchange as ex
+
+    for mode in ex.MODES:
+        for name in (f"{mode.value}-dial-out-await-vm-dial-genuine-whole",
+                     f"{mode.value}-dial-out-await-vm-dial-genuine-bytewise-then-close"):
+            selected = ex.parse_selector((run.corpus_dir("exchange_owner") / name).read_bytes(), ex.OWNER_STATES)
+            owner = ex.owner_at(selected.mode, selected.point)
+            for chunk in ex.chunks(selected.stream, selected.size):
+                for event in owner.receive_data(chunk):
+                    if isinstance(event, VmDialled):
+                        assert ex.listener_accept(owner, event)
+            assert owner.state is State.DONE, (name, owner.state)
+
+
+_EXCHANGE_POINTS = {"exchange_owner": "OWNER_STATES", "exchange_vm": "VM_STATES"}
+
+
+@pytest.mark.parametrize("name", list(_EXCHANGE_POINTS))
+def test_every_exchange_seed_lands_where_its_name_says(name: str) -> None:
+    # A seed is named <mode>-<direction>-<state>-<what>[-then-close]; the target's selector must
+    # put it there (once the close bit leaked into the state index and sent the owner's
+    # "-then-close" seeds to START). Every point of either side has a seed in each mode.
+    from tests.fuzz import _exchange as ex
+
+    points = getattr(ex, _EXCHANGE_POINTS[name])
+    landed = set()
+    for path in sorted(p for p in run.corpus_dir(name).iterdir() if p.is_file()):
+        selected = ex.parse_selector(path.read_bytes(), points)
+        where = f"{selected.mode.value}-{selected.point.label}-"
+        assert path.name.startswith(where), f"{path.name} lands in {where}"
+        assert selected.close == path.name.endswith("-then-close"), (path.name, selected.close)
+        session = (ex.owner_at if name == "exchange_owner" else ex.vm_at)(selected.mode, selected.point)
+        assert session.state is selected.point.state
+        landed.add((selected.mode, selected.point))
+    missing = {(mode, point) for mode in ex.MODES for point in points} - landed
+    assert not missing, f"no seed for {sorted((m.value, p.label) for m, p in missing)}"
+
+
+def test_selector_round_trip() -> None:
+    from tests.fuzz import _exchange as ex
+
+    for points in (ex.OWNER_STATES, ex.VM_STATES):
+        assert len(set(points)) == len(points)
+        for mode in ex.MODES:
+            for point in points:
+                for size, close in ((1, False), (101, True), (256, True)):
+                    selected = ex.parse_selector(ex.selector_for(mode, point, points, size=size, close=close)
+                                                 + b"x", points)
+                    assert selected == (mode, point, size, close, b"x")
+        # Any first byte lands on some point; the close bit never moves it.
+        for byte in range(0x80):
+            assert ex.parse_selector(bytes([byte, 0]), points).point == ex.parse_selector(
+                bytes([byte | 0x80, 0]), points).point
 
 
 def test_runner_defaults_and_overrides(tmp_path: Path) -> None:

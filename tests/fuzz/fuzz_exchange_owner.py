@@ -29,7 +29,7 @@ def test_one_input(data: bytes) -> None:
         for chunk in [*ex.chunks(stream, size), *([b""] if close else [])]:
             for event in owner.receive_data(chunk):
                 if isinstance(event, VmDialled):
-                    assert point.direction is ex.OUT and owner.state is State.AWAIT_LOCAL_ACCEPT, point
+                    assert point.direction is ex.OUT and owner.dial == event, point
                     if not ex.listener_accept(owner, event):
                         (alert,) = ex.decoded(owner.data_to_send())
                         assert isinstance(alert, Alert) and alert.code == int(AlertCode.NOT_EXPECTED), alert

@@ -9,6 +9,7 @@ input or a near miss: the fuzzer mutates from there.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import sys
@@ -22,6 +23,7 @@ from imprint.tokens import Mode, Token, TokenKind, vm_token_line
 
 from tests.fuzz import _exchange as ex
 from tests.fuzz.run import corpus_dir
+from tests.helpers.keys import OWNER_CERT
 
 
 def _payload(label: str) -> bytes:
@@ -38,6 +40,7 @@ def frames() -> dict[str, bytes]:
         g = ex.genuine(mode)
         seeds[f"{mode.value}-whole-exchange"] = b"\xff" + b"".join(g.values())
         seeds[f"{mode.value}-bytewise-vm-flight"] = b"\x00" + g["VmHello"] + g["VmProof"]
+        seeds[f"{mode.value}-dial-out-whole-exchange"] = b"\xff" + b"".join(ex.genuine(mode, ex.OUT).values())
     seeds["alert"] = b"\x10" + encode_frame(Alert(int(AlertCode.WRONG_TOKEN), b"wrong token"))
     seeds["max-body"] = b"\xff" + MAX_BODY.to_bytes(2, "big") + bytes([1, 15, 1, 0, 0]) + bytes(MAX_BODY - 5)
     seeds["oversized-length"] = b"\x01" + (MAX_BODY + 1).to_bytes(2, "big") + b"\x01\x0f"
@@ -46,44 +49,90 @@ def frames() -> dict[str, bytes]:
     return seeds
 
 
+def _named(seeds: dict[str, bytes], points: tuple[ex.Point, ...], mode: Mode) -> Callable[..., None]:
+    """``seed(name, point, data, size=, close=)``: records one seed named
+    ``<mode>-<direction>-<state>-<name>`` (``-then-close`` at the end when the peer closes), so
+    a seed's name says where parse_selector puts it; tests/test_fuzz.py checks that it does."""
+
+    def seed(name: str, point: ex.Point, data: bytes, *, size: int = 256, close: bool = False) -> None:
+        full = f"{mode.value}-{point.label}-{name}{'-then-close' if close else ''}"
+        assert full not in seeds, full
+        seeds[full] = ex.selector_for(mode, point, points, size=size, close=close) + data
+
+    return seed
+
+
+def _vm_dial(mode: Mode, **changes: object) -> bytes:
+    """The genuine VmDial of ``mode`` with ``changes`` made (a near miss the listener refuses)."""
+    (message,) = ex.decoded(ex.genuine(mode, ex.OUT)["VmDial"])
+    return encode_frame(dataclasses.replace(message, **changes))
+
+
 def exchange_vm() -> dict[str, bytes]:
     seeds: dict[str, bytes] = {}
     for mode in ex.MODES:
-        g = ex.genuine(mode)
+        seed = _named(seeds, ex.VM_STATES, mode)
+        for direction in ex.Direction:
+            g = ex.genuine(mode, direction)
 
-        def sel(state: State, *, size: int = 256, close: bool = False, mode: Mode = mode) -> bytes:
-            return ex.selector_for(mode, state, ex.VM_STATES, size=size, close=close)
+            def at(state: State, direction: ex.Direction = direction) -> ex.Point:
+                return ex.Point(direction, state)
 
-        seeds[f"{mode.value}-genuine-owner-side"] = sel(State.AWAIT_OWNER_HELLO) + g["OwnerHello"] + g["OwnerProof"]
-        seeds[f"{mode.value}-genuine-bytewise-then-close"] = (sel(State.AWAIT_OWNER_HELLO, size=1, close=True)
-                                                        + g["OwnerHello"] + g["OwnerProof"])
-        seeds[f"{mode.value}-owner-proof"] = sel(State.AWAIT_OWNER_PROOF) + g["OwnerProof"]
-        seeds[f"{mode.value}-owner-hello-twice"] = sel(State.AWAIT_OWNER_PROOF) + g["OwnerHello"]
-        seeds[f"{mode.value}-late-frame"] = sel(State.AWAIT_LOCAL_CONFIRM) + g["OwnerProof"]
-        seeds[f"{mode.value}-after-done"] = sel(State.DONE, close=True) + g["OwnerHello"]
-        seeds[f"{mode.value}-alert"] = sel(State.AWAIT_OWNER_PROOF) + encode_frame(
-            Alert(int(AlertCode.AUTHENTICATION_FAILED), b"\x1b[31mno\r\n"))
+            seed("genuine-owner-side", at(State.AWAIT_OWNER_HELLO), g["OwnerHello"] + g["OwnerProof"])
+            seed("genuine-bytewise", at(State.AWAIT_OWNER_HELLO), g["OwnerHello"] + g["OwnerProof"],
+                 size=1, close=True)
+            seed("owner-proof", at(State.AWAIT_OWNER_PROOF), g["OwnerProof"])
+            seed("owner-hello-twice", at(State.AWAIT_OWNER_PROOF), g["OwnerHello"])
+            seed("late-frame", at(State.AWAIT_LOCAL_CONFIRM), g["OwnerProof"])
+            seed("owner-hello-again", at(State.DONE), g["OwnerHello"], close=True)
+            seed("alert", at(State.AWAIT_OWNER_PROOF), encode_frame(
+                Alert(int(AlertCode.AUTHENTICATION_FAILED), b"\x1b[31mno\r\n")))
+        # Dial-out only: bytes before initiate(), a VmDial reflected back, and the other
+        # direction's OwnerHello (bound to another server certificate and transcript).
+        out = ex.genuine(mode, ex.OUT)
+        seed("owner-hello-before-initiate", ex.Point(ex.OUT, State.START), out["OwnerHello"])
+        seed("vm-dial-reflected", ex.Point(ex.OUT, State.AWAIT_OWNER_HELLO), out["VmDial"])
+        seed("dial-in-owner-hello", ex.Point(ex.OUT, State.AWAIT_OWNER_HELLO),
+             ex.genuine(mode, ex.IN)["OwnerHello"] + out["OwnerProof"])
+        seed("dial-out-owner-hello", ex.Point(ex.IN, State.AWAIT_OWNER_HELLO), out["OwnerHello"] + out["OwnerProof"])
     return seeds
 
 
 def exchange_owner() -> dict[str, bytes]:
     seeds: dict[str, bytes] = {}
     for mode in ex.MODES:
-        g = ex.genuine(mode)
+        seed = _named(seeds, ex.OWNER_STATES, mode)
+        for direction in ex.Direction:
+            g = ex.genuine(mode, direction)
 
-        def sel(state: State, *, size: int = 256, close: bool = False, mode: Mode = mode) -> bytes:
-            return ex.selector_for(mode, state, ex.OWNER_STATES, size=size, close=close)
+            def at(state: State, direction: ex.Direction = direction) -> ex.Point:
+                return ex.Point(direction, state)
 
-        seeds[f"{mode.value}-genuine-vm-side"] = (sel(State.AWAIT_VM_HELLO)
-                                                  + g["VmHello"] + g["VmProof"] + g["VmConfirm"])
-        seeds[f"{mode.value}-genuine-bytewise-then-close"] = (sel(State.AWAIT_VM_HELLO, size=1, close=True)
-                                                        + g["VmHello"] + g["VmProof"] + g["VmConfirm"])
-        seeds[f"{mode.value}-vm-proof"] = sel(State.AWAIT_VM_PROOF) + g["VmProof"] + g["VmConfirm"]
-        seeds[f"{mode.value}-vm-confirm"] = sel(State.AWAIT_VM_CONFIRM) + g["VmConfirm"]
-        seeds[f"{mode.value}-before-initiate"] = sel(State.START) + g["VmHello"]
-        seeds[f"{mode.value}-after-done"] = sel(State.DONE, close=True) + g["VmConfirm"]
-        seeds[f"{mode.value}-alert"] = sel(State.AWAIT_VM_HELLO) + encode_frame(
-            Alert(int(AlertCode.TOKEN_CONSUMED), b"this VM was bound meanwhile"))
+            vm_side = g["VmHello"] + g["VmProof"] + g["VmConfirm"]
+            seed("genuine-vm-side", at(State.AWAIT_VM_HELLO), vm_side)
+            seed("genuine-bytewise", at(State.AWAIT_VM_HELLO), vm_side, size=1, close=True)
+            seed("vm-proof", at(State.AWAIT_VM_PROOF), g["VmProof"] + g["VmConfirm"])
+            seed("vm-confirm", at(State.AWAIT_VM_CONFIRM), g["VmConfirm"])
+            seed("vm-confirm-again", at(State.DONE), g["VmConfirm"], close=True)
+            seed("alert", at(State.AWAIT_VM_HELLO), encode_frame(
+                Alert(int(AlertCode.TOKEN_CONSUMED), b"this VM was bound meanwhile")))
+        seed("vm-hello-before-initiate", ex.Point(ex.IN, State.START), ex.genuine(mode, ex.IN)["VmHello"])
+        # Dial-out: the listener from VmDial on. VmDial is 303 bytes: read in chunks of 101,
+        # it ends at a chunk's end, so the target accepts before VmHello arrives.
+        out = ex.genuine(mode, ex.OUT)
+        dialled = ex.Point(ex.OUT, State.AWAIT_VM_DIAL)
+        assert len(out["VmDial"]) % 101 == 0
+        seed("genuine-whole", dialled, out["VmDial"] + out["VmHello"] + out["VmProof"] + out["VmConfirm"], size=101)
+        seed("genuine-bytewise", dialled, out["VmDial"] + out["VmHello"] + out["VmProof"] + out["VmConfirm"],
+             size=1, close=True)
+        seed("vm-dial", dialled, out["VmDial"])
+        seed("vm-dial-and-vm-hello-in-one-read", dialled, out["VmDial"] + out["VmHello"])
+        seed("unknown-token", dialled, _vm_dial(mode, token_id=bytes(8)))
+        seed("other-vm-cert", dialled, _vm_dial(mode, vm_cert=OWNER_CERT) + out["VmHello"], size=1)
+        seed("owner-hello-reflected", dialled, out["OwnerHello"])
+        seed("vm-hello-before-accept", ex.Point(ex.OUT, State.AWAIT_LOCAL_ACCEPT), out["VmHello"])
+        seed("dial-in-vm-flight", ex.Point(ex.OUT, State.AWAIT_VM_HELLO),
+             ex.genuine(mode, ex.IN)["VmHello"] + ex.genuine(mode, ex.IN)["VmProof"])
     return seeds
 
 
