@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from imprint import crypto
+from imprint.guest import journal
 from imprint.owner import viaserve
 from imprint.tokens import Mode
 
@@ -65,6 +66,8 @@ def test_dialling_agent_binds_status_apply_and_survives_restarts(agents: AgentFa
                                                                  mode: Mode, tmp_path: Path) -> None:
     agent = bind_dialled(agents, owner, serve, mode)
     assert agent.state()["bound"] is True
+    (bound,) = journal.read(agent.root / "var/lib/imprint/journal.log")
+    assert (bound.event, bound.fields["reached"]) == ("bound", "dial-out")
     status = owner.json("status", "web1")
     assert status["state"] == "bound" and "dialled in" in status["address"]
     fingerprint = status["vm_fingerprint"]

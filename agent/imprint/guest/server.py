@@ -296,6 +296,7 @@ class AgentServer:
                 owner_spki_sha256=crypto.sha256(owner_key.spki).hex(),
                 token_id=token.token_id.hex(),
                 owner_addresses=self._owner_addresses,
+                reached="dial-out" if session.tls_role.value == "client" else "dial-in",
             )
             self._context = self._make_context()
             self._token = None  # K is consumed: forget it

@@ -3,6 +3,7 @@
     vm.key       the VM's Ed25519 private key (born here, never leaves)
     vm.crt       self-signed certificate of that key, presented in TLS
     owner.crt    the pinned owner certificate (present once bound)
+    journal.log  the VM's append-only, hash-chained record of its trust (imprint.guest.journal)
     state.json   {"bound": ..., "mode": ..., "owner_fingerprint": ..., "bound_at": ...,
                   "consumed_tokens": [token ids], "owner_addresses": [HOST:PORT where it dials]}
 
@@ -65,6 +66,7 @@ class AgentState:
         self.cert_file = state_dir / "vm.crt"
         self.owner_cert_file = state_dir / "owner.crt"
         self.record_file = state_dir / "state.json"
+        self.journal_file = state_dir / "journal.log"
 
     def load_record(self) -> BindRecord:
         try:
@@ -99,7 +101,8 @@ class AgentState:
                      label="agent.identity-cert")
 
     def record_bind(self, *, owner_cert_pem: bytes, mode: Mode, owner_fingerprint: str,
-                    owner_spki_sha256: str, token_id: str, owner_addresses: list[str] | None = None) -> BindRecord:
+                    owner_spki_sha256: str, token_id: str, owner_addresses: list[str] | None = None,
+                    reached: str = "dial-in") -> BindRecord:
         record = self.load_record()
         # state.json's write syncs the directory for both
         write_atomic(self.owner_cert_file, owner_cert_pem, sync_dir=False, label="agent.owner-cert")
@@ -112,4 +115,9 @@ class AgentState:
         if token_id not in record.consumed_tokens:
             record.consumed_tokens.append(token_id)
         write_atomic(self.record_file, record.to_json(), label="agent.bind-record")
+        from imprint.guest import journal
+
+        # After the bind record: the journal tells what happened, the record decides what is.
+        journal.append(self.journal_file, "bound", owner_fingerprint=owner_fingerprint, mode=mode.value,
+                       token_id=token_id, reached=reached)
         return record
