@@ -22,10 +22,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from cryptography.x509.oid import NameOID
 
 SECRET_BYTES = 32
@@ -85,6 +87,32 @@ def verify_mac(key: bytes, data: bytes, tag: bytes) -> None:
 
 def digests_equal(a: bytes, b: bytes) -> bool:
     return hmac.compare_digest(a, b)
+
+
+AEAD_KEY_BYTES = 32   # AES-256-GCM
+AEAD_NONCE_BYTES = 12
+AEAD_TAG_BYTES = 16
+
+
+def scrypt(passphrase: bytes, *, salt: bytes, n: int, r: int, p: int, length: int = AEAD_KEY_BYTES) -> bytes:
+    """A key from a passphrase (RFC 7914). The caller bounds n, r and p (memory is 128 * n * r bytes)."""
+    with _refusing("scrypt parameters are not acceptable"):
+        return Scrypt(salt=salt, length=length, n=n, r=r, p=p).derive(passphrase)
+
+
+def aead_seal(key: bytes, nonce: bytes, plaintext: bytes, associated_data: bytes) -> bytes:
+    """AES-256-GCM: ciphertext and its 16-byte tag, which covers ``associated_data`` too."""
+    return AESGCM(key).encrypt(nonce, plaintext, associated_data)
+
+
+def aead_open(key: bytes, nonce: bytes, ciphertext: bytes, associated_data: bytes) -> bytes:
+    """The plaintext of :func:`aead_seal`'s output; CryptoError if it, the nonce or the
+    associated data is not what was sealed with this key."""
+    with _refusing("ciphertext does not decrypt"):
+        try:
+            return AESGCM(key).decrypt(nonce, ciphertext, associated_data)
+        except InvalidTag:
+            raise CryptoError("ciphertext does not decrypt") from None
 
 
 @dataclass(frozen=True)
@@ -151,6 +179,21 @@ class PrivateKey:
     def to_pem(self) -> bytes:
         return self._key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+
+    @classmethod
+    def from_der(cls, der: bytes) -> PrivateKey:
+        """An unencrypted PKCS#8 DER Ed25519 key (what :meth:`to_der` makes)."""
+        with _refusing("private key is not an unencrypted PKCS#8 DER key"):
+            key = serialization.load_der_private_key(der, password=None)
+            if not isinstance(key, ed25519.Ed25519PrivateKey):
+                raise CryptoError("private key is not Ed25519")
+            return cls(key)
+
+    def to_der(self) -> bytes:
+        """Unencrypted PKCS#8 DER (48 bytes for Ed25519; RFC 8410: the 32-byte seed last)."""
+        return self._key.private_bytes(
+            serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
 
     def sign(self, data: bytes) -> bytes:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+import os
 import ssl
 from dataclasses import dataclass
 from functools import cached_property
@@ -150,8 +151,40 @@ def owner_pinned_context(cert_file: str, key_file: str, vm: PinnedCert | None = 
     ctx.verify_mode = ssl.CERT_REQUIRED
     if vm is not None:
         vm.trust(ctx)
-    ctx.load_cert_chain(cert_file, key_file)
+    load_owner_identity(ctx, cert_file, key_file)
     return ctx
+
+
+def load_owner_identity(ctx: ssl.SSLContext, cert_file: str, key_file: str) -> None:
+    """The one way the owner's certificate and key (owner.crt, owner.key) reach ssl.
+
+    An unencrypted owner.key is loaded from its path, as it always was. An encrypted one
+    (owner/keyfile.py) is decrypted in memory (once per process, by OwnerHome) and handed to
+    OpenSSL through an anonymous memory file (memfd_create) by its /proc/self/fd path, closed
+    as soon as it is loaded: no decrypted byte is written to any file system. Not ssl's
+    ``password=`` with an OpenSSL-encrypted PEM instead: the encrypted PKCS#8 that cryptography 38
+    writes (BestAvailableEncryption) is PBKDF2 at OpenSSL's default 2048 rounds, not memory-hard,
+    with no way there to ask for scrypt; and OpenSSL would run its KDF again for every context,
+    i.e. every pinned request, where this decrypts once per process."""
+    from imprint.owner.home import key_pem_for_tls  # lazy: the agent never loads the owner's code
+
+    pem = key_pem_for_tls(key_file)
+    if pem is None:
+        ctx.load_cert_chain(cert_file, key_file)
+        return
+    fd = os.memfd_create("imprint-owner-key", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(pem)
+        while view:
+            view = view[os.write(fd, view):]
+        ctx.load_cert_chain(cert_file, f"/proc/self/fd/{fd}", password=_no_password)
+    finally:
+        os.close(fd)
+
+
+def _no_password() -> bytes:
+    # The decrypted key is unencrypted PEM: OpenSSL never asks. If it did, it must not prompt.
+    raise ssl.SSLError("the owner key in memory is not the unencrypted PEM it should be")
 
 
 # ---- the VM dials its owner (docs/protocol.md §4.6): the roles of TLS reversed
@@ -184,7 +217,7 @@ def owner_listener_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     chain to a trust anchor, and the only anchors are the pinned VMs' own certificates, added
     with ``PinnedCert.trust`` as VMs are bound: an unknown certificate fails the handshake."""
     ctx = _base(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(cert_file, key_file)
+    load_owner_identity(ctx, cert_file, key_file)
     ctx.verify_mode = ssl.CERT_OPTIONAL
     return ctx
 

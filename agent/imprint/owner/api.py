@@ -57,6 +57,8 @@ class Identity:
     home: Path
     owner_fingerprint: str
     created: bool
+    encrypted: bool = False      # owner.key is encrypted with a passphrase
+    encrypted_now: bool = False  # init(passphrase=...) encrypted an existing unencrypted key in place
 
 
 @dataclass(frozen=True)
@@ -143,11 +145,23 @@ class Owner:
             raise OwnerError(lastresort.describe(exc)) from None
 
     # -- identity and tokens
-    def init(self) -> Identity:
-        """Create the owner identity once; later calls report the existing one."""
+    def init(self, passphrase: str | bytes | None = None) -> Identity:
+        """Create the owner identity once; later calls report the existing one. With
+        ``passphrase``, owner.key is encrypted with it (docs/protocol.md §8.3): a new key, or an
+        existing unencrypted one in place; an encrypted one is checked against it."""
+        secret = passphrase.encode() if isinstance(passphrase, str) else passphrase
         with self._errors():
-            key, created = self.home.init()
-        return Identity(self.home.dir, key.public.fingerprint, created)
+            key, created = self.home.init(secret)
+            now = secret is not None and not created and self.home.protect(secret)
+            encrypted = self.home.encrypted
+        return Identity(self.home.dir, key.public.fingerprint, created, encrypted, now)
+
+    def unlock(self, passphrase: str | bytes) -> None:
+        """Decrypt an encrypted owner.key with ``passphrase`` for this process (else the key is
+        decrypted when first needed, with the passphrase from IMPRINT_PASSPHRASE_FILE, the
+        systemd credential or the terminal). UsageError if it is wrong."""
+        with self._errors():
+            self.home.unlock(passphrase.encode() if isinstance(passphrase, str) else passphrase)
 
     def new_token(self, name: str, mode: tokens.Mode | str) -> str:
         """A token for VM ``name`` (created if new; any earlier unused token is superseded):

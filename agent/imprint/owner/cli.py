@@ -42,7 +42,7 @@ PROG = "imprint"
 LINE_LIMIT = 4000
 # Commands that take nothing from a backend: they skip loading the backends' command-line hooks
 # (importlib.metadata and every plugin's declaration, tens of milliseconds on each run).
-CORE_ONLY = frozenset({"init", "token", "status", "list", "audit", "serve"})
+CORE_ONLY = frozenset({"init", "key", "token", "status", "list", "audit", "serve"})
 
 
 def _out(line: str) -> None:
@@ -81,11 +81,66 @@ def _owner(home: OwnerHome) -> Owner:
 
 
 def cmd_init(home: OwnerHome, args: argparse.Namespace) -> int:
-    identity = _owner(home).init()
+    passphrase = None
+    if args.passphrase:  # read here (file, credential or terminal), never from an argument
+        from imprint.owner import keyfile
+
+        passphrase = keyfile.passphrase(home.key_file, new=not (home.initialised and home.encrypted))
+    identity = _owner(home).init(passphrase)
     verb = "created" if identity.created else "already exists"
+    lines = [f"owner identity {verb} in {identity.home}", f"owner key: {identity.owner_fingerprint}"]
+    if identity.encrypted_now:
+        lines.append("owner.key encrypted in place with the passphrase (copies of the old unencrypted file, "
+                     "such as backups, are not)")
+    elif identity.encrypted:
+        lines.append("owner.key is encrypted with a passphrase")
     _emit(args, {"home": str(identity.home), "owner_fingerprint": identity.owner_fingerprint,
-                 "created": identity.created},
-          [f"owner identity {verb} in {identity.home}", f"owner key: {identity.owner_fingerprint}"])
+                 "created": identity.created, "encrypted": identity.encrypted,
+                 "encrypted_now": identity.encrypted_now}, lines)
+    return 0
+
+
+def cmd_key_export(home: OwnerHome, args: argparse.Namespace) -> int:
+    from imprint import crypto
+    from imprint.owner import keyfile
+
+    out: Path = args.out
+    reused = home.initialised and home.encrypted
+    data = home.exported_key(lambda: keyfile.passphrase(out, new=True))
+    try:
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        raise UsageError(f"--out {out} exists: refusing to overwrite it") from None
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fingerprint = crypto.fingerprint(crypto.certificate_spki(home.cert_file.read_bytes()))
+    how = ("the home's own encrypted owner.key: its passphrase opens it" if reused
+           else "encrypted with the passphrase just given")
+    _emit(args, {"out": str(out), "owner_fingerprint": fingerprint, "reused_home_encryption": reused},
+          [f"owner key {fingerprint} written to {out} ({how})",
+           f"restore it into a new home with: imprint --home DIR key import {out}"])
+    return 0
+
+
+def cmd_key_import(home: OwnerHome, args: argparse.Namespace) -> int:
+    from imprint.boundedio import InputError, read_file
+    from imprint.owner import keyfile
+
+    try:
+        data = read_file(Path(args.file), keyfile.MAX_FILE, follow_links=True)
+    except InputError as exc:
+        raise UsageError(f"{args.file}: {exc}") from None
+    if data is None:
+        raise UsageError(f"{args.file}: no such file")
+    key = home.import_key(data, lambda: keyfile.passphrase(Path(args.file), new=False))
+    _emit(args, {"home": str(home.dir), "owner_fingerprint": key.public.fingerprint, "encrypted": True},
+          [f"owner identity imported into {home.dir}", f"owner key: {key.public.fingerprint}",
+           "owner.key is encrypted with the export's passphrase"])
     return 0
 
 
@@ -358,7 +413,18 @@ def _build_parser(*, with_backends: bool = True) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     hooks = _backend_clis() if with_backends else []
     p = sub.add_parser("init", parents=[common], help="create the owner identity (once)")
+    p.add_argument("--passphrase", action="store_true",
+                   help="encrypt owner.key with a passphrase (asked on the terminal, or read from the file "
+                        "named by IMPRINT_PASSPHRASE_FILE); an existing unencrypted key is encrypted in place")
     p.set_defaults(func=cmd_init)
+    keys = sub.add_parser("key", help="the owner key: backup and restore").add_subparsers(dest="key_command",
+                                                                                          required=True)
+    p = keys.add_parser("export", parents=[common], help="write the owner key, encrypted, for a backup")
+    p.add_argument("--out", type=Path, required=True, metavar="FILE", help="a new file (never overwritten)")
+    p.set_defaults(func=cmd_key_export)
+    p = keys.add_parser("import", parents=[common], help="install an exported owner key into a new home")
+    p.add_argument("file", metavar="FILE")
+    p.set_defaults(func=cmd_key_import)
     tok = sub.add_parser("token", help="make tokens").add_subparsers(dest="token_command", required=True)
     p = tok.add_parser("new", parents=[common], help="make a token for a VM; printed alone on the last line")
     p.add_argument("name")

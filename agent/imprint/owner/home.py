@@ -2,7 +2,8 @@
 
 Layout (``$IMPRINT_HOME``, else ``$XDG_DATA_HOME/imprint``; 0700)::
 
-    owner.key, owner.crt        the owner identity (``imprint init``)
+    owner.key, owner.crt        the owner identity (``imprint init``); owner.key is PEM, or
+                                encrypted with a passphrase (``init --passphrase``: keyfile.py)
     imprint.db                  the database (imprint.owner.store)
     pins/<vm>.crt               each VM's pinned certificate, as the database has it
     <backend file>              a backend's own file, by the name it gives: ssh_ca, ssh_ca.pub
@@ -16,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,7 @@ from typing import Any, TypeVar
 
 from imprint import crypto, tokens
 from imprint.fsatomic import ensure_private_dir, write_atomic
+from imprint.owner import keyfile
 from imprint.owner.errors import OwnerError, UsageError
 from imprint.owner.store import Store
 
@@ -43,6 +46,8 @@ def default_home() -> Path:
 _Stamp = tuple[int, int, int, int]
 # What this process loaded from owner homes: (what, home) -> (the files' identity when read, value).
 _LOADED: dict[tuple[str, Path], tuple[tuple[_Stamp, ...], Any]] = {}
+# One key load at a time: threads that need an encrypted key wait for one scrypt (and one prompt).
+_KEY_LOCK = threading.RLock()
 
 
 def _file_stamp(path: Path) -> _Stamp:
@@ -88,23 +93,87 @@ class OwnerHome:
     def initialised(self) -> bool:
         return self.key_file.exists() and self.cert_file.exists()
 
-    def init(self) -> tuple[crypto.PrivateKey, bool]:
-        """Create the owner identity once; later calls load it. Returns (key, created)."""
+    def init(self, passphrase: bytes | None = None) -> tuple[crypto.PrivateKey, bool]:
+        """Create the owner identity once (its key encrypted with ``passphrase`` if given); later
+        calls load it (with ``passphrase``, if the key is encrypted). Returns (key, created)."""
         if self.initialised:
-            return self.load_key(), False
+            return (self.unlock(passphrase) if passphrase is not None and self.encrypted else self.load_key()), False
         self._ensure_dir()
         key = crypto.PrivateKey.generate()
-        write_atomic(self.key_file, key.to_pem())
+        write_atomic(self.key_file, key.to_pem() if passphrase is None else keyfile.seal(key, passphrase))
         write_atomic(self.cert_file, key.self_signed_certificate("imprint-owner"), mode=0o644)
+        self._remember_key(key)
         self.store().close()
         return key, True
 
-    def load_key(self) -> crypto.PrivateKey:
-        """The owner key, checked against owner.crt. Parsed once per process while neither file
-        changes (a fleet binds with it hundreds of times a second)."""
+    @property
+    def encrypted(self) -> bool:
+        """Whether owner.key is encrypted with a passphrase (keyfile.py)."""
+        return keyfile.is_sealed(_head(self.key_file))
+
+    def protect(self, passphrase: bytes) -> bool:
+        """Encrypt an unencrypted owner.key in place (one atomic replace), or check ``passphrase``
+        against an encrypted one. True if it encrypted the key now."""
+        with _KEY_LOCK:
+            if self.encrypted:
+                self.unlock(passphrase)
+                return False
+            key = self.load_key()
+            write_atomic(self.key_file, keyfile.seal(key, passphrase))
+            self._remember_key(key)
+            return True
+
+    def unlock(self, passphrase: bytes) -> crypto.PrivateKey:
+        """Decrypt an encrypted owner.key with ``passphrase`` for the rest of this process (a
+        library's way to give it; the CLI's sources are keyfile.passphrase)."""
+        with _KEY_LOCK:
+            _LOADED.pop(("key", self.dir), None)
+            return self._loaded("key", (self.key_file, self.cert_file), lambda: self._load_key(passphrase))
+
+    def exported_key(self, new_passphrase: Callable[[], bytes]) -> bytes:
+        """owner.key encrypted, for a backup: an encrypted home's own file (its passphrase), else
+        the key sealed with ``new_passphrase()``."""
         if not self.initialised:
             raise UsageError(f"no owner identity in {self.dir}: run `imprint init` first")
-        return self._loaded("key", (self.key_file, self.cert_file), self._load_key)
+        if self.encrypted:
+            data = _read_key_file(self.key_file)
+            keyfile.parse(data)
+            return data
+        return keyfile.seal(self.load_key(), new_passphrase())
+
+    def import_key(self, data: bytes, passphrase: Callable[[], bytes]) -> crypto.PrivateKey:
+        """Install an exported key (``data``, decrypted with ``passphrase()``) as the identity of
+        this new home: owner.key stays encrypted as it is, owner.crt is made for it."""
+        if self.key_file.exists() or self.cert_file.exists():
+            raise UsageError(f"{self.dir} already has an owner identity: refusing to overwrite it "
+                             f"(import into a new home, --home DIR)")
+        if not keyfile.is_sealed(data):
+            raise UsageError("not an imprint encrypted owner key (`imprint key export` writes one)")
+        keyfile.parse(data)
+        key = keyfile.unseal(data, passphrase())
+        self._ensure_dir()
+        write_atomic(self.key_file, data)
+        write_atomic(self.cert_file, key.self_signed_certificate("imprint-owner"), mode=0o644)
+        self._remember_key(key)
+        self.store().close()
+        return key
+
+    def load_key(self) -> crypto.PrivateKey:
+        """The owner key, checked against owner.crt. Parsed once per process while neither file
+        changes (a fleet binds with it hundreds of times a second); an encrypted one is
+        decrypted once, with the passphrase from keyfile.passphrase."""
+        if not self.initialised:
+            raise UsageError(f"no owner identity in {self.dir}: run `imprint init` first")
+        with _KEY_LOCK:
+            return self._loaded("key", (self.key_file, self.cert_file), self._load_key)
+
+    def _remember_key(self, key: crypto.PrivateKey) -> None:
+        """``key`` is what owner.key holds now (this process just wrote it): no passphrase again."""
+        try:
+            stamp = tuple(_file_stamp(path) for path in (self.key_file, self.cert_file))
+        except OSError:
+            return
+        _LOADED[("key", self.dir)] = (stamp, key)
 
     def _loaded(self, what: str, files: tuple[Path, ...], load: Callable[[], T]) -> T:
         """``load()``, once per process while none of ``files`` changes (by device, inode,
@@ -120,9 +189,15 @@ class OwnerHome:
         _LOADED[(what, self.dir)] = (stamp, value)
         return value
 
-    def _load_key(self) -> crypto.PrivateKey:
+    def _load_key(self, passphrase: bytes | None = None) -> crypto.PrivateKey:
         try:
-            key = crypto.PrivateKey.from_pem(self.key_file.read_bytes())
+            data = _read_key_file(self.key_file)
+            if keyfile.is_sealed(data):
+                self._file_checked(keyfile.parse, data)  # a damaged file is refused before a passphrase is asked for
+                given = passphrase or keyfile.passphrase(self.key_file, new=False)
+                key = self._file_checked(keyfile.unseal, data, given)
+            else:
+                key = crypto.PrivateKey.from_pem(data)
         except crypto.CryptoError as exc:
             raise UsageError(f"{self.key_file}: {exc}") from None
         except OSError as exc:
@@ -136,6 +211,13 @@ class OwnerHome:
         if not crypto.digests_equal(spki, key.public.spki):
             raise UsageError(f"{self.cert_file} does not carry the key in {self.key_file}")
         return key
+
+    def _file_checked(self, read: Callable[..., T], *args: Any) -> T:
+        """``read(*args)``, its UsageError naming this home's owner.key."""
+        try:
+            return read(*args)
+        except UsageError as exc:
+            raise UsageError(f"{self.key_file}: {exc}") from None
 
     def new_token(self, mode: tokens.Mode) -> tokens.Token:
         """The token for a new VM: a fresh single-use K (shared), or the hash of this owner's key
@@ -166,6 +248,37 @@ class OwnerHome:
         ensure_private_dir(path.parent)
         write_atomic(path, data)
         return path
+
+
+def _head(path: Path) -> bytes:
+    """The first bytes of a key file (enough to tell its format); empty if it cannot be read."""
+    try:
+        with open(path, "rb") as file:
+            return file.read(len(keyfile.BEGIN))
+    except OSError:
+        return b""
+
+
+def _read_key_file(path: Path) -> bytes:
+    with open(path, "rb") as file:
+        data = file.read(keyfile.MAX_FILE + 1)
+    if len(data) > keyfile.MAX_FILE:
+        raise UsageError(f"larger than {keyfile.MAX_FILE} bytes: not an owner key")
+    return data
+
+
+def key_pem_for_tls(key_file: str | os.PathLike[str]) -> bytes | None:
+    """What the TLS layer loads for the owner key file ``key_file`` (tls.owner_* contexts):
+    None for an unencrypted PEM file, which ssl reads from its path as it always has; for an
+    encrypted owner.key, the decrypted key as PEM, in memory only (this process's cached key,
+    decrypted once with the passphrase if not yet)."""
+    path = Path(key_file)
+    if not keyfile.is_sealed(_head(path)):
+        return None
+    home = OwnerHome(path.parent)
+    if home.key_file != path:
+        raise UsageError(f"{path} is an encrypted owner key outside an owner home's owner.key")
+    return home.load_key().to_pem()
 
 
 def _backend_name(name: str) -> str:
