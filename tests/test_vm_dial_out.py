@@ -8,12 +8,12 @@ logs in with `imprint ssh` trusting only the host key the agent attested over th
 from __future__ import annotations
 
 import os
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
+from imprint.owner import viaserve
 
 from tests.helpers.owner import Owner
 from tests.helpers.serve import Serve
@@ -30,15 +30,6 @@ BOUND_WITHIN = 600.0  # TCG: the agent dials once it is up; a bind under emulati
 HOST_FROM_GUEST = "10.0.2.2"  # QEMU user networking: the host's 127.0.0.1
 
 
-def _wait_bound(owner: Owner, deadline: float) -> dict[str, Any]:
-    """The VM's record once `imprint serve` bound it (each `imprint list` is a process: the loop
-    is paced by it, and ends at the deadline)."""
-    while True:
-        (record,) = owner.json("list")["vms"]
-        if record["state"] == "bound" or time.monotonic() > deadline:
-            return dict(record)
-
-
 def _scenario(site: Site, image: Image, tmp: Path, name: str, channel: str, mode: str) -> dict[str, Any]:
     tmp.mkdir(parents=True)
     owner = Owner.create(tmp / "owner")
@@ -53,10 +44,11 @@ def _scenario(site: Site, image: Image, tmp: Path, name: str, channel: str, mode
                          "--owner", f"{HOST_FROM_GUEST}:{serve.port}", "--no-agent-port")
         out: dict[str, Any] = {"boot": boot}
         assert boot["status"] == "ready", f"{boot['status']}: {boot['detail']}\n{console_tail(Path(boot['run_dir']))}"
-        deadline = time.monotonic() + BOUND_WITHIN
         if mode == "nosecret":
             out["given"] = owner.json("bind", "vm", "--vm-token", boot["vm_token"])
-        out["record"] = _wait_bound(owner, deadline)
+        # The listener wakes this wait when the VM is bound and connected: no polling.
+        out["connected"] = viaserve.await_connected(owner.home, ["vm"], BOUND_WITHIN)
+        (out["record"],) = owner.json("list")["vms"]
         out["serve_log"] = serve.log.read_text(errors="replace")
         if out["record"]["state"] != "bound":
             return out
@@ -97,6 +89,7 @@ def test_vm_with_no_agent_port_dials_binds_and_ssh_trusts_the_attested_key(diall
     boot = out["boot"]
     assert boot["agent_address"] == "" and ":7443" not in out["qemu_args"], "a host port reached the agent"
     assert out["record"]["state"] == "bound", f"not bound by the listener:\n{out['serve_log']}"
+    assert out["connected"] == ["vm"]
     assert "dialled in from" in out["serve_log"]
     status = out["status"]
     assert status["state"] == "bound" and "dialled in" in status["address"]

@@ -228,6 +228,14 @@ def certificate_spki(cert: bytes) -> bytes:
         return _spki_of(loaded.public_key())
 
 
+def certificate_subject(cert: bytes) -> bytes:
+    """The DER of a (DER or PEM) certificate's subject name."""
+    with _refusing("certificate is not valid X.509"):
+        loaded = x509.load_pem_x509_certificate(cert) if cert.lstrip().startswith(b"-----") \
+            else x509.load_der_x509_certificate(cert)
+        return loaded.subject.public_bytes()
+
+
 def self_signed_certificate_spki(der: bytes) -> bytes:
     """SPKI of a canonical DER certificate that is self-signed by its own Ed25519 key.
 

@@ -97,7 +97,11 @@ class AgentState:
         else:
             key = crypto.PrivateKey.generate()
             write_atomic(self.key_file, key.to_pem(), label="agent.identity-key")
-        write_atomic(self.cert_file, key.self_signed_certificate("imprint-vm"), mode=0o644,
+        # A name of its own per VM: OpenSSL finds a trust anchor by its subject name, and an owner's
+        # listener trusts every pinned VM certificate at once (tls.owner_listener_context): under
+        # one shared name only the first of them would ever verify.
+        name = f"imprint-vm {key.public.digest.hex()[:32]}"
+        write_atomic(self.cert_file, key.self_signed_certificate(name), mode=0o644,
                      label="agent.identity-cert")
 
     def record_bind(self, *, owner_cert_pem: bytes, mode: Mode, owner_fingerprint: str,

@@ -104,12 +104,14 @@ class Listener:
         self._key = self._home.load_key()
         self._cert = self._home.cert_der()
         self._context = tls.owner_listener_context(str(self._home.cert_file), str(self._home.key_file))
-        self._trusted: dict[str, str] = {}  # SHA-256 of a bound pin's DER -> VM name
+        self._trusted: dict[str, str] = {}  # SHA-256 of a pin's DER -> VM name
+        self._subjects: dict[bytes, str] = {}  # a trusted certificate's subject (DER) -> VM name
         self._trust_lock = threading.Lock()
         self._last_refresh = 0.0
         self._connections: dict[str, VmConnection] = {}
         self._lock = threading.Lock()
         self._given = threading.Condition(self._lock)  # a VM token was given: waiting binds look again
+        self._moved = threading.Condition(self._lock)  # a VM connected or disconnected
         self._waiting = 0
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._stopping = threading.Event()
@@ -150,8 +152,20 @@ class Listener:
             for pin in self._store.pins():
                 digest = pin.vm_cert.der_sha256
                 if digest not in self._trusted:
-                    pin.vm_cert.trust(self._context)
-                    self._trusted[digest] = pin.vm
+                    self._trust(pin.vm, pin.vm_cert)
+
+    def _trust(self, vm: str, cert: tls.PinnedCert) -> None:
+        """One more trust anchor (under _trust_lock). OpenSSL finds an anchor by its subject
+        name: two pinned certificates with one name (agents before per-VM names) cannot both
+        verify, so the second is named in the log rather than failing without a word."""
+        subject = crypto.certificate_subject(cert.der)
+        other = self._subjects.get(subject)
+        if other is not None and other != vm:
+            _log(f"{vm}'s certificate has the same subject as {other}'s: only one of them can dial in "
+                 "with it (an agent older than per-VM certificate names; it binds and is reached dial-in)")
+        self._subjects.setdefault(subject, vm)
+        cert.trust(self._context)
+        self._trusted[cert.der_sha256] = vm
 
     # -- running
     def serve_forever(self) -> None:
@@ -177,7 +191,10 @@ class Listener:
 
     def connected(self) -> list[str]:
         with self._lock:
-            return sorted(name for name, conn in self._connections.items() if not conn.closed.is_set())
+            return sorted(self._live())
+
+    def _live(self) -> set[str]:
+        return {name for name, conn in self._connections.items() if not conn.closed.is_set()}
 
     def _changed(self) -> None:
         self._on_change(f"listening on {', '.join(self.addresses)}; {len(self.connected())} VMs connected")
@@ -266,6 +283,7 @@ class Listener:
         with self._lock:
             old = self._connections.get(conn.vm)
             self._connections[conn.vm] = conn
+            self._moved.notify_all()
         if old is not None:
             old.close()
         _log(f"{conn.vm} connected from {conn.peer}")
@@ -277,6 +295,7 @@ class Listener:
             with self._lock:
                 if self._connections.get(conn.vm) is conn:
                     del self._connections[conn.vm]
+                self._moved.notify_all()
             _log(f"{conn.vm} disconnected")
             self._changed()
 
@@ -357,8 +376,7 @@ class Listener:
             return None
         _log(f"{bind.vm} bound (VM key {result.vm_fingerprint}, {bind.mode.value} mode, dialled in from {peer})")
         with self._trust_lock:
-            cert.trust(self._context)
-            self._trusted[cert.der_sha256] = bind.vm
+            self._trust(bind.vm, cert)
         return bind.vm
 
     def find(self, dial: VmDialled) -> tuple[str, tokens.Token, tokens.Token | None] | None:
@@ -437,6 +455,16 @@ class Listener:
         op = request.get("op")
         if op == "connected":
             return {"ok": True, "vms": self.connected()}
+        if op == "await-connected":  # for the tools and tests that wait for VMs: no polling
+            wanted, timeout = request.get("vms"), request.get("timeout")
+            if not (isinstance(wanted, list) and all(isinstance(v, str) for v in wanted)
+                    and isinstance(timeout, int | float) and 0 < timeout <= 3600):
+                return {"ok": False, "error": "bad-request"}
+            deadline = time.monotonic() + timeout
+            with self._lock:
+                while not set(wanted) <= self._live() and (left := deadline - time.monotonic()) > 0:
+                    self._moved.wait(left)
+                return {"ok": True, "vms": sorted(self._live())}
         if op == "vm-token-given":
             self.given()
             return {"ok": True}

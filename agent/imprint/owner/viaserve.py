@@ -87,3 +87,13 @@ def connected(home_dir: Path) -> list[str] | None:
         return None
     vms = reply.get("vms")
     return [str(v) for v in vms] if isinstance(vms, list) else []
+
+
+def await_connected(home_dir: Path, vms: list[str], timeout: float) -> list[str] | None:
+    """The connected VMs once every one of ``vms`` is connected to the running listener, or
+    ``timeout`` passed (the listener waits, woken by each connection); None when none runs."""
+    reply = ask(home_dir, {"op": "await-connected", "vms": vms, "timeout": timeout}, timeout + 5.0)
+    if reply is None:
+        return None
+    connected = reply.get("vms")
+    return [str(v) for v in connected] if isinstance(connected, list) else []
