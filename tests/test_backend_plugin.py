@@ -187,7 +187,8 @@ def test_imprint_ssh_uses_a_migrated_target(owner: Owner) -> None:
                                   port INTEGER NOT NULL, updated_at REAL NOT NULL);
         INSERT INTO ssh_targets VALUES ('web1', 'web1.example', 2222, 5.0);
     """)
-    db.execute("INSERT INTO pins VALUES ('web1', ?, 'SHA256:x', 'bound', 'shared', '127.0.0.1:1', 1.0)", (pem,))
+    db.execute("INSERT INTO pins (vm, vm_cert_pem, vm_fingerprint, state, mode, address, pinned_at) "
+               "VALUES ('web1', ?, 'SHA256:x', 'bound', 'shared', '127.0.0.1:1', 1.0)", (pem,))
     db.commit()
     db.close()
     (owner.home / "known_hosts").mkdir()

@@ -271,7 +271,8 @@ def test_owner_pin_that_is_not_a_certificate(owner: Owner) -> None:
     """A damaged record (or one another program wrote): one line naming the database and the pin."""
     owner.token("vm1", "shared")
     db = sqlite3.connect(owner.home / "imprint.db")
-    db.execute("INSERT INTO pins VALUES ('vm1', 'PEM', 'SHA256:x', 'bound', 'shared', '127.0.0.1:1', 1.0)")
+    db.execute("INSERT INTO pins (vm, vm_cert_pem, vm_fingerprint, state, mode, address, pinned_at) "
+               "VALUES ('vm1', 'PEM', 'SHA256:x', 'bound', 'shared', '127.0.0.1:1', 1.0)")
     db.commit()
     db.close()
     assert_clean(owner.run("status", "vm1", check=None), 1, "the pin of vm1 is not a PEM certificate")

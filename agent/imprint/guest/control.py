@@ -28,7 +28,7 @@ MAX_HEADERS = 64
 MAX_BODY = 1 << 20
 REQUEST_DEADLINE = timeouts.seconds("IMPRINT_AGENT_REQUEST_SECONDS", 30.0)  # waiting for the next request, reading it
 REPLY_DEADLINE = 30.0  # for the peer to take the whole reply
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
             413: "Payload Too Large", 500: "Internal Server Error"}
 
 
@@ -36,6 +36,39 @@ class ControlBackend(Protocol):
     def status(self) -> dict[str, object]: ...
 
     def apply(self, backends: dict[str, Any]) -> dict[str, Any]: ...
+
+    def session_counter(self) -> int: ...
+
+    def advance_session(self, proposed: int) -> tuple[int, int]:
+        """The session counter before and after the owner's ``proposed`` (never lower)."""
+        ...
+
+
+# Clone and rollback detection (docs/protocol.md §4.7): the owner proposes the next session
+# counter with each request, with the lowest counter it has confirmed; the agent answers with
+# its counter before and after. A VM whose counter is below what the owner confirmed is a
+# copy, or was restored from an old snapshot: it refuses the request (409) unworked.
+SESSION_HEADER = "imprint-session"
+_MAX_COUNTER = 10**15
+
+
+def _session(backend: ControlBackend, headers: dict[str, str]) -> tuple[str | None, bool]:
+    """The answer's Imprint-Session value (None when the owner sent none) and whether the
+    request must be refused as coming to a stale copy. BadRequest when malformed."""
+    value = headers.get(SESSION_HEADER)
+    if value is None:
+        return None, False
+    parts = value.split()
+    if len(parts) != 2 or not all(p.isascii() and p.isdigit() and len(p) <= 15 for p in parts):
+        raise BadRequest(400, "Imprint-Session must be two decimal counters: PROPOSED CONFIRMED")
+    proposed, confirmed = int(parts[0]), int(parts[1])
+    if confirmed >= proposed or proposed > _MAX_COUNTER:
+        raise BadRequest(400, "Imprint-Session: the proposed counter must be above the confirmed one")
+    current = backend.session_counter()
+    if current < confirmed:  # stale: not advanced, so a restored snapshot stays recognisable
+        return f"{current} {current}", True
+    before, after = backend.advance_session(proposed)
+    return f"{before} {after}", False
 
 
 class Deadline(Protocol):
@@ -114,11 +147,12 @@ def _read_request(rfile: BinaryIO) -> tuple[str, str, dict[str, str], bytes] | N
     return method, path, headers, body
 
 
-def _response(status: int, payload: dict[str, Any], *, close: bool) -> bytes:
+def _response(status: int, payload: dict[str, Any], *, close: bool, session: str | None = None) -> bytes:
     data = json.dumps(payload, sort_keys=True).encode()
     head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nServer: imprint-agent\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
-            f"Connection: {'close' if close else 'keep-alive'}\r\n\r\n")
+            + (f"Imprint-Session: {session}\r\n" if session is not None else "")
+            + f"Connection: {'close' if close else 'keep-alive'}\r\n\r\n")
     return head.encode() + data  # one write: no delayed-ACK stall between headers and body
 
 
@@ -161,14 +195,24 @@ def serve_control(sock: ssl.SSLSocket, peer: str, backend: ControlBackend, deadl
                 return
             method, path, headers, body = request
             deadline.limit(None, "the owner's request")
+            session: str | None = None
             try:
-                status, payload = _dispatch(backend, method, path, body)
+                session, stale = _session(backend, headers)
+                if stale:
+                    status, payload = 409, {"error": "this VM's session counter is below the owner's: it is a copy "
+                                                     "of the VM, or was restored from an older snapshot"}
+                    log.warning("control %s: refused %s %s: the owner has seen a later session of this VM "
+                                "(a copy, or a restored snapshot): counters %s", peer, method, path, session)
+                else:
+                    status, payload = _dispatch(backend, method, path, body)
+            except BadRequest as exc:
+                status, payload = exc.status, {"error": str(exc)}
             except Exception:
                 log.exception("control %s: %s %s failed", peer, method, path)
                 status, payload = 500, {"error": "internal error in the agent; see its log"}
             close = headers.get("connection", "").lower() == "close"
             deadline.limit(REPLY_DEADLINE, f"the reply ({REPLY_DEADLINE:.0f} s)")
-            sock.sendall(_response(status, payload, close=close))
+            sock.sendall(_response(status, payload, close=close, session=session))
             log.info("control %s: %s %s -> %d", peer, method, path, status)
             if close:
                 return

@@ -70,6 +70,7 @@ class AgentServer:
         self._on_bound = on_bound
         self._owner_addresses = list(owner_addresses)  # recorded with the pin: where to dial after a restart
         self._bind_lock = threading.Lock()
+        self._session_lock = threading.Lock()
         self._table = ConnectionTable(preauth_max=MAX_PREAUTH, owner_max=MAX_OWNER)
         self._vm_key: crypto.PrivateKey | None = None
         self._vm_cert_der: bytes | None = None
@@ -337,9 +338,20 @@ class AgentServer:
             "vm_fingerprint": vm_key.public.fingerprint,
             "owner_fingerprint": self._record.owner_fingerprint,
             "bound_at": self._record.bound_at,
+            "session_counter": self._record.session_counter,
             "agent_version": __version__,
             "uptime_seconds": round(time.monotonic() - self._started, 3),
         }
+
+    def session_counter(self) -> int:
+        with self._session_lock:
+            return self._record.session_counter
+
+    def advance_session(self, proposed: int) -> tuple[int, int]:
+        with self._session_lock:
+            before, after = self._state.advance_session(proposed)
+            self._record.session_counter = after
+            return before, after
 
     def apply(self, backends: dict[str, Any]) -> dict[str, Any]:
         """Run the owner's backends ({name: config}); one apply at a time."""

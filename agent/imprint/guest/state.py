@@ -41,6 +41,8 @@ class BindRecord:
     consumed_tokens: list[str] = field(default_factory=list)
     # Where the bound VM dials its owner (owneraddr text forms), from the boot channel at the bind.
     owner_addresses: list[str] = field(default_factory=list)
+    # The owner's pinned sessions so far (clone and rollback detection, docs/protocol.md §4.7).
+    session_counter: int = 0
 
     def to_json(self) -> bytes:
         return json.dumps(self.__dict__, indent=2, sort_keys=True).encode() + b"\n"
@@ -54,6 +56,9 @@ class BindRecord:
             raise StateError(f"state.json is corrupt: {exc}") from None
         if not isinstance(record.consumed_tokens, list):
             raise StateError("state.json is corrupt: consumed_tokens is not a list")
+        if not isinstance(record.session_counter, int) or isinstance(record.session_counter, bool) \
+                or record.session_counter < 0:
+            raise StateError("state.json is corrupt: session_counter is not a counter")
         if not (isinstance(record.owner_addresses, list) and all(isinstance(a, str) for a in record.owner_addresses)):
             raise StateError("state.json is corrupt: owner_addresses is not a list of strings")
         return record
@@ -125,3 +130,13 @@ class AgentState:
         journal.append(self.journal_file, "bound", owner_fingerprint=owner_fingerprint, mode=mode.value,
                        token_id=token_id, reached=reached)
         return record
+
+    def advance_session(self, proposed: int) -> tuple[int, int]:
+        """The session counter before, and after raising it to ``proposed`` (never lowered),
+        written before the answer leaves (the owner confirms what it was told)."""
+        record = self.load_record()
+        before = record.session_counter
+        if proposed > before:
+            record.session_counter = proposed
+            write_atomic(self.record_file, record.to_json(), label="agent.session-counter")
+        return before, record.session_counter

@@ -95,7 +95,7 @@ class VmStatus:
 @dataclass(frozen=True)
 class VmRecord:
     vm: str
-    state: str                # "bound", "pending" or "unbound"
+    state: str                # "bound", "pending", "unbound", or "cloned"/"rolled-back" (docs/protocol.md §4.7)
     mode: tokens.Mode | None
     token_state: str | None   # the newest token's: "issued", "consumed" or "superseded"
     address: str | None
@@ -286,7 +286,7 @@ class Owner:
 
         store, pin, where = self._reach(name, address)
         with self._errors():
-            client = PinnedClient(self.home, name, pin.vm_cert, where)
+            client = PinnedClient(self.home, name, pin.vm_cert, where, store)
             try:
                 status = client.get("/v1/status")
             except OwnerError as exc:
@@ -328,7 +328,7 @@ class Owner:
 
         with self._errors():
             pin = self.bound_pin(ctx.vm)
-            client = PinnedClient(self.home, ctx.vm, pin.vm_cert, ctx.address)
+            client = PinnedClient(self.home, ctx.vm, pin.vm_cert, ctx.address, ctx.store)
             try:
                 report = apply_profile(ctx, client, profile, first)
             finally:
@@ -339,6 +339,15 @@ class Owner:
             error.report = report
             raise error
         return report
+
+    def resolve(self, name: str) -> str | None:
+        """The owner decided about a VM flagged ``cloned`` or ``rolled-back`` (it destroyed the
+        copy, or accepts the restored VM): the flag goes, and the next session's counter is
+        taken as the VM's. Returns the flag that was cleared (None: there was none)."""
+        valid_vm_name(name)
+        with self._errors():
+            bound_pin(self._store(), name)
+            return self._store().resolve_clone(name, "the owner decided (imprint resolve)")
 
     def bound_pin(self, name: str) -> PinRow:
         """The pin of bound VM ``name`` (UsageError when unknown or not bound yet)."""
@@ -360,8 +369,9 @@ class Owner:
         with self._errors():
             for name in store.vm_names():
                 pin, token = store.pin(name), store.current_token(name)
+                flag = store.clone_state(name) if pin else None  # "cloned"/"rolled-back" outranks "bound"
                 records.append(VmRecord(
-                    vm=name, state=pin.state if pin else "unbound",
+                    vm=name, state=flag or (pin.state if pin else "unbound"),
                     mode=pin.mode if pin else token.mode if token else None,
                     token_state=token.state if token else None,
                     address=pin.address if pin else None, vm_fingerprint=pin.vm_fingerprint if pin else None))

@@ -263,7 +263,7 @@ def _explain(exc: RemoteProtocolError, address: str, attempt: _Attempt) -> str:
 
 
 def _pinned_status(home: OwnerHome, vm: str, address: str, vm_cert: tls.PinnedCert) -> dict[str, Any]:
-    client = PinnedClient(home, vm, vm_cert, address)
+    client = PinnedClient(home, vm, vm_cert, address)  # no session counters: the pin is not bound yet
     try:
         return client.get("/v1/status")
     finally:

@@ -42,7 +42,7 @@ PROG = "imprint"
 LINE_LIMIT = 4000
 # Commands that take nothing from a backend: they skip loading the backends' command-line hooks
 # (importlib.metadata and every plugin's declaration, tens of milliseconds on each run).
-CORE_ONLY = frozenset({"init", "key", "token", "status", "list", "audit", "serve"})
+CORE_ONLY = frozenset({"init", "key", "token", "status", "list", "audit", "serve", "resolve"})
 
 
 def _out(line: str) -> None:
@@ -378,6 +378,14 @@ def cmd_serve(home: OwnerHome, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_resolve(home: OwnerHome, args: argparse.Namespace) -> int:
+    cleared = _owner(home).resolve(_valid_name(args.name))
+    _emit(args, {"vm": args.name, "cleared": cleared},
+          [f"{args.name}: the {cleared} flag is cleared; the next session's counter is taken as the VM's"
+           if cleared else f"{args.name} is not flagged"])
+    return 0
+
+
 def cmd_list(home: OwnerHome, args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = [
         {"vm": r.vm, "state": r.state, "mode": r.mode.value if r.mode else None, "token_state": r.token_state,
@@ -466,6 +474,9 @@ def _build_parser(*, with_backends: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--listen", action="append", required=True, type=_listen_address, metavar="HOST:PORT",
                    help="where VMs dial (repeat for more); give the same address to the site (seed --owner)")
     p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("resolve", parents=[common], help="clear a VM's cloned/rolled-back flag once you decided")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_resolve)
     p = sub.add_parser("list", parents=[common], help="list VMs and their state")
     p.set_defaults(func=cmd_list)
     p = sub.add_parser("audit", parents=[common], help="show the append-only log of bind attempts")

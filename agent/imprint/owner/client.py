@@ -19,12 +19,14 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from imprint import timeouts, tls
-from imprint.owner.errors import Unreachable
+from imprint.owner.errors import AuthenticationFailed, Unreachable
 from imprint.owner.home import OwnerHome
 from imprint.owner.names import split_address
+from imprint.owner.sessions import SessionCheck
+from imprint.owner.store import Store
 from imprint.owner.tlsfailures import owner_error
 from imprint.safetext import ascii_number, printable
 
@@ -45,9 +47,12 @@ class PinnedClient:
     request has a connection of its own (no pool: it proves the pinned key afresh and holds
     none of the agent's owner slots idle)."""
 
-    def __init__(self, home: OwnerHome, vm: str, pin: tls.PinnedCert, address: str) -> None:
+    def __init__(self, home: OwnerHome, vm: str, pin: tls.PinnedCert, address: str,
+                 store: Store | None = None) -> None:
         self.address = address
         self.vm = vm
+        # With the record: every request carries the session counters (owner/sessions.py).
+        self._sessions = SessionCheck(store, vm) if store is not None else None
         self._host, self._port = split_address(address)
         self._pin = pin
         self._home_dir = home.dir
@@ -69,10 +74,19 @@ class PinnedClient:
         what = f"{method} {path}"
         from imprint.owner import viaserve
 
-        through = viaserve.request(self._home_dir, self.vm, method, path, body, timeout)
+        session = None
+        if self._sessions is not None:
+            if method != "GET" and (state := self._sessions.flagged()) is not None:
+                raise AuthenticationFailed(f"{self.vm} is flagged {state} (a copy of it, or a restored snapshot, "
+                                           f"answered): nothing is sent to it until you decide "
+                                           f"(`imprint resolve {self.vm}`)")
+            session = self._sessions.propose()
+        through = viaserve.request(self._home_dir, self.vm, method, path, body, timeout, session)
         if through is not None:  # the VM dialled the owner's listener: its connection is there
-            status, answer, peer = through
+            status, answer, peer, answered = through
             self.address = f"{peer} (dialled in)"
+            if self._sessions is not None:
+                self._sessions.settle(answered, self.address)
             return _decode(status, answer, what, self.address)
         deadline = clock() + timeout
         try:
@@ -82,7 +96,11 @@ class PinnedClient:
         except OSError as exc:  # ssl.SSLError (and tls.PinMismatch) included
             raise owner_error(exc, self.address, f"{what} over the pinned channel") from None
         with sock:
-            return _ask(sock, method, path, body, self.address, "over the pinned channel", timeout, deadline, clock)
+            status, answer, answered = _exchange(sock, method, path, body, self.address, "over the pinned channel",
+                                                 timeout, deadline, clock, session)
+        if self._sessions is not None:
+            self._sessions.settle(answered, self.address)
+        return _decode(status, answer, what, self.address)
 
     def _connect(self, deadline: float, clock: Clock) -> ssl.SSLSocket:
         raw = socket.create_connection((self._host, self._port), timeout=_remaining(deadline, clock))
@@ -110,19 +128,32 @@ def ask_on(sock: ssl.SSLSocket, method: str, path: str, address: str, *, timeout
     return _ask(sock, method, path, None, address, "on the bind's connection", timeout, clock() + timeout, clock)
 
 
+class Answer(NamedTuple):
+    status: int
+    body: bytes
+    session: str | None  # the agent's Imprint-Session answer, if it sent one
+
+
 def exchange_on(sock: ssl.SSLSocket, method: str, path: str, body: bytes | None, *, timeout: float,
-                keep_alive: bool, clock: Clock = time.monotonic) -> tuple[int, bytes]:
-    """One request on a pinned connection and its raw answer (status, body), read by the rules
-    of PinnedClient; the connection stays open for the next when ``keep_alive``. Raises
-    TimeoutError, BadAnswer or OSError: the callers name the failure."""
+                keep_alive: bool, session: str | None = None, clock: Clock = time.monotonic) -> Answer:
+    """One request on a pinned connection and its raw answer, read by the rules of
+    PinnedClient; the connection stays open for the next when ``keep_alive``. ``session``: the
+    Imprint-Session value to send (docs/protocol.md §4.7). Raises TimeoutError, BadAnswer or
+    OSError: the callers name the failure."""
     deadline = clock() + timeout
     head = f"{method} {path} HTTP/1.1\r\nHost: imprint\r\nAccept-Encoding: identity\r\n"
+    if session is not None:
+        if not all(part.isascii() and part.isdigit() for part in session.split()):
+            raise ValueError("an Imprint-Session value is decimal counters")
+        head += f"Imprint-Session: {session}\r\n"
     if body is not None:
         head += "Content-Type: application/json\r\n"
     head += f"Content-Length: {len(body or b'')}\r\nConnection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n"
     sock.settimeout(_remaining(deadline, clock))
     sock.sendall(head.encode() + (body or b""))  # one write: no delayed-ACK stall between head and body
-    return _AnswerReader(sock, deadline, clock).answer()
+    reader = _AnswerReader(sock, deadline, clock)
+    status, answer = reader.answer()
+    return Answer(status, answer, reader.headers.get("imprint-session"))
 
 
 def decode_answer(status: int, body: bytes, what: str, address: str) -> dict[str, Any]:
@@ -132,17 +163,22 @@ def decode_answer(status: int, body: bytes, what: str, address: str) -> dict[str
 
 def _ask(sock: ssl.SSLSocket, method: str, path: str, body: bytes | None, address: str, where: str,
          timeout: float, deadline: float, clock: Clock) -> dict[str, Any]:
+    status, answer, _ = _exchange(sock, method, path, body, address, where, timeout, deadline, clock, None)
+    return _decode(status, answer, f"{method} {path}", address)
+
+
+def _exchange(sock: ssl.SSLSocket, method: str, path: str, body: bytes | None, address: str, where: str,
+              timeout: float, deadline: float, clock: Clock, session: str | None) -> Answer:
     what = f"{method} {path}"
     try:
-        status, answer = exchange_on(sock, method, path, body, timeout=_remaining(deadline, clock),
-                                     keep_alive=False, clock=clock)
+        return exchange_on(sock, method, path, body, timeout=_remaining(deadline, clock),
+                           keep_alive=False, session=session, clock=clock)
     except TimeoutError:
         raise Unreachable(_late(what, where, address, timeout)) from None
     except BadAnswer as exc:
         raise Unreachable(f"the agent at {address} answered {what} with {exc}") from None
     except OSError as exc:  # ssl.SSLError included
         raise owner_error(exc, address, f"{what} {where}") from None
-    return _decode(status, answer, what, address)
 
 
 def _late(what: str, where: str, address: str, timeout: float) -> str:
@@ -175,6 +211,7 @@ class _AnswerReader:
     def __init__(self, sock: ssl.SSLSocket, deadline: float, clock: Clock) -> None:
         self._sock, self._deadline, self._clock = sock, deadline, clock
         self._data = bytearray()
+        self.headers: dict[str, str] = {}
 
     def _more(self) -> bool:
         self._sock.settimeout(_remaining(self._deadline, self._clock))
@@ -203,6 +240,7 @@ class _AnswerReader:
             if not sep:
                 raise BadAnswer(f"a malformed header line ({printable(line, 60)})")
             headers[name.strip().lower()] = value.strip()
+        self.headers = headers
         if "transfer-encoding" in headers or headers.get("content-encoding", "identity").lower() != "identity":
             raise BadAnswer("a chunked or compressed body, which the agent never sends")
         length = headers.get("content-length")

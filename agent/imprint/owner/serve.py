@@ -38,7 +38,7 @@ from typing import Any
 from imprint import crypto, timeouts, tls, tokens
 from imprint.owner.api import Owner
 from imprint.owner.bind import _result, _vm_proof_text
-from imprint.owner.client import BadAnswer, exchange_on
+from imprint.owner.client import Answer, BadAnswer, exchange_on
 from imprint.owner.errors import OwnerError
 from imprint.owner.store import ClaimHeld, PinRow, Store
 from imprint.owner.viaserve import socket_path
@@ -84,12 +84,13 @@ class VmConnection:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
 
-    def request(self, method: str, path: str, body: bytes | None, timeout: float) -> tuple[int, bytes]:
+    def request(self, method: str, path: str, body: bytes | None, timeout: float,
+                session: str | None = None) -> Answer:
         with self.lock:
             if self.closed.is_set():
                 raise ConnectionError(f"the connection of {self.vm} closed")
             try:
-                return exchange_on(self.sock, method, path, body, timeout=timeout, keep_alive=True)
+                return exchange_on(self.sock, method, path, body, timeout=timeout, keep_alive=True, session=session)
             except BaseException:
                 self.close()  # half an answer may be left on it: never reuse it
                 raise
@@ -263,7 +264,7 @@ class Listener:
         this mutual-TLS connection, with both keys, makes the pin final, as a dial-in bind's
         recovery does (owner/bind.py)."""
         try:
-            status, body = exchange_on(sock, "GET", "/v1/status", None, timeout=REQUEST_SECONDS, keep_alive=True)
+            status, body, _ = exchange_on(sock, "GET", "/v1/status", None, timeout=REQUEST_SECONDS, keep_alive=True)
             answer = json.loads(body) if status == 200 else None
             if not isinstance(answer, dict):
                 raise BadAnswer(f"status {status}")
@@ -360,7 +361,7 @@ class Listener:
             return None
         cert = tls.PinnedCert(bind.vm_cert)
         try:
-            status, body = exchange_on(sock, "GET", "/v1/status", None, timeout=REQUEST_SECONDS, keep_alive=True)
+            status, body, _ = exchange_on(sock, "GET", "/v1/status", None, timeout=REQUEST_SECONDS, keep_alive=True)
             answer = json.loads(body) if status == 200 else None
             if not isinstance(answer, dict):
                 raise BadAnswer(f"status {status}")
@@ -472,23 +473,26 @@ class Listener:
             vm, method, path = request.get("vm"), request.get("method"), request.get("path")
             body = request.get("body")
             timeout = request.get("timeout", REQUEST_SECONDS)
+            session = request.get("session")
             if not (isinstance(vm, str) and method in ("GET", "POST") and isinstance(path, str)
                     and (body is None or isinstance(body, str)) and isinstance(timeout, int | float)
-                    and 0 < timeout <= 3600):
+                    and 0 < timeout <= 3600 and (session is None or isinstance(session, str))):
                 return {"ok": False, "error": "bad-request"}
             with self._lock:
                 conn = self._connections.get(vm)
             if conn is None or conn.closed.is_set():
                 return {"ok": False, "error": "not-connected"}
             try:
-                status, answer = conn.request(method, path, body.encode() if body is not None else None, timeout)
+                status, answer, answered = conn.request(method, path, body.encode() if body is not None else None,
+                                                        timeout, session)
             except TimeoutError:
                 return {"ok": False, "error": "timeout", "detail": f"no whole answer within {timeout:g} s"}
-            except BadAnswer as exc:
+            except (BadAnswer, ValueError) as exc:
                 return {"ok": False, "error": "bad-answer", "detail": str(exc)}
             except OSError as exc:
                 return {"ok": False, "error": "connection", "detail": printable(str(exc), 200)}
-            return {"ok": True, "status": status, "answer": answer.decode("utf-8", "replace"), "peer": conn.peer}
+            return {"ok": True, "status": status, "answer": answer.decode("utf-8", "replace"), "peer": conn.peer,
+                    "session": answered}
         return {"ok": False, "error": "unknown-op"}
 
 

@@ -67,7 +67,10 @@ CREATE TABLE IF NOT EXISTS pins (
     state           TEXT NOT NULL CHECK (state IN ('pending', 'bound')),
     mode            TEXT NOT NULL,
     address         TEXT NOT NULL,
-    pinned_at       REAL NOT NULL
+    pinned_at       REAL NOT NULL,
+    session_counter  INTEGER NOT NULL DEFAULT 0,  -- the VM's session counter this owner confirmed
+    session_proposed INTEGER NOT NULL DEFAULT 0,  -- the highest this owner proposed
+    clone_state      TEXT CHECK (clone_state IN ('rolled-back', 'cloned'))  -- NULL: none seen
 );
 CREATE TABLE IF NOT EXISTS audit (
     id       INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -195,6 +198,19 @@ class Store:
                     self.flush_wipes()
 
     def _migrate(self) -> None:
+        self._migrate_session_columns()
+        self._migrate_ssh_targets()
+
+    def _migrate_session_columns(self) -> None:
+        """A pins table from before clone detection gains its three columns (each ALTER is atomic)."""
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(pins)")}
+        for column, decl in (("session_counter", "INTEGER NOT NULL DEFAULT 0"),
+                             ("session_proposed", "INTEGER NOT NULL DEFAULT 0"),
+                             ("clone_state", "TEXT CHECK (clone_state IN ('rolled-back', 'cloned'))")):
+            if column not in have:
+                self._db.execute(f"ALTER TABLE pins ADD COLUMN {column} {decl}")
+
+    def _migrate_ssh_targets(self) -> None:
         """ssh_targets (vm, host, port, updated_at), from before backend_data, becomes ssh's rows
         there, in one transaction: a crash leaves the old table or the new rows, never neither."""
         if self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'ssh_targets'"
@@ -437,6 +453,48 @@ class Store:
         """Every pin, pending or bound."""
         names = [row[0] for row in self._db.execute("SELECT vm FROM pins ORDER BY vm")]
         return [pin for pin in (self.pin(name) for name in names) if pin is not None]  # the lock is re-entrant
+
+    # -- clone and rollback detection (docs/protocol.md §4.7)
+    @_locked
+    def propose_session(self, vm: str) -> tuple[int, int]:
+        """(confirmed, proposed) for the next pinned session of ``vm``: the proposal is above
+        every earlier one, written before it is sent, so two owner processes never propose the
+        same counter and a lost answer is never below what the VM may have."""
+        with self.transaction() as db:
+            row = db.execute("SELECT session_counter, session_proposed FROM pins WHERE vm = ?", (vm,)).fetchone()
+            if row is None:
+                raise sqlite3.DatabaseError(f"{vm} has no pin")
+            confirmed, proposed = int(row[0]), max(int(row[0]), int(row[1])) + 1
+            db.execute("UPDATE pins SET session_proposed = ? WHERE vm = ?", (proposed, vm))
+        return confirmed, proposed
+
+    @_locked
+    def confirm_session(self, vm: str, counter: int) -> None:
+        self._db.execute("UPDATE pins SET session_counter = MAX(session_counter, ?) WHERE vm = ?", (counter, vm))
+
+    @_locked
+    def clone_state(self, vm: str) -> str | None:
+        row = self._db.execute("SELECT clone_state FROM pins WHERE vm = ?", (vm,)).fetchone()
+        return None if row is None else row[0]
+
+    @_locked
+    def flag_clone(self, vm: str, state: str, address: str | None, detail: str) -> None:
+        """Record that ``vm``'s key answers from a copy (or an old snapshot); audited with it."""
+        with self.transaction() as db:
+            db.execute("UPDATE pins SET clone_state = ? WHERE vm = ?", (state, vm))
+            _insert_audit(db, vm, "session", address, state, detail)
+
+    @_locked
+    def resolve_clone(self, vm: str, detail: str) -> str | None:
+        """The owner decided: the flag goes and the next session's counter is taken as the
+        VM's (a copy still alive is flagged again by its first session after that one)."""
+        with self.transaction() as db:
+            row = db.execute("SELECT clone_state, session_proposed FROM pins WHERE vm = ?", (vm,)).fetchone()
+            if row is None or row[0] is None:
+                return None
+            db.execute("UPDATE pins SET clone_state = NULL, session_counter = 0 WHERE vm = ?", (vm,))
+            _insert_audit(db, vm, "resolve", None, "resolved", f"was {row[0]}: {detail}")
+        return str(row[0])
 
     @_locked
     def update_address(self, vm: str, address: str) -> None:

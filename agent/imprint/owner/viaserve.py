@@ -55,21 +55,21 @@ def ask(home_dir: Path, message: dict[str, Any], timeout: float) -> dict[str, An
 
 
 def request(home_dir: Path, vm: str, method: str, path: str, body: bytes | None,
-            timeout: float) -> tuple[int, bytes, str] | None:
-    """(status, answer body, the VM's peer address) of a request sent through the listener;
-    None when no listener runs or ``vm`` is not connected to it."""
+            timeout: float, session: str | None = None) -> tuple[int, bytes, str, str | None] | None:
+    """(status, answer body, the VM's peer address, its Imprint-Session answer) of a request
+    sent through the listener; None when no listener runs or ``vm`` is not connected to it."""
     reply = ask(home_dir, {"op": "request", "vm": vm, "method": method, "path": path,
-                           "body": body.decode() if body is not None else None, "timeout": timeout},
-                timeout + 1.0)
+                           "body": body.decode() if body is not None else None, "timeout": timeout,
+                           "session": session}, timeout + 1.0)
     if reply is None or reply.get("error") == "not-connected":
         return None
     if not reply.get("ok"):
         detail = str(reply.get("detail") or reply.get("error"))[:300]
         raise Unreachable(f"{method} {path} through the owner's listener to {vm}: {detail}")
-    status, answer, peer = reply.get("status"), reply.get("answer"), reply.get("peer")
-    if not (isinstance(status, int) and isinstance(answer, str)):
+    status, answer, peer, answered = reply.get("status"), reply.get("answer"), reply.get("peer"), reply.get("session")
+    if not (isinstance(status, int) and isinstance(answer, str) and (answered is None or isinstance(answered, str))):
         raise Unreachable("the owner's listener answered without a status and body")
-    return status, answer.encode(), str(peer)
+    return status, answer.encode(), str(peer), answered
 
 
 def vm_token_given(home_dir: Path) -> bool:
