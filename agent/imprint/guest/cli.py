@@ -90,7 +90,8 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _wait_for_token(paths: Distro, only: list[str] | None, wait: float | None) -> Found:
+def _wait_for_token(paths: Distro, only: list[str] | None, wait: float | None,
+                    skip: set[str] | None = None) -> Found:
     from imprint.channels import channel_names, find_token
 
     pause = threading.Event()
@@ -98,7 +99,7 @@ def _wait_for_token(paths: Distro, only: list[str] | None, wait: float | None) -
     next_report = started
     while True:
         found = find_token(paths, only)
-        if found is not None:
+        if found is not None and found.token.token_id.hex() not in (skip or set()):
             return found
         now = time.monotonic()
         if wait is not None and now - started >= wait:
@@ -149,6 +150,17 @@ class _Announcer:
                     os.close(fd)
             except OSError as exc:
                 log.error("cannot write the VM token to %s: %s", console, exc.strerror)
+
+
+def _was_released(state: AgentState) -> bool:
+    """Whether an owner released this VM (its journal says so): then a consumed token on the
+    channel is the old one, and the agent waits for a new one instead of failing."""
+    from imprint.guest import journal
+
+    try:
+        return any(entry.event == "released" for entry in journal.read(state.journal_file))
+    except journal.JournalBroken as exc:
+        raise AgentFailure(f"the VM's journal is broken, so whether it was released is unknown: {exc}") from None
 
 
 def _owner_addresses(found: Found | None, record: BindRecord) -> tuple[OwnerAddress, ...]:
@@ -205,7 +217,13 @@ def run(args: argparse.Namespace) -> int:
         log.info("found a %s-mode token (id %s) on %s", token.mode.value, token.token_id.hex(),
                  " and ".join(found.channels))
         if token.token_id.hex() in record.consumed_tokens:
-            raise AgentFailure(f"token {token.token_id.hex()} on {found.channel} was already consumed by a bind")
+            if not _was_released(state):
+                raise AgentFailure(f"token {token.token_id.hex()} on {found.channel} was already consumed by a bind")
+            # Released by its owner: the old token stays on the channel until the site changes it.
+            log.info("token %s on %s was consumed by an earlier bind: waiting for a new token",
+                     token.token_id.hex(), found.channel)
+            found = _wait_for_token(paths, only, args.token_wait, skip=set(record.consumed_tokens))
+            token = found.token
 
     try:
         state.ensure_identity()

@@ -39,6 +39,14 @@ class ControlBackend(Protocol):
 
     def session_counter(self) -> int: ...
 
+    def release(self, wipe: bool) -> dict[str, Any]: ...
+
+    def transfer(self, owner_cert_pem: str, owner_addresses: list[str] | None) -> dict[str, Any]: ...
+
+    def restart_if_due(self) -> None:
+        """After a reply that changed who the owner is: start again as a new process."""
+        ...
+
     def advance_session(self, proposed: int) -> tuple[int, int]:
         """The session counter before and after the owner's ``proposed`` (never lower)."""
         ...
@@ -100,10 +108,39 @@ def _apply(backend: ControlBackend, body: dict[str, Any] | None) -> dict[str, An
     return backend.apply(backends)
 
 
+def _only(body: dict[str, Any] | None, allowed: set[str]) -> dict[str, Any]:
+    document = body or {}
+    unknown = set(document) - allowed
+    if unknown:
+        raise BadRequest(400, f"unknown key(s) in the body: {', '.join(sorted(unknown))}")
+    return document
+
+
+def _release(backend: ControlBackend, body: dict[str, Any] | None) -> dict[str, Any]:
+    """{"wipe": bool} -> the VM forgets its owner (and with wipe its own key); it restarts unbound."""
+    wipe = _only(body, {"wipe"}).get("wipe", False)
+    if not isinstance(wipe, bool):
+        raise BadRequest(400, "wipe must be true or false")
+    return backend.release(wipe)
+
+
+def _transfer(backend: ControlBackend, body: dict[str, Any] | None) -> dict[str, Any]:
+    """{"owner_cert": PEM, "owner_addresses"?: [HOST:PORT]} -> the VM's owner is the new one."""
+    document = _only(body, {"owner_cert", "owner_addresses"})
+    cert, addresses = document.get("owner_cert"), document.get("owner_addresses")
+    if not isinstance(cert, str) or len(cert) > 4096:
+        raise BadRequest(400, "owner_cert must be the new owner's certificate (PEM)")
+    if addresses is not None and not (isinstance(addresses, list) and all(isinstance(a, str) for a in addresses)):
+        raise BadRequest(400, "owner_addresses must be a list of HOST:PORT strings")
+    return backend.transfer(cert, addresses)
+
+
 # (method, path) -> handler; the one place endpoints are registered.
 ROUTES: dict[tuple[str, str], Route] = {
     ("GET", "/v1/status"): _status,
     ("POST", "/v1/apply"): _apply,
+    ("POST", "/v1/release"): _release,
+    ("POST", "/v1/transfer"): _transfer,
 }
 
 
@@ -214,6 +251,7 @@ def serve_control(sock: ssl.SSLSocket, peer: str, backend: ControlBackend, deadl
             deadline.limit(REPLY_DEADLINE, f"the reply ({REPLY_DEADLINE:.0f} s)")
             sock.sendall(_response(status, payload, close=close, session=session))
             log.info("control %s: %s %s -> %d", peer, method, path, status)
+            backend.restart_if_due()  # a release or transfer: the reply is out, the process starts again
             if close:
                 return
     except (ssl.SSLError, OSError, TimeoutError) as exc:

@@ -4,8 +4,10 @@ One JSON object per line: ``{"n": sequence, "at": unix time, "event": name, ...f
 "prev": SHA-256 hex of the previous line}``. Lines are only ever appended (O_APPEND, one write
 per line, fsync), and each names the hash of the one before, so an edited, removed or
 reordered line breaks the chain where it was changed, and :func:`verify` says where. It holds
-fingerprints and token ids, never a key or K. Events so far: ``bound`` (owner fingerprint,
-mode, how the owner was reached: "dial-in" or "dial-out").
+fingerprints and token ids, never a key or K. Events: ``bound`` (owner fingerprint, mode, how
+the owner was reached: "dial-in" or "dial-out"), ``released`` (wipe), ``transferred`` (the new
+owner's fingerprint). It is one owner's record: a transfer starts a new journal, since the VM
+keeps nothing of its old owner.
 
 A crash half-way through an append leaves a last line without its newline: ``verify`` reports
 it, and the next append starts a new line after it, so the chain stays checkable up to it.

@@ -71,6 +71,7 @@ class AgentServer:
         self._owner_addresses = list(owner_addresses)  # recorded with the pin: where to dial after a restart
         self._bind_lock = threading.Lock()
         self._session_lock = threading.Lock()
+        self._restart_due = False
         self._table = ConnectionTable(preauth_max=MAX_PREAUTH, owner_max=MAX_OWNER)
         self._vm_key: crypto.PrivateKey | None = None
         self._vm_cert_der: bytes | None = None
@@ -352,6 +353,51 @@ class AgentServer:
             before, after = self._state.advance_session(proposed)
             self._record.session_counter = after
             return before, after
+
+    # -- the owner changes (issue 13): the reply goes out, then the agent starts again
+    def release(self, wipe: bool) -> dict[str, Any]:
+        with self._bind_lock:
+            owner = self._record.owner_fingerprint
+            self._state.release(wipe=wipe)
+            self._restart_due = True
+        log.info("released by owner %s%s; starting again unbound", owner, " (VM key wiped)" if wipe else "")
+        return {"released": True, "wiped": wipe}
+
+    def transfer(self, owner_cert_pem: str, owner_addresses: list[str] | None) -> dict[str, Any]:
+        from imprint import crypto
+        from imprint.guest.control import BadRequest
+
+        try:
+            der = crypto.certificate_der(owner_cert_pem.encode())
+            spki = crypto.self_signed_certificate_spki(der)
+        except crypto.CryptoError as exc:
+            raise BadRequest(400, f"owner_cert: {exc}") from None
+        if owner_addresses:
+            from imprint.owneraddr import OwnerAddressError, parse_list
+
+            try:
+                owner_addresses = [str(a) for a in parse_list(",".join(owner_addresses))]
+            except OwnerAddressError as exc:
+                raise BadRequest(400, f"owner_addresses: {exc}") from None
+        fingerprint = crypto.fingerprint(spki)
+        with self._bind_lock:
+            self._state.transfer(owner_cert_pem=tls.PinnedCert(der).pem.encode(), owner_fingerprint=fingerprint,
+                                 owner_spki_sha256=crypto.sha256(spki).hex(), owner_addresses=owner_addresses)
+            self._restart_due = True
+        log.info("transferred to owner %s; starting again to trust it alone", fingerprint)
+        return {"transferred": True, "owner_fingerprint": fingerprint}
+
+    def restart_if_due(self) -> None:
+        """Every connection of the old owner ends with this process: a new one, with the new
+        record, trusts only what it says (re-executed with the same arguments; under systemd
+        the same unit keeps running)."""
+        if not self._restart_due:
+            return
+        import os
+        import sys
+
+        log.info("restarting")
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])  # noqa: S606 (this program, its own argv)
 
     def apply(self, backends: dict[str, Any]) -> dict[str, Any]:
         """Run the owner's backends ({name: config}); one apply at a time."""

@@ -140,3 +140,39 @@ class AgentState:
             record.session_counter = proposed
             write_atomic(self.record_file, record.to_json(), label="agent.session-counter")
         return before, record.session_counter
+
+    def release(self, *, wipe: bool) -> BindRecord:
+        """Forget the owner: the pin goes, the VM is unbound (consumed token ids stay: a used
+        token never binds again). With ``wipe`` the VM key and certificate go too, so the next
+        start makes a new identity. Journalled (fingerprints only)."""
+        from imprint.guest import journal
+
+        record = self.load_record()
+        journal.append(self.journal_file, "released", wipe=wipe)
+        fresh = BindRecord(consumed_tokens=record.consumed_tokens)
+        write_atomic(self.record_file, fresh.to_json(), label="agent.release-record")
+        self.owner_cert_file.unlink(missing_ok=True)
+        if wipe:
+            for path in (self.key_file, self.cert_file):
+                path.unlink(missing_ok=True)
+        return fresh
+
+    def transfer(self, *, owner_cert_pem: bytes, owner_fingerprint: str, owner_spki_sha256: str,
+                 owner_addresses: list[str] | None) -> BindRecord:
+        """A new owner, in one step: its certificate becomes the pin and the record names it;
+        nothing of the old owner is kept (its addresses neither, unless none are given)."""
+        from imprint.guest import journal
+
+        record = self.load_record()
+        write_atomic(self.owner_cert_file, owner_cert_pem, sync_dir=False, label="agent.transfer-cert")
+        record.owner_fingerprint = owner_fingerprint
+        record.owner_spki_sha256 = owner_spki_sha256
+        record.owner_addresses = list(owner_addresses or [])
+        record.session_counter = 0  # the new owner's sessions
+        write_atomic(self.record_file, record.to_json(), label="agent.transfer-record")
+        # The journal is the record of one owner's relationship: a transferred VM keeps nothing
+        # of the old owner, so the new owner's journal starts here (the old owner's audit log
+        # keeps that history on its side).
+        self.journal_file.unlink(missing_ok=True)
+        journal.append(self.journal_file, "transferred", owner_fingerprint=owner_fingerprint)
+        return record

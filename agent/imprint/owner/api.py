@@ -340,6 +340,65 @@ class Owner:
             raise error
         return report
 
+    # -- letting a VM go, or taking one over (owner/handover.py)
+    def release(self, name: str, *, wipe: bool = False) -> None:
+        """The VM forgets this owner (with ``wipe`` its own key too) and waits for a new token;
+        this owner's pin goes, the audit log keeps the history."""
+        from imprint.owner import handover
+        from imprint.owner.client import PinnedClient
+
+        store, pin, where = self._reach(name, None)
+        with self._errors():
+            client = PinnedClient(self.home, name, pin.vm_cert, where, store)
+            answer = client.post("/v1/release", {"wipe": wipe})
+            handover.check_answer(answer, "released", True, name)
+            store.drop_pin(name, "release", client.address, f"released VM key {pin.vm_fingerprint}"
+                           + (" (the VM wiped its key)" if wipe else ""))
+
+    def transfer(self, name: str, new_owner_cert: str | os.PathLike[str], out: str | os.PathLike[str], *,
+                 owner_addresses: list[str] | None = None) -> str:
+        """Hand the VM to the owner whose certificate is ``new_owner_cert`` (their owner.crt): the
+        VM pins it instead of this owner, in one step over the pinned channel. Writes the handover
+        file ``out`` for the new owner's :meth:`import_handover`; returns the new owner's fingerprint."""
+        from imprint.owner import handover
+        from imprint.owner.client import PinnedClient
+
+        store, pin, where = self._reach(name, None)
+        out_path = Path(out)
+        with self._errors():
+            pem, fingerprint = handover.new_owner_cert(Path(new_owner_cert))
+            if fingerprint == self.home.load_key().public.fingerprint:
+                raise UsageError("--to names this owner's own certificate")
+            if out_path.exists():
+                raise UsageError(f"{out_path} exists: the handover file is written to a new file only")
+            body: dict[str, Any] = {"owner_cert": pem}
+            if owner_addresses:
+                body["owner_addresses"] = list(owner_addresses)
+            client = PinnedClient(self.home, name, pin.vm_cert, where, store)
+            answer = client.post("/v1/transfer", body)
+            handover.check_answer(answer, "owner_fingerprint", fingerprint, name)
+            handover.Handover(name, pin.vm_cert.pem, pin.address, pin.mode, fingerprint).write(out_path)
+            store.drop_pin(name, "transfer", client.address, f"transferred VM key {pin.vm_fingerprint} to owner "
+                           f"{fingerprint}")
+        return fingerprint
+
+    def import_handover(self, path: str | os.PathLike[str]) -> VmRecord:
+        """Take over a VM another owner transferred to this one (its handover file)."""
+        from imprint import tls
+        from imprint.owner import handover
+
+        with self._errors():
+            given = handover.read_handover(Path(path))
+            key = self.home.load_key()
+            if given.owner_fingerprint != key.public.fingerprint:
+                raise UsageError(f"the handover names owner {given.owner_fingerprint}, not this owner "
+                                 f"({key.public.fingerprint})")
+            cert = tls.PinnedCert.from_pem(given.vm_cert_pem)
+            if not self._store().adopt_pin(given.vm, cert, cert.fingerprint, given.mode, given.address,
+                                           f"transferred to this owner: VM key {cert.fingerprint}"):
+                raise UsageError(f"a VM named {given.vm} exists in this home already")
+        return next(r for r in self.vms() if r.vm == given.vm)
+
     def resolve(self, name: str) -> str | None:
         """The owner decided about a VM flagged ``cloned`` or ``rolled-back`` (it destroyed the
         copy, or accepts the restored VM): the flag goes, and the next session's counter is

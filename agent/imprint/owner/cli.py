@@ -42,7 +42,8 @@ PROG = "imprint"
 LINE_LIMIT = 4000
 # Commands that take nothing from a backend: they skip loading the backends' command-line hooks
 # (importlib.metadata and every plugin's declaration, tens of milliseconds on each run).
-CORE_ONLY = frozenset({"init", "key", "token", "status", "list", "audit", "serve", "resolve"})
+CORE_ONLY = frozenset({"init", "key", "token", "status", "list", "audit", "serve", "resolve", "release", "transfer",
+                       "import"})
 
 
 def _out(line: str) -> None:
@@ -378,6 +379,29 @@ def cmd_serve(home: OwnerHome, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_release(home: OwnerHome, args: argparse.Namespace) -> int:
+    _owner(home).release(_valid_name(args.name), wipe=args.wipe)
+    _emit(args, {"vm": args.name, "released": True, "wiped": args.wipe},
+          [f"{args.name} released: it forgot this owner{' and its own key' if args.wipe else ''}; "
+           "a new token on its next boot binds it again"])
+    return 0
+
+
+def cmd_transfer(home: OwnerHome, args: argparse.Namespace) -> int:
+    fingerprint = _owner(home).transfer(_valid_name(args.name), args.to_cert, args.out,
+                                        owner_addresses=args.owner_addresses)
+    _emit(args, {"vm": args.name, "owner_fingerprint": fingerprint, "handover": str(args.out)},
+          [f"{args.name} now trusts owner {fingerprint} only; give them {args.out} for `imprint import`"])
+    return 0
+
+
+def cmd_import(home: OwnerHome, args: argparse.Namespace) -> int:
+    record = _owner(home).import_handover(args.file)
+    _emit(args, {"vm": record.vm, "state": record.state, "vm_fingerprint": record.vm_fingerprint,
+                 "address": record.address}, [f"{record.vm} imported: VM key {record.vm_fingerprint}, bound"])
+    return 0
+
+
 def cmd_resolve(home: OwnerHome, args: argparse.Namespace) -> int:
     cleared = _owner(home).resolve(_valid_name(args.name))
     _emit(args, {"vm": args.name, "cleared": cleared},
@@ -474,6 +498,21 @@ def _build_parser(*, with_backends: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--listen", action="append", required=True, type=_listen_address, metavar="HOST:PORT",
                    help="where VMs dial (repeat for more); give the same address to the site (seed --owner)")
     p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("release", parents=[common], help="make a bound VM forget this owner (a new token binds it)")
+    p.add_argument("name")
+    p.add_argument("--wipe", action="store_true", help="the VM also forgets its own key (a new identity)")
+    p.set_defaults(func=cmd_release)
+    p = sub.add_parser("transfer", parents=[common], help="hand a bound VM to another owner, over the pinned channel")
+    p.add_argument("name")
+    p.add_argument("--to", dest="to_cert", type=Path, required=True, metavar="CERT",
+                   help="the new owner's certificate (their owner.crt)")
+    p.add_argument("--out", type=Path, required=True, help="the handover file for the new owner's `imprint import`")
+    p.add_argument("--owner", dest="owner_addresses", action="append", metavar="HOST:PORT",
+                   help="where the VM dials the new owner (repeatable; default: it dials nobody)")
+    p.set_defaults(func=cmd_transfer)
+    p = sub.add_parser("import", parents=[common], help="take over a VM another owner transferred to you")
+    p.add_argument("file", type=Path)
+    p.set_defaults(func=cmd_import)
     p = sub.add_parser("resolve", parents=[common], help="clear a VM's cloned/rolled-back flag once you decided")
     p.add_argument("name")
     p.set_defaults(func=cmd_resolve)

@@ -496,6 +496,30 @@ class Store:
             _insert_audit(db, vm, "resolve", None, "resolved", f"was {row[0]}: {detail}")
         return str(row[0])
 
+    # -- the owner lets a VM go (release, transfer) or takes one over (import)
+    @_locked
+    def drop_pin(self, vm: str, action: str, address: str | None, detail: str) -> None:
+        """The VM no longer trusts this owner: its pin goes (the audit log keeps the history;
+        a new token binds it again)."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM pins WHERE vm = ?", (vm,))
+            db.execute("DELETE FROM dial_vm_tokens WHERE vm = ?", (vm,))
+            _insert_audit(db, vm, action, address, "done", detail)
+
+    @_locked
+    def adopt_pin(self, vm: str, cert: PinnedCert, fingerprint: str, mode: Mode, address: str, detail: str) -> bool:
+        """A VM transferred to this owner: bound at once with the pin the old owner handed
+        over; False (nothing written) when ``vm`` already names a VM here."""
+        now = time.time()
+        with self.transaction() as db:
+            if db.execute("SELECT 1 FROM vms WHERE name = ?", (vm,)).fetchone() is not None:
+                return False
+            db.execute("INSERT INTO vms (name, created_at) VALUES (?, ?)", (vm, now))
+            db.execute("INSERT INTO pins (vm, vm_cert_pem, vm_fingerprint, state, mode, address, pinned_at) "
+                       "VALUES (?, ?, ?, 'bound', ?, ?, ?)", (vm, cert.pem, fingerprint, mode.value, address, now))
+            _insert_audit(db, vm, "import", address, "bound", detail)
+        return True
+
     @_locked
     def update_address(self, vm: str, address: str) -> None:
         self._db.execute("UPDATE pins SET address = ? WHERE vm = ?", (address, vm))
