@@ -261,3 +261,28 @@ def test_several_bound_vms_all_dial_in_again_after_a_listener_restart(agents: Ag
     serve.start()
     assert viaserve.await_connected(owner.home, ["vm0", "vm1", "vm2"], WAIT) == ["vm0", "vm1", "vm2"]
     assert "same subject" not in read_log(serve.log)
+
+
+def test_the_listener_holds_vms_beyond_1024_descriptors(agents: AgentFactory, owner: Owner, tmp_path: Path) -> None:
+    """1,100 idle connections first, then a VM: its descriptor is above select()'s FD_SETSIZE,
+    and the listener still holds and serves it (it raises its own descriptor limit)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 2500:
+        pytest.skip(f"the hard descriptor limit here is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2500), hard))
+    listener = Serve(owner, free_port(), tmp_path / "serve.log",
+                     env=dict(os.environ, IMPRINT_SERVE_HANDSHAKE_SECONDS="120")).start()
+    idle = []
+    try:
+        for _ in range(1100):
+            idle.append(socket.create_connection(("127.0.0.1", listener.port), timeout=WAIT))
+        agent = bind_dialled(agents, owner, listener, Mode.SHARED)
+        assert owner.json("status", "web1")["state"] == "bound"
+        assert agent.proc.poll() is None and listener.proc is not None and listener.proc.poll() is None
+    finally:
+        for sock in idle:
+            sock.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        listener.kill()

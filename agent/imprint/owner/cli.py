@@ -372,7 +372,7 @@ def cmd_serve(home: OwnerHome, args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     _err(f"imprint serve: listening on {', '.join(listener.addresses)} (owner key "
-         f"{owner.home.load_key().public.fingerprint})")
+         f"{owner.home.load_key().public.fingerprint}; up to {listener.descriptors} descriptors)")
     notify("READY=1")
     listener.serve_forever()
     notify("STOPPING=1")

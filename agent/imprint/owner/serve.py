@@ -118,10 +118,23 @@ class Listener:
         self._stopping = threading.Event()
         self._on_change = on_change
         self.refresh_trust()
+        self.descriptors = self.raise_descriptor_limit()
         self._listeners = [self._listen(host, port) for host, port in addresses]
         self._local = self._listen_local()
 
     # -- set-up
+    @staticmethod
+    def raise_descriptor_limit() -> int:
+        """One descriptor per connected VM: the soft limit (often 1024) goes up to the hard one."""
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            with contextlib.suppress(ValueError, OSError):
+                resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+                soft = hard
+        return soft
+
     @staticmethod
     def _listen(host: str, port: int) -> socket.socket:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -302,19 +315,24 @@ class Listener:
 
     def _watch(self, conn: VmConnection) -> None:
         """Until the VM closes: the agent sends nothing unasked, so anything readable while no
-        request holds the connection is its end (or a protocol breach, which ends it too)."""
+        request holds the connection is its end (or a protocol breach, which ends it too).
+        poll(), not select(): a listener holds more than FD_SETSIZE (1024) descriptors."""
+        poller = select.poll()
+        try:
+            poller.register(conn.sock, select.POLLIN)
+        except (OSError, ValueError):
+            return
         while not conn.closed.is_set() and not self._stopping.is_set():
             try:
-                readable, _, _ = select.select([conn.sock], [], [], 30.0)
+                if not poller.poll(30_000):
+                    continue
             except (OSError, ValueError):
                 return
-            if not readable:
-                continue
             with conn.lock:
                 if conn.closed.is_set():
                     return
                 try:
-                    ready, _, _ = select.select([conn.sock], [], [], 0)
+                    ready = poller.poll(0)
                 except (OSError, ValueError):
                     return
                 if not ready and not conn.sock.pending():
