@@ -24,6 +24,28 @@ class _Backend:
     def apply(self, backends: dict[str, Any]) -> dict[str, Any]:
         return {"results": {name: {"ok": True, "changed": False} for name in backends}}
 
+    # The rest of the ControlBackend protocol: what each route gets once its body passed.
+    def session_counter(self) -> int:
+        return 0
+
+    def advance_session(self, proposed: int) -> tuple[int, int]:
+        return 0, proposed
+
+    def release(self, wipe: bool) -> dict[str, Any]:
+        return {"released": True, "wiped": wipe}
+
+    def transfer(self, owner_cert_pem: str, owner_addresses: list[str] | None) -> dict[str, Any]:
+        return {"transferred": True}
+
+    def grant(self, cert_pem: str, role: str) -> dict[str, Any]:
+        return {"granted": True, "role": role}
+
+    def revoke(self, fingerprint: str) -> dict[str, Any]:
+        return {"revoked": True}
+
+    def restart_if_due(self) -> None:
+        return None
+
 
 _BACKEND = _Backend()
 
@@ -40,6 +62,12 @@ def test_one_input(data: bytes) -> None:
             return
         method, path, headers, body = request
         assert len(body) <= control.MAX_BODY
+        try:
+            control._session(_BACKEND, headers)  # the Imprint-Session header, hostile too
+        except control.BadRequest as exc:
+            assert exc.status == 400, exc.status
+        status, payload = control._dispatch(_BACKEND, method, path, body, role="read")
+        assert status in (200, 400, 403, 404, 405, 413), status
         status, payload = control._dispatch(_BACKEND, method, path, body)
         assert status in (200, 400, 404, 405, 413), status
         json.loads(control._response(status, payload, close=True).split(b"\r\n\r\n", 1)[1])

@@ -20,6 +20,7 @@ from typing import Any, BinaryIO, Protocol
 
 from imprint import timeouts
 from imprint.guest import log as agent_log
+from imprint.guest.state import DELEGATE_ROLES
 
 log = agent_log.get("imprint.agent")
 
@@ -28,8 +29,8 @@ MAX_HEADERS = 64
 MAX_BODY = 1 << 20
 REQUEST_DEADLINE = timeouts.seconds("IMPRINT_AGENT_REQUEST_SECONDS", 30.0)  # waiting for the next request, reading it
 REPLY_DEADLINE = 30.0  # for the peer to take the whole reply
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
-            413: "Payload Too Large", 500: "Internal Server Error"}
+_REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+            409: "Conflict", 413: "Payload Too Large", 500: "Internal Server Error"}
 
 
 class ControlBackend(Protocol):
@@ -42,6 +43,10 @@ class ControlBackend(Protocol):
     def release(self, wipe: bool) -> dict[str, Any]: ...
 
     def transfer(self, owner_cert_pem: str, owner_addresses: list[str] | None) -> dict[str, Any]: ...
+
+    def grant(self, cert_pem: str, role: str) -> dict[str, Any]: ...
+
+    def revoke(self, fingerprint: str) -> dict[str, Any]: ...
 
     def restart_if_due(self) -> None:
         """After a reply that changed who the owner is: start again as a new process."""
@@ -135,12 +140,36 @@ def _transfer(backend: ControlBackend, body: dict[str, Any] | None) -> dict[str,
     return backend.transfer(cert, addresses)
 
 
-# (method, path) -> handler; the one place endpoints are registered.
-ROUTES: dict[tuple[str, str], Route] = {
-    ("GET", "/v1/status"): _status,
-    ("POST", "/v1/apply"): _apply,
-    ("POST", "/v1/release"): _release,
-    ("POST", "/v1/transfer"): _transfer,
+def _grant(backend: ControlBackend, body: dict[str, Any] | None) -> dict[str, Any]:
+    """{"cert": PEM, "role": read|operator|admin} -> that principal may reach this VM in that role."""
+    document = _only(body, {"cert", "role"})
+    cert, role = document.get("cert"), document.get("role")
+    if not isinstance(cert, str) or len(cert) > 4096:
+        raise BadRequest(400, "cert must be the delegate's certificate (PEM)")
+    if role not in DELEGATE_ROLES:
+        raise BadRequest(400, f"role must be one of {', '.join(DELEGATE_ROLES)}")
+    return backend.grant(cert, role)
+
+
+def _revoke(backend: ControlBackend, body: dict[str, Any] | None) -> dict[str, Any]:
+    """{"fingerprint": SHA256:...} -> that delegate is refused from now on, at the TLS layer."""
+    fingerprint = _only(body, {"fingerprint"}).get("fingerprint")
+    if not isinstance(fingerprint, str) or not fingerprint.startswith("SHA256:") or len(fingerprint) > 100:
+        raise BadRequest(400, "fingerprint must be a key fingerprint, SHA256:...")
+    return backend.revoke(fingerprint)
+
+
+# Who may do what (docs/protocol.md §4.9): the lowest first; each may do what those before may.
+ROLES = (*DELEGATE_ROLES, "owner")
+
+# (method, path) -> (handler, the least role that may call it); the one place endpoints are registered.
+ROUTES: dict[tuple[str, str], tuple[Route, str]] = {
+    ("GET", "/v1/status"): (_status, "read"),
+    ("POST", "/v1/apply"): (_apply, "operator"),
+    ("POST", "/v1/grant"): (_grant, "admin"),
+    ("POST", "/v1/revoke"): (_revoke, "admin"),
+    ("POST", "/v1/release"): (_release, "owner"),
+    ("POST", "/v1/transfer"): (_transfer, "owner"),
 }
 
 
@@ -193,12 +222,16 @@ def _response(status: int, payload: dict[str, Any], *, close: bool, session: str
     return head.encode() + data  # one write: no delayed-ACK stall between headers and body
 
 
-def _dispatch(backend: ControlBackend, method: str, path: str, body: bytes) -> tuple[int, dict[str, Any]]:
-    route = ROUTES.get((method, path))
-    if route is None:
+def _dispatch(backend: ControlBackend, method: str, path: str, body: bytes,
+              role: str = "owner") -> tuple[int, dict[str, Any]]:
+    entry = ROUTES.get((method, path))
+    if entry is None:
         if any(p == path for _, p in ROUTES):
             return 405, {"error": f"{method} is not allowed on {path}"}
         return 404, {"error": f"no such endpoint: {path}"}
+    route, least = entry
+    if ROLES.index(role) < ROLES.index(least):
+        return 403, {"error": f"the {role} role may not {method} {path} (it needs {least})"}
     document: dict[str, Any] | None = None
     if body:
         try:
@@ -216,7 +249,8 @@ def _dispatch(backend: ControlBackend, method: str, path: str, body: bytes) -> t
         return exc.status, {"error": str(exc)}
 
 
-def serve_control(sock: ssl.SSLSocket, peer: str, backend: ControlBackend, deadline: Deadline) -> None:
+def serve_control(sock: ssl.SSLSocket, peer: str, backend: ControlBackend, deadline: Deadline,
+                  role: str = "owner") -> None:
     rfile = sock.makefile("rb")
     try:
         while True:
@@ -241,7 +275,7 @@ def serve_control(sock: ssl.SSLSocket, peer: str, backend: ControlBackend, deadl
                     log.warning("control %s: refused %s %s: the owner has seen a later session of this VM "
                                 "(a copy, or a restored snapshot): counters %s", peer, method, path, session)
                 else:
-                    status, payload = _dispatch(backend, method, path, body)
+                    status, payload = _dispatch(backend, method, path, body, role)
             except BadRequest as exc:
                 status, payload = exc.status, {"error": str(exc)}
             except Exception:

@@ -81,6 +81,7 @@ class AgentServer:
         self._started = time.monotonic()
         self._stopping = threading.Event()
         self._owner_pin: tls.PinnedCert | None = None
+        self._delegates: dict[str, tuple[str, str]] = {}  # SHA-256 of a delegate's DER -> (fingerprint, role)
         self._context = self._make_context()
 
     # -- contexts
@@ -89,10 +90,18 @@ class AgentServer:
         if self._record.bound:
             pin = self._owner_pin = tls.PinnedCert.from_pem(self._state.owner_cert_file.read_text())
             unpinned, self._unpinned = self._unpinned, None
-            if unpinned is None:
-                return tls.agent_pinned_context(cert, key, pin)
-            pin.trust(unpinned)
-            return unpinned
+            ctx = tls.agent_pinned_context(cert, key, pin) if unpinned is None else unpinned
+            if unpinned is not None:
+                pin.trust(ctx)
+            # The owner's delegates are trust anchors too; each is told apart by its exact
+            # certificate after the handshake, and held to its role (guest/control.py).
+            self._delegates = {}
+            if self._state.delegates_file.exists():
+                for fingerprint, delegate in self._state.load_delegates().items():
+                    delegate_pin = tls.PinnedCert.from_pem(delegate["cert"])
+                    delegate_pin.trust(ctx)
+                    self._delegates[delegate_pin.der_sha256] = (fingerprint, delegate["role"])
+            return ctx
         return tls.agent_bind_context(cert, key)
 
     def prepare(self) -> None:
@@ -311,23 +320,31 @@ class AgentServer:
     def _serve_control(self, sock: ssl.SSLSocket, entry: Connection) -> None:
         pinned = self._owner_pin
         assert pinned is not None  # set with the pinned context this connection was accepted under
+        role = "owner"
         try:
             pinned.verify(sock)
         except tls.PinMismatch as exc:
-            log.warning("control connection from %s refused: %s", entry.peer, exc)
-            return
+            import hashlib
+
+            delegate = self._delegates.get(hashlib.sha256(tls.peer_certificate(sock)).hexdigest())
+            if delegate is None:
+                log.warning("control connection from %s refused: %s", entry.peer, exc)
+                return
+            role = delegate[1]
+            log.info("control connection from %s: delegate %s (%s)", entry.peer, delegate[0], role)
         if not self._table.promote(entry):
             if entry.cut is None:
                 log.warning("control connection from %s refused: %d owner connections are busy", entry.peer, MAX_OWNER)
             return
-        self._serve_control_on(sock, entry)
+        self._serve_control_on(sock, entry, role)
 
-    def _serve_control_on(self, sock: ssl.SSLSocket, entry: Connection) -> None:
-        """The control channel on a connection of the pinned owner (already in the owner pool)."""
+    def _serve_control_on(self, sock: ssl.SSLSocket, entry: Connection, role: str = "owner") -> None:
+        """The control channel on a connection of the pinned owner or a delegate (already in
+        the owner pool), each request held to ``role``."""
         from imprint.guest.control import REQUEST_DEADLINE, serve_control
 
         sock.settimeout(REQUEST_DEADLINE + _BACKSTOP)
-        serve_control(sock, entry.peer, self, entry)
+        serve_control(sock, entry.peer, self, entry, role=role)
 
     def status(self) -> dict[str, object]:
         from imprint import __version__
@@ -386,6 +403,40 @@ class AgentServer:
             self._restart_due = True
         log.info("transferred to owner %s; starting again to trust it alone", fingerprint)
         return {"transferred": True, "owner_fingerprint": fingerprint}
+
+    def grant(self, cert_pem: str, role: str) -> dict[str, Any]:
+        from imprint import crypto
+        from imprint.guest.control import BadRequest
+
+        try:
+            der = crypto.certificate_der(cert_pem.encode())
+            spki = crypto.self_signed_certificate_spki(der)
+        except crypto.CryptoError as exc:
+            raise BadRequest(400, f"cert: {exc}") from None
+        fingerprint = crypto.fingerprint(spki)
+        if fingerprint == self._record.owner_fingerprint:
+            raise BadRequest(400, "the owner is not its own delegate")
+        pin = tls.PinnedCert(der)
+        with self._bind_lock:
+            delegates = self._state.load_delegates()
+            delegates[fingerprint] = {"cert": pin.pem, "role": role}
+            self._state.save_delegates(delegates, "granted", delegate=fingerprint, role=role)
+            self._context = self._make_context()  # new connections trust the delegate
+        log.info("granted %s to delegate %s", role, fingerprint)
+        return {"granted": True, "fingerprint": fingerprint, "role": role}
+
+    def revoke(self, fingerprint: str) -> dict[str, Any]:
+        from imprint.guest.control import BadRequest
+
+        with self._bind_lock:
+            delegates = self._state.load_delegates()
+            if delegates.pop(fingerprint, None) is None:
+                raise BadRequest(404, f"no delegate {fingerprint[:80]}")
+            self._state.save_delegates(delegates, "revoked", delegate=fingerprint)
+            # Its open connections end with this process; the next trusts it no more.
+            self._restart_due = True
+        log.info("revoked delegate %s; starting again", fingerprint)
+        return {"revoked": True, "fingerprint": fingerprint}
 
     def restart_if_due(self) -> None:
         """Every connection of the old owner ends with this process: a new one, with the new

@@ -3,6 +3,7 @@
     vm.key       the VM's Ed25519 private key (born here, never leaves)
     vm.crt       self-signed certificate of that key, presented in TLS
     owner.crt    the pinned owner certificate (present once bound)
+    delegates.json  the owner's delegates: {fingerprint: {"cert": PEM, "role": ...}} (issue 13)
     journal.log  the VM's append-only, hash-chained record of its trust (imprint.guest.journal)
     state.json   {"bound": ..., "mode": ..., "owner_fingerprint": ..., "bound_at": ...,
                   "consumed_tokens": [token ids], "owner_addresses": [HOST:PORT where it dials]}
@@ -72,6 +73,7 @@ class AgentState:
         self.owner_cert_file = state_dir / "owner.crt"
         self.record_file = state_dir / "state.json"
         self.journal_file = state_dir / "journal.log"
+        self.delegates_file = state_dir / "delegates.json"
 
     def load_record(self) -> BindRecord:
         try:
@@ -152,6 +154,7 @@ class AgentState:
         fresh = BindRecord(consumed_tokens=record.consumed_tokens)
         write_atomic(self.record_file, fresh.to_json(), label="agent.release-record")
         self.owner_cert_file.unlink(missing_ok=True)
+        self.delegates_file.unlink(missing_ok=True)
         if wipe:
             for path in (self.key_file, self.cert_file):
                 path.unlink(missing_ok=True)
@@ -174,5 +177,35 @@ class AgentState:
         # of the old owner, so the new owner's journal starts here (the old owner's audit log
         # keeps that history on its side).
         self.journal_file.unlink(missing_ok=True)
+        self.delegates_file.unlink(missing_ok=True)  # the old owner's delegates: nothing of it stays
         journal.append(self.journal_file, "transferred", owner_fingerprint=owner_fingerprint)
         return record
+
+    # -- delegates (docs/protocol.md §4.9): other principals the owner let in, with a role
+    def load_delegates(self) -> dict[str, dict[str, str]]:
+        try:
+            raw = self.delegates_file.read_bytes()
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            raise StateError(f"cannot read {self.delegates_file}: {exc.strerror}") from None
+        try:
+            data: Any = json.loads(raw)
+        except ValueError as exc:
+            raise StateError(f"{self.delegates_file} is corrupt: {exc}") from None
+        if not isinstance(data, dict) or not all(
+                isinstance(fp, str) and isinstance(d, dict) and isinstance(d.get("cert"), str)
+                and d.get("role") in DELEGATE_ROLES for fp, d in data.items()):
+            raise StateError(f"{self.delegates_file} is corrupt: not {{fingerprint: {{cert, role}}}}")
+        return data
+
+    def save_delegates(self, delegates: dict[str, dict[str, str]], event: str, **fields: Any) -> None:
+        from imprint.guest import journal
+
+        write_atomic(self.delegates_file, json.dumps(delegates, indent=2, sort_keys=True).encode() + b"\n",
+                     label="agent.delegates")
+        journal.append(self.journal_file, event, **fields)
+
+
+# Lowest first: each role may do what the ones before it may.
+DELEGATE_ROLES = ("read", "operator", "admin")

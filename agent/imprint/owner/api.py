@@ -294,7 +294,8 @@ class Owner:
                 raise
             finally:
                 client.close()
-            owner_fp = self.home.load_key().public.fingerprint
+            delegation = store.backend_data(name, "delegation")  # this home reaches the VM as a delegate
+            owner_fp = str(delegation["owner"]) if delegation else self.home.load_key().public.fingerprint
             if status.get("vm_fingerprint") != pin.vm_fingerprint or status.get("owner_fingerprint") != owner_fp:
                 store.audit(name, "status", where, "AuthenticationFailed", "the agent reports other keys than pinned")
                 raise AuthenticationFailed(
@@ -382,8 +383,52 @@ class Owner:
                            f"{fingerprint}")
         return fingerprint
 
+    def grant(self, name: str, to: str, role: str, out: str | os.PathLike[str]) -> str:
+        """Let the principal whose certificate is the file ``to`` reach VM ``name`` with its own
+        key, as ``role`` (read: status; operator: also apply and ssh; admin: also grant and
+        revoke). Writes the grant file ``out`` for their `imprint import`; returns their fingerprint."""
+        from imprint.owner import handover
+        from imprint.owner.client import PinnedClient
+
+        if role not in ("read", "operator", "admin"):
+            raise UsageError(f"role {role[:20]!r}: expected read, operator or admin")
+        store, pin, where = self._reach(name, None)
+        out_path = Path(out)
+        with self._errors():
+            pem, fingerprint = handover.principal_cert(to)
+            if pem is None:
+                raise UsageError("--to: a grant needs the delegate's certificate (their owner.crt), "
+                                 "not only a fingerprint")
+            if out_path.exists():
+                raise UsageError(f"{out_path} exists: the grant file is written to a new file only")
+            client = PinnedClient(self.home, name, pin.vm_cert, where, store)
+            answer = client.post("/v1/grant", {"cert": pem, "role": role})
+            handover.check_answer(answer, "fingerprint", fingerprint, name)
+            vm_owner = self._store().backend_data(name, "delegation") or {}
+            granted_by = str(vm_owner.get("owner") or self.home.load_key().public.fingerprint)
+            handover.Handover(name, pin.vm_cert.pem, pin.address, pin.mode, fingerprint, role, granted_by
+                              ).write(out_path)
+            store.audit(name, "grant", client.address, role, f"delegate {fingerprint}")
+        return fingerprint
+
+    def revoke(self, name: str, principal: str) -> str:
+        """Take a grant back (``principal``: the delegate's certificate file or fingerprint):
+        the VM refuses that key in the TLS handshake from now on."""
+        from imprint.owner import handover
+        from imprint.owner.client import PinnedClient
+
+        store, pin, where = self._reach(name, None)
+        with self._errors():
+            _, fingerprint = handover.principal_cert(principal)
+            client = PinnedClient(self.home, name, pin.vm_cert, where, store)
+            answer = client.post("/v1/revoke", {"fingerprint": fingerprint})
+            handover.check_answer(answer, "fingerprint", fingerprint, name)
+            store.audit(name, "revoke", client.address, "revoked", f"delegate {fingerprint}")
+        return fingerprint
+
     def import_handover(self, path: str | os.PathLike[str]) -> VmRecord:
-        """Take over a VM another owner transferred to this one (its handover file)."""
+        """Take over a VM another owner transferred to this one (its handover file), or take up
+        a grant to reach one as a delegate (its grant file)."""
         from imprint import tls
         from imprint.owner import handover
 
@@ -394,9 +439,12 @@ class Owner:
                 raise UsageError(f"the handover names owner {given.owner_fingerprint}, not this owner "
                                  f"({key.public.fingerprint})")
             cert = tls.PinnedCert.from_pem(given.vm_cert_pem)
-            if not self._store().adopt_pin(given.vm, cert, cert.fingerprint, given.mode, given.address,
-                                           f"transferred to this owner: VM key {cert.fingerprint}"):
+            how = (f"transferred to this owner: VM key {cert.fingerprint}" if given.role is None
+                   else f"granted to this owner as {given.role}: VM key {cert.fingerprint}")
+            if not self._store().adopt_pin(given.vm, cert, cert.fingerprint, given.mode, given.address, how):
                 raise UsageError(f"a VM named {given.vm} exists in this home already")
+            if given.role is not None:  # a delegate: the VM's status names its owner, not this one
+                self._store().set_backend_data(given.vm, "delegation", {"role": given.role, "owner": given.granted_by})
         return next(r for r in self.vms() if r.vm == given.vm)
 
     def resolve(self, name: str) -> str | None:

@@ -43,7 +43,7 @@ LINE_LIMIT = 4000
 # Commands that take nothing from a backend: they skip loading the backends' command-line hooks
 # (importlib.metadata and every plugin's declaration, tens of milliseconds on each run).
 CORE_ONLY = frozenset({"init", "key", "token", "status", "list", "audit", "serve", "resolve", "release", "transfer",
-                       "import"})
+                       "import", "grant", "revoke"})
 
 
 def _out(line: str) -> None:
@@ -395,6 +395,19 @@ def cmd_transfer(home: OwnerHome, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_grant(home: OwnerHome, args: argparse.Namespace) -> int:
+    fingerprint = _owner(home).grant(_valid_name(args.name), args.to, args.role, args.out)
+    _emit(args, {"vm": args.name, "delegate": fingerprint, "role": args.role, "grant": str(args.out)},
+          [f"{args.name}: {fingerprint} may now reach it as {args.role}; give them {args.out} for `imprint import`"])
+    return 0
+
+
+def cmd_revoke(home: OwnerHome, args: argparse.Namespace) -> int:
+    fingerprint = _owner(home).revoke(_valid_name(args.name), args.principal)
+    _emit(args, {"vm": args.name, "revoked": fingerprint}, [f"{args.name}: {fingerprint} is refused from now on"])
+    return 0
+
+
 def cmd_import(home: OwnerHome, args: argparse.Namespace) -> int:
     record = _owner(home).import_handover(args.file)
     _emit(args, {"vm": record.vm, "state": record.state, "vm_fingerprint": record.vm_fingerprint,
@@ -510,7 +523,17 @@ def _build_parser(*, with_backends: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--owner", dest="owner_addresses", action="append", metavar="HOST:PORT",
                    help="where the VM dials the new owner (repeatable; default: it dials nobody)")
     p.set_defaults(func=cmd_transfer)
-    p = sub.add_parser("import", parents=[common], help="take over a VM another owner transferred to you")
+    p = sub.add_parser("grant", parents=[common], help="let another principal reach a VM with its own key, in a role")
+    p.add_argument("name")
+    p.add_argument("--to", required=True, metavar="CERT", help="their certificate (their owner.crt)")
+    p.add_argument("--role", required=True, choices=["read", "operator", "admin"])
+    p.add_argument("--out", type=Path, required=True, help="the grant file for their `imprint import`")
+    p.set_defaults(func=cmd_grant)
+    p = sub.add_parser("revoke", parents=[common], help="take a grant back: the VM refuses that key")
+    p.add_argument("name")
+    p.add_argument("--from", dest="principal", required=True, metavar="CERT_OR_FINGERPRINT")
+    p.set_defaults(func=cmd_revoke)
+    p = sub.add_parser("import", parents=[common], help="take over a VM transferred to you, or take up a grant")
     p.add_argument("file", type=Path)
     p.set_defaults(func=cmd_import)
     p = sub.add_parser("resolve", parents=[common], help="clear a VM's cloned/rolled-back flag once you decided")

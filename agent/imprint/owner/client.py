@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from imprint import timeouts, tls
-from imprint.owner.errors import AuthenticationFailed, Unreachable
+from imprint.owner.errors import AuthenticationFailed, Unreachable, UsageError
 from imprint.owner.home import OwnerHome
 from imprint.owner.names import split_address
 from imprint.owner.sessions import SessionCheck
@@ -195,6 +195,9 @@ def _remaining(deadline: float, clock: Clock) -> float:
 
 def _decode(status: int, body: bytes, what: str, address: str) -> dict[str, Any]:
     data = _json(body)
+    if status == 403:  # a delegate's role does not reach this request: the VM said so
+        error = data.get("error") if isinstance(data, dict) else None
+        raise UsageError(f"the agent at {address} refused {what}: {str(error)[:300]}")
     if status != 200:
         error = data.get("error") if isinstance(data, dict) else None
         raise Unreachable(f"the agent at {address} answered {status} to {what}"

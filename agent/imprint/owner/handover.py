@@ -23,21 +23,30 @@ from imprint.owner.errors import AuthenticationFailed, UsageError
 from imprint.owner.names import split_address, valid_vm_name
 
 HANDOVER_KIND = "imprint-handover/1"
+GRANT_KIND = "imprint-grant/1"
 MAX_HANDOVER = 16 * 1024
 
 
 @dataclass(frozen=True)
 class Handover:
+    """What an owner gives another for `imprint import`: a transferred VM (``role`` None: the
+    recipient is its owner now) or a grant (``role``: the recipient is a delegate)."""
+
     vm: str
     vm_cert_pem: str
     address: str
     mode: tokens.Mode
-    owner_fingerprint: str  # the new owner's, as the VM now pins it
+    owner_fingerprint: str  # the recipient's, as the VM now trusts it
+    role: str | None = None
+    granted_by: str | None = None  # a grant: the VM's owner, whom the VM's status names
 
     def to_json(self) -> bytes:
-        return json.dumps({"kind": HANDOVER_KIND, "vm": self.vm, "vm_cert": self.vm_cert_pem,
-                           "address": self.address, "mode": self.mode.value,
-                           "owner_fingerprint": self.owner_fingerprint}, indent=2, sort_keys=True).encode() + b"\n"
+        data = {"kind": HANDOVER_KIND if self.role is None else GRANT_KIND, "vm": self.vm, "vm_cert": self.vm_cert_pem,
+                "address": self.address, "mode": self.mode.value, "owner_fingerprint": self.owner_fingerprint}
+        if self.role is not None:
+            data["role"] = self.role
+            data["granted_by"] = self.granted_by or ""
+        return json.dumps(data, indent=2, sort_keys=True).encode() + b"\n"
 
     def write(self, path: Path) -> None:
         if path.exists():
@@ -56,8 +65,13 @@ def read_handover(path: Path) -> Handover:
         data: Any = json.loads(raw)
     except (ValueError, RecursionError):
         raise UsageError(f"{path} is not a handover file (not JSON)") from None
-    if not isinstance(data, dict) or data.get("kind") != HANDOVER_KIND:
-        raise UsageError(f"{path} is not an imprint handover file ({HANDOVER_KIND})")
+    if not isinstance(data, dict) or data.get("kind") not in (HANDOVER_KIND, GRANT_KIND):
+        raise UsageError(f"{path} is not an imprint handover or grant file ({HANDOVER_KIND}, {GRANT_KIND})")
+    role = data.get("role") if data.get("kind") == GRANT_KIND else None
+    granted_by = data.get("granted_by") if data.get("kind") == GRANT_KIND else None
+    if data.get("kind") == GRANT_KIND and (role not in ("read", "operator", "admin")
+                                           or not (isinstance(granted_by, str) and granted_by.startswith("SHA256:"))):
+        raise UsageError(f"{path}: a grant file with a missing or unknown role or granting owner")
     try:
         vm, cert, address, mode, owner = (data["vm"], data["vm_cert"], data["address"], data["mode"],
                                           data["owner_fingerprint"])
@@ -70,7 +84,15 @@ def read_handover(path: Path) -> Handover:
         parsed_mode = tokens.Mode(mode)
     except (KeyError, TypeError, ValueError, crypto.CryptoError):
         raise UsageError(f"{path}: a handover file with a missing or malformed field") from None
-    return Handover(vm, pin.pem, address, parsed_mode, owner)
+    return Handover(vm, pin.pem, address, parsed_mode, owner, role, granted_by)
+
+
+def principal_cert(text: str) -> tuple[str | None, str]:
+    """(PEM or None, fingerprint) from ``--to``/``--from``: a certificate file (another imprint
+    home's owner.crt), or a fingerprint (SHA256:...), enough to revoke but not to grant."""
+    if text.startswith("SHA256:"):
+        return None, text
+    return new_owner_cert(Path(text))
 
 
 def new_owner_cert(path: Path) -> tuple[str, str]:

@@ -101,7 +101,7 @@ class OwnerHome:
         self._ensure_dir()
         key = crypto.PrivateKey.generate()
         write_atomic(self.key_file, key.to_pem() if passphrase is None else keyfile.seal(key, passphrase))
-        write_atomic(self.cert_file, key.self_signed_certificate("imprint-owner"), mode=0o644)
+        write_atomic(self.cert_file, owner_certificate(key), mode=0o644)
         self._remember_key(key)
         self.store().close()
         return key, True
@@ -153,7 +153,7 @@ class OwnerHome:
         key = keyfile.unseal(data, passphrase())
         self._ensure_dir()
         write_atomic(self.key_file, data)
-        write_atomic(self.cert_file, key.self_signed_certificate("imprint-owner"), mode=0o644)
+        write_atomic(self.cert_file, owner_certificate(key), mode=0o644)
         self._remember_key(key)
         self.store().close()
         return key
@@ -279,6 +279,12 @@ def key_pem_for_tls(key_file: str | os.PathLike[str]) -> bytes | None:
     if home.key_file != path:
         raise UsageError(f"{path} is an encrypted owner key outside an owner home's owner.key")
     return home.load_key().to_pem()
+
+
+def owner_certificate(key: crypto.PrivateKey) -> bytes:
+    """owner.crt for ``key``: self-signed, with a subject of its own (a VM trusts its owner and
+    its delegates at once, and OpenSSL finds a trust anchor by its subject name)."""
+    return key.self_signed_certificate(f"imprint-owner {key.public.digest.hex()[:32]}")
 
 
 def _backend_name(name: str) -> str:
