@@ -286,3 +286,10 @@ def test_the_listener_holds_vms_beyond_1024_descriptors(agents: AgentFactory, ow
             sock.close()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         listener.kill()
+
+
+def test_one_listener_per_owner_home(owner: Owner, serve: Serve) -> None:
+    second = owner.run("serve", "--listen", f"127.0.0.1:{free_port()}", check=1)
+    assert "another `imprint serve` runs on this owner home" in second.stderr
+    assert serve.proc is not None and serve.proc.poll() is None
+    assert viaserve.connected(owner.home) == []  # the first one's socket still answers

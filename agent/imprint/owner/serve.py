@@ -119,8 +119,8 @@ class Listener:
         self._on_change = on_change
         self.refresh_trust()
         self.descriptors = self.raise_descriptor_limit()
+        self._local = self._listen_local()  # first: a second listener on this home stops here
         self._listeners = [self._listen(host, port) for host, port in addresses]
-        self._local = self._listen_local()
 
     # -- set-up
     @staticmethod
@@ -143,8 +143,20 @@ class Listener:
 
     def _listen_local(self) -> socket.socket:
         path = socket_path(self._home.dir)
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.settimeout(2.0)
+            probe.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            pass  # none, or what a listener killed earlier left
+        except OSError as exc:
+            raise OSError(f"cannot check {path} for another listener: {exc}") from None
+        else:
+            raise OSError(f"another `imprint serve` runs on this owner home ({path} answers): one listener per home")
+        finally:
+            probe.close()
         with contextlib.suppress(FileNotFoundError):
-            path.unlink()  # a listener killed earlier left it; a live one holds its port, so we failed before here
+            path.unlink()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
         try:
