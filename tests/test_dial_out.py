@@ -75,6 +75,8 @@ def test_dialling_agent_binds_status_apply_and_survives_restarts(agents: AgentFa
     assert agent.state()["bound"] is True
     (bound,) = journal.read(agent.root / "var/lib/imprint/journal.log")
     assert (bound.event, bound.fields["reached"]) == ("bound", "dial-out")
+    bound_entry = [e for e in owner.json("audit", "web1")["audit"] if e["outcome"] == "bound"][-1]
+    assert f"to {serve.address}" in bound_entry["detail"]  # the dialled address, as the transcript covers it
     status = owner.json("status", "web1")
     assert status["state"] == "bound" and "dialled in" in status["address"]
     fingerprint = status["vm_fingerprint"]

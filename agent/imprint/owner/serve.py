@@ -402,7 +402,8 @@ class Listener:
             self._store.audit(bind.vm, "bind", peer, "Unreachable", detail)
             return None
         if not self._store.confirm_pin(bind.vm, bind.address, audit_detail=f"VM key {result.vm_fingerprint}, "
-                                       f"{bind.mode.value} mode, dialled in from {peer}", cert=cert):
+                                       f"{bind.mode.value} mode, dialled in from {peer} to {bind.dialled}",
+                                       cert=cert):
             self._store.audit(bind.vm, "bind", peer, "AuthenticationFailed", "another pending key than this bind's")
             return None
         _log(f"{bind.vm} bound (VM key {result.vm_fingerprint}, {bind.mode.value} mode, dialled in from {peer})")
@@ -539,6 +540,7 @@ class _DialBind:
         self.vm_cert = b""
         self.proved: list[str] = []
         self.waited = 0.0  # seconds the handler waited for the owner's VM token
+        self.dialled = ""  # the owner address the VM says it dialled
         self._claim: contextlib.ExitStack | None = None
 
     def handle(self, event: Event) -> None:
@@ -563,6 +565,7 @@ class _DialBind:
                 self.session.abort(AlertCode.TOKEN_CONSUMED, "this VM is bound already")
                 return
             self.vm, self.mode, self.vm_cert = vm, token.mode, event.vm_cert
+            self.dialled = printable(event.owner_address, 80)  # covered by the transcript
             self.session.accept(token, vm_token)
             self.proved.append(f"the VM dialled the owner's listener at {printable(event.owner_address, 80)}, "
                                "which the transcript covers")
