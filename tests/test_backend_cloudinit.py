@@ -76,9 +76,13 @@ def make_chroot(root: Path, tmp: Path) -> Path:
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int, bytes]]:
+    """What the backend could write. Not the agent's own state: every pinned request moves its
+    session counter (docs/protocol.md §4.7)."""
+    state = root / "var/lib/imprint"
     return {str(p.relative_to(root)): (p.lstat().st_mtime_ns, p.lstat().st_mode,
                                        p.read_bytes() if stat.S_ISREG(p.lstat().st_mode) else b"")
-            for d in ("etc", "home", "run", "srv", "var") if (root / d).exists() for p in sorted((root / d).rglob("*"))}
+            for d in ("etc", "home", "run", "srv", "var") if (root / d).exists() for p in sorted((root / d).rglob("*"))
+            if p != state and state not in p.parents}
 
 
 @needs_chroot
