@@ -15,12 +15,25 @@ PRODUCTION = {  # docs/protocol.md §5.3 and §6.5 state these
     "imprint.guest.control:REQUEST_DEADLINE": 30.0,
     "imprint.owner.bind:CONNECT_TIMEOUT": 10.0,
     "imprint.owner.client:TIMEOUT": 10.0,
+    # The VM dials its owner (docs/protocol.md §4.6).
+    "imprint.guest.dialer:CONNECT_TIMEOUT": 10.0,
+    "imprint.guest.dialer:RECONNECT_FIRST": 10.0,
+    "imprint.guest.dialer:RECONNECT_CAP": 300.0,
+    "imprint.owner.serve:HANDSHAKE_SECONDS": 10.0,
+    "imprint.owner.serve:EXCHANGE_SECONDS": 20.0,
+    "imprint.owner.serve:WAIT_SECONDS": 600.0,
 }
 VARIABLES = {
     "imprint.guest.server:HANDSHAKE_DEADLINE": "IMPRINT_AGENT_HANDSHAKE_SECONDS",
     "imprint.guest.control:REQUEST_DEADLINE": "IMPRINT_AGENT_REQUEST_SECONDS",
     "imprint.owner.bind:CONNECT_TIMEOUT": "IMPRINT_OWNER_CONNECT_SECONDS",
     "imprint.owner.client:TIMEOUT": "IMPRINT_OWNER_REQUEST_SECONDS",
+    "imprint.guest.dialer:CONNECT_TIMEOUT": "IMPRINT_AGENT_CONNECT_SECONDS",
+    "imprint.guest.dialer:RECONNECT_FIRST": "IMPRINT_AGENT_RECONNECT_SECONDS",
+    "imprint.guest.dialer:RECONNECT_CAP": "IMPRINT_AGENT_RECONNECT_CAP_SECONDS",
+    "imprint.owner.serve:HANDSHAKE_SECONDS": "IMPRINT_SERVE_HANDSHAKE_SECONDS",
+    "imprint.owner.serve:EXCHANGE_SECONDS": "IMPRINT_SERVE_EXCHANGE_SECONDS",
+    "imprint.owner.serve:WAIT_SECONDS": "IMPRINT_SERVE_WAIT_SECONDS",
 }
 
 
