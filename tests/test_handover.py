@@ -6,16 +6,14 @@ the old owner."""
 from __future__ import annotations
 
 import json
-import socket
-import ssl
 from pathlib import Path
 
 import pytest
-from imprint import tls
 from imprint.guest import journal
 
 from tests.helpers import AgentFactory, Owner
 from tests.helpers.agents import Agent
+from tests.helpers.owner import assert_refused_by_vm
 from tests.sshkit import free_port
 
 WAIT = 60.0
@@ -76,11 +74,4 @@ def test_transfer_hands_the_vm_to_a_new_owner_in_one_step(agents: AgentFactory, 
         if path.is_file() and path.name != "vm.key":
             assert old_owner_fp.encode() not in path.read_bytes(), f"{path} names the old owner"
     assert [e.event for e in journal.read(state / "journal.log")] == ["transferred"]
-    context = tls.owner_pinned_context(str(owner.home / "owner.crt"), str(owner.home / "owner.key"),
-                                       tls.PinnedCert.from_pem((newcomer.home / "pins" / "web1.crt").read_text()))
-    with pytest.raises((ssl.SSLError, ConnectionError)):
-        with context.wrap_socket(socket.create_connection(("127.0.0.1", agent.port), timeout=WAIT)) as sock:
-            sock.settimeout(WAIT)
-            sock.sendall(b"GET /v1/status HTTP/1.1\r\nConnection: close\r\n\r\n")
-            if not sock.recv(1):
-                raise ConnectionError("closed")
+    assert_refused_by_vm(owner.home, newcomer.home / "pins" / "web1.crt", agent.port)

@@ -17,6 +17,13 @@ from imprint.safetext import ascii_number
 TEMP_MARK = ".tmp."
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """Every byte of ``data`` to ``fd`` (os.write may write less than it is given)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def ensure_private_dir(path: Path) -> None:
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(path, 0o700)
@@ -106,9 +113,7 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o600, sync_dir: bool =
             if uid is not None or gid is not None:
                 os.fchown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
                 os.fchmod(fd, mode)  # chown clears set-id bits; keep the mode exactly as asked
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            write_all(fd, data)
             os.fsync(fd)
             crashpoint(f"{point}.written")
         except BaseException:

@@ -166,6 +166,7 @@ def load_owner_identity(ctx: ssl.SSLContext, cert_file: str, key_file: str) -> N
     writes (BestAvailableEncryption) is PBKDF2 at OpenSSL's default 2048 rounds, not memory-hard,
     with no way there to ask for scrypt; and OpenSSL would run its KDF again for every context,
     i.e. every pinned request, where this decrypts once per process."""
+    from imprint.fsatomic import write_all
     from imprint.owner.home import key_pem_for_tls  # lazy: the agent never loads the owner's code
 
     pem = key_pem_for_tls(key_file)
@@ -174,9 +175,7 @@ def load_owner_identity(ctx: ssl.SSLContext, cert_file: str, key_file: str) -> N
         return
     fd = os.memfd_create("imprint-owner-key", os.MFD_CLOEXEC)
     try:
-        view = memoryview(pem)
-        while view:
-            view = view[os.write(fd, view):]
+        write_all(fd, pem)
         ctx.load_cert_chain(cert_file, f"/proc/self/fd/{fd}", password=_no_password)
     finally:
         os.close(fd)

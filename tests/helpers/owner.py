@@ -59,3 +59,23 @@ def issue_token(home: OwnerHome, store: Store, vm: str, mode: str) -> str:
     text = token.encode()
     store.issue_token(vm, Mode(mode), token.token_id.hex(), text)
     return text
+
+
+def assert_refused_by_vm(home: Path, vm_pin: Path, port: int, timeout: float = 60.0) -> None:
+    """The agent on ``port`` refuses the certificate of owner home ``home`` in the TLS handshake
+    (TLS 1.3: the refusal of a client certificate arrives at the first read), though this side
+    trusts the VM's pinned certificate ``vm_pin``."""
+    import socket
+    import ssl
+
+    import pytest
+    from imprint import tls
+
+    context = tls.owner_pinned_context(str(home / "owner.crt"), str(home / "owner.key"),
+                                       tls.PinnedCert.from_pem(vm_pin.read_text()))
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        with context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=timeout)) as sock:
+            sock.settimeout(timeout)
+            sock.sendall(b"GET /v1/status HTTP/1.1\r\nConnection: close\r\n\r\n")
+            if not sock.recv(1):
+                raise ConnectionError("closed without a word")

@@ -44,7 +44,7 @@ from pathlib import Path
 
 from imprint.boundedio import InputError, read_fd
 from imprint.faults import crashpoint
-from imprint.fsatomic import remove_stale_temps_at, temp_name
+from imprint.fsatomic import remove_stale_temps_at, temp_name, write_all
 
 MAX_FILE = 1 << 20  # the default bound of a read: every file a backend reads is a config, key or keytab
 MAX_HOPS = 32
@@ -420,9 +420,7 @@ def write_at(parent: Parent, name: str, data: bytes, *, mode: int, uid: int | No
             if uid is not None or gid is not None:
                 os.fchown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
             os.fchmod(fd, mode)  # after chown, which clears set-id bits
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -345,11 +345,15 @@ def tag_from(answer: _Answer, session: str | None) -> tokens.Token | None:
         raise ChannelBroken(NAME, f"{answer.url}: HTTP 401, the service {why}")
     if answer.status != 200:
         raise _broken_status(answer)
+    text = _ascii(answer)
+    return parse_token(NAME, text, answer.url)
+
+
+def _ascii(answer: _Answer) -> str:
     try:
-        text = answer.body.decode("ascii")
+        return answer.body.decode("ascii")
     except UnicodeDecodeError:
         raise ChannelBroken(NAME, f"{answer.url}: the answer is not ASCII text") from None
-    return parse_token(NAME, text, answer.url)
 
 
 def owner_tag_from(answer: _Answer) -> Owners:
@@ -358,10 +362,7 @@ def owner_tag_from(answer: _Answer) -> Owners:
         return ()
     if answer.status != 200:
         raise _broken_status(answer)
-    try:
-        text = answer.body.decode("ascii")
-    except UnicodeDecodeError:
-        raise ChannelBroken(NAME, f"{answer.url}: the answer is not ASCII text") from None
+    text = _ascii(answer)
     if "," not in text:
         # AWS tag values cannot hold commas: spaces separate the addresses there (only spaces:
         # any other control or blank character stays, for the parser to refuse).

@@ -103,6 +103,7 @@ def cmd_init(home: OwnerHome, args: argparse.Namespace) -> int:
 
 def cmd_key_export(home: OwnerHome, args: argparse.Namespace) -> int:
     from imprint import crypto
+    from imprint.fsatomic import write_all
     from imprint.owner import keyfile
 
     out: Path = args.out
@@ -113,9 +114,7 @@ def cmd_key_export(home: OwnerHome, args: argparse.Namespace) -> int:
     except FileExistsError:
         raise UsageError(f"--out {out} exists: refusing to overwrite it") from None
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -37,7 +37,7 @@ from typing import Any
 
 from imprint import crypto, timeouts, tls, tokens
 from imprint.owner.api import Owner
-from imprint.owner.bind import _result, _vm_proof_text
+from imprint.owner.bind import BindResult, _result, _vm_proof_text
 from imprint.owner.client import Answer, BadAnswer, exchange_on
 from imprint.owner.errors import OwnerError
 from imprint.owner.store import ClaimHeld, PinRow, Store
@@ -56,6 +56,8 @@ REQUEST_SECONDS = timeouts.seconds("IMPRINT_OWNER_REQUEST_SECONDS", 10.0)
 MAX_WAITING = 1024  # dialled-in VMs waiting for their VM token (anyone can dial and claim to be one)
 MAX_CONNECTIONS = 4096  # a thread each
 MAX_LOCAL_REQUEST = 2 << 20  # a local client's request line (an apply's profile included)
+# What a VM's status on its own connection can fail with (each named in the audit).
+_STATUS_FAILURES = (OSError, TimeoutError, BadAnswer, ValueError, RecursionError, OwnerError)
 
 
 def _peer_text(addr: Any) -> str:
@@ -283,18 +285,24 @@ class Listener:
             return
         self._hold(VmConnection(vm, sock, peer, time.time()))
 
+    def _checked_status(self, sock: ssl.SSLSocket, vm: str, address: str, mode: tokens.Mode, cert: tls.PinnedCert,
+                        proved: list[str]) -> BindResult:
+        """``GET /v1/status`` on a VM's connection (kept open), naming both keys the pin and this
+        owner expect: what makes a pin final, after a bind or for a pending pin's VM."""
+        status, body, _ = exchange_on(sock, "GET", "/v1/status", None, timeout=REQUEST_SECONDS, keep_alive=True)
+        answer = json.loads(body) if status == 200 else None
+        if not isinstance(answer, dict):
+            raise BadAnswer(f"status {status}")
+        return _result(vm, address, mode, cert, self._key, answer, proved)
+
     def _recover(self, sock: ssl.SSLSocket, vm: str, pin: PinRow, peer: str) -> bool:
         """A VM whose exchange this side never saw confirmed (the listener died, VmConfirm was
         lost) dials with the pending pin's certificate: it pinned this owner. Its answer over
         this mutual-TLS connection, with both keys, makes the pin final, as a dial-in bind's
         recovery does (owner/bind.py)."""
         try:
-            status, body, _ = exchange_on(sock, "GET", "/v1/status", None, timeout=REQUEST_SECONDS, keep_alive=True)
-            answer = json.loads(body) if status == 200 else None
-            if not isinstance(answer, dict):
-                raise BadAnswer(f"status {status}")
-            result = _result(vm, pin.address, pin.mode, pin.vm_cert, self._key, answer, [])
-        except (OSError, TimeoutError, BadAnswer, ValueError, RecursionError, OwnerError) as exc:
+            result = self._checked_status(sock, vm, pin.address, pin.mode, pin.vm_cert, [])
+        except _STATUS_FAILURES as exc:
             _log(f"{vm}: the pending pin's VM dialled in, but its status failed: {exc}")
             return False
         if not self._store.confirm_pin(vm, pin.address, cert=pin.vm_cert, audit_detail=(
@@ -391,12 +399,8 @@ class Listener:
             return None
         cert = tls.PinnedCert(bind.vm_cert)
         try:
-            status, body, _ = exchange_on(sock, "GET", "/v1/status", None, timeout=REQUEST_SECONDS, keep_alive=True)
-            answer = json.loads(body) if status == 200 else None
-            if not isinstance(answer, dict):
-                raise BadAnswer(f"status {status}")
-            result = _result(bind.vm, bind.address, bind.mode, cert, self._key, answer, bind.proved)
-        except (OSError, TimeoutError, BadAnswer, ValueError, RecursionError, OwnerError) as exc:
+            result = self._checked_status(sock, bind.vm, bind.address, bind.mode, cert, bind.proved)
+        except _STATUS_FAILURES as exc:
             detail = (f"the VM confirmed the exchange, but its status on the same connection failed ({exc}); "
                       "its key is a pending pin, bound when it dials again")
             self._store.audit(bind.vm, "bind", peer, "Unreachable", detail)
