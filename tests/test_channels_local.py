@@ -288,6 +288,18 @@ def test_channels_disagreeing_are_refused(paths: Distro) -> None:
         find_token(paths)
 
 
+def test_a_consumed_token_counts_as_absent(paths: Distro) -> None:
+    """A released VM's old token stays on its channel: it neither binds nor disagrees with the
+    new one on another channel."""
+    _write_cmdline(paths, f"imprint.token={GOOD.encode()}\n")
+    raw = _fw_cfg_raw(paths)
+    raw.write_text(OTHER.encode())
+    found = find_token(paths, consumed=frozenset({GOOD.token_id.hex()}))
+    assert found is not None and (found.channel, found.token) == ("fw_cfg", OTHER)
+    raw.unlink()
+    assert find_token(paths, consumed=frozenset({GOOD.token_id.hex()})) is None
+
+
 def test_broken_channel_stops_the_search(paths: Distro) -> None:
     """A corrupt cmdline token must not fall through to a good token on a later channel."""
     _write_cmdline(paths, f"imprint.token={GOOD.encode()[:-1]}\n")

@@ -8,6 +8,8 @@ logs in with `imprint ssh` trusting only the host key the agent attested over th
 from __future__ import annotations
 
 import os
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -67,6 +69,64 @@ def _scenario(site: Site, image: Image, tmp: Path, name: str, channel: str, mode
         serve.kill()
         if "boot" in locals():
             site.stop(Path(boot["run_dir"]))
+
+
+def _console_count(run_dir: Path, text: str) -> int:
+    from imprint.site.vm import console_text
+
+    return console_text(run_dir / "console.log").count(text)
+
+
+def _release_scenario(site: Site, image: Image, tmp: Path) -> dict[str, Any]:
+    """Issue 13: a VM bound to one owner is released, starts again and waits; the site
+    hot-plugs a metadata disk with another owner's token, and that owner binds it."""
+    tmp.mkdir(parents=True)
+    first, second = Owner.create(tmp / "first"), Owner.create(tmp / "second")
+    token = first.token("vm", "shared")
+    token_file = tmp / "token.txt"
+    token_file.write_text(token + "\n")
+    token_file.chmod(0o600)
+    boot = site.boot(image, "release", "--channel", "cmdline", "--token-file", str(token_file), "--mode", "shared")
+    run_dir = Path(boot["run_dir"])
+    out: dict[str, Any] = {"boot": boot}
+    try:
+        assert boot["status"] == "ready", f"{boot['status']}: {boot['detail']}\n{console_tail(run_dir)}"
+        out["bind"] = first.json("bind", "vm", "--address", boot["agent_address"])
+        out["release"] = first.json("release", "vm")
+        new_token = tmp / "new-token.txt"
+        new_token.write_text(second.token("vm", "shared") + "\n")
+        new_token.chmod(0o600)
+        ready_before = _console_count(run_dir, "(waiting for the owner to bind)")
+        out["attached"] = site.attach(run_dir, "--channel", "metadata-disk", "--token-file", str(new_token),
+                                      "--no-wait")
+        deadline = time.monotonic() + BOUND_WITHIN  # the site's own console watch polls the same way
+        while _console_count(run_dir, "(waiting for the owner to bind)") <= ready_before:
+            assert time.monotonic() < deadline, console_tail(run_dir)
+            threading.Event().wait(0.5)
+        out["rebind"] = second.json("bind", "vm", "--address", boot["agent_address"])
+        out["first_status"] = first.run("status", "vm", check=None)
+        out["console"] = (run_dir / "console.log").read_text(errors="replace")
+        return out
+    finally:
+        site.stop(run_dir)
+
+
+@pytest.fixture(scope="module")
+def released(vm_image: tuple[Image, str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:  # noqa: F811
+    base = tmp_path_factory.mktemp("release-vm")
+    site = Site(base / "runs")
+    try:
+        return _release_scenario(site, vm_image[0], base / "scenario")
+    finally:
+        site.stop_all()
+
+
+def test_a_released_vm_is_bound_by_a_new_owner_with_a_new_token(released: dict[str, Any]) -> None:
+    assert released["release"]["released"] is True
+    assert released["rebind"]["owner_fingerprint"] != released["bind"]["owner_fingerprint"]
+    assert released["rebind"]["vm_fingerprint"] == released["bind"]["vm_fingerprint"]  # kept its key (no --wipe)
+    assert released["first_status"].returncode == 2  # the first owner's pin is gone
+    assert "released by its owner: waiting for a new token" in released["console"]
 
 
 @pytest.fixture(scope="module")

@@ -104,8 +104,11 @@ def _read(channel: Channel, paths: Distro) -> Offer | None:
     return found
 
 
-def find_token(paths: Distro, only: list[str] | None = None, channels: Sequence[Channel] = CHANNELS) -> Found | None:
-    """The token on the boot channels; None when every channel searched is absent."""
+def find_token(paths: Distro, only: list[str] | None = None, channels: Sequence[Channel] = CHANNELS,
+               consumed: frozenset[str] = frozenset()) -> Found | None:
+    """The token on the boot channels; None when every channel searched is absent. A token
+    whose id is in ``consumed`` (a released VM's old one, left on its channel) counts as absent:
+    it neither binds nor disagrees with the new one."""
     selected = [channel for channel in channels if only is None or channel.name in only]
     for network in (False, True):
         found: list[tuple[str, Offer]] = []
@@ -113,7 +116,7 @@ def find_token(paths: Distro, only: list[str] | None = None, channels: Sequence[
             if channel.network != network:
                 continue
             offer = _read(channel, paths)
-            if offer is not None:
+            if offer is not None and offer.token.token_id.hex() not in consumed:
                 found.append((channel.name, offer))
         agreed = agreeing(found, _disagree)
         if agreed is not None:

@@ -98,8 +98,8 @@ def _wait_for_token(paths: Distro, only: list[str] | None, wait: float | None,
     started = time.monotonic()
     next_report = started
     while True:
-        found = find_token(paths, only)
-        if found is not None and found.token.token_id.hex() not in (skip or set()):
+        found = find_token(paths, only, consumed=frozenset(skip or ()))
+        if found is not None:
             return found
         now = time.monotonic()
         if wait is not None and now - started >= wait:
@@ -209,21 +209,21 @@ def run(args: argparse.Namespace) -> int:
     else:
         from imprint.channels import ChannelBroken
 
+        # Released by its owner: the old tokens stay on their channels until the site changes
+        # them, and count as absent (the agent waits for a new one, and says so).
+        released = bool(record.consumed_tokens) and _was_released(state)
+        if released:
+            log.info("released by its owner: waiting for a new token (the consumed ones are ignored)")
         try:
-            found = _wait_for_token(paths, only, args.token_wait)
+            found = _wait_for_token(paths, only, args.token_wait,
+                                    skip=set(record.consumed_tokens) if released else None)
         except ChannelBroken as exc:
             raise AgentFailure(str(exc)) from None
         token = found.token
         log.info("found a %s-mode token (id %s) on %s", token.mode.value, token.token_id.hex(),
                  " and ".join(found.channels))
         if token.token_id.hex() in record.consumed_tokens:
-            if not _was_released(state):
-                raise AgentFailure(f"token {token.token_id.hex()} on {found.channel} was already consumed by a bind")
-            # Released by its owner: the old token stays on the channel until the site changes it.
-            log.info("token %s on %s was consumed by an earlier bind: waiting for a new token",
-                     token.token_id.hex(), found.channel)
-            found = _wait_for_token(paths, only, args.token_wait, skip=set(record.consumed_tokens))
-            token = found.token
+            raise AgentFailure(f"token {token.token_id.hex()} on {found.channel} was already consumed by a bind")
 
     try:
         state.ensure_identity()
