@@ -4,7 +4,8 @@ Every answer the owner reads from a bound VM (on the bind's connection, or on a 
 connection) goes through ``_AnswerReader`` and ``_decode``: a compromised VM chooses these bytes.
 The first byte says how the rest arrives (the size of each read, as the frames target does), so
 an answer split at any point is tried. Only BadAnswer, RemoteDisconnected (nothing at all before
-the end) and, from ``_decode``, Unreachable may leave; what is accepted is bounded and whole.
+the end) and, from ``_decode``, Unreachable (or UsageError for a 403: a delegate's role does not
+reach the request) may leave; what is accepted is bounded and whole.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import http.client
 import time
 
 from imprint.owner import client
-from imprint.owner.errors import Unreachable
+from imprint.owner.errors import Unreachable, UsageError
 
 FLAGS = ["-max_len=20000"]
 
@@ -50,5 +51,8 @@ def test_one_input(data: bytes) -> None:
         answer = client._decode(status, body, "GET /v1/status", "127.0.0.1:7443")
     except Unreachable:
         assert status != 200 or not isinstance(client._json(body), dict), "a 200 with a JSON object refused"
+        return
+    except UsageError:
+        assert status == 403, status
         return
     assert status == 200 and isinstance(answer, dict)
