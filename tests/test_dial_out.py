@@ -20,6 +20,7 @@ import pytest
 from imprint import crypto
 from imprint.guest import journal
 from imprint.owner import viaserve
+from imprint.owner.home import OwnerHome
 from imprint.tokens import Mode
 
 from tests.helpers import AgentFactory, Owner
@@ -224,7 +225,7 @@ def test_listener_survives_hostile_peers_and_local_clients(agents: AgentFactory,
         assert viaserve.ask(owner.home, {"op": "request", "vm": 3}, WAIT) == {"ok": False, "error": "bad-request"}
         with socket.socket(socket.AF_UNIX) as raw:
             raw.settimeout(WAIT)
-            raw.connect(str(viaserve.socket_path(owner.home)))
+            raw.connect(str(OwnerHome(owner.home).serve_socket))
             raw.sendall(b"\x1b[2J not json\n")
             assert raw.recv(4096) == b""  # not JSON: closed without an answer, and the listener goes on
         assert viaserve.connected(owner.home) == []

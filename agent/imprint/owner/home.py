@@ -6,6 +6,7 @@ Layout (``$IMPRINT_HOME``, else ``$XDG_DATA_HOME/imprint``; 0700)::
                                 encrypted with a passphrase (``init --passphrase``: keyfile.py)
     imprint.db                  the database (imprint.owner.store)
     pins/<vm>.crt               each VM's pinned certificate, as the database has it
+    serve.sock                  the running listener's local socket (``imprint serve``: serve.py)
     <backend file>              a backend's own file, by the name it gives: ssh_ca, ssh_ca.pub
                                 (ssh), x509_ca.pem, x509_ca.key (x509)      -- backend_file
     <kind>/<vm>                 a backend's file per VM: known_hosts/<vm> (ssh) -- backend_vm_file
@@ -33,7 +34,8 @@ T = TypeVar("T")
 
 # A backend's file or directory name in the home: one component, not hidden, not the core's.
 _BACKEND_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}\Z")
-_CORE_NAMES = frozenset({"owner.key", "owner.crt", "imprint.db", "imprint.db-wal", "imprint.db-shm", "pins"})
+_CORE_NAMES = frozenset({"owner.key", "owner.crt", "imprint.db", "imprint.db-wal", "imprint.db-shm", "pins",
+                         "serve.sock"})
 
 
 def default_home() -> Path:
@@ -70,6 +72,10 @@ class OwnerHome:
     @property
     def db_file(self) -> Path:
         return self.dir / "imprint.db"
+
+    @property
+    def serve_socket(self) -> Path:
+        return self.dir / "serve.sock"
 
     def pin_file(self, vm: str) -> Path:
         return self.dir / "pins" / f"{vm}.crt"

@@ -41,7 +41,6 @@ from imprint.owner.bind import BindResult, _result, _vm_proof_text
 from imprint.owner.client import Answer, BadAnswer, exchange_on
 from imprint.owner.errors import OwnerError
 from imprint.owner.store import ClaimHeld, PinRow, Store
-from imprint.owner.viaserve import socket_path
 from imprint.ports import AGENT_PORT
 from imprint.protocol import AlertCode, Event, ExchangeComplete, OwnerExchange, RemoteProtocolError, VmAuthenticated
 from imprint.protocol.driver import ExchangeDriver
@@ -144,7 +143,7 @@ class Listener:
         return sock
 
     def _listen_local(self) -> socket.socket:
-        path = socket_path(self._home.dir)
+        path = self._home.serve_socket
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             probe.settimeout(2.0)
@@ -210,7 +209,7 @@ class Listener:
             with contextlib.suppress(OSError):
                 sock.close()
         with contextlib.suppress(OSError):
-            socket_path(self._home.dir).unlink()
+            self._home.serve_socket.unlink()
         with self._lock:
             connections = list(self._connections.values())
             self._given.notify_all()

@@ -16,18 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from imprint.owner.errors import Unreachable
+from imprint.owner.home import OwnerHome
 
-SOCKET_NAME = "serve.sock"
 _MAX_REPLY = 4 << 20  # the agent's answer (at most 1 MiB) as JSON text, escaped
-
-
-def socket_path(home_dir: Path) -> Path:
-    return home_dir / SOCKET_NAME
 
 
 def ask(home_dir: Path, message: dict[str, Any], timeout: float) -> dict[str, Any] | None:
     """One request to the listener; None when none is running in this home."""
-    path = socket_path(home_dir)
+    path = OwnerHome(home_dir).serve_socket
     if not path.exists():
         return None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
