@@ -18,7 +18,7 @@ from imprint.protocol.exchange import (
     VmDialled,
     VmExchange,
 )
-from imprint.protocol.messages import Alert, MessageType, OwnerHello, VmDial, encode_frame
+from imprint.protocol.messages import MAX_ADDRESS_BYTES, Alert, MessageType, OwnerHello, VmDial, encode_frame
 from imprint.tokens import Mode, Token, TokenKind
 
 from tests.helpers.exchange import (
@@ -164,7 +164,8 @@ def test_vm_dial_and_the_next_message_in_one_read_is_unexpected(mode: Mode) -> N
     assert info.value.code is AlertCode.UNEXPECTED_MESSAGE and listener.state is State.FAILED
 
 
-@pytest.mark.parametrize("address", ["", "x" * 256, "owner\n.example:1", "ówner.example:1", "a\x00:1"])
+@pytest.mark.parametrize("address", ["", "x" * (MAX_ADDRESS_BYTES + 1), "owner\n.example:1", "ówner.example:1",
+                                     "a\x00:1"])
 def test_the_dialling_vm_refuses_an_address_it_could_not_send(address: str) -> None:
     with pytest.raises(LocalProtocolError):
         vm_dialling_session(Mode.SHARED, address=address)
@@ -188,3 +189,23 @@ def test_vm_dial_names_what_the_vm_holds_and_saw(mode: Mode) -> None:
                           vm_cert=VM_CERT, owner_address=OWNER_ADDRESS.encode(),
                           seen_server_cert_sha256=crypto.sha256(OWNER_CERT))
     assert split_frames(encode_frame(dial))[0][3] == MessageType.VM_DIAL
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_longest_owner_address_the_parser_accepts_fits_vm_dial(mode: Mode) -> None:
+    """A 253-character name and a five-digit port (259 characters) is an address a boot channel
+    may carry: the dialling VM must be able to send it, not fail on its own limit."""
+    from imprint import owneraddr
+
+    name = ".".join(["a" * 63] * 3 + ["b" * 61])
+    address = str(owneraddr.parse(f"{name}:65535"))
+    assert len(address) == 259
+    owner, vm = owner_listening_session(), vm_dialling_session(mode, address=address)
+    owner_driver, vm_driver = dial_out_drivers(owner, vm, mode)
+    data, side = vm_driver.opening(), "owner"
+    while not (owner_driver.finished and vm_driver.finished):
+        step = (owner_driver if side == "owner" else vm_driver).feed(data)
+        assert step.error is None, step.error
+        data, side = step.to_send, ("vm" if side == "owner" else "owner")
+    assert owner.state is State.DONE and vm.state is State.DONE and owner.dial is not None
+    assert owner.dial.owner_address == address

@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 from enum import IntEnum
 from typing import ClassVar
 
+from imprint.owneraddr import MAX_ADDRESS_TEXT
 from imprint.protocol.errors import AlertCode, RemoteProtocolError
 from imprint.tokens import Mode
 
@@ -125,7 +126,8 @@ class VmConfirm(Message):
     mac: bytes
 
 
-MAX_ADDRESS_BYTES = 255
+# Whatever the owner address parser accepts must fit: a 253-character name and its port is 259.
+MAX_ADDRESS_BYTES = MAX_ADDRESS_TEXT
 MAX_VM_CERT_BYTES = 600  # the agent's self-signed Ed25519 certificate is about 240 bytes
 
 
