@@ -33,3 +33,25 @@ def test_a_restarted_listener_sees_its_fleet_spread_over_the_first_window() -> N
     assert 0.0 <= min(waits) and max(waits) <= 10.0
     per_second = [sum(1 for w in waits if s <= w < s + 1) for s in range(10)]
     assert max(per_second) < 2 * 1_000, per_second
+
+
+def test_an_internal_failure_ends_one_connection_not_the_dialler() -> None:
+    """Whatever this side raises on one connection (its own state, a bug) is that connection's
+    end: the dialler's thread goes on to the next round."""
+    import socket
+    import threading
+
+    from imprint.guest.dialer import OwnerDialer
+    from imprint.owneraddr import OwnerAddress
+
+    class Broken:
+        stopping = threading.Event()
+
+        @property
+        def bound(self) -> bool:
+            raise RuntimeError("state unreadable")
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        address = OwnerAddress("127.0.0.1", listener.getsockname()[1])
+        dialler = OwnerDialer(Broken(), [address])  # type: ignore[arg-type]
+        assert dialler._once(address) is False

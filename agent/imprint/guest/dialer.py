@@ -157,6 +157,12 @@ class OwnerDialer:
         except (ssl.SSLError, OSError) as exc:
             log.info("owner %s: connection failed: %s", address, exc)
             return False
+        except Exception:
+            # Not the peer's bytes (the exchange raises only protocol errors for those) but this
+            # side failing (its state, a bug): logged, and the next round tries again, since the
+            # dialler must never stop while the agent runs.
+            log.exception("owner %s: the connection ended by an internal error", address)
+            return False
         finally:
             self.connected.clear()
             with self._lock:
